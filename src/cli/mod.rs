@@ -1,0 +1,219 @@
+//! The command line: clap definitions and one function per subcommand.
+//!
+//! `main.rs` only calls [`main`]; every subcommand returns `anyhow::Result<ExitCode>` so exit codes
+//! are decided here: 0 success, 1 failure (or, for checking commands, "problems found"), 2 usage.
+
+pub mod logging;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::units::{Interval, Rate, RatePair};
+
+/// Per-connection bandwidth shaping for Linux, driven by a Lua policy.
+///
+/// shaper scans the host's TCP and UDP connections (IPv4 and IPv6), finds the process behind each,
+/// asks a Lua script which class and limit each one gets, and installs the result as HTB classes
+/// and u32 filters on the interface (upload) and an IFB device (download).
+#[derive(Debug, Parser)]
+#[command(
+    name = "shaper",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+pub struct Cli {
+    /// Configuration file [default: /etc/shaper/shaper.ron; a missing default file means defaults]
+    #[arg(long, global = true, value_name = "FILE", env = "SHAPER_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// More log output (-v debug, -vv trace); overrides SHAPER_LOG and the config's log_level
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Less log output (-q warnings only, -qq errors only)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "verbose")]
+    pub quiet: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the effective configuration (defaults, then the config file, then flags) as RON
+    ///
+    /// The output is a valid shaper.ron: redirect it to a file to start a configuration.
+    Config(ConfigArgs),
+}
+
+/// Flags that override configuration-file values. Shared by every command that reads the config.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ConfigArgs {
+    /// Interface to shape (repeat for several) [default: the default route's interface]
+    #[arg(short, long = "interface", value_name = "IF")]
+    pub interfaces: Vec<String>,
+    /// Cycle interval, e.g. 1s or 500ms [default: 1s]
+    #[arg(long, value_name = "TIME")]
+    pub interval: Option<Interval>,
+    /// Lua policy script [default: /etc/shaper/policy.lua]
+    #[arg(long, value_name = "FILE")]
+    pub script: Option<PathBuf>,
+    /// Upload capacity of the link, e.g. 20mbit
+    #[arg(long, value_name = "RATE")]
+    pub uplink: Option<Rate>,
+    /// Download capacity of the link, e.g. 100mbit
+    #[arg(long, value_name = "RATE")]
+    pub downlink: Option<Rate>,
+    /// Limit for the whole interface, UP[:DOWN], e.g. 2mbit:8mbit
+    #[arg(long, value_name = "UP[:DOWN]")]
+    pub rate: Option<RatePair>,
+    /// Limit for each connection, UP[:DOWN]
+    #[arg(long, value_name = "UP[:DOWN]")]
+    pub connection_rate: Option<RatePair>,
+    /// File holding the current --rate, re-read every cycle
+    #[arg(long, value_name = "FILE")]
+    pub rate_file: Option<PathBuf>,
+    /// File holding the current --connection-rate, re-read every cycle
+    #[arg(long, value_name = "FILE")]
+    pub connection_rate_file: Option<PathBuf>,
+    /// Directory for persisted usage counters [default: /var/lib/shaper]
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Directory for the control socket and pid file [default: /run/shaper]
+    #[arg(long, value_name = "DIR")]
+    pub runtime_dir: Option<PathBuf>,
+    /// How often usage counters are saved [default: 10s]
+    #[arg(long, value_name = "TIME")]
+    pub usage_flush_interval: Option<Interval>,
+    /// Day of the month on which monthly usage restarts, 1-28 [default: 1]
+    #[arg(long, value_name = "DAY")]
+    pub month_start_day: Option<u8>,
+    /// Log filter: error, warn, info, debug, trace or an env-filter directive [default: info]
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+}
+
+impl ConfigArgs {
+    /// Overrides `config`'s values with the flags that were given.
+    pub fn apply(&self, config: &mut Config) {
+        fn set<T: Clone>(slot: &mut T, flag: &Option<T>) {
+            if let Some(v) = flag {
+                *slot = v.clone();
+            }
+        }
+        fn set_some<T: Clone>(slot: &mut Option<T>, flag: &Option<T>) {
+            if flag.is_some() {
+                slot.clone_from(flag);
+            }
+        }
+        if !self.interfaces.is_empty() {
+            config.interfaces.clone_from(&self.interfaces);
+        }
+        set(&mut config.interval, &self.interval);
+        set(&mut config.script, &self.script);
+        set_some(&mut config.uplink, &self.uplink);
+        set_some(&mut config.downlink, &self.downlink);
+        set_some(&mut config.rate, &self.rate);
+        set_some(&mut config.connection_rate, &self.connection_rate);
+        set_some(&mut config.rate_file, &self.rate_file);
+        set_some(&mut config.connection_rate_file, &self.connection_rate_file);
+        set(&mut config.state_dir, &self.state_dir);
+        set(&mut config.runtime_dir, &self.runtime_dir);
+        set(&mut config.usage_flush_interval, &self.usage_flush_interval);
+        set(&mut config.month_start_day, &self.month_start_day);
+        set(&mut config.log_level, &self.log_level);
+    }
+}
+
+impl Cli {
+    /// Defaults, then the config file, then `flags`, validated as a whole.
+    pub fn effective_config(&self, flags: &ConfigArgs) -> anyhow::Result<Config> {
+        let (path, explicit) = match &self.config {
+            Some(p) => (p.clone(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        let mut config = Config::load(&path, explicit)?;
+        flags.apply(&mut config);
+        config
+            .validate("command line")
+            .context("a command-line flag has a value that cannot work")?;
+        Ok(config)
+    }
+}
+
+/// Parses the command line, sets up logging and runs the subcommand.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("shaper: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        Command::Config(flags) => {
+            let config = cli.effective_config(flags)?;
+            logging::init(cli.verbose, cli.quiet, Some(&config.log_level));
+            print!("{}", config.to_ron());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_override_config_values() {
+        let cli = Cli::try_parse_from([
+            "shaper",
+            "config",
+            "--uplink",
+            "5mbit",
+            "-i",
+            "eth1",
+            "-i",
+            "eth2",
+            "--interval",
+            "2s",
+        ])
+        .unwrap();
+        let Command::Config(flags) = &cli.command;
+        let mut config = Config {
+            uplink: Some("1mbit".parse().unwrap()),
+            month_start_day: 9,
+            ..Config::default()
+        };
+        flags.apply(&mut config);
+        assert_eq!(config.uplink.unwrap().bits_per_sec(), 5_000_000);
+        assert_eq!(config.interfaces, ["eth1", "eth2"]);
+        assert_eq!(config.interval.duration().as_secs(), 2);
+        assert_eq!(
+            config.month_start_day, 9,
+            "flags not given keep the file's value"
+        );
+    }
+
+    #[test]
+    fn bad_flag_values_are_usage_errors_naming_the_value() {
+        let err = Cli::try_parse_from(["shaper", "config", "--uplink", "30mbps"]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("30mbps") && msg.contains("--uplink"), "{msg}");
+    }
+}

@@ -1,0 +1,302 @@
+//! The daemon's configuration: built-in defaults, then `/etc/shaper/shaper.ron` (or `--config`),
+//! then command-line flags, each layer overriding the one before.
+//!
+//! The file is RON and strict: an unknown key is an error naming the key and its line, because a
+//! misspelt `uplnk` silently ignored is a limit that never applies. Values use shaper's units
+//! ([`crate::units`]): `uplink: "20mbit"`, `interval: "1s"`. Optional values may be written bare
+//! (`uplink: "20mbit"`) or as `Some("20mbit")`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::units::{Interval, Rate, RatePair};
+
+/// Where the configuration is read from when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/shaper/shaper.ron";
+
+/// Why the configuration could not be loaded. Messages name the file, line and key or value.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{col}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        col: usize,
+        message: String,
+    },
+    #[error("{origin}: {key} = {value}: {reason}")]
+    Invalid {
+        origin: String,
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+/// Everything shaper can be configured with. Every field has a default, so an empty file (or none)
+/// is a working configuration. Field docs are the reference for `shaper.ron`'s keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Interfaces to shape. Empty means the interface of the default route, looked up at start.
+    pub interfaces: Vec<String>,
+    /// How often the cycle (scan → policy → apply) runs.
+    pub interval: Interval,
+    /// The Lua policy script.
+    pub script: PathBuf,
+    /// The link's upload capacity. Set it a little below the real figure so the queue forms in
+    /// shaper's classes rather than in the modem; unset means the link is not capped as a whole.
+    pub uplink: Option<Rate>,
+    /// The link's download capacity, with the same advice as `uplink`.
+    pub downlink: Option<Rate>,
+    /// A limit for the whole interface, `UP[:DOWN]` (nbdkit's `rate=`); unset = unlimited.
+    pub rate: Option<RatePair>,
+    /// A limit for each connection, `UP[:DOWN]` (nbdkit's `connection-rate=`); unset = unlimited.
+    pub connection_rate: Option<RatePair>,
+    /// A file holding the current `rate`, re-read every cycle (nbdkit's `rate-file=`).
+    pub rate_file: Option<PathBuf>,
+    /// A file holding the current `connection_rate`, re-read every cycle.
+    pub connection_rate_file: Option<PathBuf>,
+    /// Where usage counters are persisted so quotas survive restarts.
+    pub state_dir: PathBuf,
+    /// Where the control socket and pid file live.
+    pub runtime_dir: PathBuf,
+    /// How often usage counters are written to `state_dir` (at most this much is lost on a crash).
+    pub usage_flush_interval: Interval,
+    /// The day of the month on which monthly usage restarts (1–28), as in most data plans.
+    pub month_start_day: u8,
+    /// Log filter when neither `-v`/`-q` nor `SHAPER_LOG` says otherwise: `error`, `warn`, `info`,
+    /// `debug`, `trace`, or an env-filter directive such as `shaper::shape=debug,info`.
+    pub log_level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            interfaces: Vec::new(),
+            interval: Interval::from_millis(1000),
+            script: PathBuf::from("/etc/shaper/policy.lua"),
+            uplink: None,
+            downlink: None,
+            rate: None,
+            connection_rate: None,
+            rate_file: None,
+            connection_rate_file: None,
+            state_dir: PathBuf::from("/var/lib/shaper"),
+            runtime_dir: PathBuf::from("/run/shaper"),
+            usage_flush_interval: Interval::from_millis(10_000),
+            month_start_day: 1,
+            log_level: "info".to_string(),
+        }
+    }
+}
+
+fn ron_options() -> ron::Options {
+    ron::Options::default().with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME)
+}
+
+impl Config {
+    /// Loads `path`, or the defaults when `path` is the default location and does not exist.
+    /// An explicitly named file (`--config`) that is missing is an error: the user meant a file.
+    pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                Ok(Config::default())
+            }
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+
+    /// Parses RON text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let config: Config = ron_options()
+            .from_str(text)
+            .map_err(|e| ConfigError::Parse {
+                path: origin.to_path_buf(),
+                line: e.span.start.line,
+                col: e.span.start.col,
+                message: e.code.to_string(),
+            })?;
+        config.validate(&origin.display().to_string())?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but cannot work; `origin` says where they came from.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |key, value: String, reason: &str| ConfigError::Invalid {
+            origin: origin.to_string(),
+            key,
+            value,
+            reason: reason.to_string(),
+        };
+        if !(1..=28).contains(&self.month_start_day) {
+            return Err(invalid(
+                "month_start_day",
+                self.month_start_day.to_string(),
+                "use a day from 1 to 28 (29–31 do not exist in every month)",
+            ));
+        }
+        if self.interval.duration().as_millis() < 100 {
+            return Err(invalid(
+                "interval",
+                self.interval.to_string(),
+                "use at least 100ms; shorter cycles cost CPU without shaping sooner",
+            ));
+        }
+        if self.usage_flush_interval.duration().is_zero() {
+            return Err(invalid(
+                "usage_flush_interval",
+                self.usage_flush_interval.to_string(),
+                "use a positive interval such as \"10s\"",
+            ));
+        }
+        for name in &self.interfaces {
+            if let Err(reason) = check_interface_name(name) {
+                return Err(invalid("interfaces", format!("{name:?}"), &reason));
+            }
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log_level) {
+            return Err(invalid(
+                "log_level",
+                format!("{:?}", self.log_level),
+                &format!("{e}; use error, warn, info, debug or trace"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The configuration as commented RON, the way `shaper config` prints it.
+    pub fn to_ron(&self) -> String {
+        let pretty = ron::ser::PrettyConfig::new().struct_names(false);
+        let body = ron_options()
+            .to_string_pretty(self, pretty)
+            .expect("Config always serialises");
+        format!(
+            "// shaper's effective configuration (defaults, then the config file, then flags).\n\
+             // Unset optional keys print as None; `interfaces: []` means the default route's interface.\n\
+             {body}\n"
+        )
+    }
+}
+
+/// Linux interface names: 1–15 bytes, no `/`, no white space, not `.` or `..`.
+pub fn check_interface_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 15 {
+        return Err("interface names are 1 to 15 characters long".into());
+    }
+    if name == "."
+        || name == ".."
+        || name.contains(['/', ':'])
+        || name.contains(char::is_whitespace)
+    {
+        return Err("interface names cannot contain '/', ':' or spaces".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, Path::new("/etc/shaper/shaper.ron")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        assert_eq!(parse("()").unwrap(), Config::default());
+        assert_eq!(parse("").unwrap_or_default(), Config::default());
+    }
+
+    #[test]
+    fn values_use_shaper_units_and_bare_options() {
+        let c = parse(
+            r#"(
+                interfaces: ["eth0", "wlan0"],
+                interval: "500ms",
+                uplink: "20mbit",
+                downlink: Some("100mbit"),
+                rate: "2mbit:8mbit",
+                month_start_day: 15,
+            )"#,
+        )
+        .unwrap();
+        assert_eq!(c.interfaces, ["eth0", "wlan0"]);
+        assert_eq!(c.interval.duration().as_millis(), 500);
+        assert_eq!(c.uplink.unwrap().bits_per_sec(), 20_000_000);
+        assert_eq!(c.downlink.unwrap().bits_per_sec(), 100_000_000);
+        assert_eq!(c.rate.unwrap().down.unwrap().bits_per_sec(), 8_000_000);
+        assert_eq!(c.month_start_day, 15);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let msg = parse("(\n  interval: \"1s\",\n  uplnk: \"20mbit\",\n)").unwrap_err();
+        assert!(msg.starts_with("/etc/shaper/shaper.ron:3:"), "{msg}");
+        assert!(msg.contains("uplnk"), "{msg}");
+    }
+
+    #[test]
+    fn bad_unit_names_the_value_and_line() {
+        let msg = parse("(\n  uplink: \"30mbps\",\n)").unwrap_err();
+        assert!(msg.starts_with("/etc/shaper/shaper.ron:2:"), "{msg}");
+        assert!(msg.contains("30mbps") && msg.contains("ambiguous"), "{msg}");
+    }
+
+    #[test]
+    fn invalid_values_name_key_and_fix() {
+        let msg = parse("(month_start_day: 31)").unwrap_err();
+        assert!(
+            msg.contains("month_start_day = 31") && msg.contains("1 to 28"),
+            "{msg}"
+        );
+        let msg = parse("(interval: \"10ms\")").unwrap_err();
+        assert!(
+            msg.contains("interval = 10ms") && msg.contains("100ms"),
+            "{msg}"
+        );
+        let msg = parse("(interfaces: [\"a-very-long-interface-name\"])").unwrap_err();
+        assert!(
+            msg.contains("a-very-long-interface-name") && msg.contains("15"),
+            "{msg}"
+        );
+        let msg = parse("(log_level: \"shaper=loud\")").unwrap_err();
+        assert!(
+            msg.contains("log_level") && msg.contains("shaper=loud"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn missing_default_file_means_defaults_but_missing_named_file_is_an_error() {
+        let missing = Path::new("/nonexistent/shaper.ron");
+        assert_eq!(Config::load(missing, false).unwrap(), Config::default());
+        let msg = Config::load(missing, true).unwrap_err().to_string();
+        assert!(msg.contains("/nonexistent/shaper.ron"), "{msg}");
+    }
+
+    #[test]
+    fn printed_config_parses_back() {
+        let c = Config {
+            uplink: Some("20mbit".parse().unwrap()),
+            connection_rate: Some("1mbit:unlimited".parse().unwrap()),
+            interfaces: vec!["eth0".into()],
+            ..Config::default()
+        };
+        assert_eq!(parse(&c.to_ron()).unwrap(), c);
+        assert_eq!(
+            parse(&Config::default().to_ron()).unwrap(),
+            Config::default()
+        );
+    }
+}

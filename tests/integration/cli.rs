@@ -1,0 +1,70 @@
+//! The command line as a user meets it: exit codes and messages.
+
+use crate::support::{output, shaper, temp_file};
+
+#[test]
+fn version_and_help() {
+    let out = output(shaper().arg("--version"));
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("shaper "));
+    let out = output(shaper().arg("--help"));
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("config"), "{help}");
+}
+
+#[test]
+fn config_prints_file_values_overridden_by_flags() {
+    let (_dir, path) = temp_file(
+        "shaper.ron",
+        "(uplink: \"10mbit\", downlink: \"50mbit\", month_start_day: 5)",
+    );
+    let out = output(
+        shaper()
+            .arg("--config")
+            .arg(&path)
+            .args(["config", "--uplink", "8mbit"]),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("uplink: \"8mbit\""), "flag wins: {text}");
+    assert!(
+        text.contains("downlink: \"50mbit\""),
+        "file value kept: {text}"
+    );
+    assert!(text.contains("month_start_day: 5"), "{text}");
+}
+
+#[test]
+fn config_with_unknown_key_fails_naming_key_and_line() {
+    let (_dir, path) = temp_file(
+        "shaper.ron",
+        "(\n  interval: \"1s\",\n  uplnk: \"1mbit\",\n)\n",
+    );
+    let out = output(shaper().arg("--config").arg(&path).arg("config"));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("{}:3:", path.display())), "{err}");
+    assert!(err.contains("uplnk"), "{err}");
+}
+
+#[test]
+fn missing_explicit_config_is_an_error() {
+    let out = output(shaper().args(["--config", "/nonexistent/shaper.ron", "config"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/shaper.ron"));
+}
+
+#[test]
+fn ambiguous_unit_on_the_command_line_is_a_usage_error() {
+    let out = output(shaper().args(["config", "--connection-rate", "5kbps"]));
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("5kbps") && err.contains("5kbit") && err.contains("5KB/s"),
+        "{err}"
+    );
+}

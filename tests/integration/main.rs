@@ -1,0 +1,8 @@
+//! shaper's integration tests, built as one binary (see ripgrep's `tests/tests.rs`): one place for
+//! shared support code and one process in which rate-measuring tests can be serialised.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod cli;
+mod netns_kit;
