@@ -3,6 +3,7 @@
 //! adds context with `anyhow` and prints the chain.
 
 pub use crate::config::ConfigError;
+pub use crate::scan::ScanError;
 pub use crate::units::UnitError;
 
 #[derive(Debug, thiserror::Error)]
@@ -11,6 +12,8 @@ pub enum Error {
     Unit(#[from] UnitError),
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Scan(#[from] ScanError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

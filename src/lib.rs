@@ -13,6 +13,8 @@
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod process;
+pub mod scan;
 pub mod units;
 
 pub use error::{Error, Result};

@@ -4,6 +4,7 @@
 //! are decided here: 0 success, 1 failure (or, for checking commands, "problems found"), 2 usage.
 
 pub mod logging;
+pub mod snapshot;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -48,7 +49,12 @@ pub enum Command {
     /// Print the effective configuration (defaults, then the config file, then flags) as RON
     ///
     /// The output is a valid shaper.ron: redirect it to a file to start a configuration.
-    Config(ConfigArgs),
+    Config(Box<ConfigArgs>),
+    /// List the live connections with the processes that own them
+    ///
+    /// Reads TCP and UDP sockets (IPv4 and IPv6) over sock_diag, with byte counters, and finds
+    /// each socket's process. Run as root to see other users' processes.
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 /// Flags that override configuration-file values. Shared by every command that reads the config.
@@ -166,6 +172,10 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             print!("{}", config.to_ron());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Snapshot(args) => {
+            logging::init(cli.verbose, cli.quiet, None);
+            snapshot::run(args)
+        }
     }
 }
 
@@ -194,7 +204,9 @@ mod tests {
             "2s",
         ])
         .unwrap();
-        let Command::Config(flags) = &cli.command;
+        let Command::Config(flags) = &cli.command else {
+            panic!("parsed as config")
+        };
         let mut config = Config {
             uplink: Some("1mbit".parse().unwrap()),
             month_start_day: 9,

@@ -6,3 +6,5 @@ mod support;
 
 mod cli;
 mod netns_kit;
+mod probe;
+mod scan;
