@@ -10,9 +10,11 @@
 //! [`daemon`] runs the cycle; [`cli`] is the command line; [`config`] and [`units`] are shared by
 //! every stage. See `docs/design.md` for the cycle, the kernel layout and the policy contract.
 
+pub mod account;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod policy;
 pub mod process;
 pub mod scan;
 pub mod units;

@@ -4,7 +4,9 @@
 //! are decided here: 0 success, 1 failure (or, for checking commands, "problems found"), 2 usage.
 
 pub mod logging;
+pub mod policy;
 pub mod snapshot;
+pub mod table;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -55,6 +57,15 @@ pub enum Command {
     /// Reads TCP and UDP sockets (IPv4 and IPv6) over sock_diag, with byte counters, and finds
     /// each socket's process. Run as root to see other users' processes.
     Snapshot(snapshot::SnapshotArgs),
+    /// Load a policy script, check its contract and run it over built-in sample connections
+    ///
+    /// Exit status 0 when the script loads and classifies every sample connection without
+    /// error, 1 otherwise. Suitable for ExecStartPre= and editor hooks.
+    Check(policy::CheckArgs),
+    /// Show the decisions a policy makes for recorded connections at a given time and usage
+    ///
+    /// Needs no root: the connections come from a file written by `shaper snapshot --ron`.
+    Simulate(policy::SimulateArgs),
 }
 
 /// Flags that override configuration-file values. Shared by every command that reads the config.
@@ -175,6 +186,15 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Snapshot(args) => {
             logging::init(cli.verbose, cli.quiet, None);
             snapshot::run(args)
+        }
+        Command::Check(args) => {
+            // Problems are printed as the result; the daemon-style warnings would repeat them.
+            logging::init(cli.verbose, cli.quiet, Some("error"));
+            policy::check(args)
+        }
+        Command::Simulate(args) => {
+            logging::init(cli.verbose, cli.quiet, Some("error"));
+            policy::simulate(args)
         }
     }
 }

@@ -17,21 +17,26 @@ pub struct Process {
     pub name: String,
     /// The executable's path; `None` when it cannot be read (kernel threads, or another user's
     /// process without CAP_SYS_PTRACE).
+    #[serde(default)]
     pub exe: Option<String>,
     pub cmdline: Vec<String>,
     /// Real uid and gid.
     pub uid: u32,
+    #[serde(default)]
     pub user: Option<String>,
     pub gid: u32,
     /// cgroup v2 path (`/system.slice/nginx.service`), or the systemd v1 hierarchy's on hybrid
     /// systems where the v2 path is just `/`.
+    #[serde(default)]
     pub cgroup: Option<String>,
     /// The systemd unit the process runs in (`nginx.service`, `app-firefox-1234.scope`).
+    #[serde(default)]
     pub unit: Option<String>,
     /// Start time in clock ticks since boot: with the pid, it identifies the process, so a reused
     /// pid is never taken for the process that had it before.
     pub start_time: u64,
     /// Parent, grandparent, … up to (not including) pid 0; nearest first.
+    #[serde(default)]
     pub ancestors: Vec<Pid>,
 }
 

@@ -362,6 +362,29 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Parses the RON form (`shaper snapshot --ron`); `origin` names the text in errors, which
+    /// carry `origin:line:column`. `Some(…)` around optional values may be left out.
+    pub fn from_ron(text: &str, origin: &str) -> Result<Snapshot, String> {
+        ron::Options::default()
+            .with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME)
+            .from_str(text)
+            .map_err(|e| {
+                format!(
+                    "{origin}:{}:{}: {}",
+                    e.span.start.line, e.span.start.col, e.code
+                )
+            })
+    }
+
+    /// The RON form, one connection per line.
+    pub fn to_ron(&self) -> String {
+        let pretty = ron::ser::PrettyConfig::new()
+            .struct_names(false)
+            .compact_structs(true)
+            .extensions(ron::extensions::Extensions::IMPLICIT_SOME);
+        ron::ser::to_string_pretty(self, pretty).expect("snapshots always serialise") + "\n"
+    }
+
     pub fn owner_process(&self, connection: &Connection) -> Option<&Process> {
         connection
             .owner

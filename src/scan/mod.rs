@@ -133,10 +133,13 @@ pub struct Socket {
     pub inode: u64,
     /// The kernel's socket cookie: unique for the life of the system, unlike the 5-tuple. 0 when
     /// the source cannot tell it (`/proc/net`).
+    #[serde(default)]
     pub cookie: u64,
     /// Bytes sent and acknowledged by the peer (TCP via sock_diag only).
+    #[serde(default)]
     pub bytes_up: Option<u64>,
     /// Bytes received (TCP via sock_diag only).
+    #[serde(default)]
     pub bytes_down: Option<u64>,
 }
 

@@ -6,5 +6,6 @@ mod support;
 
 mod cli;
 mod netns_kit;
+mod policy;
 mod probe;
 mod scan;

@@ -1,0 +1,173 @@
+//! Stage 4, **account**: usage per period and per key, rates and class figures.
+//!
+//! This module defines the read side the policy sees ([`UsageView`]: `ctx.usage(period, key)` and
+//! `ctx.class(name)` in Lua) and [`StaticUsage`], a fixed set of figures read from a RON file, which
+//! `shaper simulate --usage FILE` and the tests use. The daemon's live accounting implements the
+//! same trait.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::units::Size;
+
+/// A usage period. Periods follow local time; a month starts on the configured day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Period {
+    Hour,
+    Day,
+    Week,
+    Month,
+}
+
+impl Period {
+    pub const ALL: [Period; 4] = [Period::Hour, Period::Day, Period::Week, Period::Month];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Hour => "hour",
+            Period::Day => "day",
+            Period::Week => "week",
+            Period::Month => "month",
+        }
+    }
+}
+
+impl fmt::Display for Period {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Period {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Period::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown period {s:?}: use \"hour\", \"day\", \"week\" or \"month\"")
+            })
+    }
+}
+
+/// What a usage key names. Keys are written `link` (the whole interface, what an ISP counts),
+/// `process:NAME`, `user:NAME` or `class:NAME`.
+pub const LINK: &str = "link";
+
+/// Bytes moved in one period.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Usage {
+    pub up: Size,
+    pub down: Size,
+}
+
+impl Usage {
+    pub fn total(&self) -> u64 {
+        self.up.bytes().saturating_add(self.down.bytes())
+    }
+}
+
+/// A class's figures in the current cycle.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClassStats {
+    /// Connections in the class.
+    pub connections: u64,
+    /// Recent rates, bits per second.
+    pub rate_up: f64,
+    pub rate_down: f64,
+}
+
+/// What the policy may read about usage. Implementations must be cheap: the policy may call
+/// `ctx.usage` for every connection.
+pub trait UsageView: Send + Sync {
+    /// Usage of `key` (see [`LINK`]) in the current `period`; zero when nothing is known.
+    fn usage(&self, period: Period, key: &str) -> Usage;
+    /// Figures of a class; `None` for a class with no traffic yet.
+    fn class(&self, name: &str) -> Option<ClassStats>;
+}
+
+/// Fixed figures, e.g. from `shaper simulate --usage FILE`:
+///
+/// ```ron
+/// (
+///     usage: {
+///         month: { "link": (up: "2GB", down: "38GB"), "user:alice": (down: "12GB") },
+///         day: { "link": (down: "900MB") },
+///     },
+///     classes: { "bulk": (connections: 3, rate_down: 4000000) },
+/// )
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StaticUsage {
+    pub usage: BTreeMap<Period, BTreeMap<String, Usage>>,
+    pub classes: BTreeMap<String, ClassStats>,
+}
+
+impl StaticUsage {
+    /// Reads a RON usage file; errors name the file and position.
+    pub fn load(path: &Path) -> anyhow::Result<StaticUsage> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        ron::Options::default()
+            .with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME)
+            .from_str(&text)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "{}:{}:{}: {}",
+                    path.display(),
+                    e.span.start.line,
+                    e.span.start.col,
+                    e.code
+                )
+            })
+    }
+}
+
+impl UsageView for StaticUsage {
+    fn usage(&self, period: Period, key: &str) -> Usage {
+        self.usage
+            .get(&period)
+            .and_then(|keys| keys.get(key))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    fn class(&self, name: &str) -> Option<ClassStats> {
+        self.classes.get(name).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_usage_parses_units_and_answers_queries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.ron");
+        std::fs::write(
+            &path,
+            r#"(usage: { month: { "link": (up: "2GB", down: "38GB") } },
+                classes: { "bulk": (connections: 3) })"#,
+        )
+        .unwrap();
+        let u = StaticUsage::load(&path).unwrap();
+        assert_eq!(u.usage(Period::Month, LINK).total(), 40_000_000_000);
+        assert_eq!(u.usage(Period::Day, LINK).total(), 0);
+        assert_eq!(u.class("bulk").unwrap().connections, 3);
+        std::fs::write(&path, r#"(usage: { fortnight: {} })"#).unwrap();
+        let msg = StaticUsage::load(&path).unwrap_err().to_string();
+        assert!(
+            msg.contains("usage.ron:1:") && msg.contains("fortnight"),
+            "{msg}"
+        );
+    }
+}

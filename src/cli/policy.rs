@@ -1,0 +1,255 @@
+//! `shaper check` and `shaper simulate`: a policy run over recorded connections, no root needed.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use serde::Serialize;
+
+use super::table::{or_dash, render};
+use crate::account::{StaticUsage, UsageView};
+use crate::policy::{CycleInput, CycleOutcome, Engine, EngineOptions, ErrorEntry, PolicyError};
+use crate::process::Snapshot;
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The policy script to check
+    pub script: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// The policy script
+    pub script: PathBuf,
+    /// Connections to classify, as written by `shaper snapshot --ron`
+    #[arg(long, value_name = "FILE")]
+    pub snapshot: PathBuf,
+    /// Local time of the simulated cycle, "YYYY-MM-DD HH:MM" (time zone from TZ) [default: now]
+    #[arg(long, value_name = "TIME")]
+    pub at: Option<String>,
+    /// Usage figures for ctx.usage and ctx.class, as RON (see docs/policy.md)
+    #[arg(long, value_name = "FILE")]
+    pub usage: Option<PathBuf>,
+    /// The interface name ctx.interface reports
+    #[arg(long, value_name = "IF")]
+    pub interface: Option<String>,
+    /// Print JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The connections `shaper check` runs a policy over.
+pub fn sample_snapshot() -> Snapshot {
+    Snapshot::from_ron(include_str!("../policy/sample.ron"), "sample.ron")
+        .expect("the built-in sample parses")
+}
+
+/// Parses `--at`: "YYYY-MM-DD HH:MM" (or with seconds, or ISO 8601's `T`) in the system zone.
+pub fn parse_at(text: &str) -> anyhow::Result<jiff::Zoned> {
+    let tz = jiff::tz::TimeZone::system();
+    let normalized = text.trim().replacen(' ', "T", 1);
+    let civil: jiff::civil::DateTime = normalized.parse().with_context(|| {
+        format!("--at {text:?} is not a local time such as \"2026-11-22 18:30\"")
+    })?;
+    civil
+        .to_zoned(tz)
+        .with_context(|| format!("--at {text:?} does not exist in the local time zone"))
+}
+
+/// Runs one cycle of `engine` over `snapshot`.
+pub fn run_once(
+    engine: &mut Engine,
+    snapshot: Snapshot,
+    now: jiff::Zoned,
+    usage: Arc<dyn UsageView>,
+    interface: Option<String>,
+) -> (Arc<Snapshot>, CycleOutcome) {
+    let snapshot = Arc::new(snapshot);
+    let outcome = engine.run(CycleInput {
+        snapshot: snapshot.clone(),
+        stats: Vec::new(),
+        now,
+        interface,
+        usage,
+    });
+    (snapshot, outcome)
+}
+
+/// One output row per connection.
+#[derive(Debug, Serialize)]
+pub struct DecisionRow {
+    pub connection: String,
+    pub process: Option<String>,
+    pub user: Option<String>,
+    pub class: String,
+    pub limit: Option<String>,
+}
+
+pub fn decision_rows(snapshot: &Snapshot, outcome: &CycleOutcome) -> Vec<DecisionRow> {
+    snapshot
+        .connections
+        .iter()
+        .zip(&outcome.decisions)
+        .map(|(c, d)| {
+            let p = snapshot.owner_process(c);
+            DecisionRow {
+                connection: c.socket.to_string(),
+                process: p.map(|p| format!("{} ({})", p.name, p.pid)),
+                user: p.and_then(|p| p.user.clone()),
+                class: d.class.to_string(),
+                limit: (d.limit != Default::default()).then(|| d.limit.to_string()),
+            }
+        })
+        .collect()
+}
+
+fn print_table(rows: &[DecisionRow]) {
+    let rows: Vec<[String; 5]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.connection.clone(),
+                or_dash(r.process.as_ref()),
+                or_dash(r.user.as_ref()),
+                r.class.clone(),
+                or_dash(r.limit.as_ref()),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        render(["CONNECTION", "PROCESS", "USER", "CLASS", "LIMIT"], &rows)
+    );
+}
+
+fn print_errors(entries: &[ErrorEntry]) {
+    for e in entries {
+        eprintln!("error: {}", e.message);
+        if let Some(ex) = &e.example {
+            let more = if e.count > 1 {
+                format!(" and {} more", e.count - 1)
+            } else {
+                String::new()
+            };
+            eprintln!("       for {ex}{more}");
+        }
+    }
+}
+
+fn load(script: &Path) -> Result<Engine, PolicyError> {
+    Engine::load(script, EngineOptions::default())
+}
+
+pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
+    let mut engine = match load(&args.script) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let (snapshot, outcome) = run_once(
+        &mut engine,
+        sample_snapshot(),
+        jiff::Zoned::now(),
+        Arc::new(StaticUsage::default()),
+        None,
+    );
+    let name = args.script.display();
+    println!("{name}: classes {}", describe_classes(&outcome));
+    println!(
+        "decisions for the {} built-in sample connections, now:",
+        snapshot.connections.len()
+    );
+    print_table(&decision_rows(&snapshot, &outcome));
+    let unused: Vec<&str> = outcome
+        .classes
+        .classes
+        .keys()
+        .filter(|k| outcome.decisions.iter().all(|d| &d.class != *k))
+        .map(|k| k.as_ref())
+        .collect();
+    if !unused.is_empty() {
+        println!(
+            "note: no sample connection went to {} (fine if they are meant for other traffic)",
+            unused.join(", ")
+        );
+    }
+    if engine.errors().is_empty() {
+        println!("{name}: OK");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        print_errors(engine.errors().entries());
+        eprintln!("{name}: {} problem(s)", engine.errors().entries().len());
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+fn describe_classes(outcome: &CycleOutcome) -> String {
+    outcome
+        .classes
+        .classes
+        .values()
+        .map(|c| {
+            let mut parts = vec![format!("prio {}", c.prio)];
+            if c.rate != Default::default() {
+                parts.push(format!("rate {}", c.rate));
+            }
+            if c.ceil != Default::default() {
+                parts.push(format!("ceil {}", c.ceil));
+            }
+            if c.each != crate::policy::Each::Class {
+                parts.push(format!("each {}", c.each.as_str()));
+            }
+            format!("{} ({})", c.name, parts.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[derive(Serialize)]
+struct SimulateJson<'a> {
+    at: String,
+    classes: Vec<&'a crate::policy::ClassDef>,
+    decisions: Vec<DecisionRow>,
+    errors: &'a [ErrorEntry],
+}
+
+pub fn simulate(args: &SimulateArgs) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(&args.snapshot)
+        .with_context(|| format!("cannot read {}", args.snapshot.display()))?;
+    let snapshot = Snapshot::from_ron(&text, &args.snapshot.display().to_string())
+        .map_err(anyhow::Error::msg)?;
+    let now = match &args.at {
+        Some(at) => parse_at(at)?,
+        None => jiff::Zoned::now(),
+    };
+    let usage: Arc<dyn UsageView> = match &args.usage {
+        Some(path) => Arc::new(StaticUsage::load(path)?),
+        None => Arc::new(StaticUsage::default()),
+    };
+    let mut engine = load(&args.script)?;
+    let at = now.strftime("%Y-%m-%d %H:%M %Z").to_string();
+    let (snapshot, outcome) = run_once(&mut engine, snapshot, now, usage, args.interface.clone());
+    let rows = decision_rows(&snapshot, &outcome);
+    if args.json {
+        let out = SimulateJson {
+            at,
+            classes: outcome.classes.classes.values().collect(),
+            decisions: rows,
+            errors: engine.errors().entries(),
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("at {at}; classes {}", describe_classes(&outcome));
+        print_table(&rows);
+        print_errors(engine.errors().entries());
+    }
+    Ok(if engine.errors().is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

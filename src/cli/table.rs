@@ -1,0 +1,47 @@
+//! Plain aligned text tables for terminal output.
+
+use std::fmt::Write as _;
+
+/// Columns padded to their widest cell, two spaces apart, no trailing blanks.
+pub fn render<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut text = String::new();
+        for (cell, w) in cells.zip(widths) {
+            let _ = write!(text, "{cell:<w$}  ");
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(&mut header.iter().copied());
+    for row in rows {
+        line(&mut row.iter().map(String::as_str));
+    }
+    out
+}
+
+/// `-` for a missing value.
+pub fn or_dash(value: Option<impl ToString>) -> String {
+    value.map_or_else(|| "-".to_string(), |v| v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn aligns_columns() {
+        let text = super::render(
+            ["A", "LONG"],
+            &[
+                ["xyz".to_string(), "1".to_string()],
+                ["q".to_string(), "22".to_string()],
+            ],
+        );
+        assert_eq!(text, "A    LONG\nxyz  1\nq    22\n");
+    }
+}

@@ -1,0 +1,380 @@
+//! What a script sees: `conn` and `conn.process` as userdata whose fields are computed only when
+//! read, and the Rust primitives behind `ctx`, `require` and the sandbox guards.
+//!
+//! A connection is passed as a small userdata holding its index into the cycle's input, which the
+//! VM keeps as app data; reading `conn.remote_port` looks the value up there. Building a table per
+//! connection, or going through serde, costs several times more for the fields a policy never
+//! reads.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use mlua::{Lua, UserData, UserDataFields, UserDataMethods, Value};
+
+use super::CycleInput;
+use crate::account::Period;
+use crate::process::{Pid, Process};
+use crate::units::RatePair;
+
+/// The cycle being evaluated, as VM app data.
+pub(crate) struct Current(pub Arc<CycleInput>);
+
+/// nbdkit-style rate files: the last good value of each, kept across cycles.
+#[derive(Default)]
+pub(crate) struct RateFiles(pub HashMap<PathBuf, Option<RatePair>>);
+
+fn with_input<R>(lua: &Lua, f: impl FnOnce(&CycleInput) -> R) -> mlua::Result<R> {
+    let current = lua
+        .app_data_ref::<Current>()
+        .ok_or_else(|| mlua::Error::runtime("conn and ctx are only valid during a cycle"))?;
+    Ok(f(&current.0))
+}
+
+/// `conn`: one connection of the cycle.
+pub(crate) struct ConnRef(pub usize);
+
+/// `conn.process`, `p.parent`, entries of `p.ancestors`.
+pub(crate) struct ProcRef(pub Pid);
+
+fn conn_field<R>(
+    lua: &Lua,
+    this: &ConnRef,
+    f: impl FnOnce(&CycleInput, &crate::process::Connection) -> R,
+) -> mlua::Result<R> {
+    with_input(lua, |input| f(input, &input.snapshot.connections[this.0]))
+}
+
+fn stats_of(input: &CycleInput, i: usize) -> super::ConnStats {
+    input.stats.get(i).copied().unwrap_or_default()
+}
+
+impl UserData for ConnRef {
+    fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
+        fields.add_field_method_get("proto", |lua, this| {
+            conn_field(lua, this, |_, c| c.socket.proto.as_str())
+        });
+        fields.add_field_method_get("family", |lua, this| {
+            conn_field(lua, this, |_, c| c.socket.family())
+        });
+        fields.add_field_method_get("local_addr", |lua, this| {
+            conn_field(lua, this, |_, c| c.socket.local.ip().to_string())
+        });
+        fields.add_field_method_get("local_port", |lua, this| {
+            conn_field(lua, this, |_, c| c.socket.local.port())
+        });
+        fields.add_field_method_get("remote_addr", |lua, this| {
+            conn_field(lua, this, |_, c| c.socket.remote.ip().to_string())
+        });
+        fields.add_field_method_get("remote_port", |lua, this| {
+            conn_field(lua, this, |_, c| c.socket.remote.port())
+        });
+        fields.add_field_method_get("state", |lua, this| {
+            conn_field(lua, this, |_, c| c.socket.state.as_str())
+        });
+        fields.add_field_method_get("uid", |lua, this| {
+            conn_field(lua, this, |_, c| c.socket.uid)
+        });
+        fields.add_field_method_get("bytes_up", |lua, this| {
+            conn_field(lua, this, |_, c| c.socket.bytes_up)
+        });
+        fields.add_field_method_get("bytes_down", |lua, this| {
+            conn_field(lua, this, |_, c| c.socket.bytes_down)
+        });
+        fields.add_field_method_get("rate_up", |lua, this| {
+            with_input(lua, |input| stats_of(input, this.0).rate_up)
+        });
+        fields.add_field_method_get("rate_down", |lua, this| {
+            with_input(lua, |input| stats_of(input, this.0).rate_down)
+        });
+        fields.add_field_method_get("age", |lua, this| {
+            with_input(lua, |input| stats_of(input, this.0).age)
+        });
+        fields.add_field_method_get("process", |lua, this| {
+            let pid = conn_field(lua, this, |input, c| {
+                c.owner
+                    .as_ref()
+                    .map(|o| o.pid)
+                    .filter(|pid| input.snapshot.processes.contains_key(pid))
+            })?;
+            pid.map(|p| lua.create_userdata(ProcRef(p))).transpose()
+        });
+    }
+
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_meta_method("__tostring", |lua, this, ()| {
+            conn_field(lua, this, |_, c| c.socket.to_string())
+        });
+    }
+}
+
+fn proc_field<R>(
+    lua: &Lua,
+    this: &ProcRef,
+    f: impl FnOnce(&CycleInput, &Process) -> R,
+) -> mlua::Result<R> {
+    with_input(lua, |input| {
+        let p = input.snapshot.processes.get(&this.0).ok_or_else(|| {
+            mlua::Error::runtime(format!("process {} is not in this cycle", this.0))
+        })?;
+        Ok(f(input, p))
+    })?
+}
+
+impl UserData for ProcRef {
+    fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
+        fields.add_field_method_get("pid", |_, this| Ok(this.0));
+        fields.add_field_method_get("ppid", |lua, this| proc_field(lua, this, |_, p| p.ppid));
+        fields.add_field_method_get("name", |lua, this| {
+            proc_field(lua, this, |_, p| p.name.clone())
+        });
+        fields.add_field_method_get("exe", |lua, this| {
+            proc_field(lua, this, |_, p| p.exe.clone())
+        });
+        fields.add_field_method_get("cmdline", |lua, this| {
+            let args = proc_field(lua, this, |_, p| p.cmdline.clone())?;
+            lua.create_sequence_from(args)
+        });
+        fields.add_field_method_get("uid", |lua, this| proc_field(lua, this, |_, p| p.uid));
+        fields.add_field_method_get("user", |lua, this| {
+            proc_field(lua, this, |_, p| p.user.clone())
+        });
+        fields.add_field_method_get("gid", |lua, this| proc_field(lua, this, |_, p| p.gid));
+        fields.add_field_method_get("cgroup", |lua, this| {
+            proc_field(lua, this, |_, p| p.cgroup.clone())
+        });
+        fields.add_field_method_get("unit", |lua, this| {
+            proc_field(lua, this, |_, p| p.unit.clone())
+        });
+        fields.add_field_method_get("parent", |lua, this| {
+            let parent = proc_field(lua, this, |input, p| {
+                input
+                    .snapshot
+                    .processes
+                    .contains_key(&p.ppid)
+                    .then_some(p.ppid)
+            })?;
+            parent.map(|p| lua.create_userdata(ProcRef(p))).transpose()
+        });
+        fields.add_field_method_get("ancestors", |lua, this| {
+            let chain = proc_field(lua, this, |input, p| {
+                p.ancestors
+                    .iter()
+                    .copied()
+                    .filter(|a| input.snapshot.processes.contains_key(a))
+                    .collect::<Vec<_>>()
+            })?;
+            let list = lua.create_table_with_capacity(chain.len(), 0)?;
+            for pid in chain {
+                list.raw_push(lua.create_userdata(ProcRef(pid))?)?;
+            }
+            Ok(list)
+        });
+    }
+
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        // p:descends_from("firefox") or p:descends_from(1234): is any ancestor that process?
+        methods.add_method("descends_from", |lua, this, who: Value| {
+            let name = match &who {
+                Value::String(s) => Some(s.to_str()?.to_string()),
+                Value::Integer(_) | Value::Number(_) => None,
+                other => {
+                    return Err(mlua::Error::runtime(format!(
+                        "descends_from takes a process name or pid; got {}",
+                        super::decide::type_name(other)
+                    )));
+                }
+            };
+            let pid = match who {
+                Value::Integer(i) => Some(i),
+                Value::Number(n) => Some(n as i64),
+                _ => None,
+            };
+            proc_field(lua, this, |input, p| {
+                p.ancestors.iter().any(|a| {
+                    pid == Some(i64::from(*a))
+                        || name.as_deref().is_some_and(|n| {
+                            input
+                                .snapshot
+                                .processes
+                                .get(a)
+                                .is_some_and(|ap| ap.name == n)
+                        })
+                })
+            })
+        });
+        methods.add_meta_method("__tostring", |lua, this, ()| {
+            proc_field(lua, this, |_, p| format!("{} ({})", p.name, p.pid))
+        });
+    }
+}
+
+/// `raw.usage(period, key)` → up, down (bytes).
+pub(crate) fn usage(lua: &Lua, (period, key): (String, String)) -> mlua::Result<(u64, u64)> {
+    let period: Period = period.parse().map_err(mlua::Error::runtime)?;
+    with_input(lua, |input| {
+        let u = input.usage.usage(period, &key);
+        (u.up.bytes(), u.down.bytes())
+    })
+}
+
+/// `raw.class(name)` → connections, rate_up, rate_down.
+pub(crate) fn class(lua: &Lua, name: String) -> mlua::Result<(u64, f64, f64)> {
+    with_input(lua, |input| {
+        let c = input.usage.class(&name).unwrap_or_default();
+        (c.connections, c.rate_up, c.rate_down)
+    })
+}
+
+/// `raw.rate_file(path, default)` → up, down (bit/s or nil), with nbdkit's semantics: a file
+/// absent from the start gives `default`; a file that disappears keeps its last value; a file
+/// that cannot be parsed keeps the last value and logs a warning.
+pub(crate) fn rate_file(
+    lua: &Lua,
+    (path, default): (String, Value),
+) -> mlua::Result<(Option<u64>, Option<u64>)> {
+    let default =
+        super::decide::limit_value(&default, "rate_file default").map_err(mlua::Error::runtime)?;
+    let path = PathBuf::from(path);
+    let read = std::fs::read_to_string(&path);
+    let mut files = lua
+        .app_data_mut::<RateFiles>()
+        .ok_or_else(|| mlua::Error::runtime("rate files unavailable"))?;
+    let last = files.0.get(&path).copied();
+    let value = match read {
+        Ok(text) => match text.trim().parse::<RatePair>() {
+            Ok(pair) => pair,
+            Err(e) => {
+                if last.is_none() {
+                    tracing::warn!("rate file {}: {e}; using the default", path.display());
+                }
+                last.flatten().unwrap_or(default)
+            }
+        },
+        Err(_) => last.flatten().unwrap_or(default),
+    };
+    files.0.insert(path, Some(value));
+    Ok((
+        value.up.map(|r| r.bits_per_sec()),
+        value.down.map(|r| r.bits_per_sec()),
+    ))
+}
+
+/// Largest subject a pattern may be matched against: its cost grows as `len^(quantifiers + 1)`
+/// for an unanchored pattern (each start position), `len^quantifiers` anchored, and a subject is
+/// refused when that exceeds about 10^8 steps, which Lua's matcher runs in about a second.
+pub(crate) fn pattern_limit(pattern: &[u8]) -> u64 {
+    const STEPS: f64 = 1e8;
+    let mut quantifiers = 0;
+    let mut i = usize::from(pattern.first() == Some(&b'^'));
+    let anchored = i == 1;
+    while i < pattern.len() {
+        match pattern[i] {
+            b'%' => i += 2,
+            b'[' => {
+                i += 1;
+                if pattern.get(i) == Some(&b'^') {
+                    i += 1;
+                }
+                i += 1; // a `]` first in a set is literal
+                while i < pattern.len() && pattern[i] != b']' {
+                    i += if pattern[i] == b'%' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            b'*' | b'+' | b'-' => {
+                quantifiers += 1;
+                i += 1;
+            }
+            _ => i += 1,
+        }
+    }
+    let exponent = quantifiers + i32::from(!anchored);
+    if exponent <= 1 {
+        return u64::MAX >> 1;
+    }
+    STEPS.powf(1.0 / f64::from(exponent)).floor() as u64
+}
+
+/// `shaper.cidr(...)`: a set of networks with `:contains(addr)`.
+pub(crate) struct CidrSet(Vec<ipnet::IpNet>);
+
+impl UserData for CidrSet {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method("contains", |_, this, addr: Option<String>| {
+            let Some(ip) = addr.and_then(|a| a.parse::<std::net::IpAddr>().ok()) else {
+                return Ok(false);
+            };
+            let ip = match ip {
+                std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, Into::into),
+                v4 => v4,
+            };
+            Ok(this.0.iter().any(|net| net.contains(&ip)))
+        });
+    }
+}
+
+/// The native half of the `shaper` library, passed to it when it is required.
+pub(crate) fn natives(lua: &Lua) -> mlua::Result<mlua::Table> {
+    let t = lua.create_table()?;
+    t.set(
+        "rate",
+        lua.create_function(|_, text: String| {
+            text.parse::<crate::units::Rate>()
+                .map(|r| r.bits_per_sec())
+                .map_err(mlua::Error::runtime)
+        })?,
+    )?;
+    t.set(
+        "size",
+        lua.create_function(|_, text: String| {
+            text.parse::<crate::units::Size>()
+                .map(|s| s.bytes())
+                .map_err(mlua::Error::runtime)
+        })?,
+    )?;
+    t.set(
+        "cidr",
+        lua.create_function(|lua, specs: mlua::Variadic<String>| {
+            let nets = specs
+                .iter()
+                .map(|s| {
+                    s.parse::<ipnet::IpNet>()
+                        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                        .map_err(|_| {
+                            mlua::Error::runtime(format!(
+                                "shaper.cidr: {s:?} is not an address or network such as \"10.0.0.0/8\" or \"fd00::/8\""
+                            ))
+                        })
+                })
+                .collect::<mlua::Result<Vec<_>>>()?;
+            lua.create_userdata(CidrSet(nets))
+        })?,
+    )?;
+    Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pattern_limit;
+
+    #[test]
+    fn pattern_limits_grow_with_quantifiers() {
+        assert!(pattern_limit(b"^firefox") > 1 << 40);
+        assert!(
+            pattern_limit(b"firefox") > 1 << 40,
+            "one start position per byte is linear"
+        );
+        assert_eq!(pattern_limit(b"%d+%.%d+"), 464); // 3 = 2 quantifiers + unanchored
+        assert_eq!(pattern_limit(b".-.-.-b"), 100);
+        assert_eq!(pattern_limit(b"^.-.-.-b"), 464);
+        assert!(
+            pattern_limit(b"%-%-type=(%w+)") > 1000,
+            "escaped '-' is no quantifier"
+        );
+        assert!(
+            pattern_limit(b"[a-z]") > 1 << 40,
+            "'-' in a set is no quantifier"
+        );
+    }
+}

@@ -1,0 +1,532 @@
+//! The policy engine running real Lua: the contract, the sandbox, and every kind of bad input.
+//! Each bad input must give its documented error with `file:line`, and the next cycle must work.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shaper::account::StaticUsage;
+use shaper::cli::policy::{parse_at, sample_snapshot};
+use shaper::policy::{CycleInput, CycleOutcome, Engine, EngineOptions, PolicyError};
+
+use crate::support::temp_file;
+
+/// A script in a temporary folder, loaded; the folder lives as long as the engine is used.
+struct Policy {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+}
+
+impl Policy {
+    fn new(source: &str) -> Policy {
+        let (dir, path) = temp_file("policy.lua", source);
+        Policy { _dir: dir, path }
+    }
+
+    fn load(&self) -> Result<Engine, PolicyError> {
+        Engine::load(&self.path, EngineOptions::default())
+    }
+
+    fn engine(&self) -> Engine {
+        self.load()
+            .unwrap_or_else(|e| panic!("script should load: {e}"))
+    }
+}
+
+fn cycle_at(engine: &mut Engine, at: &str) -> CycleOutcome {
+    engine.run(CycleInput {
+        snapshot: Arc::new(sample_snapshot()),
+        stats: Vec::new(),
+        now: parse_at(at).unwrap(),
+        interface: Some("eth0".into()),
+        usage: Arc::new(StaticUsage::default()),
+    })
+}
+
+fn cycle(engine: &mut Engine) -> CycleOutcome {
+    cycle_at(engine, "2026-11-23 10:00")
+}
+
+/// Index of the sample's ssh connection (remote port 22), and of firefox's IPv4 one.
+const SSH: usize = 0;
+const FIREFOX: usize = 1;
+
+fn classes_of(outcome: &CycleOutcome) -> Vec<&str> {
+    outcome.decisions.iter().map(|d| &*d.class).collect()
+}
+
+fn errors(engine: &Engine) -> Vec<String> {
+    engine
+        .errors()
+        .entries()
+        .iter()
+        .map(|e| e.message.clone())
+        .collect()
+}
+
+/// A script whose classify misbehaves (with `bad`) for the ssh connection only, so the rest of
+/// the cycle shows the engine stayed usable.
+fn misbehaving(bad: &str) -> String {
+    format!(
+        "classes = {{ bulk = {{ prio = 7 }} }}\n\
+         function classify(conn, ctx)\n\
+         \x20 if conn.remote_port == 22 then\n\
+         {bad}\n\
+         \x20 end\n\
+         \x20 return \"bulk\"\n\
+         end\n"
+    )
+}
+
+/// Runs a misbehaving script: the ssh connection falls back to default with an error that
+/// starts with `policy.lua:<line>` and contains `expect`; every other connection is classified;
+/// a second cycle works the same and counts the error instead of repeating it.
+fn assert_contained(bad: &str, line: usize, expect: &str) {
+    let policy = Policy::new(&misbehaving(bad));
+    let mut engine = policy.engine();
+    for round in 1..=2 {
+        let out = cycle(&mut engine);
+        assert!(out.failure.is_none(), "{:?}", out.failure);
+        assert_eq!(
+            out.decisions[SSH].class.as_ref(),
+            "default",
+            "fallback for a new connection"
+        );
+        assert_eq!(
+            out.decisions[FIREFOX].class.as_ref(),
+            "bulk",
+            "the rest of the cycle ran"
+        );
+        assert_eq!(out.fallbacks, 1);
+        let errs = engine.errors().entries();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        let msg = &errs[0].message;
+        assert!(
+            msg.contains(&format!("policy.lua:{line}:")),
+            "line {line} in: {msg}"
+        );
+        assert!(msg.contains(expect), "{expect:?} in: {msg}");
+        assert_eq!(errs[0].count, round, "reported once, counted");
+        assert!(errs[0].example.as_deref().unwrap().contains(":22 "));
+    }
+}
+
+#[test]
+fn syntax_error_fails_to_load_with_file_and_line() {
+    let policy = Policy::new("classes = {}\n\nfunction classify(conn, ctx)\n  return = 1\nend\n");
+    let err = policy.load().err().expect("load fails").to_string();
+    assert!(err.contains("policy.lua:4:"), "{err}");
+    assert!(err.contains("near '='"), "{err}");
+}
+
+#[test]
+fn top_level_runtime_error_fails_to_load() {
+    let policy = Policy::new("local x = nil\nlocal y = x.field\nfunction classify() end\n");
+    let err = policy.load().err().expect("load fails").to_string();
+    assert!(
+        err.contains("policy.lua:2:") && err.contains("index a nil value"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_classify_is_a_contract_error() {
+    let policy = Policy::new("classes = {}\nfunction classfy(conn) end\n");
+    let err = policy.load().err().expect("load fails").to_string();
+    assert!(err.contains("no `classify` function"), "{err}");
+}
+
+#[test]
+fn runtime_error_falls_back_for_that_connection() {
+    assert_contained(
+        "    local t = nil\n    return t.x",
+        5,
+        "attempt to index a nil value",
+    );
+}
+
+#[test]
+fn endless_loop_hits_the_instruction_budget() {
+    let start = Instant::now();
+    assert_contained("    while true do end", 4, "instruction budget exceeded");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn endless_loop_inside_a_coroutine_hits_the_budget() {
+    assert_contained(
+        "    local co = coroutine.wrap(function()\n      while true do end\n    end)\n    co()",
+        5,
+        "instruction budget exceeded",
+    );
+}
+
+#[test]
+fn memory_bomb_hits_the_memory_limit() {
+    assert_contained(
+        "    local t = {}\n    for i = 1, 1e9 do t[i] = string.rep(\"x\", 1e6) .. i end",
+        5,
+        "memory limit of 64 MiB exceeded",
+    );
+}
+
+#[test]
+fn string_rep_bomb_is_refused_before_it_allocates() {
+    assert_contained(
+        "    local s = string.rep(\"x\", 1e10)",
+        4,
+        "string.rep would build",
+    );
+}
+
+#[test]
+fn pathological_pattern_is_refused() {
+    assert_contained(
+        "    local s = string.rep(\"a\", 5000)\n    string.find(s, \".-.-.-b\")",
+        5,
+        "too expensive",
+    );
+}
+
+#[test]
+fn cycle_past_its_deadline_is_abandoned_and_the_vm_rebuilt() {
+    // Patterns each under the guard's limit (about 0.1 s apiece), called in a loop too short to
+    // reach the instruction budget: only the wall clock can stop the cycle.
+    let policy = Policy::new(
+        "classes = { bulk = { prio = 7 } }\n\
+         function classify(conn, ctx)\n\
+         \x20 if conn.remote_port == 22 and ctx.time.hour == 10 then\n\
+         \x20   local s = string.rep(\"a\", 464)\n\
+         \x20   for i = 1, 30 do string.find(s, \"^.-.-.-b\") end\n\
+         \x20 end\n\
+         \x20 return \"bulk\"\n\
+         end\n",
+    );
+    let options = EngineOptions {
+        deadline: Duration::from_millis(100),
+        ..EngineOptions::default()
+    };
+    let mut engine = Engine::load(&policy.path, options).unwrap();
+    let first = cycle_at(&mut engine, "2026-11-23 09:00");
+    assert!(first.failure.is_none());
+    assert_eq!(first.decisions[SSH].class.as_ref(), "bulk");
+    let stuck = cycle_at(&mut engine, "2026-11-23 10:00");
+    let failure = stuck.failure.expect("the cycle is abandoned").to_string();
+    assert!(failure.contains("did not finish within 100ms"), "{failure}");
+    assert!(failure.contains("policy.lua:"), "{failure}");
+    assert_eq!(engine.abandoned_cycles, 1);
+    assert_eq!(
+        stuck.decisions[SSH].class.as_ref(),
+        "bulk",
+        "previous decisions stay"
+    );
+    let next = cycle_at(&mut engine, "2026-11-23 09:00");
+    assert!(
+        next.failure.is_none(),
+        "the rebuilt VM works: {:?}",
+        next.failure
+    );
+    assert_eq!(
+        classes_of(&next).iter().filter(|c| **c == "bulk").count(),
+        15
+    );
+}
+
+#[test]
+fn unknown_class_is_reported_at_classify() {
+    assert_contained(
+        "    return \"bulkk\"",
+        2,
+        "unknown class \"bulkk\"; declared classes: bulk, default",
+    );
+}
+
+#[test]
+fn negative_limit_is_refused() {
+    assert_contained("    return \"bulk\", -5", 2, "at least 1 bit/s");
+}
+
+#[test]
+fn wrong_types_are_refused() {
+    assert_contained(
+        "    return {}",
+        2,
+        "must return a class name (a string) or nil; got a table",
+    );
+    assert_contained("    return \"bulk\", true", 2, "got a boolean");
+    assert_contained(
+        "    return \"bulk\", { up = \"1mbit\", left = 1 }",
+        2,
+        "unknown key \"left\"",
+    );
+}
+
+#[test]
+fn tc_style_kbps_is_refused_as_ambiguous() {
+    assert_contained(
+        "    return \"bulk\", \"512kbps\"",
+        2,
+        "\"512kbit\" for kilobits/s or \"512KB/s\"",
+    );
+}
+
+#[test]
+fn a_failing_connection_keeps_its_previous_decision() {
+    let policy = Policy::new(
+        "classes = { bulk = {} }\n\
+         function classify(conn, ctx)\n\
+         \x20 if ctx.time.hour == 10 then error(\"broken at ten\") end\n\
+         \x20 return \"bulk\", \"1mbit\"\n\
+         end\n",
+    );
+    let mut engine = policy.engine();
+    let before = cycle_at(&mut engine, "2026-11-23 09:00");
+    assert_eq!(
+        before.decisions[SSH].limit.up.unwrap().bits_per_sec(),
+        1_000_000
+    );
+    let during = cycle_at(&mut engine, "2026-11-23 10:00");
+    assert_eq!(during.fallbacks, 15);
+    assert_eq!(
+        during.decisions, before.decisions,
+        "every connection kept its decision"
+    );
+    let errs = errors(&engine);
+    assert_eq!(errs.len(), 1);
+    assert!(
+        errs[0].ends_with("/policy.lua:3: broken at ten"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn failing_classes_function_keeps_the_previous_cycle() {
+    let policy = Policy::new(
+        "function classes(ctx)\n\
+         \x20 if ctx.time.hour == 10 then return { bulk = { prio = 99 } } end\n\
+         \x20 return { bulk = { prio = 7 } }\n\
+         end\n\
+         function classify(conn) return \"bulk\" end\n",
+    );
+    let mut engine = policy.engine();
+    let before = cycle_at(&mut engine, "2026-11-23 09:00");
+    assert!(before.failure.is_none());
+    let during = cycle_at(&mut engine, "2026-11-23 10:00");
+    let failure = during.failure.expect("classes fails").to_string();
+    assert!(
+        failure.contains("policy.lua:2:") && failure.contains("0 (served first) to 7"),
+        "{failure}"
+    );
+    assert_eq!(during.decisions, before.decisions);
+    assert_eq!(during.classes, before.classes);
+}
+
+#[test]
+fn failing_reload_keeps_the_running_script() {
+    let policy = Policy::new("function classify(conn) return nil, \"1mbit\" end\n");
+    let mut engine = policy.engine();
+    std::fs::write(&policy.path, "function classify(conn) return nil, \n").unwrap();
+    let err = engine.reload().unwrap_err().to_string();
+    assert!(err.contains("policy.lua:2:"), "{err}");
+    let out = cycle(&mut engine);
+    assert_eq!(
+        out.decisions[SSH].limit.up.unwrap().bits_per_sec(),
+        1_000_000,
+        "old script runs"
+    );
+    std::fs::write(
+        &policy.path,
+        "function classify(conn) return nil, \"2mbit\" end\n",
+    )
+    .unwrap();
+    engine.reload().unwrap();
+    let out = cycle(&mut engine);
+    assert_eq!(
+        out.decisions[SSH].limit.up.unwrap().bits_per_sec(),
+        2_000_000,
+        "new script runs"
+    );
+}
+
+#[test]
+fn sandbox_has_no_way_out() {
+    let policy = Policy::new(
+        r#"
+        local ok_load = pcall(function() return load("return 1") end)
+        local ok_exec = pcall(function() return os.execute("true") end)
+        local ok_write = pcall(function() os.exit = nil end)
+        local ok_bytecode = pcall(function() return require("x\27Lua") end)
+        checks = {
+          io = io == nil, debug = debug == nil, package = package == nil,
+          load = load == nil and not ok_load, loadfile = loadfile == nil, dofile = dofile == nil,
+          collectgarbage = collectgarbage == nil, dump = string.dump == nil,
+          execute = os.execute == nil and not ok_exec, exit = os.exit == nil and not ok_write,
+          getenv = os.getenv == nil, remove = os.remove == nil,
+          no_bytecode = not ok_bytecode,
+          time = type(os.time()) == "number",
+        }
+        function classify(conn)
+          for k, v in pairs(checks) do
+            if not v then error("sandbox hole: " .. k) end
+          end
+          local ok, err = pcall(require, "..secret")
+          if ok or not tostring(err):find("module names") then error("require escaped") end
+          return nil
+        end
+        "#,
+    );
+    let mut engine = policy.engine();
+    let out = cycle(&mut engine);
+    assert!(out.failure.is_none());
+    assert!(engine.errors().is_empty(), "{:?}", errors(&engine));
+}
+
+#[test]
+fn bytecode_chunks_are_rejected() {
+    // A precompiled chunk starts with "\27Lua"; text mode refuses it at load.
+    let (_dir, path) = temp_file("policy.lua", "\u{1b}Lua\u{54}\u{0}garbage");
+    let err = Engine::load(&path, EngineOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("attempt to load a binary chunk"), "{err}");
+}
+
+#[test]
+fn context_carries_time_usage_and_interface() {
+    let (_udir, usage) = temp_file(
+        "usage.ron",
+        r#"(usage: { month: { "link": (down: "41GB") }, day: { "user:alice": (up: "2GB") } },
+            classes: { "bulk": (connections: 3, rate_down: 1000000) })"#,
+    );
+    let policy = Policy::new(
+        r#"
+        local shaper = require("shaper")
+        classes = { slow = {}, fast = {} }
+        function classify(conn, ctx)
+          assert(ctx.interface == "eth0", "interface")
+          assert(ctx.time.year == 2026 and ctx.time.month == 11 and ctx.time.day == 28, "date")
+          assert(ctx.time.wday == 7, "Saturday is wday 7")
+          assert(os.date("%H:%M", os.time()) == "23:30", "os.date follows the cycle clock")
+          assert(ctx.usage("day", "user:alice").up == 2e9, "per-key usage")
+          assert(ctx.class("bulk").connections == 3, "class figures")
+          if ctx.usage("month").total > 40 * shaper.GB then return "slow" end
+          return "fast"
+        end
+        "#,
+    );
+    let mut engine = policy.engine();
+    let out = engine.run(CycleInput {
+        snapshot: Arc::new(sample_snapshot()),
+        stats: Vec::new(),
+        now: parse_at("2026-11-28 23:30").unwrap(),
+        interface: Some("eth0".into()),
+        usage: Arc::new(StaticUsage::load(&usage).unwrap()),
+    });
+    assert!(engine.errors().is_empty(), "{:?}", errors(&engine));
+    assert!(classes_of(&out).iter().all(|c| *c == "slow"));
+}
+
+#[test]
+fn conn_and_process_fields() {
+    let policy = Policy::new(
+        r#"
+        local shaper = require("shaper")
+        local seen = {}
+        function classify(conn, ctx)
+          if conn.remote_port == 22 then
+            local p = conn.process
+            assert(conn.proto == "tcp" and conn.family == 4 and conn.state == "established")
+            assert(conn.local_addr == "192.168.1.10" and conn.local_port == 51022)
+            assert(conn.remote_addr == "140.82.112.3" and conn.bytes_up == 81234)
+            assert(conn.uid == 1000 and conn.rate_up == 0 and conn.age == 0)
+            assert(p.pid == 2100 and p.ppid == 2050 and p.name == "ssh" and p.user == "alice")
+            assert(p.exe == "/usr/bin/ssh" and p.cmdline[2] == "git@github.com")
+            assert(p.unit == "vte-spawn-1.scope" and p.cgroup:find("user@1000.service", 1, true))
+            assert(p.parent.name == "bash" and #p.ancestors == 3 and p.ancestors[3].pid == 1)
+            assert(p:descends_from("bash") and p:descends_from(2000) and not p:descends_from("ssh"))
+            assert(tostring(conn):find("140.82.112.3:22", 1, true))
+          elseif conn.family == 6 and conn.proto == "udp" then
+            assert(shaper.is_or_descends_from(conn.process, "firefox"))
+            assert(conn.remote_addr == "2a00:1450:4001:82a::200e" and conn.bytes_up == nil)
+          elseif conn.state == "fin_wait1" then
+            assert(conn.process == nil, "orphaned sockets have no process")
+          end
+          return nil
+        end
+        "#,
+    );
+    let mut engine = policy.engine();
+    cycle(&mut engine);
+    assert!(engine.errors().is_empty(), "{:?}", errors(&engine));
+}
+
+#[test]
+fn shaper_library_helpers() {
+    let policy = Policy::new(
+        r#"
+        local shaper = require("shaper")
+        local function t(wday, hour, min) return { wday = wday, hour = hour, min = min } end
+        local office = shaper.window("Mon-Fri 08:00-18:00")
+        assert(office:contains(t(2, 8, 0)) and not office:contains(t(2, 18, 0)))
+        assert(not office:contains(t(1, 12, 0)), "Sunday")
+        local night = shaper.window("Fri 22:00-06:00")
+        assert(night:contains(t(6, 23, 0)) and night:contains(t(7, 5, 59)))
+        assert(not night:contains(t(7, 23, 0)) and not night:contains(t(6, 5, 0)))
+        assert(shaper.within(t(7, 12, 0), "weekends") and not shaper.within(t(2, 12, 0), "weekends"))
+        local lan = shaper.cidr("192.168.0.0/16", "fd00::/8", "10.1.2.3")
+        assert(lan:contains("192.168.1.20") and lan:contains("fd00::1") and lan:contains("10.1.2.3"))
+        assert(not lan:contains("8.8.8.8") and not lan:contains("nonsense") and not lan:contains(nil))
+        assert(lan:contains("::ffff:192.168.4.4"), "mapped addresses count as IPv4")
+        local p2p = shaper.ports(51413, "6881-6889")
+        assert(p2p:contains(6885) and p2p:contains(51413) and not p2p:contains(6890))
+        assert(shaper.rate("2mbit") == 2 * shaper.mbit and shaper.size("1GiB") == shaper.GiB)
+        assert(not pcall(shaper.rate, "2mbps"))
+        assert(shaper.glob("transmission-da", "transmission*") and not shaper.glob("xtransmission", "transmission*"))
+        assert(shaper.glob("a.b", "a.b") and not shaper.glob("axb", "a.b"), "dots are literal")
+        local bad = pcall(shaper.window, "Mon-Fry 08:00-09:00")
+        assert(not bad)
+        function classify(conn)
+          if shaper.matches(conn.process, { name = "Socket*", cmdline = "*-contentproc*" }) then
+            return nil, "3mbit"
+          end
+          return nil
+        end
+        "#,
+    );
+    let mut engine = policy.engine();
+    let out = cycle(&mut engine);
+    assert!(engine.errors().is_empty(), "{:?}", errors(&engine));
+    assert_eq!(
+        out.decisions[FIREFOX].limit.down.unwrap().bits_per_sec(),
+        3_000_000
+    );
+    assert_eq!(out.decisions[SSH].limit.down, None);
+}
+
+#[test]
+fn require_loads_modules_next_to_the_script() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("lib")).unwrap();
+    std::fs::write(
+        dir.path().join("lib/rules.lua"),
+        "local M = {}\nfunction M.class() return \"bulk\" end\nfunction M.boom() error(\"in module\") end\nreturn M\n",
+    )
+    .unwrap();
+    let path = dir.path().join("policy.lua");
+    std::fs::write(
+        &path,
+        "local rules = require(\"lib.rules\")\nclasses = { bulk = {} }\n\
+         function classify(conn)\n  if conn.remote_port == 22 then rules.boom() end\n  return rules.class()\nend\n",
+    )
+    .unwrap();
+    let mut engine = Engine::load(&path, EngineOptions::default()).unwrap();
+    assert!(engine.files().iter().any(|f| f.ends_with("lib/rules.lua")));
+    let out = cycle(&mut engine);
+    assert_eq!(out.decisions[FIREFOX].class.as_ref(), "bulk");
+    let errs = errors(&engine);
+    assert!(errs[0].contains("lib/rules.lua:3: in module"), "{errs:?}");
+}
