@@ -171,32 +171,63 @@ end
 
 -- Processes ---------------------------------------------------------------------------------
 
-local globs = {}
-
 --- A glob ("*" any text, "?" one character) as an anchored Lua pattern.
 local function glob_pattern(glob)
-  local p = globs[glob]
-  if not p then
-    p = "^" .. glob:gsub("[%^%$%(%)%%%.%[%]%+%-]", "%%%0"):gsub("%*", ".*"):gsub("%?", ".") .. "$"
-    globs[glob] = p
-  end
-  return p
+  return "^" .. glob:gsub("[%^%$%(%)%%%.%[%]%+%-]", "%%%0"):gsub("%*", ".*"):gsub("%?", ".") .. "$"
 end
 
---- Whether `text` matches a glob, or any glob of a list.
+--- A matcher for a list of globs: exact names by table lookup, "prefix*" by comparison, the
+--- rest as patterns. Compiled once per list (lists are usually constants of the policy).
+local function compile(list)
+  local exact, prefixes, patterns = {}, {}, {}
+  for _, glob in ipairs(list) do
+    if not glob:find("[%*%?]") then
+      exact[glob] = true
+    elseif glob:find("^[^%*%?]*%*$") then
+      prefixes[#prefixes + 1] = glob:sub(1, -2)
+    else
+      patterns[#patterns + 1] = glob_pattern(glob)
+    end
+  end
+  return function(text)
+    if exact[text] then return true end
+    for i = 1, #prefixes do
+      local p = prefixes[i]
+      if text:sub(1, #p) == p then return true end
+    end
+    for i = 1, #patterns do
+      if text:find(patterns[i]) then return true end
+    end
+    return false
+  end
+end
+
+local list_matchers = setmetatable({}, { __mode = "k" })
+local single_matchers, singles = {}, 0
+
+--- Whether `text` matches a glob ("*" any text, "?" one character), or any glob of a list.
 ---@param text string|nil
 ---@param glob string|string[]
 ---@return boolean
 function shaper.glob(text, glob)
   if text == nil then return false end
+  local m
   if type(glob) == "table" then
-    for _, g in ipairs(glob) do
-      if shaper.glob(text, g) then return true end
+    m = list_matchers[glob]
+    if not m then
+      m = compile(glob)
+      list_matchers[glob] = m
     end
-    return false
+  else
+    m = single_matchers[glob]
+    if not m then
+      if singles >= 1000 then single_matchers, singles = {}, 0 end
+      m = compile({ glob })
+      single_matchers[glob] = m
+      singles = singles + 1
+    end
   end
-  if not glob:find("[%*%?]") then return text == glob end
-  return text:find(glob_pattern(glob)) ~= nil
+  return m(text)
 end
 
 local match_fields = { name = true, exe = true, user = true, unit = true, cgroup = true, cmdline = true }

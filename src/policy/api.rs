@@ -14,7 +14,7 @@ use mlua::{Lua, UserData, UserDataFields, UserDataMethods, Value};
 
 use super::CycleInput;
 use crate::account::Period;
-use crate::process::{Pid, Process};
+use crate::process::Pid;
 use crate::units::RatePair;
 
 /// The cycle being evaluated, as VM app data.
@@ -33,9 +33,6 @@ fn with_input<R>(lua: &Lua, f: impl FnOnce(&CycleInput) -> R) -> mlua::Result<R>
 
 /// `conn`: one connection of the cycle.
 pub(crate) struct ConnRef(pub usize);
-
-/// `conn.process`, `p.parent`, entries of `p.ancestors`.
-pub(crate) struct ProcRef(pub Pid);
 
 fn conn_field<R>(
     lua: &Lua,
@@ -91,13 +88,10 @@ impl UserData for ConnRef {
             with_input(lua, |input| stats_of(input, this.0).age)
         });
         fields.add_field_method_get("process", |lua, this| {
-            let pid = conn_field(lua, this, |input, c| {
-                c.owner
-                    .as_ref()
-                    .map(|o| o.pid)
-                    .filter(|pid| input.snapshot.processes.contains_key(pid))
-            })?;
-            pid.map(|p| lua.create_userdata(ProcRef(p))).transpose()
+            match conn_field(lua, this, |_, c| c.owner.as_ref().map(|o| o.pid))? {
+                Some(pid) => process_value(lua, pid),
+                None => Ok(Value::Nil),
+            }
         });
     }
 
@@ -108,105 +102,58 @@ impl UserData for ConnRef {
     }
 }
 
-fn proc_field<R>(
-    lua: &Lua,
-    this: &ProcRef,
-    f: impl FnOnce(&CycleInput, &Process) -> R,
-) -> mlua::Result<R> {
-    with_input(lua, |input| {
-        let p = input.snapshot.processes.get(&this.0).ok_or_else(|| {
-            mlua::Error::runtime(format!("process {} is not in this cycle", this.0))
-        })?;
-        Ok(f(input, p))
-    })?
+/// The cycle's process tables, built on first use: `conn.process` is a plain table shared by
+/// every connection of that process, so reading `p.name` ten times costs ten table lookups, not
+/// ten calls into Rust. `meta` (from the prelude) gives them `descends_from` and `__tostring`.
+pub(crate) struct ProcessCache {
+    pub tables: mlua::Table,
+    pub meta: mlua::Table,
 }
 
-impl UserData for ProcRef {
-    fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
-        fields.add_field_method_get("pid", |_, this| Ok(this.0));
-        fields.add_field_method_get("ppid", |lua, this| proc_field(lua, this, |_, p| p.ppid));
-        fields.add_field_method_get("name", |lua, this| {
-            proc_field(lua, this, |_, p| p.name.clone())
-        });
-        fields.add_field_method_get("exe", |lua, this| {
-            proc_field(lua, this, |_, p| p.exe.clone())
-        });
-        fields.add_field_method_get("cmdline", |lua, this| {
-            let args = proc_field(lua, this, |_, p| p.cmdline.clone())?;
-            lua.create_sequence_from(args)
-        });
-        fields.add_field_method_get("uid", |lua, this| proc_field(lua, this, |_, p| p.uid));
-        fields.add_field_method_get("user", |lua, this| {
-            proc_field(lua, this, |_, p| p.user.clone())
-        });
-        fields.add_field_method_get("gid", |lua, this| proc_field(lua, this, |_, p| p.gid));
-        fields.add_field_method_get("cgroup", |lua, this| {
-            proc_field(lua, this, |_, p| p.cgroup.clone())
-        });
-        fields.add_field_method_get("unit", |lua, this| {
-            proc_field(lua, this, |_, p| p.unit.clone())
-        });
-        fields.add_field_method_get("parent", |lua, this| {
-            let parent = proc_field(lua, this, |input, p| {
-                input
-                    .snapshot
-                    .processes
-                    .contains_key(&p.ppid)
-                    .then_some(p.ppid)
-            })?;
-            parent.map(|p| lua.create_userdata(ProcRef(p))).transpose()
-        });
-        fields.add_field_method_get("ancestors", |lua, this| {
-            let chain = proc_field(lua, this, |input, p| {
-                p.ancestors
-                    .iter()
-                    .copied()
-                    .filter(|a| input.snapshot.processes.contains_key(a))
-                    .collect::<Vec<_>>()
-            })?;
-            let list = lua.create_table_with_capacity(chain.len(), 0)?;
-            for pid in chain {
-                list.raw_push(lua.create_userdata(ProcRef(pid))?)?;
-            }
-            Ok(list)
-        });
+/// The table for `pid`, from the cycle's cache or built now (with its ancestors).
+pub(crate) fn process_value(lua: &Lua, pid: Pid) -> mlua::Result<Value> {
+    let (tables, meta) = {
+        let cache = lua
+            .app_data_ref::<ProcessCache>()
+            .ok_or_else(|| mlua::Error::runtime("conn.process is only valid during a cycle"))?;
+        (cache.tables.clone(), cache.meta.clone())
+    };
+    if let Value::Table(t) = tables.raw_get::<Value>(pid)? {
+        return Ok(Value::Table(t));
     }
-
-    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        // p:descends_from("firefox") or p:descends_from(1234): is any ancestor that process?
-        methods.add_method("descends_from", |lua, this, who: Value| {
-            let name = match &who {
-                Value::String(s) => Some(s.to_str()?.to_string()),
-                Value::Integer(_) | Value::Number(_) => None,
-                other => {
-                    return Err(mlua::Error::runtime(format!(
-                        "descends_from takes a process name or pid; got {}",
-                        super::decide::type_name(other)
-                    )));
-                }
-            };
-            let pid = match who {
-                Value::Integer(i) => Some(i),
-                Value::Number(n) => Some(n as i64),
-                _ => None,
-            };
-            proc_field(lua, this, |input, p| {
-                p.ancestors.iter().any(|a| {
-                    pid == Some(i64::from(*a))
-                        || name.as_deref().is_some_and(|n| {
-                            input
-                                .snapshot
-                                .processes
-                                .get(a)
-                                .is_some_and(|ap| ap.name == n)
-                        })
-                })
-            })
-        });
-        methods.add_meta_method("__tostring", |lua, this, ()| {
-            proc_field(lua, this, |_, p| format!("{} ({})", p.name, p.pid))
-        });
+    let Some(p) = with_input(lua, |input| input.snapshot.processes.get(&pid).cloned())? else {
+        return Ok(Value::Nil);
+    };
+    let t = lua.create_table_with_capacity(0, 14)?;
+    t.raw_set("pid", p.pid)?;
+    t.raw_set("ppid", p.ppid)?;
+    t.raw_set("name", p.name.as_str())?;
+    t.raw_set("exe", p.exe.as_deref())?;
+    t.raw_set(
+        "cmdline",
+        lua.create_sequence_from(p.cmdline.iter().map(String::as_str))?,
+    )?;
+    t.raw_set("uid", p.uid)?;
+    t.raw_set("user", p.user.as_deref())?;
+    t.raw_set("gid", p.gid)?;
+    t.raw_set("cgroup", p.cgroup.as_deref())?;
+    t.raw_set("unit", p.unit.as_deref())?;
+    t.raw_set("start_time", p.start_time)?;
+    t.set_metatable(Some(meta))?;
+    // Cached before the ancestors are built, so a (malformed) cycle in the chain terminates.
+    tables.raw_set(pid, &t)?;
+    let ancestors = lua.create_table_with_capacity(p.ancestors.len(), 0)?;
+    for a in &p.ancestors {
+        match process_value(lua, *a)? {
+            Value::Table(at) => ancestors.raw_push(at)?,
+            _ => break, // not in this cycle's snapshot: the chain ends here
+        }
     }
+    if p.ancestors.first() == Some(&p.ppid) {
+        t.raw_set("parent", ancestors.raw_get::<Value>(1)?)?;
+    }
+    t.raw_set("ancestors", ancestors)?;
+    Ok(Value::Table(t))
 }
 
 /// `raw.usage(period, key)` → up, down (bytes).

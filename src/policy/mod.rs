@@ -27,7 +27,6 @@ mod decide;
 mod errors;
 mod vm;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -38,9 +37,11 @@ pub use decide::{ClassDef, ClassSet, DEFAULT_CLASS, Decision, Each};
 pub use errors::{ErrorEntry, ErrorLog, PolicyError};
 pub use vm::{LIBRARY, LIBRARY_DIR};
 
+use rustc_hash::FxHashMap;
+
 use crate::account::UsageView;
 use crate::process::Snapshot;
-use crate::scan::{Proto, Socket};
+use crate::scan::Socket;
 
 /// A policy script: its path (for messages, `require` and reload) and the text that was loaded.
 #[derive(Debug, Clone)]
@@ -107,11 +108,17 @@ pub struct CycleInput {
     pub usage: Arc<dyn UsageView>,
 }
 
-/// Identifies a socket across cycles for "keep the previous decision".
-pub type SocketKey = (Proto, std::net::SocketAddr, std::net::SocketAddr, u64);
+/// Identifies a socket across cycles for "keep the previous decision": the kernel's socket
+/// cookie, or (from `/proc/net`, which has none) the inode, which is unique while the socket
+/// lives. One integer hashes far faster than the 5-tuple, for every connection every cycle.
+pub type SocketKey = u64;
 
 pub fn socket_key(s: &Socket) -> SocketKey {
-    (s.proto, s.local, s.remote, s.inode)
+    if s.cookie != 0 {
+        s.cookie
+    } else {
+        s.inode | 1 << 63
+    }
 }
 
 /// What one cycle produced.
@@ -215,7 +222,7 @@ pub struct Engine {
     script: Arc<Script>,
     options: EngineOptions,
     worker: Worker,
-    previous: HashMap<SocketKey, Decision>,
+    previous: FxHashMap<SocketKey, Decision>,
     classes: ClassSet,
     errors: ErrorLog,
     /// Cycles abandoned at their deadline since the engine started.
@@ -236,7 +243,7 @@ impl Engine {
             script,
             options,
             worker,
-            previous: HashMap::new(),
+            previous: FxHashMap::default(),
             classes: ClassSet::default(),
             errors: ErrorLog::default(),
             abandoned_cycles: 0,

@@ -72,21 +72,43 @@ print = function(...)
   raw.log(concat(parts, "\t"))
 end
 
+-- Process tables (conn.process) share this metatable.
+local process_methods = {}
+
+--- Whether an ancestor (not the process itself) has this name or pid.
+function process_methods.descends_from(p, who)
+  local ancestors = p.ancestors
+  for i = 1, #ancestors do
+    local a = ancestors[i]
+    if a.name == who or a.pid == who then return true end
+  end
+  return false
+end
+
+local process_meta = {
+  __index = process_methods,
+  __tostring = function(p) return p.name .. " (" .. p.pid .. ")" end,
+}
+
 -- The per-cycle context. Lookups are cached for the cycle: a policy may ask for the same figure
 -- for every connection.
-return function(now, time, interface)
+local function make_ctx(now, time, interface)
   local usage_cache, class_cache, file_cache = {}, {}, {}
   local ctx = { now = now, time = time, interface = interface }
 
   function ctx.usage(period, key)
     key = key or "link"
-    local ck = tostring(period) .. "\0" .. tostring(key)
-    local u = usage_cache[ck]
+    local per = usage_cache[period]
+    if per == nil then
+      per = {}
+      usage_cache[period] = per
+    end
+    local u = per[key]
     if u == nil then
       local ok, up, down = pcall(raw.usage, period, key)
       if not ok then error(up, 2) end
       u = { up = up, down = down, total = up + down }
-      usage_cache[ck] = u
+      per[key] = u
     end
     return u
   end
@@ -116,3 +138,5 @@ return function(now, time, interface)
 
   return ctx
 end
+
+return make_ctx, process_meta

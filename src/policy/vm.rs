@@ -157,6 +157,8 @@ pub(crate) struct Vm {
     /// `file:line` where `classify` is defined, for errors about what it returned.
     pub classify_at: String,
     make_ctx: Function,
+    /// The metatable of process tables.
+    process_meta: Table,
     hook: HookState,
     script: Arc<Script>,
     /// Modules loaded from the script's folder (for reload-on-change).
@@ -245,7 +247,7 @@ impl Vm {
             Ok(())
         };
         setup().map_err(load_err)?;
-        let make_ctx: Function = lua
+        let (make_ctx, process_meta): (Function, Table) = lua
             .load(PRELUDE)
             .set_name(format!("={PRELUDE_NAME}"))
             .set_mode(ChunkMode::Text)
@@ -291,6 +293,7 @@ impl Vm {
             classify,
             classify_at,
             make_ctx,
+            process_meta,
             hook,
             script,
             required,
@@ -326,8 +329,19 @@ impl Vm {
         options: &EngineOptions,
     ) -> Result<VmCycle, PolicyError> {
         self.lua.set_app_data(Current(input.clone()));
-        let result = self.run_cycle_inner(&input, options);
+        let cache = self.lua.create_table().map(|tables| api::ProcessCache {
+            tables,
+            meta: self.process_meta.clone(),
+        });
+        let result = match cache {
+            Ok(cache) => {
+                self.lua.set_app_data(cache);
+                self.run_cycle_inner(&input, options)
+            }
+            Err(e) => Err(PolicyError::Cycle(lua_message(&e))),
+        };
         self.lua.remove_app_data::<Current>();
+        self.lua.remove_app_data::<api::ProcessCache>();
         result
     }
 

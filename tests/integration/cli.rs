@@ -68,3 +68,45 @@ fn ambiguous_unit_on_the_command_line_is_a_usage_error() {
         "{err}"
     );
 }
+
+#[test]
+fn recorded_snapshots_round_trip_through_ron() {
+    let sample = shaper::cli::policy::sample_snapshot();
+    let text = sample.to_ron();
+    let back = shaper::process::Snapshot::from_ron(&text, "written").unwrap();
+    assert_eq!(back, sample);
+    let err =
+        shaper::process::Snapshot::from_ron("(connections: [(socket: 5)])", "bad.ron").unwrap_err();
+    assert!(err.starts_with("bad.ron:1:"), "{err}");
+}
+
+#[test]
+fn check_reports_problems_with_exit_status() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = output(
+        shaper()
+            .arg("check")
+            .arg(format!("{root}/lua/default-policy.lua")),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
+    let (_dir, bad) = temp_file(
+        "policy.lua",
+        "classes = { bulk = {} }\nfunction classify(conn)\n  return \"bulkk\"\nend\n",
+    );
+    let out = output(shaper().arg("check").arg(&bad));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("policy.lua:2: classify returned unknown class \"bulkk\""),
+        "{err}"
+    );
+    let (_dir2, broken) = temp_file("policy.lua", "function classify(conn\n");
+    let out = output(shaper().arg("check").arg(&broken));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("policy.lua:2:"));
+}

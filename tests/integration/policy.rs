@@ -530,3 +530,36 @@ fn require_loads_modules_next_to_the_script() {
     let errs = errors(&engine);
     assert!(errs[0].contains("lib/rules.lua:3: in module"), "{errs:?}");
 }
+
+#[test]
+fn rate_files_follow_nbdkit_semantics() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("connection-rate");
+    let policy = Policy::new(&format!(
+        "function classify(conn, ctx)\n  return nil, ctx.rate_file({:?}, \"3mbit\")\nend\n",
+        file.display().to_string()
+    ));
+    let mut engine = policy.engine();
+    let limit = |engine: &mut Engine| {
+        let out = cycle(engine);
+        assert!(engine.errors().is_empty(), "{:?}", errors(engine));
+        out.decisions[SSH].limit.to_string()
+    };
+    assert_eq!(limit(&mut engine), "3mbit", "absent at start: the default");
+    std::fs::write(&file, "1mbit:8mbit\n").unwrap();
+    assert_eq!(limit(&mut engine), "1mbit:8mbit", "read every cycle");
+    std::fs::write(&file, "fast\n").unwrap();
+    assert_eq!(
+        limit(&mut engine),
+        "1mbit:8mbit",
+        "malformed: last value kept"
+    );
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(
+        limit(&mut engine),
+        "1mbit:8mbit",
+        "deleted: last value kept"
+    );
+    std::fs::write(&file, "unlimited:2mbit").unwrap();
+    assert_eq!(limit(&mut engine), "unlimited:2mbit");
+}
