@@ -17,6 +17,7 @@ pub mod error;
 pub mod policy;
 pub mod process;
 pub mod scan;
+pub mod shape;
 pub mod units;
 
 pub use error::{Error, Result};

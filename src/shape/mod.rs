@@ -1,0 +1,208 @@
+//! Stage 5, **shape**: reconcile the desired shaping with what is installed, and apply the
+//! difference over rtnetlink.
+//!
+//! * [`planner`] turns decisions and classes into the trees that should exist (pure).
+//! * [`reconcile`] turns installed + desired into ordered operations that print as `tc`
+//!   commands (pure).
+//! * [`codec`] owns the tc wire formats; [`netlink`] is the executor that sends them and reads
+//!   the installed state back, behind the narrow [`TcBackend`] trait.
+//!
+//! Ownership: shaper's objects are the root qdisc with handle `5a:` on a shaped interface, the
+//! IFB named by [`ifb_name`], and the ingress qdisc whose filter redirects to that IFB. A root or
+//! ingress qdisc that is not shaper's is left alone unless the user asks for `--replace`; a tree
+//! left by an earlier shaper run is adopted (read back and reconciled).
+
+pub mod codec;
+pub mod model;
+pub mod netlink;
+pub mod planner;
+pub mod reconcile;
+
+pub use model::{DeviceTree, Direction};
+pub use planner::{Capacity, Desired, Features, Handles, PlanInput, plan};
+pub use reconcile::{Op, Plan, reconcile_device};
+
+/// The IFB shaper creates for an interface's download traffic: `shp-` and up to 11 characters
+/// of the interface name (Linux names have at most 15).
+pub fn ifb_name(interface: &str) -> String {
+    let mut name = String::from("shp-");
+    name.extend(interface.chars().take(11));
+    name
+}
+
+/// What is at a device's root (or ingress) qdisc.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Slot<T> {
+    /// Nothing, or the kernel's default qdisc: free to use.
+    Free,
+    /// shaper's, with what it holds.
+    Ours(T),
+    /// Someone else's, described for the refusal message (`htb 1:`, `clsact`).
+    Foreign(String),
+}
+
+/// What is installed for one interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installed {
+    pub upload: Slot<DeviceTree>,
+    pub ingress: Slot<()>,
+    /// The IFB's root, or `None` when the IFB does not exist.
+    pub download: Option<Slot<DeviceTree>>,
+}
+
+impl Installed {
+    /// Nothing installed (an interface shaper has not touched).
+    pub fn nothing() -> Installed {
+        Installed {
+            upload: Slot::Free,
+            ingress: Slot::Free,
+            download: None,
+        }
+    }
+}
+
+/// Why shaping could not be planned or applied. Messages name the interface and the way out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShapeError {
+    #[error(
+        "{dev} already has a{which} qdisc that shaper did not install ({what}); shaper will not \
+         replace it. Remove it (`tc qdisc del dev {dev} {place}`) or start shaper with --replace"
+    )]
+    Foreign {
+        dev: String,
+        which: &'static str,
+        place: &'static str,
+        what: String,
+    },
+    #[error("interface {0} does not exist (see `ip link`)")]
+    NoSuchInterface(String),
+    #[error("netlink: {0}")]
+    Netlink(String),
+    #[error("{failed} of {total} operations failed; first: {first}")]
+    Apply {
+        failed: usize,
+        total: usize,
+        first: String,
+    },
+}
+
+/// The operations that turn `installed` into `desired` for `interface`. Refuses foreign qdiscs
+/// unless `replace`. Order: upload tree, then the IFB and its tree, then the ingress redirect,
+/// so download traffic is redirected only once the IFB can shape it.
+pub fn reconcile(
+    interface: &str,
+    desired: &Desired,
+    installed: &Installed,
+    replace: bool,
+) -> Result<Plan, ShapeError> {
+    let mut ops = Vec::new();
+    let ifb = ifb_name(interface);
+    let upload = match &installed.upload {
+        Slot::Ours(tree) => Some(tree),
+        Slot::Free => None,
+        Slot::Foreign(what) if replace => {
+            tracing::warn!("replacing {what} on {interface} (--replace)");
+            ops.push(Op::DeleteRoot {
+                dev: interface.into(),
+            });
+            None
+        }
+        Slot::Foreign(what) => {
+            return Err(ShapeError::Foreign {
+                dev: interface.into(),
+                which: " root",
+                place: "root",
+                what: what.clone(),
+            });
+        }
+    };
+    if let Slot::Foreign(what) = &installed.ingress
+        && !replace
+    {
+        return Err(ShapeError::Foreign {
+            dev: interface.into(),
+            which: "n ingress",
+            place: "ingress",
+            what: what.clone(),
+        });
+    }
+    ops.extend(reconcile_device(
+        interface,
+        Direction::Upload,
+        &desired.upload,
+        upload,
+    ));
+    let download = match &installed.download {
+        None => {
+            ops.push(Op::AddIfb { name: ifb.clone() });
+            None
+        }
+        Some(Slot::Ours(tree)) => Some(tree),
+        Some(Slot::Free) => None,
+        // The IFB is shaper's by name; whatever is on it is replaced.
+        Some(Slot::Foreign(_)) => {
+            ops.push(Op::DeleteRoot { dev: ifb.clone() });
+            None
+        }
+    };
+    ops.extend(reconcile_device(
+        &ifb,
+        Direction::Download,
+        &desired.download,
+        download,
+    ));
+    match &installed.ingress {
+        Slot::Ours(()) => {}
+        Slot::Free => ops.push(Op::AddIngress {
+            dev: interface.into(),
+            ifb,
+        }),
+        Slot::Foreign(what) => {
+            tracing::warn!("replacing {what} on {interface} ingress (--replace)");
+            ops.push(Op::DeleteIngress {
+                dev: interface.into(),
+            });
+            ops.push(Op::AddIngress {
+                dev: interface.into(),
+                ifb,
+            });
+        }
+    }
+    Ok(Plan { ops })
+}
+
+/// The operations removing everything shaper installed for `interface`: the redirect first
+/// (so no packet is sent to a vanishing IFB), then the IFB, then the upload tree.
+pub fn teardown(interface: &str, installed: &Installed) -> Plan {
+    let mut ops = Vec::new();
+    if matches!(installed.ingress, Slot::Ours(())) {
+        ops.push(Op::DeleteIngress {
+            dev: interface.into(),
+        });
+    }
+    if installed.download.is_some() {
+        ops.push(Op::DeleteIfb {
+            name: ifb_name(interface),
+        });
+    }
+    if matches!(installed.upload, Slot::Ours(_)) {
+        ops.push(Op::DeleteRoot {
+            dev: interface.into(),
+        });
+    }
+    Plan { ops }
+}
+
+/// The kernel edge of this stage.
+pub trait TcBackend {
+    /// What is installed for `interface` (and its IFB).
+    fn installed(&mut self, interface: &str) -> Result<Installed, ShapeError>;
+    /// Applies `plan` in order, going on past failures; returns every failure with the
+    /// operation it belongs to.
+    fn apply(&mut self, plan: &Plan) -> Vec<(Op, String)>;
+    /// The optional kernel features available.
+    fn features(&mut self) -> Features;
+}
+
+#[cfg(test)]
+mod tests;

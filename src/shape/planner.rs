@@ -1,0 +1,458 @@
+//! The planner: decisions and classes → the trees that should be installed (pure).
+//!
+//! Layout on each device (the interface for upload, its IFB for download), with handles under
+//! shaper's major `5a:`:
+//!
+//! ```text
+//! 5a:      HTB root, default → the `default` class's shared leaf
+//! └ 5a:1   the link (uplink/downlink capacity, or unlimited)
+//!   ├ 5a:C       one inner class per policy class (guaranteed rate, ceiling, priority)
+//!   │ ├ 5a:S     its shared leaf: every connection of the class without a leaf of its own
+//!   │ ├ 5a:P     one leaf per process when the class says `each = "process"`
+//!   │ └ 5a:N     one leaf per connection (`each = "connection"`, or a limit from classify)
+//!   └ …
+//! ```
+//!
+//! Connections reach their leaf through u32 filters in two 256-bucket hash tables (IPv4, IPv6)
+//! keyed by the low byte of the local port, so a packet is compared with the few connections of
+//! its bucket rather than all of them. Connections of the `default` class without a leaf of
+//! their own need no filter: unmatched traffic goes to `default` anyway.
+//!
+//! Handles are stable: a class, process or connection keeps its minor for as long as it exists
+//! ([`Handles`]), so a changed limit becomes a `tc class change`, not a rebuild.
+
+use std::sync::Arc;
+
+use rustc_hash::{FxHashMap, FxHashSet};
+
+use super::model::{
+    BUCKETS, Class, DeviceTree, Direction, FIRST_MINOR, Family, Filter, Key, LINK_MINOR, Leaf,
+    filter_handle,
+};
+use crate::policy::{ClassSet, Decision, Each, SocketKey, socket_key};
+use crate::process::{Connection, Pid};
+use crate::units::{Rate, RatePair};
+
+/// The link rate assumed when none is configured: high enough never to be the bottleneck.
+pub const UNLIMITED: u64 = 100_000_000_000;
+/// The smallest guaranteed rate of a class or leaf, bits per second.
+pub const MIN_RATE: u64 = 8_000;
+/// The largest minor handed out (0xffff is HTB's "none").
+const MAX_MINOR: u16 = 0xfffe;
+/// Nodes per hash bucket (12 bits of the filter handle).
+const MAX_NODE: u32 = 0xfff;
+
+/// Link capacity per direction; `None` = unknown (no link-wide limit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capacity {
+    pub up: Option<Rate>,
+    pub down: Option<Rate>,
+}
+
+/// The kernel features the plan may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Features {
+    pub fq_codel: bool,
+}
+
+/// What a minor is allocated to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Slot {
+    Class(Arc<str>),
+    Shared(Arc<str>),
+    Process(Arc<str>, Pid),
+    Connection(SocketKey),
+}
+
+/// Stable handle allocation across plans. A handle freed by one plan is reused only from the
+/// plan after next, once the plan that deleted its old holder has been applied.
+#[derive(Debug)]
+pub struct Handles {
+    minors: FxHashMap<Slot, u16>,
+    next_minor: u16,
+    free_minors: Vec<u16>,
+    released_minors: Vec<u16>,
+    nodes: FxHashMap<SocketKey, (Family, u32, u32)>,
+    next_node: FxHashMap<(Family, u32), u32>,
+    free_nodes: FxHashMap<(Family, u32), Vec<u32>>,
+    released_nodes: Vec<(Family, u32, u32)>,
+    used_minors: FxHashSet<u16>,
+    used_nodes: FxHashSet<SocketKey>,
+    /// Allocations refused because a space ran out (reported by the caller).
+    pub exhausted: usize,
+}
+
+impl Default for Handles {
+    fn default() -> Self {
+        Handles {
+            minors: FxHashMap::default(),
+            next_minor: FIRST_MINOR,
+            free_minors: Vec::new(),
+            released_minors: Vec::new(),
+            nodes: FxHashMap::default(),
+            next_node: FxHashMap::default(),
+            free_nodes: FxHashMap::default(),
+            released_nodes: Vec::new(),
+            used_minors: FxHashSet::default(),
+            used_nodes: FxHashSet::default(),
+            exhausted: 0,
+        }
+    }
+}
+
+impl Handles {
+    fn begin(&mut self) {
+        self.free_minors.append(&mut self.released_minors);
+        for (family, bucket, node) in self.released_nodes.drain(..) {
+            self.free_nodes
+                .entry((family, bucket))
+                .or_default()
+                .push(node);
+        }
+        self.used_minors.clear();
+        self.used_nodes.clear();
+        self.exhausted = 0;
+    }
+
+    fn minor(&mut self, slot: Slot) -> Option<u16> {
+        let minor = match self.minors.get(&slot) {
+            Some(&m) => m,
+            None => {
+                let m = if let Some(m) = self.free_minors.pop() {
+                    m
+                } else if self.next_minor <= MAX_MINOR {
+                    self.next_minor += 1;
+                    self.next_minor - 1
+                } else {
+                    self.exhausted += 1;
+                    return None;
+                };
+                self.minors.insert(slot, m);
+                m
+            }
+        };
+        self.used_minors.insert(minor);
+        Some(minor)
+    }
+
+    fn node(&mut self, key: SocketKey, family: Family, bucket: u32) -> Option<u32> {
+        if let Some(&(f, b, n)) = self.nodes.get(&key)
+            && f == family
+            && b == bucket
+        {
+            self.used_nodes.insert(key);
+            return Some(n);
+        }
+        let node = match self
+            .free_nodes
+            .get_mut(&(family, bucket))
+            .and_then(Vec::pop)
+        {
+            Some(n) => n,
+            None => {
+                let next = self.next_node.entry((family, bucket)).or_insert(1);
+                if *next > MAX_NODE {
+                    self.exhausted += 1;
+                    return None;
+                }
+                *next += 1;
+                *next - 1
+            }
+        };
+        if let Some(old) = self.nodes.insert(key, (family, bucket, node)) {
+            self.released_nodes.push(old);
+        }
+        self.used_nodes.insert(key);
+        Some(node)
+    }
+
+    fn end(&mut self) {
+        let used = &self.used_minors;
+        let released = &mut self.released_minors;
+        self.minors.retain(|_, m| {
+            let keep = used.contains(m);
+            if !keep {
+                released.push(*m);
+            }
+            keep
+        });
+        let used_nodes = &self.used_nodes;
+        let released_nodes = &mut self.released_nodes;
+        self.nodes.retain(|k, v| {
+            let keep = used_nodes.contains(k);
+            if !keep {
+                released_nodes.push(*v);
+            }
+            keep
+        });
+    }
+}
+
+/// What one cycle wants installed for an interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Desired {
+    pub upload: DeviceTree,
+    pub download: DeviceTree,
+}
+
+/// Everything the planner reads.
+pub struct PlanInput<'a> {
+    pub classes: &'a ClassSet,
+    pub connections: &'a [Connection],
+    /// Parallel to `connections`.
+    pub decisions: &'a [Decision],
+    pub capacity: Capacity,
+    pub features: Features,
+}
+
+fn dir_rate(pair: &RatePair, dir: Direction) -> Option<u64> {
+    match dir {
+        Direction::Upload => pair.up,
+        Direction::Download => pair.down,
+    }
+    .map(Rate::bits_per_sec)
+}
+
+/// An HTB class with shaper's derived parameters: a burst of 2 ms at the rate (at least two
+/// full packets), and an explicit quantum so small rates do not make the kernel complain.
+/// Rates are whole bytes per second and bursts whole ticks, as the kernel stores them.
+pub fn htb_class(parent: u16, rate: u64, ceil: u64, prio: u8, label: String) -> Class {
+    let ceil = ceil.max(MIN_RATE) / 8 * 8;
+    let rate = rate.clamp(MIN_RATE, ceil) / 8 * 8;
+    let burst = |bits: u64| {
+        let bytes = (bits / 8 / 500).clamp(3200, 256 * 1024) as u32;
+        super::codec::representable_burst(bits, bytes)
+    };
+    Class {
+        parent,
+        rate,
+        ceil,
+        burst: burst(rate),
+        cburst: burst(ceil),
+        quantum: (rate / 8 / 10).clamp(1600, 200_000) as u32,
+        prio,
+        label,
+    }
+}
+
+/// The leaf qdisc for a class: fq_codel where the kernel has it, else a FIFO holding about a
+/// quarter second at the class's ceiling (a long FIFO at a low rate is seconds of delay).
+pub fn leaf_for(features: Features, ceil: u64) -> Leaf {
+    if features.fq_codel {
+        Leaf::FqCodel
+    } else {
+        Leaf::Pfifo {
+            limit: (ceil / 8 / 4 / 1514).clamp(16, 1000) as u32,
+        }
+    }
+}
+
+/// The u32 keys matching one connection's packets in one direction.
+pub fn filter_keys(socket: &crate::scan::Socket, dir: Direction) -> (Family, Vec<Key>) {
+    let proto = u32::from(socket.proto.number());
+    let (src, dst) = match dir {
+        Direction::Upload => (
+            Some(socket.local),
+            socket.is_connected().then_some(socket.remote),
+        ),
+        Direction::Download => (
+            socket.is_connected().then_some(socket.remote),
+            Some(socket.local),
+        ),
+    };
+    let words = |ip: std::net::IpAddr| -> Vec<u32> {
+        match ip {
+            std::net::IpAddr::V4(v4) => vec![u32::from(v4)],
+            std::net::IpAddr::V6(v6) => v6
+                .octets()
+                .chunks(4)
+                .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        }
+    };
+    let family = if socket.local.is_ipv4() {
+        Family::V4
+    } else {
+        Family::V6
+    };
+    let (proto_key, src_off, dst_off) = match family {
+        Family::V4 => (
+            Key {
+                off: 8,
+                val: proto << 16,
+                mask: 0x00ff_0000,
+            },
+            12,
+            16,
+        ),
+        Family::V6 => (
+            Key {
+                off: 4,
+                val: proto << 8,
+                mask: 0x0000_ff00,
+            },
+            8,
+            24,
+        ),
+    };
+    let mut keys = vec![proto_key];
+    for (addr, off) in [(src, src_off), (dst, dst_off)] {
+        if let Some(a) = addr.filter(|a| !a.ip().is_unspecified()) {
+            for (i, w) in words(a.ip()).into_iter().enumerate() {
+                keys.push(Key {
+                    off: off + 4 * i as i32,
+                    val: w,
+                    mask: !0,
+                });
+            }
+        }
+    }
+    let (sport, dport) = (src.map(|a| a.port()), dst.map(|a| a.port()));
+    let val = (u32::from(sport.unwrap_or(0)) << 16) | u32::from(dport.unwrap_or(0));
+    let mask =
+        if sport.is_some() { 0xffff_0000 } else { 0 } | if dport.is_some() { 0xffff } else { 0 };
+    keys.push(Key {
+        off: family.ports_offset(),
+        val,
+        mask,
+    });
+    (family, keys)
+}
+
+/// The desired trees for one interface.
+pub fn plan(input: &PlanInput, handles: &mut Handles) -> Desired {
+    handles.begin();
+    let desired = Desired {
+        upload: plan_direction(input, handles, Direction::Upload),
+        download: plan_direction(input, handles, Direction::Download),
+    };
+    handles.end();
+    desired
+}
+
+fn plan_direction(input: &PlanInput, handles: &mut Handles, dir: Direction) -> DeviceTree {
+    let link = match dir {
+        Direction::Upload => input.capacity.up,
+        Direction::Download => input.capacity.down,
+    }
+    .map_or(UNLIMITED, Rate::bits_per_sec);
+    let mut tree = DeviceTree::default();
+    tree.classes
+        .insert(LINK_MINOR, htb_class(0, link, link, 0, "link".into()));
+    let share = (link / 100).max(MIN_RATE);
+    // Per policy class: (inner minor, shared leaf minor).
+    let mut class_minors: FxHashMap<&str, (u16, u16)> = FxHashMap::default();
+    for (name, def) in &input.classes.classes {
+        let (Some(inner), Some(shared)) = (
+            handles.minor(Slot::Class(name.clone())),
+            handles.minor(Slot::Shared(name.clone())),
+        ) else {
+            continue;
+        };
+        let guaranteed = dir_rate(&def.rate, dir).unwrap_or(share).min(link);
+        let class_ceil = match def.each {
+            Each::Class => dir_rate(&def.ceil, dir).unwrap_or(link).min(link),
+            Each::Process | Each::Connection => link,
+        };
+        tree.classes.insert(
+            inner,
+            htb_class(
+                LINK_MINOR,
+                guaranteed,
+                class_ceil,
+                def.prio,
+                name.to_string(),
+            ),
+        );
+        tree.classes.insert(
+            shared,
+            htb_class(
+                inner,
+                guaranteed,
+                class_ceil,
+                def.prio,
+                format!("{name}/shared"),
+            ),
+        );
+        tree.leaves
+            .insert(shared, leaf_for(input.features, class_ceil));
+        class_minors.insert(name, (inner, shared));
+    }
+    let default = input.classes.default_name();
+    tree.default_minor = class_minors.get(&*default).map_or(LINK_MINOR, |m| m.1);
+
+    for (conn, decision) in input.connections.iter().zip(input.decisions) {
+        let Some(def) = input.classes.get(&decision.class) else {
+            continue;
+        };
+        let Some(&(inner, shared)) = class_minors.get(&*decision.class) else {
+            continue;
+        };
+        let key = socket_key(&conn.socket);
+        let guaranteed = dir_rate(&def.rate, dir).unwrap_or(share).min(link);
+        let member_ceil = dir_rate(&def.ceil, dir).unwrap_or(link).min(link);
+        let own_limit = dir_rate(&decision.limit, dir);
+        let mut target = shared;
+        match def.each {
+            Each::Process => {
+                if let Some(pid) = conn.owner.as_ref().map(|o| o.pid)
+                    && let Some(leaf) = handles.minor(Slot::Process(decision.class.clone(), pid))
+                {
+                    tree.classes.entry(leaf).or_insert_with(|| {
+                        htb_class(
+                            inner,
+                            guaranteed,
+                            member_ceil,
+                            def.prio,
+                            format!("{}/pid {pid}", decision.class),
+                        )
+                    });
+                    tree.leaves
+                        .entry(leaf)
+                        .or_insert(leaf_for(input.features, member_ceil));
+                    target = leaf;
+                }
+            }
+            Each::Connection | Each::Class => {}
+        }
+        let conn_ceil = match (def.each, own_limit) {
+            (Each::Connection, limit) => Some(limit.map_or(member_ceil, |l| l.min(member_ceil))),
+            (Each::Process, Some(limit)) => Some(limit.min(member_ceil)),
+            (Each::Class, Some(limit)) => Some(limit.min(link)),
+            (_, None) => None,
+        };
+        if let Some(ceil) = conn_ceil
+            && let Some(leaf) = handles.minor(Slot::Connection(key))
+        {
+            tree.classes.insert(
+                leaf,
+                htb_class(
+                    inner,
+                    guaranteed.min(ceil),
+                    ceil,
+                    def.prio,
+                    conn.socket.to_string(),
+                ),
+            );
+            tree.leaves.insert(leaf, leaf_for(input.features, ceil));
+            target = leaf;
+        }
+        if target == tree.default_minor {
+            continue;
+        }
+        let (family, keys) = filter_keys(&conn.socket, dir);
+        let bucket = u32::from(conn.socket.local.port()) % BUCKETS;
+        let Some(node) = handles.node(key, family, bucket) else {
+            continue;
+        };
+        tree.filters.insert(
+            filter_handle(family.htid(), bucket, node),
+            Filter {
+                family,
+                keys,
+                class: target,
+            },
+        );
+    }
+    tree
+}

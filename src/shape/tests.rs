@@ -1,0 +1,398 @@
+//! Plans as text: the planner and reconcile are pure, so their output is pinned here as the `tc`
+//! commands a reader would type.
+
+use std::sync::Arc;
+
+use super::model::{Direction, Family, Key};
+use super::planner::{Capacity, Features, Handles, PlanInput, filter_keys, plan};
+use super::{Installed, ShapeError, Slot, reconcile, teardown};
+use crate::policy::{ClassDef, ClassSet, Decision, Each};
+use crate::process::{Connection, Owner};
+use crate::scan::{Proto, Socket, State};
+use crate::units::RatePair;
+
+fn socket(proto: Proto, local: &str, remote: &str, cookie: u64) -> Socket {
+    Socket {
+        proto,
+        local: local.parse().unwrap(),
+        remote: remote.parse().unwrap(),
+        state: State::Established,
+        uid: 1000,
+        inode: cookie + 1000,
+        cookie,
+        bytes_up: None,
+        bytes_down: None,
+    }
+}
+
+fn conn(local: &str, remote: &str, cookie: u64, pid: u32) -> Connection {
+    Connection {
+        socket: socket(Proto::Tcp, local, remote, cookie),
+        owner: Some(Owner {
+            pid,
+            others: vec![],
+        }),
+    }
+}
+
+fn classes(bulk_ceil: &str, each: Each) -> ClassSet {
+    let mut set = ClassSet::default();
+    let bulk = ClassDef {
+        name: "bulk".into(),
+        prio: 7,
+        rate: RatePair::default(),
+        ceil: bulk_ceil.parse().unwrap(),
+        each,
+        description: None,
+    };
+    set.classes.insert(bulk.name.clone(), bulk);
+    set
+}
+
+fn decision(class: &str, limit: &str) -> Decision {
+    Decision {
+        class: Arc::from(class),
+        limit: if limit.is_empty() {
+            RatePair::default()
+        } else {
+            limit.parse().unwrap()
+        },
+    }
+}
+
+struct Case {
+    classes: ClassSet,
+    connections: Vec<Connection>,
+    decisions: Vec<Decision>,
+}
+
+impl Case {
+    fn basic() -> Case {
+        Case {
+            classes: classes("2mbit:8mbit", Each::Class),
+            connections: vec![
+                conn("10.0.0.1:40001", "10.0.0.2:443", 1, 100),
+                conn("10.0.0.1:40002", "10.0.0.2:22", 2, 101),
+                conn("10.0.0.1:40003", "10.0.0.2:80", 3, 101),
+            ],
+            decisions: vec![
+                decision("bulk", ""),
+                decision("default", "1mbit"),
+                decision("default", ""),
+            ],
+        }
+    }
+
+    fn desired(&self, handles: &mut Handles) -> super::Desired {
+        plan(
+            &PlanInput {
+                classes: &self.classes,
+                connections: &self.connections,
+                decisions: &self.decisions,
+                capacity: Capacity {
+                    up: Some("20mbit".parse().unwrap()),
+                    down: None,
+                },
+                features: Features { fq_codel: false },
+            },
+            handles,
+        )
+    }
+}
+
+fn installed_from(desired: &super::Desired) -> Installed {
+    Installed {
+        upload: Slot::Ours(desired.upload.clone()),
+        ingress: Slot::Ours(()),
+        download: Some(Slot::Ours(desired.download.clone())),
+    }
+}
+
+#[test]
+fn fresh_install_plan() {
+    let mut handles = Handles::default();
+    let desired = Case::basic().desired(&mut handles);
+    let text = reconcile("eth0", &desired, &Installed::nothing(), false)
+        .unwrap()
+        .to_string();
+    let upload: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.starts_with("ip link"))
+        .collect();
+    assert_eq!(
+        upload.join("\n"),
+        "\
+tc qdisc add dev eth0 root handle 5a: htb default 13
+tc filter add dev eth0 parent 5a: prio 10 protocol ip handle 10: u32 divisor 256
+tc filter add dev eth0 parent 5a: prio 10 protocol ip u32 link 10: hashkey mask 0x00ff0000 at 20 match u32 0 0  # bucket = low byte of sport
+tc filter add dev eth0 parent 5a: prio 11 protocol ipv6 handle 11: u32 divisor 256
+tc filter add dev eth0 parent 5a: prio 11 protocol ipv6 u32 link 11: hashkey mask 0x00ff0000 at 40 match u32 0 0  # bucket = low byte of sport
+tc class add dev eth0 parent 5a: classid 5a:1 htb rate 20mbit ceil 20mbit burst 5000b cburst 5000b quantum 200000 prio 0  # link
+tc class add dev eth0 parent 5a:1 classid 5a:10 htb rate 200kbit ceil 2mbit burst 3200b cburst 3200b quantum 2500 prio 7  # bulk
+tc class add dev eth0 parent 5a:1 classid 5a:12 htb rate 200kbit ceil 20mbit burst 3200b cburst 5000b quantum 2500 prio 4  # default
+tc class add dev eth0 parent 5a:10 classid 5a:11 htb rate 200kbit ceil 2mbit burst 3200b cburst 3200b quantum 2500 prio 7  # bulk/shared
+tc class add dev eth0 parent 5a:12 classid 5a:13 htb rate 200kbit ceil 20mbit burst 3200b cburst 5000b quantum 2500 prio 4  # default/shared
+tc class add dev eth0 parent 5a:12 classid 5a:14 htb rate 200kbit ceil 1mbit burst 3200b cburst 3200b quantum 2500 prio 4  # tcp 10.0.0.1:40002 -> 10.0.0.2:22 established
+tc qdisc replace dev eth0 parent 5a:11 pfifo limit 41
+tc qdisc replace dev eth0 parent 5a:13 pfifo limit 412
+tc qdisc replace dev eth0 parent 5a:14 pfifo limit 20
+tc filter add dev eth0 parent 5a: prio 10 protocol ip handle 10:41:1 u32 ht 10:41: match u32 0x00060000 0x00ff0000 at 8 match u32 0x0a000001 0xffffffff at 12 match u32 0x0a000002 0xffffffff at 16 match u32 0x9c4101bb 0xffffffff at 20 flowid 5a:11
+tc filter add dev eth0 parent 5a: prio 10 protocol ip handle 10:42:1 u32 ht 10:42: match u32 0x00060000 0x00ff0000 at 8 match u32 0x0a000001 0xffffffff at 12 match u32 0x0a000002 0xffffffff at 16 match u32 0x9c420016 0xffffffff at 20 flowid 5a:14"
+    );
+    assert!(text.contains("ip link add shp-eth0 type ifb && ip link set shp-eth0 up"));
+    assert!(text.contains("tc qdisc add dev shp-eth0 root handle 5a: htb default 13"));
+    assert!(
+        text.contains("hashkey mask 0x000000ff at 20 match u32 0 0  # bucket = low byte of dport")
+    );
+    // Download: the remote is the source; the connection to :80 is unlimited default (no filter).
+    assert!(
+        text.contains("match u32 0x01bb9c41 0xffffffff at 20 flowid 5a:11"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("0x9c430050"),
+        "default-class connections need no filter"
+    );
+    assert!(
+        text.trim_end().ends_with(
+            "tc qdisc add dev eth0 ingress\ntc filter add dev eth0 parent ffff: prio 1 protocol all u32 match u32 0 0 action mirred egress redirect dev shp-eth0"
+        ),
+        "the redirect comes last"
+    );
+}
+
+#[test]
+fn nothing_changed_means_no_operations() {
+    let mut handles = Handles::default();
+    let case = Case::basic();
+    let first = case.desired(&mut handles);
+    let second = case.desired(&mut handles);
+    assert_eq!(first, second, "handles are stable");
+    let plan = reconcile("eth0", &second, &installed_from(&first), false).unwrap();
+    assert!(plan.is_empty(), "{plan}");
+}
+
+#[test]
+fn a_changed_limit_is_a_class_change_in_place() {
+    let mut handles = Handles::default();
+    let mut case = Case::basic();
+    let before = case.desired(&mut handles);
+    case.classes = classes("3mbit:8mbit", Each::Class);
+    let after = case.desired(&mut handles);
+    let plan = reconcile("eth0", &after, &installed_from(&before), false).unwrap();
+    let text = plan.to_string();
+    assert_eq!(plan.ops.len(), 3, "{text}");
+    assert!(text.contains(
+        "tc class change dev eth0 parent 5a:1 classid 5a:10 htb rate 200kbit ceil 3mbit"
+    ));
+    assert!(text.contains(
+        "tc class change dev eth0 parent 5a:10 classid 5a:11 htb rate 200kbit ceil 3mbit"
+    ));
+    assert!(
+        text.contains("tc qdisc replace dev eth0 parent 5a:11 pfifo limit 61"),
+        "the FIFO follows the ceiling (a quarter second)"
+    );
+    assert!(
+        !text.contains("shp-eth0"),
+        "download ceiling unchanged: {text}"
+    );
+}
+
+#[test]
+fn a_closed_connection_loses_its_filter_before_its_class() {
+    let mut handles = Handles::default();
+    let mut case = Case::basic();
+    let before = case.desired(&mut handles);
+    case.connections.remove(1);
+    case.decisions.remove(1);
+    let after = case.desired(&mut handles);
+    let plan = reconcile("eth0", &after, &installed_from(&before), false).unwrap();
+    let text = plan.to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "tc filter del dev eth0 parent 5a: prio 10 protocol ip handle 10:42:1 u32",
+            "tc class del dev eth0 classid 5a:14",
+            "tc filter del dev shp-eth0 parent 5a: prio 10 protocol ip handle 10:42:1 u32",
+            "tc class del dev shp-eth0 classid 5a:14",
+        ],
+        "{text}"
+    );
+}
+
+#[test]
+fn each_process_gives_one_leaf_per_process() {
+    let mut handles = Handles::default();
+    let case = Case {
+        classes: classes("1mbit", Each::Process),
+        connections: vec![
+            conn("10.0.0.1:40001", "10.0.0.2:443", 1, 100),
+            conn("10.0.0.1:40002", "10.0.0.2:443", 2, 100),
+            conn("10.0.0.1:40003", "10.0.0.2:443", 3, 200),
+        ],
+        decisions: vec![
+            decision("bulk", ""),
+            decision("bulk", ""),
+            decision("bulk", ""),
+        ],
+    };
+    let d = case.desired(&mut handles);
+    let leaves: Vec<_> = d
+        .upload
+        .classes
+        .values()
+        .filter(|c| c.label.contains("/pid"))
+        .collect();
+    assert_eq!(leaves.len(), 2, "one per process");
+    assert!(leaves.iter().all(|c| c.ceil == 1_000_000));
+    let inner = d
+        .upload
+        .classes
+        .values()
+        .find(|c| c.label == "bulk")
+        .unwrap();
+    assert_eq!(
+        inner.ceil, 20_000_000,
+        "the ceiling applies per process, not to the class"
+    );
+    let targets: Vec<u16> = d.upload.filters.values().map(|f| f.class).collect();
+    assert_eq!(targets[0], targets[1], "same process, same leaf");
+    assert_ne!(targets[0], targets[2]);
+}
+
+#[test]
+fn foreign_qdiscs_are_refused_unless_replace() {
+    let desired = Case::basic().desired(&mut Handles::default());
+    let installed = Installed {
+        upload: Slot::Foreign("htb 1:".into()),
+        ingress: Slot::Free,
+        download: None,
+    };
+    let err = reconcile("eth0", &desired, &installed, false).unwrap_err();
+    assert!(matches!(err, ShapeError::Foreign { .. }));
+    let msg = err.to_string();
+    assert!(
+        msg.contains("eth0 already has a root qdisc") && msg.contains("htb 1:"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("tc qdisc del dev eth0 root") && msg.contains("--replace"),
+        "{msg}"
+    );
+    let plan = reconcile("eth0", &desired, &installed, true).unwrap();
+    assert_eq!(plan.ops[0].to_string(), "tc qdisc del dev eth0 root");
+    let clsact = Installed {
+        upload: Slot::Free,
+        ingress: Slot::Foreign("clsact".into()),
+        download: None,
+    };
+    let msg = reconcile("eth0", &desired, &clsact, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("an ingress qdisc") && msg.contains("clsact"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_damaged_tree_is_rebuilt() {
+    let mut handles = Handles::default();
+    let desired = Case::basic().desired(&mut handles);
+    let mut damaged = installed_from(&desired);
+    if let Slot::Ours(tree) = &mut damaged.upload {
+        tree.default_minor = 0;
+    }
+    let plan = reconcile("eth0", &desired, &damaged, false).unwrap();
+    assert_eq!(plan.ops[0].to_string(), "tc qdisc del dev eth0 root");
+    assert!(
+        plan.ops[1]
+            .to_string()
+            .starts_with("tc qdisc add dev eth0 root handle 5a:")
+    );
+}
+
+#[test]
+fn teardown_removes_the_redirect_first() {
+    let desired = Case::basic().desired(&mut Handles::default());
+    let plan = teardown("eth0", &installed_from(&desired)).to_string();
+    assert_eq!(
+        plan,
+        "tc qdisc del dev eth0 ingress\nip link del shp-eth0\ntc qdisc del dev eth0 root\n"
+    );
+    assert!(teardown("eth0", &Installed::nothing()).is_empty());
+}
+
+#[test]
+fn keys_for_ipv6_and_unconnected_udp() {
+    let v6 = socket(Proto::Udp, "[fd00::1]:5353", "[fd00::2]:443", 9);
+    let (family, keys) = filter_keys(&v6, Direction::Upload);
+    assert_eq!(family, Family::V6);
+    assert_eq!(
+        keys[0],
+        Key {
+            off: 4,
+            val: 17 << 8,
+            mask: 0xff00
+        }
+    );
+    assert_eq!(
+        keys[1],
+        Key {
+            off: 8,
+            val: 0xfd00_0000,
+            mask: !0
+        }
+    );
+    assert_eq!(
+        keys[4],
+        Key {
+            off: 20,
+            val: 1,
+            mask: !0
+        }
+    );
+    assert_eq!(
+        keys[8],
+        Key {
+            off: 36,
+            val: 2,
+            mask: !0
+        }
+    );
+    assert_eq!(
+        keys[9],
+        Key {
+            off: 40,
+            val: (5353 << 16) | 443,
+            mask: !0
+        }
+    );
+    let unconnected = socket(Proto::Udp, "0.0.0.0:51413", "0.0.0.0:0", 10);
+    let (_, up) = filter_keys(&unconnected, Direction::Upload);
+    assert_eq!(
+        up,
+        [
+            Key {
+                off: 8,
+                val: 17 << 16,
+                mask: 0x00ff_0000
+            },
+            Key {
+                off: 20,
+                val: 51413 << 16,
+                mask: 0xffff_0000
+            }
+        ]
+    );
+    let (_, down) = filter_keys(&unconnected, Direction::Download);
+    assert_eq!(
+        down[1],
+        Key {
+            off: 20,
+            val: 51413,
+            mask: 0xffff
+        }
+    );
+}
