@@ -189,6 +189,60 @@ impl Config {
     }
 }
 
+/// The interface of the default route (IPv4 first, then IPv6), as the kernel reports it in
+/// `/proc/net/route` and `/proc/net/ipv6_route`; the lowest metric wins.
+pub fn default_route_interface() -> Option<String> {
+    let v4 = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+    let best_v4 = v4
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // Iface Destination Gateway Flags RefCnt Use Metric Mask …
+            (f.len() > 7 && f[1] == "00000000" && f[7] == "00000000")
+                .then(|| (f[6].parse::<u32>().unwrap_or(u32::MAX), f[0].to_string()))
+        })
+        .min();
+    if let Some((_, name)) = best_v4 {
+        return Some(name);
+    }
+    let v6 = std::fs::read_to_string("/proc/net/ipv6_route").unwrap_or_default();
+    v6.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // dest prefixlen src srclen nexthop metric refcnt use flags iface
+            (f.len() == 10 && f[0].chars().all(|c| c == '0') && f[1] == "00" && f[9] != "lo").then(
+                || {
+                    (
+                        u32::from_str_radix(f[5], 16).unwrap_or(u32::MAX),
+                        f[9].to_string(),
+                    )
+                },
+            )
+        })
+        .min()
+        .map(|(_, name)| name)
+}
+
+impl Config {
+    /// The interfaces to shape: the configured ones, or the default route's.
+    pub fn shaped_interfaces(&self) -> Result<Vec<String>, ConfigError> {
+        if !self.interfaces.is_empty() {
+            return Ok(self.interfaces.clone());
+        }
+        default_route_interface()
+            .map(|i| vec![i])
+            .ok_or_else(|| ConfigError::Invalid {
+                origin: "the routing table".into(),
+                key: "interfaces",
+                value: "[]".into(),
+                reason: "there is no default route to take the interface from; name one with \
+                     --interface or `interfaces` in shaper.ron"
+                    .into(),
+            })
+    }
+}
+
 /// Linux interface names: 1–15 bytes, no `/`, no white space, not `.` or `..`.
 pub fn check_interface_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 15 {

@@ -5,6 +5,7 @@
 
 pub mod logging;
 pub mod policy;
+pub mod shape;
 pub mod snapshot;
 pub mod table;
 
@@ -66,6 +67,15 @@ pub enum Command {
     ///
     /// Needs no root: the connections come from a file written by `shaper snapshot --ron`.
     Simulate(policy::SimulateArgs),
+    /// Print the tc operations one cycle would perform now (as tc commands)
+    ///
+    /// Runs the policy over the live connections (or --snapshot) and compares the result with
+    /// what is installed. Changes nothing.
+    Plan(Box<shape::PlanArgs>),
+    /// Remove everything shaper installed: its qdiscs, filters and IFB devices
+    ///
+    /// For after a crash, or to stop shaping by hand. Foreign qdiscs are left alone.
+    Clear(shape::ClearArgs),
 }
 
 /// Flags that override configuration-file values. Shared by every command that reads the config.
@@ -195,6 +205,14 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Simulate(args) => {
             logging::init(cli.verbose, cli.quiet, Some("error"));
             policy::simulate(args)
+        }
+        Command::Plan(args) => {
+            logging::init(cli.verbose, cli.quiet, Some("warn"));
+            shape::run_plan(cli, args)
+        }
+        Command::Clear(args) => {
+            logging::init(cli.verbose, cli.quiet, None);
+            shape::run_clear(cli, args)
         }
     }
 }

@@ -527,8 +527,8 @@ mod tests {
         assert_eq!(parms[1], TC_LINKLAYER_ETHERNET);
         assert_eq!(u32_at(parms, 8), Some(250_000), "rate in bytes/s");
         assert_eq!(u32_at(parms, 20), Some(500_000), "ceil in bytes/s");
-        // burst 3200 bytes at 250,000 B/s = 12.8 ms = 200,000 ticks of 64 ns
-        assert_eq!(u32_at(parms, 24), Some(200_000));
+        // burst 65,536 bytes at 250,000 B/s = 262.144 ms = 4,096,000 ticks of 64 ns
+        assert_eq!(u32_at(parms, 24), Some(4_096_000));
         assert_eq!(u32_at(parms, 40), Some(3), "prio");
         assert_eq!(
             m.header.handle,

@@ -63,6 +63,8 @@ impl NetlinkBackend {
             .enable_all()
             .build()
             .map_err(|e| ShapeError::Netlink(format!("cannot start the netlink runtime: {e}")))?;
+        // The socket registers with the runtime's reactor, so it is created inside it.
+        let _context = runtime.enter();
         let (mut connection, handle, _) = rtnetlink::new_connection()
             .map_err(|e| ShapeError::Netlink(format!("cannot open a netlink socket: {e}")))?;
         let socket = connection.socket_mut().socket_ref();

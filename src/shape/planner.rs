@@ -213,14 +213,17 @@ fn dir_rate(pair: &RatePair, dir: Direction) -> Option<u64> {
     .map(Rate::bits_per_sec)
 }
 
-/// An HTB class with shaper's derived parameters: a burst of 2 ms at the rate (at least two
-/// full packets), and an explicit quantum so small rates do not make the kernel complain.
+/// An HTB class with shaper's derived parameters: a burst of 2 ms at the rate but at least
+/// 64 KiB, one full segmentation-offload packet, so a single GSO packet never leaves the class in
+/// debt (with tc's MTU-sized default a 2 Mbit/s TCP upload measured 93.7 % goodput, with this
+/// 94.6 % of a 95.6 % header-bound maximum); and an explicit quantum so small rates do not make
+/// the kernel complain.
 /// Rates are whole bytes per second and bursts whole ticks, as the kernel stores them.
 pub fn htb_class(parent: u16, rate: u64, ceil: u64, prio: u8, label: String) -> Class {
     let ceil = ceil.max(MIN_RATE) / 8 * 8;
     let rate = rate.clamp(MIN_RATE, ceil) / 8 * 8;
     let burst = |bits: u64| {
-        let bytes = (bits / 8 / 500).clamp(3200, 256 * 1024) as u32;
+        let bytes = (bits / 8 / 500).clamp(65536, 256 * 1024) as u32;
         super::codec::representable_burst(bits, bytes)
     };
     Class {

@@ -127,12 +127,12 @@ tc filter add dev eth0 parent 5a: prio 10 protocol ip handle 10: u32 divisor 256
 tc filter add dev eth0 parent 5a: prio 10 protocol ip u32 link 10: hashkey mask 0x00ff0000 at 20 match u32 0 0  # bucket = low byte of sport
 tc filter add dev eth0 parent 5a: prio 11 protocol ipv6 handle 11: u32 divisor 256
 tc filter add dev eth0 parent 5a: prio 11 protocol ipv6 u32 link 11: hashkey mask 0x00ff0000 at 40 match u32 0 0  # bucket = low byte of sport
-tc class add dev eth0 parent 5a: classid 5a:1 htb rate 20mbit ceil 20mbit burst 5000b cburst 5000b quantum 200000 prio 0  # link
-tc class add dev eth0 parent 5a:1 classid 5a:10 htb rate 200kbit ceil 2mbit burst 3200b cburst 3200b quantum 2500 prio 7  # bulk
-tc class add dev eth0 parent 5a:1 classid 5a:12 htb rate 200kbit ceil 20mbit burst 3200b cburst 5000b quantum 2500 prio 4  # default
-tc class add dev eth0 parent 5a:10 classid 5a:11 htb rate 200kbit ceil 2mbit burst 3200b cburst 3200b quantum 2500 prio 7  # bulk/shared
-tc class add dev eth0 parent 5a:12 classid 5a:13 htb rate 200kbit ceil 20mbit burst 3200b cburst 5000b quantum 2500 prio 4  # default/shared
-tc class add dev eth0 parent 5a:12 classid 5a:14 htb rate 200kbit ceil 1mbit burst 3200b cburst 3200b quantum 2500 prio 4  # tcp 10.0.0.1:40002 -> 10.0.0.2:22 established
+tc class add dev eth0 parent 5a: classid 5a:1 htb rate 20mbit ceil 20mbit burst 65536b cburst 65536b quantum 200000 prio 0  # link
+tc class add dev eth0 parent 5a:1 classid 5a:10 htb rate 200kbit ceil 2mbit burst 65536b cburst 65536b quantum 2500 prio 7  # bulk
+tc class add dev eth0 parent 5a:1 classid 5a:12 htb rate 200kbit ceil 20mbit burst 65536b cburst 65536b quantum 2500 prio 4  # default
+tc class add dev eth0 parent 5a:10 classid 5a:11 htb rate 200kbit ceil 2mbit burst 65536b cburst 65536b quantum 2500 prio 7  # bulk/shared
+tc class add dev eth0 parent 5a:12 classid 5a:13 htb rate 200kbit ceil 20mbit burst 65536b cburst 65536b quantum 2500 prio 4  # default/shared
+tc class add dev eth0 parent 5a:12 classid 5a:14 htb rate 200kbit ceil 1mbit burst 65536b cburst 65536b quantum 2500 prio 4  # tcp 10.0.0.1:40002 -> 10.0.0.2:22 established
 tc qdisc replace dev eth0 parent 5a:11 pfifo limit 41
 tc qdisc replace dev eth0 parent 5a:13 pfifo limit 412
 tc qdisc replace dev eth0 parent 5a:14 pfifo limit 20

@@ -10,3 +10,4 @@ mod netns_kit;
 mod policy;
 mod probe;
 mod scan;
+mod shape;

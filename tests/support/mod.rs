@@ -4,6 +4,8 @@
 
 pub mod netns;
 pub mod probe;
+pub mod shaping;
+pub mod traffic;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

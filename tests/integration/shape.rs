@@ -1,0 +1,165 @@
+//! The shaping backend against a real kernel: trees installed over netlink in a namespace, read
+//! back, reconciled, adopted after a kill, refused next to foreign qdiscs, and torn down. Rates
+//! measured through these trees are in the `rates` test binary.
+
+use shaper::policy::{Decision, Each};
+use shaper::scan::{Proto, Socket};
+use shaper::shape::{Installed, ShapeError, Slot, TcBackend, reconcile};
+
+use crate::support::netns::{Netns, NetnsPair};
+use crate::support::shaping::{Shaper, class, class_set, decision, flow};
+
+fn kernel_view(ns: &Netns) -> (String, String) {
+    (ns.ip(&["-o", "link", "show"]), tc(ns, &["qdisc", "show"]))
+}
+
+fn tc(ns: &Netns, args: &[&str]) -> String {
+    let out = ns.command("tc").args(args).output().expect("run tc");
+    assert!(
+        out.status.success(),
+        "tc {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn mixed_flows() -> Vec<(Socket, Decision)> {
+    let mut unconnected = flow(Proto::Udp, 4, 5353, 0, 4);
+    unconnected.remote = "0.0.0.0:0".parse().unwrap();
+    vec![
+        (flow(Proto::Tcp, 4, 40001, 443, 1), decision("bulk", "")),
+        (
+            flow(Proto::Tcp, 6, 40002, 443, 2),
+            decision("default", "1mbit:3mbit"),
+        ),
+        (
+            flow(Proto::Udp, 4, 40003, 443, 3),
+            decision("bulk", "500kbit"),
+        ),
+        (unconnected, decision("bulk", "")),
+    ]
+}
+
+#[test]
+fn installed_tree_reads_back_and_nothing_changed_means_nothing_sent() {
+    let pair = NetnsPair::new();
+    let mut shaper = Shaper::new(&pair.a);
+    let classes = class_set(vec![class("bulk", "2mbit:8mbit", Each::Class)]);
+    let flows = mixed_flows();
+    assert!(shaper.shape(&classes, &flows) > 10);
+    let desired = shaper.desired(&classes, &flows);
+    let installed = shaper.backend.installed(NetnsPair::IFNAME).unwrap();
+    let (Slot::Ours(up), Some(Slot::Ours(down))) = (&installed.upload, &installed.download) else {
+        panic!("shaper's trees not recognised: {installed:?}");
+    };
+    let strip = |t: &shaper::shape::DeviceTree| {
+        let mut t = t.clone();
+        t.classes.values_mut().for_each(|c| c.label.clear());
+        t
+    };
+    assert_eq!(
+        up,
+        &strip(&desired.upload),
+        "upload tree reads back as installed"
+    );
+    assert_eq!(
+        down,
+        &strip(&desired.download),
+        "download tree reads back as installed"
+    );
+    assert_eq!(installed.ingress, Slot::Ours(()));
+    let again = reconcile(NetnsPair::IFNAME, &desired, &installed, false).unwrap();
+    assert!(
+        again.is_empty(),
+        "a second reconcile sends nothing:\n{again}"
+    );
+    let classes_text = tc(&pair.a, &["class", "show", "dev", "veth0"]);
+    assert!(
+        classes_text.contains("class htb 5a:1 root"),
+        "{classes_text}"
+    );
+    let ingress = tc(&pair.a, &["filter", "show", "dev", "veth0", "ingress"]);
+    assert!(
+        ingress.contains("mirred (Egress Redirect to device shp-veth0)"),
+        "{ingress}"
+    );
+}
+
+#[test]
+fn clear_leaves_the_namespace_as_it_was() {
+    let pair = NetnsPair::new();
+    let before = kernel_view(&pair.a);
+    let mut shaper = Shaper::new(&pair.a);
+    let classes = class_set(vec![class("bulk", "2mbit", Each::Connection)]);
+    shaper.shape(&classes, &mixed_flows());
+    assert_ne!(kernel_view(&pair.a), before);
+    shaper.clear();
+    assert_eq!(kernel_view(&pair.a), before);
+    // Through the command line too.
+    shaper.shape(&classes, &mixed_flows());
+    let out = pair
+        .a
+        .command(env!("CARGO_BIN_EXE_shaper"))
+        .args(["clear", "--interface", "veth0"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(kernel_view(&pair.a), before);
+}
+
+#[test]
+fn a_foreign_root_qdisc_is_refused_without_replace() {
+    let pair = NetnsPair::new();
+    tc(
+        &pair.a,
+        &[
+            "qdisc", "add", "dev", "veth0", "root", "handle", "1:", "htb",
+        ],
+    );
+    let mut shaper = Shaper::new(&pair.a);
+    let classes = class_set(vec![]);
+    let desired = shaper.desired(&classes, &mixed_flows());
+    let installed = shaper.backend.installed("veth0").unwrap();
+    assert_eq!(installed.upload, Slot::Foreign("htb 1:".into()));
+    let err = reconcile("veth0", &desired, &installed, false).unwrap_err();
+    assert!(matches!(err, ShapeError::Foreign { .. }), "{err}");
+    assert!(tc(&pair.a, &["qdisc", "show", "dev", "veth0"]).contains("qdisc htb 1: root"));
+    let plan = reconcile("veth0", &desired, &installed, true).unwrap();
+    assert!(shaper.backend.apply(&plan).is_empty());
+    assert!(tc(&pair.a, &["qdisc", "show", "dev", "veth0"]).contains("qdisc htb 5a: root"));
+}
+
+#[test]
+fn a_restart_adopts_what_a_killed_run_left() {
+    let pair = NetnsPair::new();
+    let classes = class_set(vec![class("bulk", "2mbit", Each::Class)]);
+    let flows = mixed_flows();
+    {
+        let mut first = Shaper::new(&pair.a);
+        first.shape(&classes, &flows);
+        // Dropped without teardown, as after SIGKILL: the kernel keeps the tree.
+    }
+    let mut second = Shaper::new(&pair.a);
+    let installed = second.backend.installed("veth0").unwrap();
+    assert!(
+        matches!(installed.upload, Slot::Ours(_)),
+        "recognised as shaper's: {installed:?}"
+    );
+    let ops = second.shape(&classes, &flows);
+    assert_eq!(ops, 0, "the same decisions need no change");
+    let changed = class_set(vec![class("bulk", "3mbit", Each::Class)]);
+    let ops = second.shape(&changed, &flows);
+    assert!(
+        ops > 0 && ops < 10,
+        "a small change stays small after adoption: {ops}"
+    );
+    second.clear();
+    assert_eq!(
+        second.backend.installed("veth0").unwrap(),
+        Installed::nothing()
+    );
+}

@@ -1,0 +1,174 @@
+//! Real traffic between the namespaces of a pair, measured by iperf3 (installed by .ci/run).
+//!
+//! Rate-measuring tests share two cores with everything else, so they run one at a time: take
+//! [`rate_lock`] for the whole test.
+
+use std::net::IpAddr;
+use std::process::{Child, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use super::netns::Netns;
+
+/// Serialises rate-measuring tests within the test binary.
+pub fn rate_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// An iperf3 server in a namespace, serving one test, killed on drop.
+pub struct Server {
+    child: Child,
+    pub port: u16,
+}
+
+impl Server {
+    pub fn start(ns: &Netns, port: u16) -> Server {
+        let child = ns
+            .command("iperf3")
+            .args(["-s", "-1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start iperf3 (install it: apt-get install iperf3)");
+        // Wait until it listens.
+        for _ in 0..100 {
+            let listening = ns
+                .command("ss")
+                .args(["-Hltn", &format!("sport = :{port}")])
+                .output()
+                .map(|o| !o.stdout.is_empty())
+                .unwrap_or(false);
+            if listening {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Server { child, port }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One iperf3 client run.
+pub struct Run {
+    pub server: IpAddr,
+    pub port: u16,
+    /// The client's data port (`--cport`), so filters can be installed before traffic starts.
+    pub cport: u16,
+    pub seconds: u32,
+    /// Seconds at the start left out of the result (TCP slow start).
+    pub omit: u32,
+    /// Server sends (download) instead of client.
+    pub reverse: bool,
+    /// UDP at this offered rate instead of TCP.
+    pub udp_rate: Option<&'static str>,
+    /// UDP payload size.
+    pub length: Option<u32>,
+}
+
+impl Run {
+    pub fn tcp(server: IpAddr, port: u16, cport: u16) -> Run {
+        Run {
+            server,
+            port,
+            cport,
+            seconds: 6,
+            omit: 1,
+            reverse: false,
+            udp_rate: None,
+            length: None,
+        }
+    }
+
+    /// Starts the client in `ns`; [`Measurement::finish`] waits for it.
+    pub fn start(&self, ns: &Netns) -> Measurement {
+        let mut cmd = ns.command("iperf3");
+        cmd.args(["-c", &self.server.to_string(), "-p", &self.port.to_string()])
+            .args(["--cport", &self.cport.to_string()])
+            .args([
+                "-t",
+                &self.seconds.to_string(),
+                "-O",
+                &self.omit.to_string(),
+                "-J",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if self.reverse {
+            cmd.arg("-R");
+        }
+        if let Some(rate) = self.udp_rate {
+            cmd.args(["-u", "-b", rate]);
+        }
+        if let Some(len) = self.length {
+            cmd.args(["-l", &len.to_string()]);
+        }
+        Measurement {
+            child: cmd.spawn().expect("start iperf3 client"),
+            udp: self.udp_rate.is_some(),
+        }
+    }
+}
+
+pub struct Measurement {
+    child: Child,
+    udp: bool,
+}
+
+/// What one run measured.
+#[derive(Debug)]
+pub struct Result {
+    /// Goodput at the receiver, bits per second, over the measured seconds.
+    pub bits_per_second: f64,
+    /// Receiver goodput per reporting interval (one per second), omitted seconds excluded.
+    pub intervals: Vec<f64>,
+    pub json: serde_json::Value,
+}
+
+impl Measurement {
+    pub fn finish(self) -> Result {
+        let out = self.child.wait_with_output().expect("iperf3 ran");
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "iperf3 printed no JSON ({e}): {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        if let Some(err) = json.get("error") {
+            panic!("iperf3 failed: {err}");
+        }
+        let end = &json["end"];
+        let bits_per_second = if self.udp {
+            // The receiver's figure: bytes that arrived, over the test time.
+            end["sum_received"]["bits_per_second"]
+                .as_f64()
+                .or_else(|| end["sum"]["bits_per_second"].as_f64())
+                .expect("UDP result")
+        } else {
+            end["sum_received"]["bits_per_second"]
+                .as_f64()
+                .expect("TCP result")
+        };
+        let intervals = json["intervals"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|i| i["sum"]["omitted"] != true)
+                    .filter_map(|i| i["sum"]["bits_per_second"].as_f64())
+                    .collect()
+            })
+            .unwrap_or_default();
+        Result {
+            bits_per_second,
+            intervals,
+            json,
+        }
+    }
+}
