@@ -31,6 +31,8 @@ pub struct NetlinkBackend {
     runtime: tokio::runtime::Runtime,
     handle: Handle,
     features: Option<Features>,
+    /// Change requests sent so far (dumps not counted), for `status` and the benchmark.
+    pub requests_sent: u64,
 }
 
 /// The text of an extended ack: the attributes after the echoed request header (16 bytes with
@@ -77,11 +79,13 @@ impl NetlinkBackend {
             runtime,
             handle,
             features: None,
+            requests_sent: 0,
         })
     }
 
     /// Sends one request and waits for its ack.
     fn request(&mut self, message: RouteNetlinkMessage, flags: u16) -> Result<(), String> {
+        self.requests_sent += 1;
         let mut request = NetlinkMessage::from(message);
         request.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
         let mut handle = self.handle.clone();
