@@ -9,7 +9,6 @@
 //!   get their own limit (a class, a leaf queue and a filter in each direction).
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code)]
 mod support;
 
 use std::time::Instant;
