@@ -157,6 +157,8 @@ fn bench(name: &str, script: Script, snapshot: &Arc<Snapshot>, usage: &Arc<Stati
         .map(|_| {
             let start = Instant::now();
             let out = engine.run(CycleInput {
+                rate: None,
+                connection_rate: None,
                 snapshot: snapshot.clone(),
                 stats: Vec::new(),
                 now: now.clone(),

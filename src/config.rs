@@ -189,6 +189,53 @@ impl Config {
     }
 }
 
+/// A limit read from a file every cycle, with nbdkit's `rate-file=` rules: a file absent from
+/// the start gives the default; a file that disappears keeps its last value (so a writer can
+/// replace it non-atomically without a gap); a file that cannot be parsed keeps the last value and
+/// is reported once per distinct content. Writers should replace the file atomically.
+#[derive(Debug, Clone)]
+pub struct RateFile {
+    pub path: PathBuf,
+    last: Option<RatePair>,
+    reported: Option<String>,
+}
+
+impl RateFile {
+    pub fn new(path: impl Into<PathBuf>) -> RateFile {
+        RateFile {
+            path: path.into(),
+            last: None,
+            reported: None,
+        }
+    }
+
+    /// The current value: the file's, or the last good one, or `default`.
+    pub fn current(&mut self, default: Option<RatePair>) -> Option<RatePair> {
+        if let Ok(text) = std::fs::read_to_string(&self.path) {
+            match text.trim().parse::<RatePair>() {
+                Ok(value) => {
+                    self.last = Some(value);
+                    self.reported = None;
+                }
+                Err(e) => {
+                    let text = text.trim().to_string();
+                    if self.reported.as_ref() != Some(&text) {
+                        tracing::warn!(
+                            "rate file {}: {e}; keeping {}",
+                            self.path.display(),
+                            self.last
+                                .or(default)
+                                .map_or_else(|| "no limit".to_string(), |r| r.to_string())
+                        );
+                        self.reported = Some(text);
+                    }
+                }
+            }
+        }
+        self.last.or(default)
+    }
+}
+
 /// The interface of the default route (IPv4 first, then IPv6), as the kernel reports it in
 /// `/proc/net/route` and `/proc/net/ipv6_route`; the lowest metric wins.
 pub fn default_route_interface() -> Option<String> {

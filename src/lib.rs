@@ -13,6 +13,7 @@
 pub mod account;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod error;
 pub mod policy;
 pub mod process;

@@ -5,6 +5,10 @@
 //! `shaper simulate --usage FILE` and the tests use. The daemon's live accounting implements the
 //! same trait.
 
+mod live;
+
+pub use live::{Accounting, LinkCounters, period_id};
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;

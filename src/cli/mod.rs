@@ -3,6 +3,7 @@
 //! `main.rs` only calls [`main`]; every subcommand returns `anyhow::Result<ExitCode>` so exit codes
 //! are decided here: 0 success, 1 failure (or, for checking commands, "problems found"), 2 usage.
 
+pub mod daemon;
 pub mod logging;
 pub mod policy;
 pub mod shape;
@@ -49,6 +50,20 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the daemon: every interval, scan connections, run the policy and shape
+    ///
+    /// Without a policy script (no --script, and none at the configured path) the built-in
+    /// policy applies --rate (whole interface) and --connection-rate (each connection), which
+    /// also act as defaults for any script. Stops cleanly (removing everything it installed) on
+    /// SIGTERM, SIGINT or `shaper stop`; reloads the script on SIGHUP, `shaper reload` or when
+    /// the file changes.
+    Run(Box<daemon::RunArgs>),
+    /// Show what the running daemon is doing: interfaces, usage, classes, processes
+    Status(daemon::StatusArgs),
+    /// Make the running daemon re-read its policy script (checked before it replaces the old)
+    Reload(daemon::ControlArgs),
+    /// Stop the running daemon; it removes everything it installed
+    Stop(daemon::ControlArgs),
     /// Print the effective configuration (defaults, then the config file, then flags) as RON
     ///
     /// The output is a valid shaper.ron: redirect it to a file to start a configuration.
@@ -187,6 +202,19 @@ pub fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
+        Command::Run(args) => daemon::run(cli, args),
+        Command::Status(args) => {
+            logging::init(cli.verbose, cli.quiet, None);
+            daemon::status(cli, args)
+        }
+        Command::Reload(args) => {
+            logging::init(cli.verbose, cli.quiet, None);
+            daemon::control(cli, args, crate::daemon::service::Request::Reload)
+        }
+        Command::Stop(args) => {
+            logging::init(cli.verbose, cli.quiet, None);
+            daemon::control(cli, args, crate::daemon::service::Request::Stop)
+        }
         Command::Config(flags) => {
             let config = cli.effective_config(flags)?;
             logging::init(cli.verbose, cli.quiet, Some(&config.log_level));

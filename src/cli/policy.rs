@@ -68,6 +68,8 @@ pub fn run_once(
 ) -> (Arc<Snapshot>, CycleOutcome) {
     let snapshot = Arc::new(snapshot);
     let outcome = engine.run(CycleInput {
+        rate: None,
+        connection_rate: None,
         snapshot: snapshot.clone(),
         stats: Vec::new(),
         now,

@@ -14,15 +14,15 @@ use mlua::{Lua, UserData, UserDataFields, UserDataMethods, Value};
 
 use super::CycleInput;
 use crate::account::Period;
+use crate::config::RateFile;
 use crate::process::Pid;
-use crate::units::RatePair;
 
 /// The cycle being evaluated, as VM app data.
 pub(crate) struct Current(pub Arc<CycleInput>);
 
-/// nbdkit-style rate files: the last good value of each, kept across cycles.
+/// nbdkit-style rate files read by `ctx.rate_file`, kept across cycles.
 #[derive(Default)]
-pub(crate) struct RateFiles(pub HashMap<PathBuf, Option<RatePair>>);
+pub(crate) struct RateFiles(pub HashMap<PathBuf, RateFile>);
 
 fn with_input<R>(lua: &Lua, f: impl FnOnce(&CycleInput) -> R) -> mlua::Result<R> {
     let current = lua
@@ -175,7 +175,7 @@ pub(crate) fn class(lua: &Lua, name: String) -> mlua::Result<(u64, f64, f64)> {
 
 /// `raw.rate_file(path, default)` → up, down (bit/s or nil), with nbdkit's semantics: a file
 /// absent from the start gives `default`; a file that disappears keeps its last value; a file
-/// that cannot be parsed keeps the last value and logs a warning.
+/// that cannot be parsed keeps the last value and logs a warning ([`RateFile`]).
 pub(crate) fn rate_file(
     lua: &Lua,
     (path, default): (String, Value),
@@ -183,24 +183,15 @@ pub(crate) fn rate_file(
     let default =
         super::decide::limit_value(&default, "rate_file default").map_err(mlua::Error::runtime)?;
     let path = PathBuf::from(path);
-    let read = std::fs::read_to_string(&path);
     let mut files = lua
         .app_data_mut::<RateFiles>()
         .ok_or_else(|| mlua::Error::runtime("rate files unavailable"))?;
-    let last = files.0.get(&path).copied();
-    let value = match read {
-        Ok(text) => match text.trim().parse::<RatePair>() {
-            Ok(pair) => pair,
-            Err(e) => {
-                if last.is_none() {
-                    tracing::warn!("rate file {}: {e}; using the default", path.display());
-                }
-                last.flatten().unwrap_or(default)
-            }
-        },
-        Err(_) => last.flatten().unwrap_or(default),
-    };
-    files.0.insert(path, Some(value));
+    let value = files
+        .0
+        .entry(path.clone())
+        .or_insert_with(|| RateFile::new(path))
+        .current(Some(default))
+        .unwrap_or_default();
     Ok((
         value.up.map(|r| r.bits_per_sec()),
         value.down.map(|r| r.bits_per_sec()),

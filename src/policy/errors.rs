@@ -23,7 +23,7 @@ pub enum PolicyError {
 }
 
 /// One distinct error message and how often it occurred.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct ErrorEntry {
     pub message: String,
     pub count: u64,

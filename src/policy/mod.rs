@@ -106,6 +106,10 @@ pub struct CycleInput {
     pub now: jiff::Zoned,
     pub interface: Option<String>,
     pub usage: Arc<dyn UsageView>,
+    /// The whole-interface and per-connection limits from `--rate`/`--connection-rate` and their
+    /// files (`ctx.rate`, `ctx.connection_rate`); the daemon also applies them as defaults.
+    pub rate: Option<crate::units::RatePair>,
+    pub connection_rate: Option<crate::units::RatePair>,
 }
 
 /// Identifies a socket across cycles for "keep the previous decision": the kernel's socket

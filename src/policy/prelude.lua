@@ -92,9 +92,12 @@ local process_meta = {
 
 -- The per-cycle context. Lookups are cached for the cycle: a policy may ask for the same figure
 -- for every connection.
-local function make_ctx(now, time, interface)
+local function make_ctx(now, time, interface, rate, connection_rate)
   local usage_cache, class_cache, file_cache = {}, {}, {}
-  local ctx = { now = now, time = time, interface = interface }
+  local ctx = {
+    now = now, time = time, interface = interface,
+    rate = rate, connection_rate = connection_rate,
+  }
 
   function ctx.usage(period, key)
     key = key or "link"

@@ -354,12 +354,25 @@ impl Vm {
         let budget = self.hook.budget.clone();
         budget.cycle_used.set(0);
         budget.call_used.set(0);
+        let limit = |pair: Option<crate::units::RatePair>| -> mlua::Result<Value> {
+            match pair {
+                None => Ok(Value::Nil),
+                Some(p) => {
+                    let t = self.lua.create_table()?;
+                    t.raw_set("up", p.up.map(|r| r.bits_per_sec()))?;
+                    t.raw_set("down", p.down.map(|r| r.bits_per_sec()))?;
+                    Ok(Value::Table(t))
+                }
+            }
+        };
         let ctx: Table = self
             .make_ctx
             .call((
                 input.now.timestamp().as_second(),
                 time_table(&self.lua, &input.now).map_err(|e| cycle_err(e.to_string()))?,
                 input.interface.as_deref(),
+                limit(input.rate).map_err(|e| cycle_err(e.to_string()))?,
+                limit(input.connection_rate).map_err(|e| cycle_err(e.to_string()))?,
             ))
             .map_err(|e| cycle_err(lua_message(&e)))?;
         let classes = self.classes(&ctx).map_err(cycle_err)?;

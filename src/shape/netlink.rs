@@ -142,6 +142,37 @@ impl NetlinkBackend {
         })
     }
 
+    /// A link's index and byte counters, or `None` if it does not exist.
+    pub fn link_counters(&mut self, name: &str) -> Result<Option<(u32, u64, u64)>, ShapeError> {
+        let handle = self.handle.clone();
+        let name = name.to_string();
+        self.runtime.block_on(async move {
+            let mut links = handle.link().get().match_name(name).execute();
+            match links.next().await {
+                Some(Ok(link)) => {
+                    let (tx, rx) = link
+                        .attributes
+                        .iter()
+                        .find_map(|a| match a {
+                            netlink_packet_route::link::LinkAttribute::Stats64(s) => {
+                                Some((s.tx_bytes, s.rx_bytes))
+                            }
+                            _ => None,
+                        })
+                        .unwrap_or((0, 0));
+                    Ok(Some((link.header.index, tx, rx)))
+                }
+                Some(Err(rtnetlink::Error::NetlinkError(e)))
+                    if e.code.is_some_and(|c| c.get() == -libc::ENODEV) =>
+                {
+                    Ok(None)
+                }
+                Some(Err(e)) => Err(ShapeError::Netlink(e.to_string())),
+                None => Ok(None),
+            }
+        })
+    }
+
     fn require_ifindex(&mut self, name: &str) -> Result<u32, String> {
         match self.ifindex(name) {
             Ok(Some(i)) => Ok(i),

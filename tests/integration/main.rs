@@ -5,6 +5,7 @@
 mod support;
 
 mod cli;
+mod daemon;
 mod examples;
 mod netns_kit;
 mod policy;

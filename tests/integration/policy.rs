@@ -34,6 +34,8 @@ impl Policy {
 
 fn cycle_at(engine: &mut Engine, at: &str) -> CycleOutcome {
     engine.run(CycleInput {
+        rate: None,
+        connection_rate: None,
         snapshot: Arc::new(sample_snapshot()),
         stats: Vec::new(),
         now: parse_at(at).unwrap(),
@@ -420,6 +422,8 @@ fn context_carries_time_usage_and_interface() {
     );
     let mut engine = policy.engine();
     let out = engine.run(CycleInput {
+        rate: None,
+        connection_rate: None,
         snapshot: Arc::new(sample_snapshot()),
         stats: Vec::new(),
         now: parse_at("2026-11-28 23:30").unwrap(),

@@ -1,0 +1,554 @@
+//! Live accounting: byte deltas per cycle, recent rates, and usage per period, persisted so
+//! quotas survive restarts and crashes.
+//!
+//! Sources: the interface's own counters (what an ISP counts) for the `link` key, and sock_diag's
+//! TCP byte counters for per-connection figures attributed to `process:NAME`, `user:NAME` and
+//! `class:NAME`. UDP has no per-socket counters; it is in `link` but not in the per-key figures.
+//!
+//! Periods follow local civil time from the zone of `now` (hour, day, ISO week from Monday,
+//! month from `month_start_day`), computed afresh every cycle: a DST change moves the day's end
+//! with the clock, and after a suspend the first cycle sees the new period and starts it from
+//! zero. Everything takes `now` as an argument, so tests step a clock instead of sleeping.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+
+use super::{ClassStats, LINK, Period, StaticUsage, Usage};
+use crate::policy::{ConnStats, Decision, SocketKey, socket_key};
+use crate::process::Snapshot;
+use crate::units::Size;
+
+/// Seconds over which recent rates are averaged.
+const RATE_WINDOW: f64 = 2.0;
+/// Version of the state file format.
+const STATE_VERSION: u32 = 1;
+
+/// An interface's byte counters (from the kernel's link statistics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkCounters {
+    pub interface: String,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Track {
+    up: u64,
+    down: u64,
+    first_seen: i64,
+    rate_up: f64,
+    rate_down: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Book {
+    /// Which period the figures belong to, e.g. `2026-11-22` for a day.
+    id: String,
+    usage: BTreeMap<String, Usage>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Stored {
+    version: u32,
+    /// Unix time of the save.
+    saved_at: i64,
+    periods: BTreeMap<Period, Book>,
+}
+
+/// The accounting state of a running daemon.
+#[derive(Debug)]
+pub struct Accounting {
+    month_start_day: u8,
+    books: BTreeMap<Period, Book>,
+    connections: FxHashMap<SocketKey, Track>,
+    links: BTreeMap<String, (u64, u64)>,
+    classes: BTreeMap<String, ClassStats>,
+    last: Option<jiff::Timestamp>,
+}
+
+/// The id of the period containing `now`.
+pub fn period_id(period: Period, now: &jiff::Zoned, month_start_day: u8) -> String {
+    let date = now.date();
+    match period {
+        Period::Hour => format!("{date}T{:02}", now.hour()),
+        Period::Day => date.to_string(),
+        Period::Week => {
+            let back = i64::from(now.weekday().to_monday_zero_offset());
+            let monday = date
+                .checked_sub(jiff::Span::new().days(back))
+                .unwrap_or(date);
+            format!("week of {monday}")
+        }
+        Period::Month => {
+            let start = i8::try_from(month_start_day).unwrap_or(1).clamp(1, 28);
+            let (mut year, mut month) = (date.year(), date.month());
+            if date.day() < start {
+                if month == 1 {
+                    year -= 1;
+                    month = 12;
+                } else {
+                    month -= 1;
+                }
+            }
+            format!("{year:04}-{month:02} from day {start}")
+        }
+    }
+}
+
+fn add(usage: &mut BTreeMap<String, Usage>, key: &str, up: u64, down: u64) {
+    if up == 0 && down == 0 {
+        return;
+    }
+    let u = usage.entry(key.to_string()).or_default();
+    u.up = Size::from_bytes(u.up.bytes().saturating_add(up));
+    u.down = Size::from_bytes(u.down.bytes().saturating_add(down));
+}
+
+impl Accounting {
+    pub fn new(month_start_day: u8) -> Accounting {
+        Accounting {
+            month_start_day,
+            books: BTreeMap::new(),
+            connections: FxHashMap::default(),
+            links: BTreeMap::new(),
+            classes: BTreeMap::new(),
+            last: None,
+        }
+    }
+
+    /// Starts new periods whose time has come (their figures start from zero).
+    fn roll(&mut self, now: &jiff::Zoned) {
+        for period in Period::ALL {
+            let id = period_id(period, now, self.month_start_day);
+            let book = self.books.entry(period).or_default();
+            if book.id != id {
+                *book = Book {
+                    id,
+                    usage: BTreeMap::new(),
+                };
+            }
+        }
+    }
+
+    /// Takes one cycle's counters. Returns per-connection figures (parallel to
+    /// `snapshot.connections`) for the policy's next cycle.
+    pub fn observe(
+        &mut self,
+        now: &jiff::Zoned,
+        snapshot: &Snapshot,
+        decisions: &[Decision],
+        links: &[LinkCounters],
+    ) -> Vec<ConnStats> {
+        self.roll(now);
+        let t = now.timestamp();
+        let dt = self
+            .last
+            .map(|l| (t.as_millisecond() - l.as_millisecond()) as f64 / 1000.0)
+            .filter(|dt| *dt > 0.0);
+        let first_cycle = self.last.is_none();
+        self.last = Some(t);
+        let alpha = dt.map_or(1.0, |dt| 1.0 - (-dt / RATE_WINDOW).exp());
+
+        for l in links {
+            let (up, down) = match self.links.get(&l.interface) {
+                // A counter that went down belongs to a re-created interface: start again.
+                Some(&(tx, rx)) if l.tx_bytes >= tx && l.rx_bytes >= rx => {
+                    (l.tx_bytes - tx, l.rx_bytes - rx)
+                }
+                _ => (0, 0),
+            };
+            self.links
+                .insert(l.interface.clone(), (l.tx_bytes, l.rx_bytes));
+            for book in self.books.values_mut() {
+                add(&mut book.usage, LINK, up, down);
+            }
+        }
+
+        let mut classes: BTreeMap<String, ClassStats> = BTreeMap::new();
+        let mut seen = FxHashMap::default();
+        let mut stats = Vec::with_capacity(snapshot.connections.len());
+        for (i, c) in snapshot.connections.iter().enumerate() {
+            let key = socket_key(&c.socket);
+            let (up, down) = (
+                c.socket.bytes_up.unwrap_or(0),
+                c.socket.bytes_down.unwrap_or(0),
+            );
+            let (delta_up, delta_down, mut track) = match self.connections.remove(&key) {
+                Some(old) if up >= old.up && down >= old.down => {
+                    (up - old.up, down - old.down, old)
+                }
+                previous => {
+                    // New since the last cycle: everything it moved is new, except at start,
+                    // when the counters include bytes counted before a restart.
+                    let (du, dd) = if first_cycle || previous.is_some() {
+                        (0, 0)
+                    } else {
+                        (up, down)
+                    };
+                    let track = Track {
+                        up,
+                        down,
+                        first_seen: t.as_second(),
+                        rate_up: 0.0,
+                        rate_down: 0.0,
+                    };
+                    (du, dd, track)
+                }
+            };
+            if let Some(dt) = dt {
+                track.rate_up += alpha * (delta_up as f64 * 8.0 / dt - track.rate_up);
+                track.rate_down += alpha * (delta_down as f64 * 8.0 / dt - track.rate_down);
+            }
+            track.up = up;
+            track.down = down;
+            let process = snapshot.owner_process(c);
+            let class = decisions.get(i).map(|d| d.class.to_string());
+            let mut keys = Vec::with_capacity(3);
+            if let Some(p) = process {
+                keys.push(format!("process:{}", p.name));
+                keys.push(format!(
+                    "user:{}",
+                    p.user.clone().unwrap_or_else(|| p.uid.to_string())
+                ));
+            }
+            if let Some(class) = &class {
+                keys.push(format!("class:{class}"));
+                let figures = classes.entry(class.clone()).or_default();
+                figures.connections += 1;
+                figures.rate_up += track.rate_up;
+                figures.rate_down += track.rate_down;
+            }
+            for book in self.books.values_mut() {
+                for k in &keys {
+                    add(&mut book.usage, k, delta_up, delta_down);
+                }
+            }
+            stats.push(ConnStats {
+                rate_up: track.rate_up,
+                rate_down: track.rate_down,
+                age: (t.as_second() - track.first_seen) as f64,
+            });
+            seen.insert(key, track);
+        }
+        self.connections = seen;
+        self.classes = classes;
+        stats
+    }
+
+    /// The figures the policy reads (`ctx.usage`, `ctx.class`), as an immutable copy.
+    pub fn view(&self) -> StaticUsage {
+        StaticUsage {
+            usage: self
+                .books
+                .iter()
+                .map(|(p, b)| (*p, b.usage.clone()))
+                .collect(),
+            classes: self.classes.clone(),
+        }
+    }
+
+    /// Usage of `key` in the current `period`.
+    pub fn usage(&self, period: Period, key: &str) -> Usage {
+        self.books
+            .get(&period)
+            .and_then(|b| b.usage.get(key))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    pub fn classes(&self) -> &BTreeMap<String, ClassStats> {
+        &self.classes
+    }
+
+    /// Writes the usage counters atomically: a temporary file, fsync, rename over the old
+    /// file, fsync of the folder. A crash at any point leaves the old file or the new one.
+    pub fn save(&self, path: &Path, now: &jiff::Zoned) -> std::io::Result<()> {
+        let stored = Stored {
+            version: STATE_VERSION,
+            saved_at: now.timestamp().as_second(),
+            periods: self.books.clone(),
+        };
+        let text = ron::ser::to_string_pretty(&stored, ron::ser::PrettyConfig::new())
+            .map_err(std::io::Error::other)?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let tmp = path.with_extension("ron.tmp");
+        {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    }
+
+    /// Loads saved counters: those of periods still current at `now` resume, older ones are
+    /// dropped. An unreadable or corrupt file is moved aside (`…corrupt-UNIXTIME`) with a
+    /// warning, and counting starts from zero; a missing file is a first start.
+    pub fn load(path: &Path, now: &jiff::Zoned, month_start_day: u8) -> Accounting {
+        let mut accounting = Accounting::new(month_start_day);
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return accounting,
+            Err(e) => {
+                tracing::warn!(
+                    "cannot read usage from {}: {e}; starting from zero",
+                    path.display()
+                );
+                return accounting;
+            }
+        };
+        match ron::from_str::<Stored>(&text) {
+            Ok(stored) if stored.version == STATE_VERSION => {
+                for (period, book) in stored.periods {
+                    if book.id == period_id(period, now, month_start_day) {
+                        accounting.books.insert(period, book);
+                    }
+                }
+            }
+            Ok(stored) => {
+                let aside = set_aside(path, now);
+                tracing::warn!(
+                    "usage file {} has version {} (expected {STATE_VERSION}); moved to {}, starting from zero",
+                    path.display(),
+                    stored.version,
+                    aside.display()
+                );
+            }
+            Err(e) => {
+                let aside = set_aside(path, now);
+                tracing::warn!(
+                    "usage file {} is corrupt ({e}); moved to {}, starting from zero",
+                    path.display(),
+                    aside.display()
+                );
+            }
+        }
+        accounting
+    }
+}
+
+fn set_aside(path: &Path, now: &jiff::Zoned) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".corrupt-{}", now.timestamp().as_second()));
+    let aside = path.with_file_name(name);
+    let _ = std::fs::rename(path, &aside);
+    aside
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::process::{Connection, Owner, Process};
+    use crate::scan::{Proto, Socket, State};
+
+    fn at(text: &str, tz: &str) -> jiff::Zoned {
+        let civil: jiff::civil::DateTime = text.parse().unwrap();
+        civil
+            .to_zoned(jiff::tz::TimeZone::get(tz).unwrap())
+            .unwrap()
+    }
+
+    fn snapshot(up: u64, down: u64) -> Snapshot {
+        let mut processes = BTreeMap::new();
+        processes.insert(
+            10,
+            Process {
+                pid: 10,
+                ppid: 1,
+                name: "curl".into(),
+                exe: None,
+                cmdline: vec![],
+                uid: 1000,
+                user: Some("alice".into()),
+                gid: 1000,
+                cgroup: None,
+                unit: None,
+                start_time: 1,
+                ancestors: vec![],
+            },
+        );
+        Snapshot {
+            connections: vec![Connection {
+                socket: Socket {
+                    proto: Proto::Tcp,
+                    local: "10.0.0.1:4000".parse().unwrap(),
+                    remote: "10.0.0.2:443".parse().unwrap(),
+                    state: State::Established,
+                    uid: 1000,
+                    inode: 5,
+                    cookie: 5,
+                    bytes_up: Some(up),
+                    bytes_down: Some(down),
+                },
+                owner: Some(Owner {
+                    pid: 10,
+                    others: vec![],
+                }),
+            }],
+            processes,
+        }
+    }
+
+    fn link(tx: u64, rx: u64) -> Vec<LinkCounters> {
+        vec![LinkCounters {
+            interface: "eth0".into(),
+            tx_bytes: tx,
+            rx_bytes: rx,
+        }]
+    }
+
+    fn bulk() -> Vec<Decision> {
+        vec![Decision {
+            class: "bulk".into(),
+            limit: Default::default(),
+        }]
+    }
+
+    #[test]
+    fn deltas_rates_and_keys_with_a_stepped_clock() {
+        let mut a = Accounting::new(1);
+        let t0 = at("2026-11-22T10:00:00", "UTC");
+        a.observe(&t0, &snapshot(1000, 5000), &bulk(), &link(100, 200));
+        assert_eq!(
+            a.usage(Period::Day, LINK).total(),
+            0,
+            "the first cycle is the baseline"
+        );
+        let t1 = at("2026-11-22T10:00:01", "UTC");
+        let stats = a.observe(&t1, &snapshot(126_000, 5000), &bulk(), &link(125_100, 1200));
+        assert_eq!(a.usage(Period::Day, LINK).up.bytes(), 125_000);
+        assert_eq!(a.usage(Period::Day, LINK).down.bytes(), 1000);
+        assert_eq!(a.usage(Period::Hour, "process:curl").up.bytes(), 125_000);
+        assert_eq!(a.usage(Period::Month, "user:alice").up.bytes(), 125_000);
+        assert_eq!(a.usage(Period::Week, "class:bulk").up.bytes(), 125_000);
+        // 1 Mbit/s over one second, averaged over a 2 s window: 1 - e^-0.5 of it.
+        let expected = 1e6 * (1.0 - (-0.5f64).exp());
+        assert!(
+            (stats[0].rate_up - expected).abs() < 1.0,
+            "{}",
+            stats[0].rate_up
+        );
+        assert_eq!(stats[0].age, 1.0);
+        assert_eq!(a.classes()["bulk"].connections, 1);
+    }
+
+    #[test]
+    fn periods_roll_over_in_local_time_across_dst() {
+        let mut a = Accounting::new(1);
+        // Europe/Berlin leaves DST on 2026-10-25 at 03:00 local (back to 02:00).
+        a.observe(
+            &at("2026-10-24T23:00:00", "Europe/Berlin"),
+            &snapshot(0, 0),
+            &bulk(),
+            &link(0, 0),
+        );
+        a.observe(
+            &at("2026-10-24T23:30:00", "Europe/Berlin"),
+            &snapshot(0, 0),
+            &bulk(),
+            &link(10, 0),
+        );
+        assert_eq!(a.usage(Period::Day, LINK).total(), 10);
+        // 25 hours later by the clock on the wall is still "the next day" plus one.
+        a.observe(
+            &at("2026-10-25T23:30:00", "Europe/Berlin"),
+            &snapshot(0, 0),
+            &bulk(),
+            &link(30, 0),
+        );
+        assert_eq!(
+            a.usage(Period::Day, LINK).total(),
+            20,
+            "a new day started at local midnight"
+        );
+        assert_eq!(a.usage(Period::Month, LINK).total(), 30, "same month");
+    }
+
+    #[test]
+    fn a_resume_after_suspend_starts_the_new_period() {
+        let mut a = Accounting::new(15);
+        a.observe(
+            &at("2026-11-20T12:00:00", "UTC"),
+            &snapshot(0, 0),
+            &bulk(),
+            &link(0, 0),
+        );
+        a.observe(
+            &at("2026-11-20T12:00:01", "UTC"),
+            &snapshot(0, 0),
+            &bulk(),
+            &link(500, 0),
+        );
+        // Suspended for a month: the next cycle is in another billing month.
+        a.observe(
+            &at("2026-12-16T08:00:00", "UTC"),
+            &snapshot(0, 0),
+            &bulk(),
+            &link(700, 0),
+        );
+        assert_eq!(a.usage(Period::Month, LINK).total(), 200);
+        assert_eq!(
+            period_id(Period::Month, &at("2026-12-14T08:00:00", "UTC"), 15),
+            "2026-11 from day 15"
+        );
+        assert_eq!(
+            period_id(Period::Month, &at("2026-01-03T08:00:00", "UTC"), 15),
+            "2025-12 from day 15"
+        );
+        assert_eq!(
+            period_id(Period::Week, &at("2026-11-22T08:00:00", "UTC"), 1),
+            "week of 2026-11-16"
+        );
+    }
+
+    #[test]
+    fn usage_survives_a_restart_and_a_corrupt_file_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.ron");
+        let now = at("2026-11-22T10:00:00", "UTC");
+        let mut a = Accounting::new(1);
+        a.observe(&now, &snapshot(0, 0), &bulk(), &link(0, 0));
+        a.observe(
+            &at("2026-11-22T10:00:05", "UTC"),
+            &snapshot(0, 0),
+            &bulk(),
+            &link(20_000_000, 0),
+        );
+        a.save(&path, &now).unwrap();
+        let later = at("2026-11-22T18:00:00", "UTC");
+        let b = Accounting::load(&path, &later, 1);
+        assert_eq!(
+            b.usage(Period::Day, LINK).total(),
+            20_000_000,
+            "the day resumes"
+        );
+        assert_eq!(
+            b.usage(Period::Hour, LINK).total(),
+            0,
+            "the hour has passed"
+        );
+        let next_day = Accounting::load(&path, &at("2026-11-23T01:00:00", "UTC"), 1);
+        assert_eq!(next_day.usage(Period::Day, LINK).total(), 0);
+        assert_eq!(next_day.usage(Period::Month, LINK).total(), 20_000_000);
+        std::fs::write(&path, "(version: 1, garbage").unwrap();
+        let fresh = Accounting::load(&path, &later, 1);
+        assert_eq!(fresh.usage(Period::Month, LINK).total(), 0);
+        assert!(!path.exists(), "moved aside");
+        let aside: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(
+            aside
+                .iter()
+                .any(|n| n.to_string_lossy().starts_with("usage.ron.corrupt-")),
+            "{aside:?}"
+        );
+    }
+}

@@ -1,0 +1,102 @@
+//! `shaper run`, `status`, `reload` and `stop`.
+
+use std::process::ExitCode;
+
+use clap::Args;
+
+use super::ConfigArgs;
+use crate::daemon::RunOptions;
+use crate::daemon::service::{self, Request};
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Log what would be installed each cycle; change nothing in the kernel
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Replace a root or ingress qdisc that shaper did not install
+    #[arg(long)]
+    pub replace: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
+    /// Also list every connection
+    #[arg(long)]
+    pub all: bool,
+    /// Runtime dir of the daemon to ask [default: the configured one]
+    #[arg(long, value_name = "DIR")]
+    pub runtime_dir: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ControlArgs {
+    /// Runtime dir of the daemon [default: the configured one]
+    #[arg(long, value_name = "DIR")]
+    pub runtime_dir: Option<std::path::PathBuf>,
+}
+
+pub fn run(cli: &super::Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
+    let config = cli.effective_config(&args.config)?;
+    super::logging::init(cli.verbose, cli.quiet, Some(&config.log_level));
+    let builtin_policy = args.config.script.is_none() && !config.script.exists();
+    if builtin_policy {
+        tracing::info!(
+            "no policy script at {}: using the built-in policy (limits from --rate and \
+             --connection-rate only)",
+            config.script.display()
+        );
+    }
+    service::run(
+        config,
+        RunOptions {
+            builtin_policy,
+            dry_run: args.dry_run,
+            replace: args.replace,
+        },
+    )
+}
+
+fn runtime_dir(
+    cli: &super::Cli,
+    given: &Option<std::path::PathBuf>,
+) -> anyhow::Result<std::path::PathBuf> {
+    match given {
+        Some(d) => Ok(d.clone()),
+        None => Ok(cli.effective_config(&ConfigArgs::default())?.runtime_dir),
+    }
+}
+
+pub fn status(cli: &super::Cli, args: &StatusArgs) -> anyhow::Result<ExitCode> {
+    let dir = runtime_dir(cli, &args.runtime_dir)?;
+    let response = service::request(&dir, &Request::Status { all: args.all })?;
+    let Some(status) = response.status else {
+        anyhow::bail!("{}", response.error.unwrap_or_else(|| "no status".into()));
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", status.render());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn control(cli: &super::Cli, args: &ControlArgs, request: Request) -> anyhow::Result<ExitCode> {
+    let dir = runtime_dir(cli, &args.runtime_dir)?;
+    let what = match request {
+        Request::Reload => "reloaded",
+        _ => "stopped",
+    };
+    let response = service::request(&dir, &request)?;
+    if response.ok {
+        println!("shaper {what}");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("shaper: {}", response.error.unwrap_or_default());
+        Ok(ExitCode::FAILURE)
+    }
+}

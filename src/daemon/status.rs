@@ -1,0 +1,279 @@
+//! `shaper status`: what the daemon is doing, built from its last cycle.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use super::Daemon;
+use crate::account::{LINK, Period, Usage};
+use crate::cli::table::{or_dash, render};
+use crate::policy::ErrorEntry;
+use crate::units::{Rate, Size};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InterfaceStatus {
+    pub name: String,
+    pub state: String,
+    /// Operations the last cycle applied.
+    pub operations: usize,
+    pub failures: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClassStatus {
+    pub name: String,
+    pub prio: u8,
+    pub ceil: String,
+    pub each: String,
+    pub connections: u64,
+    pub rate_up: f64,
+    pub rate_down: f64,
+    pub today: Usage,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProcessStatus {
+    pub pid: u32,
+    pub name: String,
+    pub user: Option<String>,
+    pub connections: u64,
+    pub rate_up: f64,
+    pub rate_down: f64,
+    pub today: Usage,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConnectionStatus {
+    pub connection: String,
+    pub process: Option<String>,
+    pub class: String,
+    pub limit: Option<String>,
+    pub rate_up: f64,
+    pub rate_down: f64,
+}
+
+/// Everything `shaper status` shows; `--json` prints it as is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub pid: u32,
+    pub policy: String,
+    pub started: String,
+    pub cycles: u64,
+    pub dry_run: bool,
+    pub rate: Option<String>,
+    pub connection_rate: Option<String>,
+    pub interfaces: Vec<InterfaceStatus>,
+    /// Milliseconds per stage in the last cycle.
+    pub stages_ms: BTreeMap<String, f64>,
+    /// The link's usage in the current hour, day, week and month.
+    pub usage: BTreeMap<Period, Usage>,
+    pub classes: Vec<ClassStatus>,
+    pub processes: Vec<ProcessStatus>,
+    pub connections: Option<Vec<ConnectionStatus>>,
+    pub errors: Vec<ErrorEntry>,
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+impl StatusReport {
+    pub fn of(daemon: &Daemon, all: bool) -> StatusReport {
+        let t = &daemon.timings;
+        let stages_ms = [
+            ("scan", t.scan),
+            ("lookup", t.lookup),
+            ("policy", t.policy),
+            ("account", t.account),
+            ("shape", t.shape),
+            ("total", t.total()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), ms(v)))
+        .collect();
+        let acct = &daemon.accounting;
+        let mut classes = Vec::new();
+        let mut processes: BTreeMap<u32, ProcessStatus> = BTreeMap::new();
+        let mut connections = Vec::new();
+        if let Some((snapshot, outcome, stats)) = &daemon.last {
+            for c in outcome.classes.classes.values() {
+                let figures = acct.classes().get(&*c.name).copied().unwrap_or_default();
+                classes.push(ClassStatus {
+                    name: c.name.to_string(),
+                    prio: c.prio,
+                    ceil: c.ceil.to_string(),
+                    each: c.each.as_str().to_string(),
+                    connections: figures.connections,
+                    rate_up: figures.rate_up,
+                    rate_down: figures.rate_down,
+                    today: acct.usage(Period::Day, &format!("class:{}", c.name)),
+                });
+            }
+            for ((c, d), s) in snapshot
+                .connections
+                .iter()
+                .zip(&outcome.decisions)
+                .zip(stats)
+            {
+                let p = snapshot.owner_process(c);
+                if let Some(p) = p {
+                    let entry = processes.entry(p.pid).or_insert_with(|| ProcessStatus {
+                        pid: p.pid,
+                        name: p.name.clone(),
+                        user: p.user.clone(),
+                        connections: 0,
+                        rate_up: 0.0,
+                        rate_down: 0.0,
+                        today: acct.usage(Period::Day, &format!("process:{}", p.name)),
+                    });
+                    entry.connections += 1;
+                    entry.rate_up += s.rate_up;
+                    entry.rate_down += s.rate_down;
+                }
+                if all {
+                    connections.push(ConnectionStatus {
+                        connection: c.socket.to_string(),
+                        process: p.map(|p| format!("{} ({})", p.name, p.pid)),
+                        class: d.class.to_string(),
+                        limit: (d.limit != Default::default()).then(|| d.limit.to_string()),
+                        rate_up: s.rate_up,
+                        rate_down: s.rate_down,
+                    });
+                }
+            }
+        }
+        let mut processes: Vec<ProcessStatus> = processes.into_values().collect();
+        processes.sort_by(|a, b| (b.rate_up + b.rate_down).total_cmp(&(a.rate_up + a.rate_down)));
+        StatusReport {
+            pid: std::process::id(),
+            policy: daemon.engine().script().path.display().to_string(),
+            started: daemon.started.to_string(),
+            cycles: daemon.cycles,
+            dry_run: daemon.options.dry_run,
+            rate: daemon.rate.flag.map(|r| r.to_string()),
+            connection_rate: daemon.connection_rate.flag.map(|r| r.to_string()),
+            interfaces: daemon
+                .interfaces
+                .iter()
+                .map(|i| InterfaceStatus {
+                    name: i.name.clone(),
+                    state: i.state.clone(),
+                    operations: i.operations,
+                    failures: i.failures,
+                })
+                .collect(),
+            stages_ms,
+            usage: Period::ALL
+                .into_iter()
+                .map(|p| (p, acct.usage(p, LINK)))
+                .collect(),
+            classes,
+            processes,
+            connections: all.then_some(connections),
+            errors: daemon.engine().errors().entries().to_vec(),
+        }
+    }
+
+    /// The text `shaper status` prints.
+    pub fn render(&self) -> String {
+        let rate = |bits: f64| Rate::from_bits_per_sec(bits.max(0.0) as u64).human();
+        let bytes = |u: &Usage| format!("{}/{}", Size::human(u.up), Size::human(u.down));
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "shaper (pid {}) running {} since {}, {} cycles{}",
+            self.pid,
+            self.policy,
+            self.started,
+            self.cycles,
+            if self.dry_run { ", dry run" } else { "" }
+        );
+        for i in &self.interfaces {
+            let _ = writeln!(
+                out,
+                "interface {}: {} ({} operations last cycle, {} failed in all)",
+                i.name, i.state, i.operations, i.failures
+            );
+        }
+        let usage: Vec<String> = self
+            .usage
+            .iter()
+            .map(|(p, u)| format!("{p} {}", bytes(u)))
+            .collect();
+        let _ = writeln!(out, "usage (up/down): {}", usage.join(", "));
+        let stages: Vec<String> = self
+            .stages_ms
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.1}"))
+            .collect();
+        let _ = writeln!(out, "last cycle (ms): {}", stages.join(", "));
+        let rows: Vec<[String; 7]> = self
+            .classes
+            .iter()
+            .map(|c| {
+                [
+                    c.name.clone(),
+                    c.prio.to_string(),
+                    c.ceil.clone(),
+                    c.connections.to_string(),
+                    rate(c.rate_up),
+                    rate(c.rate_down),
+                    bytes(&c.today),
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&render(
+            ["CLASS", "PRIO", "CEIL", "CONNS", "UP", "DOWN", "TODAY"],
+            &rows,
+        ));
+        let rows: Vec<[String; 6]> = self
+            .processes
+            .iter()
+            .take(20)
+            .map(|p| {
+                [
+                    format!("{} ({})", p.name, p.pid),
+                    or_dash(p.user.as_ref()),
+                    p.connections.to_string(),
+                    rate(p.rate_up),
+                    rate(p.rate_down),
+                    bytes(&p.today),
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&render(
+            ["PROCESS", "USER", "CONNS", "UP", "DOWN", "TODAY"],
+            &rows,
+        ));
+        if let Some(conns) = &self.connections {
+            let rows: Vec<[String; 6]> = conns
+                .iter()
+                .map(|c| {
+                    [
+                        c.connection.clone(),
+                        or_dash(c.process.as_ref()),
+                        c.class.clone(),
+                        or_dash(c.limit.as_ref()),
+                        rate(c.rate_up),
+                        rate(c.rate_down),
+                    ]
+                })
+                .collect();
+            out.push('\n');
+            out.push_str(&render(
+                ["CONNECTION", "PROCESS", "CLASS", "LIMIT", "UP", "DOWN"],
+                &rows,
+            ));
+        }
+        if !self.errors.is_empty() {
+            out.push_str("\npolicy errors:\n");
+            for e in &self.errors {
+                let _ = writeln!(out, "  {} (x{})", e.message, e.count);
+            }
+        }
+        out
+    }
+}

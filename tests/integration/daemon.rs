@@ -1,0 +1,241 @@
+//! `shaper run` end to end in a namespace: it installs, reloads, follows rate files, answers
+//! `status`, refuses a second instance, and leaves nothing behind on SIGTERM.
+
+use std::net::{TcpListener, TcpStream};
+
+use crate::support::daemon::DaemonProcess;
+use crate::support::netns::{Netns, NetnsPair};
+
+fn kernel_view(ns: &Netns) -> (String, String) {
+    let tc = ns.command("tc").args(["qdisc", "show"]).output().unwrap();
+    (
+        ns.ip(&["-o", "link", "show"]),
+        String::from_utf8_lossy(&tc.stdout).into_owned(),
+    )
+}
+
+fn classes(ns: &Netns) -> String {
+    let out = ns
+        .command("tc")
+        .args(["class", "show", "dev", "veth0"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A TCP connection from `a` to `b`, kept open by the returned pair of streams.
+fn connection(pair: &NetnsPair) -> (TcpListener, TcpStream, TcpStream) {
+    let listener = pair
+        .b
+        .run(|| TcpListener::bind((NetnsPair::B_V4, 0)).unwrap());
+    let addr = listener.local_addr().unwrap();
+    let client = pair.a.run(|| TcpStream::connect(addr).unwrap());
+    let (server, _) = listener.accept().unwrap();
+    (listener, client, server)
+}
+
+fn shaping(s: &serde_json::Value) -> bool {
+    s["interfaces"][0]["state"] == "shaping"
+}
+
+#[test]
+fn runs_reports_status_and_sigterm_leaves_nothing_behind() {
+    let pair = NetnsPair::new();
+    let before = kernel_view(&pair.a);
+    let dir = tempfile::tempdir().unwrap();
+    let _conn = connection(&pair);
+    let mut daemon =
+        DaemonProcess::start(&pair.a, dir.path(), &["--connection-rate", "1mbit:3mbit"]);
+    daemon.wait_for(10, "shaping", shaping);
+    let status = daemon.status();
+    assert!(status["cycles"].as_u64().unwrap() >= 1);
+    assert_eq!(status["policy"], "<built-in policy>");
+    assert!(status["stages_ms"]["total"].as_f64().is_some());
+    let text = String::from_utf8_lossy(&daemon.control(&["status"]).stdout).into_owned();
+    assert!(
+        text.contains("interface veth0: shaping") && text.contains("CLASS"),
+        "{text}"
+    );
+    assert!(
+        classes(&pair.a).contains("ceil 1Mbit"),
+        "{}",
+        classes(&pair.a)
+    );
+    // A second daemon on the same runtime dir refuses to start.
+    let mut second = DaemonProcess::spawn(&pair.a, dir.path(), &[]);
+    let exit = second.child.take().unwrap().wait().unwrap();
+    assert!(!exit.success());
+    assert!(
+        second.log_text().contains("another shaper"),
+        "{}",
+        second.log_text()
+    );
+    let exit = daemon.signal(libc::SIGTERM);
+    assert!(exit.success(), "{exit}: {}", daemon.log_text());
+    assert_eq!(
+        kernel_view(&pair.a),
+        before,
+        "SIGTERM removes everything shaper installed"
+    );
+    assert!(!dir.path().join("run/shaper.sock").exists());
+    assert!(
+        dir.path().join("state/usage.ron").exists(),
+        "usage flushed at shutdown"
+    );
+}
+
+#[test]
+fn script_edits_apply_and_broken_edits_keep_the_previous_policy() {
+    let pair = NetnsPair::new();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("policy.lua");
+    std::fs::write(
+        &script,
+        "function classify(conn) return nil, \"1mbit\" end\n",
+    )
+    .unwrap();
+    let _conn = connection(&pair);
+    let daemon = DaemonProcess::start(&pair.a, dir.path(), &["--script", script.to_str().unwrap()]);
+    daemon.wait_for(10, "1 Mbit/s installed", |_| {
+        classes(&pair.a).contains("ceil 1Mbit")
+    });
+    std::fs::write(
+        &script,
+        "function classify(conn) return nil, \"3mbit\" end\n",
+    )
+    .unwrap();
+    let start = std::time::Instant::now();
+    daemon.wait_for(5, "the edit applied", |_| {
+        classes(&pair.a).contains("ceil 3Mbit")
+    });
+    eprintln!("edit applied after {:?} (cycle 200 ms)", start.elapsed());
+    assert!(
+        start.elapsed() < std::time::Duration::from_millis(1500),
+        "within two cycles (and the poll)"
+    );
+    std::fs::write(&script, "function classify(conn)\n  return nil, \n").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    assert!(
+        classes(&pair.a).contains("ceil 3Mbit"),
+        "the previous shaping stays"
+    );
+    assert!(
+        daemon.log_text().contains("policy.lua:3:"),
+        "{}",
+        daemon.log_text()
+    );
+    let out = daemon.control(&["reload"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("policy.lua:3:"));
+    std::fs::write(
+        &script,
+        "function classify(conn) return nil, \"5mbit\" end\n",
+    )
+    .unwrap();
+    let out = daemon.control(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    daemon.wait_for(5, "the reload applied", |_| {
+        classes(&pair.a).contains("ceil 5Mbit")
+    });
+}
+
+#[test]
+fn rate_files_move_the_limit_and_deletion_keeps_it() {
+    let pair = NetnsPair::new();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("connection-rate");
+    let _conn = connection(&pair);
+    let daemon = DaemonProcess::start(
+        &pair.a,
+        dir.path(),
+        &[
+            "--connection-rate",
+            "1mbit",
+            "--connection-rate-file",
+            file.to_str().unwrap(),
+        ],
+    );
+    daemon.wait_for(10, "the flag's value while the file is absent", |_| {
+        classes(&pair.a).contains("ceil 1Mbit")
+    });
+    let tmp = dir.path().join("connection-rate.tmp");
+    std::fs::write(&tmp, "2mbit\n").unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+    let start = std::time::Instant::now();
+    daemon.wait_for(5, "the file's value", |_| {
+        classes(&pair.a).contains("ceil 2Mbit")
+    });
+    assert!(
+        start.elapsed() < std::time::Duration::from_millis(1500),
+        "{:?}",
+        start.elapsed()
+    );
+    std::fs::remove_file(&file).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    assert!(
+        classes(&pair.a).contains("ceil 2Mbit"),
+        "deleting the file keeps the last value"
+    );
+    std::fs::write(&file, "fast").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    assert!(
+        classes(&pair.a).contains("ceil 2Mbit"),
+        "a malformed file keeps the last value"
+    );
+    assert!(
+        daemon.log_text().contains("rate file"),
+        "{}",
+        daemon.log_text()
+    );
+}
+
+#[test]
+fn a_missing_interface_is_waited_for() {
+    let pair = NetnsPair::new();
+    let dir = tempfile::tempdir().unwrap();
+    // A veth inside the namespace stands in for ppp0 (this kernel has no dummy driver).
+    let add = || {
+        pair.a.ip(&[
+            "link", "add", "dummy9", "type", "veth", "peer", "name", "dummy9p",
+        ])
+    };
+    let mut d = DaemonProcess::spawn(&pair.a, dir.path(), &["-i", "dummy9"]);
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    assert!(
+        d.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "still running: {}",
+        d.log_text()
+    );
+    assert!(
+        d.log_text()
+            .contains("dummy9: interface not present; waiting"),
+        "{}",
+        d.log_text()
+    );
+    add();
+    pair.a.ip(&["link", "set", "dummy9", "up"]);
+    d.wait_for(5, "dummy9 shaped", |s| {
+        s["interfaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["name"] == "dummy9" && i["state"] == "shaping")
+    });
+    // The interface goes away and comes back (a ppp redial): reinstalled within a cycle or two.
+    pair.a.ip(&["link", "del", "dummy9"]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    add();
+    d.wait_for(5, "dummy9 shaped again", |_| {
+        let out = pair
+            .a
+            .command("tc")
+            .args(["qdisc", "show", "dev", "dummy9"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("htb 5a:")
+    });
+}

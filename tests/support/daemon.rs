@@ -1,0 +1,140 @@
+//! A `shaper run` process inside a namespace, with its own runtime and state dirs; stopped with
+//! SIGTERM (then killed) on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use super::netns::Netns;
+
+pub struct DaemonProcess {
+    pub child: Option<Child>,
+    pub dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl DaemonProcess {
+    /// Starts `shaper run -i veth0 --interval 200ms ARGS` in `ns`, using `dir` for its runtime
+    /// and state, and waits until it answers on its socket.
+    pub fn start(ns: &Netns, dir: &Path, args: &[&str]) -> DaemonProcess {
+        let mut d = DaemonProcess::spawn(ns, dir, args);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !d.dir.join("run/shaper.sock").exists() {
+            if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("shaper run exited with {status}:\n{}", d.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "shaper run did not start:\n{}",
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    /// Starts without waiting (for tests of refusals).
+    pub fn spawn(ns: &Netns, dir: &Path, args: &[&str]) -> DaemonProcess {
+        let log = dir.join(format!(
+            "shaper-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let child = ns
+            .command(env!("CARGO_BIN_EXE_shaper"))
+            .arg("run")
+            .args([
+                "-i",
+                "veth0",
+                "--interval",
+                "200ms",
+                "--usage-flush-interval",
+                "1s",
+            ])
+            .arg("--runtime-dir")
+            .arg(dir.join("run"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .args(args)
+            .env("SHAPER_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start shaper run");
+        DaemonProcess {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            log,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs `shaper COMMAND --runtime-dir …` against this daemon.
+    pub fn control(&self, args: &[&str]) -> Output {
+        std::process::Command::new(env!("CARGO_BIN_EXE_shaper"))
+            .args(args)
+            .arg("--runtime-dir")
+            .arg(self.dir.join("run"))
+            .output()
+            .unwrap()
+    }
+
+    /// `shaper status --json`.
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.control(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Waits until `ok(status)` holds, or panics after `secs` with the last status and the log.
+    pub fn wait_for(&self, secs: u64, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let s = self.status();
+            if ok(&s) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not reached; status {s:#}\nlog:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends a signal and waits for the process.
+    pub fn signal(&mut self, sig: i32) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: plain syscall on our child's pid.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        child.wait().unwrap()
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: plain syscall on our child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
