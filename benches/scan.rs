@@ -5,18 +5,16 @@
 //! `ss` is timed as a whole command with output to /dev/null, the way a shaper built on it would
 //! pay for it; shaper's cycle is timed in-process.
 
-#[path = "../tests/support/netns.rs"]
-#[allow(dead_code)]
-mod netns;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
-use std::io::BufRead;
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use netns::NetnsPair;
 use shaper::process::ProcessTable;
 use shaper::scan::{self, Backend};
+use support::crowd::{self, Crowd};
+use support::netns::NetnsPair;
 
 const RUNS: usize = 31;
 
@@ -29,52 +27,6 @@ fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
-/// Raises the soft open-file limit to the hard one (each process holds one side of the
-/// connections, so the usual hard limit suffices).
-fn raise_fd_limit() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls with a valid struct.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-        limit.rlim_cur = limit.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-    }
-    limit.rlim_cur
-}
-
-/// The peer: run in namespace b as a child process, accepts and holds every connection until its
-/// stdin closes. Prints `PORTS <v4> <v6>` once listening and `ACCEPTED` when all are in.
-fn serve(v4: usize, v6: usize) {
-    raise_fd_limit();
-    let listeners: Vec<TcpListener> = [NetnsPair::b_addr(4), NetnsPair::b_addr(6)]
-        .into_iter()
-        .map(|ip| TcpListener::bind((ip, 0)).unwrap())
-        .collect();
-    println!(
-        "PORTS {} {}",
-        listeners[0].local_addr().unwrap().port(),
-        listeners[1].local_addr().unwrap().port()
-    );
-    let held: Vec<TcpStream> = std::thread::scope(|s| {
-        let handles: Vec<_> = listeners
-            .iter()
-            .zip([v4, v6])
-            .map(|(l, n)| {
-                s.spawn(move || (0..n).map(|_| l.accept().unwrap().0).collect::<Vec<_>>())
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .collect()
-    });
-    println!("ACCEPTED {}", held.len());
-    let _ = std::io::stdin().read_line(&mut String::new());
-}
-
 fn peak_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .unwrap()
@@ -85,72 +37,13 @@ fn peak_rss_kib() -> u64 {
 }
 
 fn main() {
-    let connections: usize = std::env::args()
-        .skip(1)
-        .take_while(|a| a != "--serve")
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(10_000);
-    let args: Vec<String> = std::env::args().collect();
-    if let Some(at) = args.iter().position(|a| a == "--serve") {
-        serve(args[at + 1].parse().unwrap(), args[at + 2].parse().unwrap());
+    if crowd::serve_if_requested() {
         return;
     }
-    let limit = raise_fd_limit();
-    assert!(
-        limit as usize > connections + 1000,
-        "the open-file limit ({limit}) is too low for {connections} connections"
-    );
+    let connections = crowd::count_argument(10_000);
     let pair = NetnsPair::new();
-
-    // The peer process in b accepts and holds every connection; this process holds the client
-    // ends in a (the scanned side).
-    let v6 = connections / 5;
-    let mut server = pair
-        .b
-        .command(std::env::current_exe().unwrap())
-        .args(["--serve", &(connections - v6).to_string(), &v6.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start peer");
-    let mut server_out = std::io::BufReader::new(server.stdout.take().unwrap());
-    let mut line = String::new();
-    server_out.read_line(&mut line).unwrap();
-    let ports: Vec<u16> = line
-        .strip_prefix("PORTS ")
-        .expect("peer announces its ports")
-        .split_whitespace()
-        .map(|p| p.parse().unwrap())
-        .collect();
-    let addrs = [
-        SocketAddr::new(NetnsPair::b_addr(4), ports[0]),
-        SocketAddr::new(NetnsPair::b_addr(6), ports[1]),
-    ];
-    let setup = Instant::now();
-    let (clients, udp): (Vec<TcpStream>, Vec<UdpSocket>) = pair.a.run(|| {
-        let mut clients = Vec::with_capacity(connections);
-        for i in 0..connections {
-            let addr = if i < connections - v6 {
-                addrs[0]
-            } else {
-                addrs[1]
-            };
-            clients.push(TcpStream::connect(addr).expect("connect"));
-        }
-        let udp = (0..50)
-            .map(|_| UdpSocket::bind((NetnsPair::A_V4, 0)).unwrap())
-            .collect();
-        (clients, udp)
-    });
-    line.clear();
-    server_out.read_line(&mut line).unwrap();
-    assert!(line.starts_with("ACCEPTED"), "peer: {line}");
-    eprintln!(
-        "opened {} connections ({v6} IPv6) and {} UDP sockets in {:.1} s",
-        clients.len(),
-        udp.len(),
-        setup.elapsed().as_secs_f64()
-    );
+    let crowd = Crowd::open(&pair, connections);
+    let (clients, udp, v6) = (&crowd.clients, &crowd.udp, crowd.v6);
 
     // A netlink socket stays in the namespace it was created in, whichever thread uses it.
     let mut source = pair.a.run(|| scan::open(Backend::Diag).unwrap());
@@ -240,7 +133,5 @@ fn main() {
         peak_rss_kib() as f64 / 1024.0,
         clients.len()
     );
-    drop((clients, udp));
-    drop(server.stdin.take());
-    let _ = server.wait();
+    drop(crowd);
 }

@@ -317,11 +317,13 @@ impl Daemon {
             },
             &mut iface.handles,
         );
-        let installed = match &iface.applied {
+        // The tree last applied is moved into the comparison, not copied: with a leaf per
+        // connection it is the daemon's largest structure.
+        let installed = match iface.applied.take() {
             Some(applied) => Installed {
-                upload: Slot::Ours(applied.upload.clone()),
+                upload: Slot::Ours(applied.upload),
                 ingress: Slot::Ours(()),
-                download: Some(Slot::Ours(applied.download.clone())),
+                download: Some(Slot::Ours(applied.download)),
             },
             None => match self.backend.installed(&iface.name) {
                 Ok(i) => i,

@@ -322,11 +322,15 @@ impl ProcessTable {
                 let owner = self.owner(socket.inode).cloned();
                 if let Some(o) = &owner {
                     for pid in std::iter::once(o.pid).chain(o.others.iter().copied()) {
+                        // Each process is copied once, however many connections it has.
+                        if processes.contains_key(&pid) {
+                            continue;
+                        }
                         if let Some(p) = self.process(pid) {
                             processes.insert(pid, (**p).clone());
                             for a in &p.ancestors {
                                 if let Some(ap) = self.process(*a) {
-                                    processes.insert(*a, (**ap).clone());
+                                    processes.entry(*a).or_insert_with(|| (**ap).clone());
                                 }
                             }
                         }

@@ -192,3 +192,142 @@ fn a_changed_limit_applies_in_place_without_resetting_the_connection() {
     assert_within("before the change", early, 8e6, 0.90, 1.02);
     assert_within("after the change", late, 16e6, 0.90, 1.02);
 }
+
+// ---- the daemon end to end ---------------------------------------------------------------
+
+use support::daemon::DaemonProcess;
+
+/// iperf3 under another name, so a policy can tell the two clients apart.
+fn renamed_iperf3(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let which = std::process::Command::new("sh")
+        .args(["-c", "command -v iperf3"])
+        .output()
+        .unwrap();
+    let original = String::from_utf8_lossy(&which.stdout).trim().to_string();
+    let copy = dir.join(name);
+    std::fs::copy(&original, &copy).unwrap_or_else(|e| panic!("copy {original}: {e}"));
+    copy
+}
+
+#[test]
+fn daemon_limits_a_named_process_and_leaves_another_alone() {
+    let _serial = rate_lock();
+    let pair = NetnsPair::new();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("policy.lua");
+    std::fs::write(
+        &script,
+        "function classify(conn, ctx)\n\
+         \x20 local p = conn.process\n\
+         \x20 if p and p.name == \"iperf3-slow\" then return nil, { up = \"2mbit\", down = \"4mbit\" } end\n\
+         \x20 return nil\n\
+         end\n",
+    )
+    .unwrap();
+    let slow_iperf = renamed_iperf3(dir.path(), "iperf3-slow");
+    let daemon = DaemonProcess::start(&pair.a, dir.path(), &["--script", script.to_str().unwrap()]);
+    daemon.wait_for(10, "shaping", |s| s["interfaces"][0]["state"] == "shaping");
+    let measure = |program: &std::path::Path, port: u16, reverse: bool| {
+        let _server = Server::start(&pair.b, port);
+        let mut cmd = pair.a.command(program);
+        cmd.args(["-c", &NetnsPair::B_V4.to_string(), "-p", &port.to_string()])
+            // The daemon classifies a new connection within a cycle (200 ms): leave out 2 s.
+            .args(["-t", "12", "-O", "2", "-J"]);
+        if reverse {
+            cmd.arg("-R");
+        }
+        let out = cmd.output().unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        json["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .expect("iperf3 result")
+    };
+    let up = measure(&slow_iperf, 5401, false);
+    assert_within("named process upload", up, 2e6, 0.93, 1.01);
+    let down = measure(&slow_iperf, 5402, true);
+    assert_within("named process download", down, 4e6, 0.90, 1.01);
+    let other = measure(std::path::Path::new("iperf3"), 5403, false);
+    eprintln!("measured other process: {:.0} Mbit/s", other / 1e6);
+    assert!(
+        other > 100e6,
+        "the other process is not limited: {:.1} Mbit/s",
+        other / 1e6
+    );
+}
+
+#[test]
+fn a_quota_slows_down_and_survives_sigkill() {
+    let _serial = rate_lock();
+    let pair = NetnsPair::new();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("policy.lua");
+    std::fs::write(
+        &script,
+        "local shaper = require(\"shaper\")\n\
+         function classify(conn, ctx)\n\
+         \x20 if ctx.usage(\"day\").total > 20 * shaper.MB then return nil, \"1mbit\" end\n\
+         \x20 return nil\n\
+         end\n",
+    )
+    .unwrap();
+    let args = ["--script", script.to_str().unwrap()];
+    let mut daemon = DaemonProcess::start(&pair.a, dir.path(), &args);
+    daemon.wait_for(10, "shaping", |s| s["interfaces"][0]["state"] == "shaping");
+    // 30 MB unshaped: past the quota.
+    let _server = Server::start(&pair.b, 5501);
+    let out = pair
+        .a
+        .command("iperf3")
+        .args([
+            "-c",
+            &NetnsPair::B_V4.to_string(),
+            "-p",
+            "5501",
+            "-n",
+            "30M",
+            "-J",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let day = |s: &serde_json::Value| {
+        let u = &s["usage"]["day"];
+        u["up"]
+            .as_str()
+            .map_or(0, |t| t.parse::<shaper::units::Size>().unwrap().bytes())
+            + u["down"]
+                .as_str()
+                .map_or(0, |t| t.parse::<shaper::units::Size>().unwrap().bytes())
+    };
+    daemon.wait_for(5, "the transfer counted", |s| day(s) > 30_000_000);
+    let slowed = {
+        let _server = Server::start(&pair.b, 5502);
+        let mut run = Run::tcp(NetnsPair::b_addr(4), 5502, 40502);
+        run.seconds = 12;
+        run.omit = 2;
+        run.start(&pair.a).finish().bits_per_second
+    };
+    assert_within("after the quota", slowed, 1e6, 0.85, 1.01);
+    std::thread::sleep(std::time::Duration::from_millis(1200)); // one flush interval
+    let counted = day(&daemon.status());
+    let exit = daemon.signal(libc::SIGKILL);
+    assert!(!exit.success());
+    let restarted = DaemonProcess::start(&pair.a, dir.path(), &args);
+    restarted.wait_for(10, "shaping again", |s| {
+        s["interfaces"][0]["state"] == "shaping"
+    });
+    let resumed = day(&restarted.status());
+    eprintln!("usage before SIGKILL {counted} B, after restart {resumed} B");
+    assert!(
+        resumed >= counted - 2_000_000 && resumed > 20_000_000,
+        "{resumed} vs {counted}"
+    );
+    let again = {
+        let _server = Server::start(&pair.b, 5503);
+        let mut run = Run::tcp(NetnsPair::b_addr(4), 5503, 40503);
+        run.seconds = 12;
+        run.omit = 2;
+        run.start(&pair.a).finish().bits_per_second
+    };
+    assert_within("after the restart", again, 1e6, 0.85, 1.01);
+}

@@ -14,12 +14,13 @@ pub struct DaemonProcess {
 }
 
 impl DaemonProcess {
-    /// Starts `shaper run -i veth0 --interval 200ms ARGS` in `ns`, using `dir` for its runtime
+    /// Starts `shaper run -i veth0 --interval 200ms ARGS` (ARGS may set another interval) in `ns`, using `dir` for its runtime
     /// and state, and waits until it answers on its socket.
     pub fn start(ns: &Netns, dir: &Path, args: &[&str]) -> DaemonProcess {
         let mut d = DaemonProcess::spawn(ns, dir, args);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !d.dir.join("run/shaper.sock").exists() {
+        // The socket file of a killed daemon may still be there: wait until one answers.
+        while std::os::unix::net::UnixStream::connect(d.dir.join("run/shaper.sock")).is_err() {
             if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("shaper run exited with {status}:\n{}", d.log_text());
             }
@@ -45,14 +46,12 @@ impl DaemonProcess {
         let child = ns
             .command(env!("CARGO_BIN_EXE_shaper"))
             .arg("run")
-            .args([
-                "-i",
-                "veth0",
-                "--interval",
-                "200ms",
-                "--usage-flush-interval",
-                "1s",
-            ])
+            .args(["-i", "veth0", "--usage-flush-interval", "1s"])
+            .args(if args.contains(&"--interval") {
+                &[][..]
+            } else {
+                &["--interval", "200ms"][..]
+            })
             .arg("--runtime-dir")
             .arg(dir.join("run"))
             .arg("--state-dir")
