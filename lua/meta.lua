@@ -17,6 +17,8 @@
 ---@field rate_up number          # recent upload rate, bit/s
 ---@field rate_down number        # recent download rate, bit/s
 ---@field age number              # seconds since shaper first saw the connection
+---@field tokens_up number|nil     # token-bucket level (bytes) for a connection with its own limit
+---@field tokens_down number|nil
 ---@field process Process|nil     # nil when no process holds the socket (or it is not visible)
 
 ---@class Process
@@ -59,6 +61,8 @@ function Process:descends_from(name_or_pid) end
 ---@field connections integer
 ---@field rate_up number
 ---@field rate_down number
+---@field tokens_up number|nil   # token-bucket level (bytes) of a class with a ceiling
+---@field tokens_down number|nil
 
 ---@alias Rate number|string            # bit/s, or a string with a unit: "2mbit", "500KB/s"
 ---@alias Limit Rate|{up: Rate|nil, down: Rate|nil}

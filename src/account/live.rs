@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
-use super::{ClassStats, LINK, Period, StaticUsage, Usage};
-use crate::policy::{ConnStats, Decision, SocketKey, socket_key};
+use super::{Bucket, ClassStats, LINK, Period, StaticUsage, Usage};
+use crate::policy::{ClassSet, ConnStats, Decision, Each, SocketKey, socket_key};
 use crate::process::Snapshot;
 use crate::units::Size;
 
@@ -42,6 +42,21 @@ struct Track {
     first_seen: i64,
     rate_up: f64,
     rate_down: f64,
+    /// Buckets for the connection's own limit, per direction.
+    buckets: [Option<Bucket>; 2],
+}
+
+/// Keeps `slot` a bucket for `limit` (a new one when the limit changed), or none.
+fn keep_bucket(slot: &mut Option<Bucket>, limit: Option<u64>) {
+    match limit {
+        None => *slot = None,
+        Some(bits) => {
+            let fresh = Bucket::for_limit(bits);
+            if slot.is_none_or(|b| b.rate != fresh.rate) {
+                *slot = Some(fresh);
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -68,6 +83,7 @@ pub struct Accounting {
     connections: FxHashMap<SocketKey, Track>,
     links: BTreeMap<String, (u64, u64)>,
     classes: BTreeMap<String, ClassStats>,
+    class_buckets: BTreeMap<String, [Option<Bucket>; 2]>,
     last: Option<jiff::Timestamp>,
 }
 
@@ -117,6 +133,7 @@ impl Accounting {
             connections: FxHashMap::default(),
             links: BTreeMap::new(),
             classes: BTreeMap::new(),
+            class_buckets: BTreeMap::new(),
             last: None,
         }
     }
@@ -141,6 +158,7 @@ impl Accounting {
         &mut self,
         now: &jiff::Zoned,
         snapshot: &Snapshot,
+        classes_defined: &ClassSet,
         decisions: &[Decision],
         links: &[LinkCounters],
     ) -> Vec<ConnStats> {
@@ -170,6 +188,7 @@ impl Accounting {
         }
 
         let mut classes: BTreeMap<String, ClassStats> = BTreeMap::new();
+        let mut class_deltas: BTreeMap<String, [u64; 2]> = BTreeMap::new();
         let mut seen = FxHashMap::default();
         let mut stats = Vec::with_capacity(snapshot.connections.len());
         for (i, c) in snapshot.connections.iter().enumerate() {
@@ -196,6 +215,7 @@ impl Accounting {
                         first_seen: t.as_second(),
                         rate_up: 0.0,
                         rate_down: 0.0,
+                        buckets: [None, None],
                     };
                     (du, dd, track)
                 }
@@ -206,6 +226,19 @@ impl Accounting {
             }
             track.up = up;
             track.down = down;
+            let limit = decisions.get(i).map(|d| d.limit).unwrap_or_default();
+            let limits = [limit.up, limit.down].map(|r| r.map(crate::units::Rate::bits_per_sec));
+            for ((slot, limit), used) in track
+                .buckets
+                .iter_mut()
+                .zip(limits)
+                .zip([delta_up, delta_down])
+            {
+                keep_bucket(slot, limit);
+                if let Some(b) = slot {
+                    b.update(dt.unwrap_or(0.0), used);
+                }
+            }
             let process = snapshot.owner_process(c);
             let class = decisions.get(i).map(|d| d.class.to_string());
             let mut keys = Vec::with_capacity(3);
@@ -218,6 +251,9 @@ impl Accounting {
             }
             if let Some(class) = &class {
                 keys.push(format!("class:{class}"));
+                let d = class_deltas.entry(class.clone()).or_default();
+                d[0] += delta_up;
+                d[1] += delta_down;
                 let figures = classes.entry(class.clone()).or_default();
                 figures.connections += 1;
                 figures.rate_up += track.rate_up;
@@ -232,10 +268,34 @@ impl Accounting {
                 rate_up: track.rate_up,
                 rate_down: track.rate_down,
                 age: (t.as_second() - track.first_seen) as f64,
+                tokens_up: track.buckets[0].map(|b| b.level),
+                tokens_down: track.buckets[1].map(|b| b.level),
             });
             seen.insert(key, track);
         }
         self.connections = seen;
+        // Class buckets: for classes whose ceiling applies to the class as a whole.
+        let mut buckets = std::mem::take(&mut self.class_buckets);
+        for def in classes_defined.classes.values() {
+            if def.each != Each::Class {
+                continue;
+            }
+            let name = def.name.to_string();
+            let slots = buckets.entry(name.clone()).or_default();
+            let ceil =
+                [def.ceil.up, def.ceil.down].map(|r| r.map(crate::units::Rate::bits_per_sec));
+            let used = class_deltas.get(&name).copied().unwrap_or_default();
+            for ((slot, limit), used) in slots.iter_mut().zip(ceil).zip(used) {
+                keep_bucket(slot, limit);
+                if let Some(b) = slot {
+                    b.update(dt.unwrap_or(0.0), used);
+                }
+            }
+            let figures = classes.entry(name.clone()).or_default();
+            figures.tokens_up = slots[0].map(|b| b.level);
+            figures.tokens_down = slots[1].map(|b| b.level);
+            self.class_buckets.insert(name, *slots);
+        }
         self.classes = classes;
         stats
     }
@@ -403,6 +463,15 @@ mod tests {
         }]
     }
 
+    fn classes() -> ClassSet {
+        let mut set = ClassSet::default();
+        let mut bulk = crate::policy::ClassDef::default_class();
+        bulk.name = "bulk".into();
+        bulk.ceil = "1mbit:unlimited".parse().unwrap();
+        set.classes.insert(bulk.name.clone(), bulk);
+        set
+    }
+
     fn bulk() -> Vec<Decision> {
         vec![Decision {
             class: "bulk".into(),
@@ -414,14 +483,26 @@ mod tests {
     fn deltas_rates_and_keys_with_a_stepped_clock() {
         let mut a = Accounting::new(1);
         let t0 = at("2026-11-22T10:00:00", "UTC");
-        a.observe(&t0, &snapshot(1000, 5000), &bulk(), &link(100, 200));
+        a.observe(
+            &t0,
+            &snapshot(1000, 5000),
+            &classes(),
+            &bulk(),
+            &link(100, 200),
+        );
         assert_eq!(
             a.usage(Period::Day, LINK).total(),
             0,
             "the first cycle is the baseline"
         );
         let t1 = at("2026-11-22T10:00:01", "UTC");
-        let stats = a.observe(&t1, &snapshot(126_000, 5000), &bulk(), &link(125_100, 1200));
+        let stats = a.observe(
+            &t1,
+            &snapshot(126_000, 5000),
+            &classes(),
+            &bulk(),
+            &link(125_100, 1200),
+        );
         assert_eq!(a.usage(Period::Day, LINK).up.bytes(), 125_000);
         assert_eq!(a.usage(Period::Day, LINK).down.bytes(), 1000);
         assert_eq!(a.usage(Period::Hour, "process:curl").up.bytes(), 125_000);
@@ -436,6 +517,14 @@ mod tests {
         );
         assert_eq!(stats[0].age, 1.0);
         assert_eq!(a.classes()["bulk"].connections, 1);
+        // bulk's 1 Mbit/s ceiling: a 125,000-byte bucket, refilled for 1 s and drained by the
+        // 125,000 bytes sent: empty. No ceiling down, no bucket.
+        assert_eq!(a.classes()["bulk"].tokens_up, Some(0.0));
+        assert_eq!(a.classes()["bulk"].tokens_down, None);
+        assert_eq!(
+            stats[0].tokens_up, None,
+            "no limit on the connection itself"
+        );
     }
 
     #[test]
@@ -445,12 +534,14 @@ mod tests {
         a.observe(
             &at("2026-10-24T23:00:00", "Europe/Berlin"),
             &snapshot(0, 0),
+            &classes(),
             &bulk(),
             &link(0, 0),
         );
         a.observe(
             &at("2026-10-24T23:30:00", "Europe/Berlin"),
             &snapshot(0, 0),
+            &classes(),
             &bulk(),
             &link(10, 0),
         );
@@ -459,6 +550,7 @@ mod tests {
         a.observe(
             &at("2026-10-25T23:30:00", "Europe/Berlin"),
             &snapshot(0, 0),
+            &classes(),
             &bulk(),
             &link(30, 0),
         );
@@ -476,12 +568,14 @@ mod tests {
         a.observe(
             &at("2026-11-20T12:00:00", "UTC"),
             &snapshot(0, 0),
+            &classes(),
             &bulk(),
             &link(0, 0),
         );
         a.observe(
             &at("2026-11-20T12:00:01", "UTC"),
             &snapshot(0, 0),
+            &classes(),
             &bulk(),
             &link(500, 0),
         );
@@ -489,6 +583,7 @@ mod tests {
         a.observe(
             &at("2026-12-16T08:00:00", "UTC"),
             &snapshot(0, 0),
+            &classes(),
             &bulk(),
             &link(700, 0),
         );
@@ -513,10 +608,11 @@ mod tests {
         let path = dir.path().join("usage.ron");
         let now = at("2026-11-22T10:00:00", "UTC");
         let mut a = Accounting::new(1);
-        a.observe(&now, &snapshot(0, 0), &bulk(), &link(0, 0));
+        a.observe(&now, &snapshot(0, 0), &classes(), &bulk(), &link(0, 0));
         a.observe(
             &at("2026-11-22T10:00:05", "UTC"),
             &snapshot(0, 0),
+            &classes(),
             &bulk(),
             &link(20_000_000, 0),
         );

@@ -86,6 +86,38 @@ pub struct ClassStats {
     /// Recent rates, bits per second.
     pub rate_up: f64,
     pub rate_down: f64,
+    /// Token-bucket levels in bytes for a class with a ceiling (as a whole), per direction:
+    /// full after a second below the ceiling, negative while the class is held back.
+    pub tokens_up: Option<f64>,
+    pub tokens_down: Option<f64>,
+}
+
+/// A token bucket fed by observed bytes: filled at `rate` bytes per second up to `burst`
+/// (one second's worth), drained by what was sent.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bucket {
+    pub rate: f64,
+    pub burst: f64,
+    pub level: f64,
+}
+
+impl Bucket {
+    /// A full bucket for a limit in bits per second.
+    pub fn for_limit(bits_per_second: u64) -> Bucket {
+        let rate = bits_per_second as f64 / 8.0;
+        Bucket {
+            rate,
+            burst: rate,
+            level: rate,
+        }
+    }
+
+    /// Refills for `seconds` and takes `bytes`. The level may go below zero (by at most ten
+    /// bursts): traffic observed above the limit, e.g. before the kernel applied it.
+    pub fn update(&mut self, seconds: f64, bytes: u64) {
+        self.level = ((self.level + self.rate * seconds).min(self.burst) - bytes as f64)
+            .max(-10.0 * self.burst);
+    }
 }
 
 /// What the policy may read about usage. Implementations must be cheap: the policy may call

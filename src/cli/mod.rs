@@ -228,7 +228,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Check(args) => {
             // Problems are printed as the result; the daemon-style warnings would repeat them.
             logging::init(cli.verbose, cli.quiet, Some("error"));
-            policy::check(args)
+            policy::check(cli, args)
         }
         Command::Simulate(args) => {
             logging::init(cli.verbose, cli.quiet, Some("error"));

@@ -15,8 +15,8 @@ use crate::process::Snapshot;
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// The policy script to check
-    pub script: PathBuf,
+    /// The policy script to check [default: the configured one, /etc/shaper/policy.lua]
+    pub script: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -144,8 +144,12 @@ fn load(script: &Path) -> Result<Engine, PolicyError> {
     Engine::load(script, EngineOptions::default())
 }
 
-pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
-    let mut engine = match load(&args.script) {
+pub fn check(cli: &super::Cli, args: &CheckArgs) -> anyhow::Result<ExitCode> {
+    let script = match &args.script {
+        Some(s) => s.clone(),
+        None => cli.effective_config(&super::ConfigArgs::default())?.script,
+    };
+    let mut engine = match load(&script) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("error: {e}");
@@ -159,7 +163,7 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
         Arc::new(StaticUsage::default()),
         None,
     );
-    let name = args.script.display();
+    let name = script.display();
     println!("{name}: classes {}", describe_classes(&outcome));
     println!(
         "decisions for the {} built-in sample connections, now:",

@@ -227,9 +227,13 @@ impl Daemon {
 
         let t = Instant::now();
         let links = self.link_counters();
-        let stats = self
-            .accounting
-            .observe(&now, &snapshot, &outcome.decisions, &links);
+        let stats = self.accounting.observe(
+            &now,
+            &snapshot,
+            &outcome.classes,
+            &outcome.decisions,
+            &links,
+        );
         self.conn_stats = snapshot
             .connections
             .iter()

@@ -87,6 +87,12 @@ impl UserData for ConnRef {
         fields.add_field_method_get("age", |lua, this| {
             with_input(lua, |input| stats_of(input, this.0).age)
         });
+        fields.add_field_method_get("tokens_up", |lua, this| {
+            with_input(lua, |input| stats_of(input, this.0).tokens_up)
+        });
+        fields.add_field_method_get("tokens_down", |lua, this| {
+            with_input(lua, |input| stats_of(input, this.0).tokens_down)
+        });
         fields.add_field_method_get("process", |lua, this| {
             match conn_field(lua, this, |_, c| c.owner.as_ref().map(|o| o.pid))? {
                 Some(pid) => process_value(lua, pid),
@@ -165,11 +171,20 @@ pub(crate) fn usage(lua: &Lua, (period, key): (String, String)) -> mlua::Result<
     })
 }
 
-/// `raw.class(name)` → connections, rate_up, rate_down.
-pub(crate) fn class(lua: &Lua, name: String) -> mlua::Result<(u64, f64, f64)> {
+/// `raw.class(name)` → connections, rate_up, rate_down, tokens_up, tokens_down.
+pub(crate) fn class(
+    lua: &Lua,
+    name: String,
+) -> mlua::Result<(u64, f64, f64, Option<f64>, Option<f64>)> {
     with_input(lua, |input| {
         let c = input.usage.class(&name).unwrap_or_default();
-        (c.connections, c.rate_up, c.rate_down)
+        (
+            c.connections,
+            c.rate_up,
+            c.rate_down,
+            c.tokens_up,
+            c.tokens_down,
+        )
     })
 }
 

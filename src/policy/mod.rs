@@ -95,6 +95,9 @@ pub struct ConnStats {
     pub rate_down: f64,
     /// Seconds since shaper first saw the connection.
     pub age: f64,
+    /// Token-bucket levels in bytes for a connection with its own limit, per direction.
+    pub tokens_up: Option<f64>,
+    pub tokens_down: Option<f64>,
 }
 
 /// Everything one cycle of the policy reads.

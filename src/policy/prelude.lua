@@ -119,9 +119,12 @@ local function make_ctx(now, time, interface, rate, connection_rate)
   function ctx.class(name)
     local c = class_cache[name]
     if c == nil then
-      local ok, connections, rate_up, rate_down = pcall(raw.class, name)
+      local ok, connections, rate_up, rate_down, tokens_up, tokens_down = pcall(raw.class, name)
       if not ok then error(connections, 2) end
-      c = { connections = connections, rate_up = rate_up, rate_down = rate_down }
+      c = {
+        connections = connections, rate_up = rate_up, rate_down = rate_down,
+        tokens_up = tokens_up, tokens_down = tokens_down,
+      }
       class_cache[name] = c
     end
     return c
