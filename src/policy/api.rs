@@ -171,11 +171,11 @@ pub(crate) fn usage(lua: &Lua, (period, key): (String, String)) -> mlua::Result<
     })
 }
 
-/// `raw.class(name)` → connections, rate_up, rate_down, tokens_up, tokens_down.
-pub(crate) fn class(
-    lua: &Lua,
-    name: String,
-) -> mlua::Result<(u64, f64, f64, Option<f64>, Option<f64>)> {
+/// What `raw.class` returns: connections, rate_up, rate_down, tokens_up, tokens_down.
+type ClassFigures = (u64, f64, f64, Option<f64>, Option<f64>);
+
+/// `raw.class(name)` → [`ClassFigures`].
+pub(crate) fn class(lua: &Lua, name: String) -> mlua::Result<ClassFigures> {
     with_input(lua, |input| {
         let c = input.usage.class(&name).unwrap_or_default();
         (
