@@ -18,6 +18,16 @@ pub struct RunArgs {
     /// Replace a root or ingress qdisc that shaper did not install
     #[arg(long)]
     pub replace: bool,
+    /// Run a policy script that is not owned by root or that others may write (refused by
+    /// default when running as root; for development only)
+    #[arg(long)]
+    pub allow_insecure_script: bool,
+}
+
+/// Whether policy files must be root's and not writable by others: when running as root, unless
+/// the user opted out.
+pub fn strict_permissions(allow_insecure_script: bool) -> bool {
+    rustix::process::geteuid().is_root() && !allow_insecure_script
 }
 
 #[derive(Debug, Args)]
@@ -57,6 +67,7 @@ pub fn run(cli: &super::Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
             builtin_policy,
             dry_run: args.dry_run,
             replace: args.replace,
+            strict_permissions: strict_permissions(args.allow_insecure_script),
         },
     )
 }

@@ -17,6 +17,9 @@ use crate::process::Snapshot;
 pub struct CheckArgs {
     /// The policy script to check [default: the configured one, /etc/shaper/policy.lua]
     pub script: Option<PathBuf>,
+    /// As root, accept a script not owned by root or writable by others (as `run` would refuse)
+    #[arg(long)]
+    pub allow_insecure_script: bool,
 }
 
 #[derive(Debug, Args)]
@@ -140,8 +143,14 @@ fn print_errors(entries: &[ErrorEntry]) {
     }
 }
 
-fn load(script: &Path) -> Result<Engine, PolicyError> {
-    Engine::load(script, EngineOptions::default())
+fn load(script: &Path, strict_permissions: bool) -> Result<Engine, PolicyError> {
+    Engine::load(
+        script,
+        EngineOptions {
+            strict_permissions,
+            ..EngineOptions::default()
+        },
+    )
 }
 
 pub fn check(cli: &super::Cli, args: &CheckArgs) -> anyhow::Result<ExitCode> {
@@ -149,7 +158,8 @@ pub fn check(cli: &super::Cli, args: &CheckArgs) -> anyhow::Result<ExitCode> {
         Some(s) => s.clone(),
         None => cli.effective_config(&super::ConfigArgs::default())?.script,
     };
-    let mut engine = match load(&script) {
+    let strict = super::daemon::strict_permissions(args.allow_insecure_script);
+    let mut engine = match load(&script, strict) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("error: {e}");
@@ -236,7 +246,7 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<ExitCode> {
         Some(path) => Arc::new(StaticUsage::load(path)?),
         None => Arc::new(StaticUsage::default()),
     };
-    let mut engine = load(&args.script)?;
+    let mut engine = load(&args.script, false)?;
     let at = now.strftime("%Y-%m-%d %H:%M %Z").to_string();
     let (snapshot, outcome) = run_once(&mut engine, snapshot, now, usage, args.interface.clone());
     let rows = decision_rows(&snapshot, &outcome);

@@ -62,6 +62,9 @@ pub struct RunOptions {
     pub dry_run: bool,
     /// Replace a root or ingress qdisc shaper did not install.
     pub replace: bool,
+    /// Refuse policy files root does not own or others can write (see
+    /// [`crate::policy::check_permissions`]).
+    pub strict_permissions: bool,
 }
 
 /// One shaped interface's state between cycles.
@@ -132,7 +135,13 @@ impl Daemon {
                 EngineOptions::default(),
             )?
         } else {
-            Engine::load(&config.script, EngineOptions::default())?
+            Engine::load(
+                &config.script,
+                EngineOptions {
+                    strict_permissions: options.strict_permissions,
+                    ..EngineOptions::default()
+                },
+            )?
         };
         let now = jiff::Zoned::now();
         let accounting = Accounting::load(&usage_path(&config), &now, config.month_start_day);

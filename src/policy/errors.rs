@@ -12,6 +12,10 @@ use serde::Serialize;
 pub enum PolicyError {
     #[error("cannot read {path}: {message}")]
     Read { path: String, message: String },
+    /// A script (or a module it requires) that someone other than root could change, refused
+    /// by a daemon running as root.
+    #[error("{0}")]
+    Unsafe(String),
     /// Syntax errors, errors in the script's top-level code, and contract violations found at
     /// load time (no `classify` function, a malformed `classes` table).
     #[error("{0}")]

@@ -50,7 +50,45 @@ pub struct Script {
     pub source: String,
 }
 
+/// sshd's StrictModes for policy files: a root daemon runs the code, so only root may be able
+/// to change it. Checked before a file is read.
+pub fn check_permissions(path: &Path) -> Result<(), PolicyError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|e| PolicyError::Read {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let p = path.display();
+    let fix = "or run with --allow-insecure-script while developing";
+    if meta.uid() != 0 {
+        return Err(PolicyError::Unsafe(format!(
+            "refusing {p}: it is owned by uid {}, not root, and shaper runs it as root. \
+             Fix: `chown root:root {p}` ({fix})",
+            meta.uid()
+        )));
+    }
+    let who = match (meta.mode() & 0o020 != 0, meta.mode() & 0o002 != 0) {
+        (false, false) => return Ok(()),
+        (true, false) => "its group",
+        (false, true) => "everyone",
+        (true, true) => "its group and everyone",
+    };
+    Err(PolicyError::Unsafe(format!(
+        "refusing {p}: it is writable by {who} (mode {:04o}), and shaper runs it as root. \
+         Fix: `chmod go-w {p}` ({fix})",
+        meta.mode() & 0o7777
+    )))
+}
+
 impl Script {
+    /// Reads a script, first checking its permissions when `strict`.
+    pub fn read_checked(path: &Path, strict: bool) -> Result<Script, PolicyError> {
+        if strict {
+            check_permissions(path)?;
+        }
+        Script::read(path)
+    }
+
     pub fn read(path: &Path) -> Result<Script, PolicyError> {
         let source = std::fs::read_to_string(path).map_err(|e| PolicyError::Read {
             path: path.display().to_string(),
@@ -74,6 +112,9 @@ pub struct EngineOptions {
     pub memory_limit: usize,
     /// Wall-clock time a cycle (or loading the script) may take before it is abandoned.
     pub deadline: Duration,
+    /// Refuse a script or module that is not owned by root or is writable by group or others
+    /// (sshd's StrictModes): set when running as root.
+    pub strict_permissions: bool,
 }
 
 impl Default for EngineOptions {
@@ -83,6 +124,7 @@ impl Default for EngineOptions {
             cycle_budget: 200_000_000,
             memory_limit: 64 << 20,
             deadline: Duration::from_millis(750),
+            strict_permissions: false,
         }
     }
 }
@@ -240,7 +282,10 @@ impl Engine {
     /// Reads, compiles and loads a script. Errors (unreadable file, syntax, top-level errors, no
     /// `classify`) carry `file:line`.
     pub fn load(path: &Path, options: EngineOptions) -> Result<Engine, PolicyError> {
-        Engine::from_script(Script::read(path)?, options)
+        Engine::from_script(
+            Script::read_checked(path, options.strict_permissions)?,
+            options,
+        )
     }
 
     pub fn from_script(script: Script, options: EngineOptions) -> Result<Engine, PolicyError> {
@@ -279,7 +324,10 @@ impl Engine {
 
     /// Re-reads the script and swaps it in if it loads; on error the running script stays.
     pub fn reload(&mut self) -> Result<(), PolicyError> {
-        let script = Arc::new(Script::read(&self.script.path)?);
+        let script = Arc::new(Script::read_checked(
+            &self.script.path,
+            self.options.strict_permissions,
+        )?);
         let worker = Worker::spawn(script.clone(), &self.options)?;
         self.script = script;
         self.worker = worker;

@@ -242,7 +242,12 @@ impl Vm {
             )?;
             globals.set(
                 "require",
-                require_function(&lua, &script.path, required.clone())?,
+                require_function(
+                    &lua,
+                    &script.path,
+                    required.clone(),
+                    options.strict_permissions,
+                )?,
             )?;
             Ok(())
         };
@@ -521,6 +526,7 @@ fn require_function(
     lua: &Lua,
     script: &Path,
     required: Rc<std::cell::RefCell<Vec<PathBuf>>>,
+    strict_permissions: bool,
 ) -> mlua::Result<Function> {
     let dir = script
         .parent()
@@ -550,9 +556,23 @@ fn require_function(
                 )));
             }
             let path = dir.join(format!("{}.lua", name.replace('.', "/")));
+            // Errors name the line of the `require`, like Lua's own.
+            let at = lua
+                .inspect_stack(1, |d| {
+                    format!(
+                        "{}:{}: ",
+                        d.source().short_src.unwrap_or_default(),
+                        d.current_line().unwrap_or(0)
+                    )
+                })
+                .unwrap_or_default();
+            if strict_permissions && path.exists() {
+                super::check_permissions(&path)
+                    .map_err(|e| mlua::Error::runtime(format!("{at}{e}")))?;
+            }
             let src = std::fs::read_to_string(&path).map_err(|e| {
                 mlua::Error::runtime(format!(
-                    "require {name:?}: cannot read {} ({e}); policies can require the shaper \
+                    "{at}require {name:?}: cannot read {} ({e}); policies can require the shaper \
                      library and modules next to the script",
                     path.display()
                 ))

@@ -110,3 +110,68 @@ fn check_reports_problems_with_exit_status() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("policy.lua:2:"));
 }
+
+#[test]
+fn as_root_a_script_others_can_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_dir, script) = temp_file("policy.lua", "function classify(conn) return nil end\n");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = output(shaper().arg("check").arg(&script));
+    assert!(
+        out.status.success(),
+        "root-owned 0644 is accepted: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o664)).unwrap();
+    let out = output(shaper().arg("check").arg(&script));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("writable by its group (mode 0664)"), "{err}");
+    assert!(
+        err.contains(&format!("chmod go-w {}", script.display())),
+        "{err}"
+    );
+    let out = output(
+        shaper()
+            .args(["check", "--allow-insecure-script"])
+            .arg(&script),
+    );
+    assert!(out.status.success(), "the documented opt-out works");
+
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::os::unix::fs::chown(&script, Some(65534), None).unwrap();
+    let out = output(shaper().arg("check").arg(&script));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("owned by uid 65534, not root") && err.contains("chown root:root"),
+        "{err}"
+    );
+}
+
+#[test]
+fn as_root_a_module_others_can_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let module = dir.path().join("rules.lua");
+    std::fs::write(&module, "return {}\n").unwrap();
+    std::fs::set_permissions(&module, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let script = dir.path().join("policy.lua");
+    std::fs::write(
+        &script,
+        "local rules = require(\"rules\")\nfunction classify(conn) return nil end\n",
+    )
+    .unwrap();
+    let out = output(shaper().arg("check").arg(&script));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("rules.lua: it is writable by its group and everyone"),
+        "{err}"
+    );
+    assert!(
+        err.contains("policy.lua:1:"),
+        "the require is named too: {err}"
+    );
+}
