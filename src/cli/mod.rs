@@ -3,6 +3,7 @@
 //! `main.rs` only calls [`main`]; every subcommand returns `anyhow::Result<ExitCode>` so exit codes
 //! are decided here: 0 success, 1 failure (or, for checking commands, "problems found"), 2 usage.
 
+pub mod artifacts;
 pub mod daemon;
 pub mod logging;
 pub mod policy;
@@ -91,6 +92,12 @@ pub enum Command {
     ///
     /// For after a crash, or to stop shaping by hand. Foreign qdiscs are left alone.
     Clear(shape::ClearArgs),
+    /// Write man pages and shell completions to DIR (for packaging)
+    #[command(hide = true)]
+    GenerateArtifacts {
+        /// Output directory (man/ and completions/ are created in it)
+        dir: PathBuf,
+    },
 }
 
 /// Flags that override configuration-file values. Shared by every command that reads the config.
@@ -238,6 +245,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             logging::init(cli.verbose, cli.quiet, Some("warn"));
             shape::run_plan(cli, args)
         }
+        Command::GenerateArtifacts { dir } => artifacts::generate(dir),
         Command::Clear(args) => {
             logging::init(cli.verbose, cli.quiet, None);
             shape::run_clear(cli, args)
