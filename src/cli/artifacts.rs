@@ -26,7 +26,11 @@ pub fn generate(dir: &Path) -> anyhow::Result<ExitCode> {
     for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
         clap_complete::generate_to(shell, &mut Cli::command(), "shaper", &completions)?;
     }
-    println!("wrote man pages to {} and completions to {}", man.display(), completions.display());
+    println!(
+        "wrote man pages to {} and completions to {}",
+        man.display(),
+        completions.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -42,7 +46,9 @@ fn escape(line: &str) -> String {
 /// A plain rendering of the reference's Markdown as roff: headings become sections, code
 /// blocks and tables stay preformatted, everything else is filled text.
 pub fn markdown_to_man(md: &str) -> String {
-    let mut out = String::from(".TH SHAPER-POLICY 7\n.SH NAME\nshaper-policy \\- the Lua policy reference of shaper\n");
+    let mut out = String::from(
+        ".TH SHAPER-POLICY 7\n.SH NAME\nshaper-policy \\- the Lua policy reference of shaper\n",
+    );
     let mut code = false;
     let mut table = false;
     for line in md.lines() {

@@ -383,13 +383,11 @@ impl Vm {
         let classes = self.classes(&ctx).map_err(cycle_err)?;
         if let Ok(Value::Function(hook)) = self.lua.globals().get::<Value>("on_cycle") {
             hook.call::<()>(&ctx).map_err(|e| {
-                let at = self
-                    .hook
-                    .progress
-                    .lock()
-                    .ok()
-                    .and_then(|p| p.last_position());
-                cycle_err(with_memory_context(&e, at, options))
+                cycle_err(with_memory_context(
+                    &e,
+                    self.position(Progress::last_position),
+                    options,
+                ))
             })?;
         }
         let mut decisions = Vec::with_capacity(input.snapshot.connections.len());
@@ -404,15 +402,11 @@ impl Vm {
                     let at = self.locate_memory_error(i, &ctx);
                     Err(with_memory_context(&e, at, options))
                 }
-                Err(e) => {
-                    let at = self
-                        .hook
-                        .progress
-                        .lock()
-                        .ok()
-                        .and_then(|p| p.position_in_call());
-                    Err(with_memory_context(&e, at, options))
-                }
+                Err(e) => Err(with_memory_context(
+                    &e,
+                    self.position(Progress::position_in_call),
+                    options,
+                )),
             };
             if decision
                 .as_ref()
@@ -426,6 +420,11 @@ impl Vm {
         }
         self.start_call(None);
         Ok(VmCycle { classes, decisions })
+    }
+
+    /// A position recorded by the hook, read with `which`.
+    fn position(&self, which: fn(&Progress) -> Option<String>) -> Option<String> {
+        self.hook.progress.lock().ok().and_then(|p| which(&p))
     }
 
     fn call_classify(&self, i: usize, ctx: &Table) -> mlua::Result<(Value, Value)> {
