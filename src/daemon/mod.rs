@@ -34,6 +34,8 @@ pub const BUILTIN_POLICY: &str = include_str!("../../lua/builtin-policy.lua");
 pub struct RateSource {
     pub flag: Option<RatePair>,
     pub file: Option<RateFile>,
+    /// The value of the last cycle (for `status`).
+    pub last: Option<RatePair>,
 }
 
 impl RateSource {
@@ -41,15 +43,17 @@ impl RateSource {
         RateSource {
             flag,
             file: file.map(RateFile::new),
+            last: flag,
         }
     }
 
     /// The value for this cycle (`None` = no limit).
     pub fn current(&mut self) -> Option<RatePair> {
-        match &mut self.file {
+        self.last = match &mut self.file {
             Some(f) => f.current(self.flag),
             None => self.flag,
-        }
+        };
+        self.last
     }
 }
 

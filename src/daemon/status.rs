@@ -151,8 +151,8 @@ impl StatusReport {
             started: daemon.started.to_string(),
             cycles: daemon.cycles,
             dry_run: daemon.options.dry_run,
-            rate: daemon.rate.flag.map(|r| r.to_string()),
-            connection_rate: daemon.connection_rate.flag.map(|r| r.to_string()),
+            rate: daemon.rate.last.map(|r| r.to_string()),
+            connection_rate: daemon.connection_rate.last.map(|r| r.to_string()),
             interfaces: daemon
                 .interfaces
                 .iter()

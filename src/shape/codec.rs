@@ -29,7 +29,7 @@ const TC_LINKLAYER_ETHERNET: u8 = 1;
 const TCA_OPTIONS: u16 = 2;
 /// psched ticks are 64 ns (`PSCHED_SHIFT`).
 const PSCHED_SHIFT: u32 = 6;
-/// `ETH_P_ALL`, `ETH_P_IP`, `ETH_P_IPV6`.
+/// `ETH_P_ALL`: every protocol, for the ingress redirect.
 pub const ETH_P_ALL: u16 = 0x0003;
 
 fn handle(major: u16, minor: u16) -> TcHandle {

@@ -74,24 +74,6 @@ pub enum Op {
     },
 }
 
-impl Op {
-    pub fn dev(&self) -> &str {
-        match self {
-            Op::AddIfb { name } | Op::DeleteIfb { name } => name,
-            Op::AddRoot { dev, .. }
-            | Op::DeleteRoot { dev }
-            | Op::AddIngress { dev, .. }
-            | Op::DeleteIngress { dev }
-            | Op::AddClass { dev, .. }
-            | Op::ChangeClass { dev, .. }
-            | Op::DeleteClass { dev, .. }
-            | Op::AddLeaf { dev, .. }
-            | Op::AddFilter { dev, .. }
-            | Op::DeleteFilter { dev, .. } => dev,
-        }
-    }
-}
-
 fn class_args(class: &Class) -> String {
     format!(
         "htb rate {} ceil {} burst {}b cburst {}b quantum {} prio {}",
