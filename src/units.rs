@@ -440,7 +440,7 @@ quantity_traits!(
 /// A pair of limits written `UP[:DOWN]`, as nbdkit's `rate=` takes one and shaper needs two:
 /// `2mbit` limits both directions, `1mbit:8mbit` upload and download separately, and either side may
 /// be `unlimited`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct RatePair {
     pub up: Option<Rate>,
     pub down: Option<Rate>,

@@ -79,6 +79,9 @@ pub struct Interface {
     handles: Handles,
     /// What the last successful apply left installed; `None` means "read the kernel".
     applied: Option<Desired>,
+    /// A hash of what that plan was made from: when the next cycle's inputs hash the same, the
+    /// plan would be the same, so planning is skipped.
+    applied_from: Option<u64>,
     pub state: String,
     pub operations: usize,
     pub failures: u64,
@@ -158,6 +161,7 @@ impl Daemon {
                 ifindex: None,
                 handles: Handles::default(),
                 applied: None,
+                applied_from: None,
                 state: "starting".into(),
                 operations: 0,
                 failures: 0,
@@ -324,6 +328,11 @@ impl Daemon {
         if iface.ifindex.is_none() {
             return;
         }
+        let inputs = plan_inputs_hash(snapshot, outcome, capacity, features);
+        if iface.applied.is_some() && iface.applied_from == Some(inputs) {
+            iface.operations = 0;
+            return;
+        }
         let desired = plan(
             &PlanInput {
                 classes: &outcome.classes,
@@ -366,12 +375,14 @@ impl Daemon {
                 tracing::info!("{}: would apply:\n{ops}", iface.name);
             }
             iface.applied = Some(desired);
+            iface.applied_from = Some(inputs);
             iface.state = "dry run".into();
             return;
         }
         let failures = self.backend.apply(&ops);
         if failures.is_empty() {
             iface.applied = Some(desired);
+            iface.applied_from = Some(inputs);
             iface.state = "shaping".into();
         } else {
             iface.failures += failures.len() as u64;
@@ -444,6 +455,27 @@ impl Daemon {
             }
         }
     }
+}
+
+/// Everything the planner reads, hashed: the classes, each connection's identity, owner and
+/// decision, the capacity and the kernel features.
+fn plan_inputs_hash(
+    snapshot: &Snapshot,
+    outcome: &CycleOutcome,
+    capacity: Capacity,
+    features: crate::shape::Features,
+) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = rustc_hash::FxHasher::default();
+    outcome.classes.hash(&mut h);
+    capacity.hash(&mut h);
+    features.hash(&mut h);
+    for (c, d) in snapshot.connections.iter().zip(&outcome.decisions) {
+        socket_key(&c.socket).hash(&mut h);
+        c.owner.as_ref().map(|o| o.pid).hash(&mut h);
+        d.hash(&mut h);
+    }
+    h.finish()
 }
 
 fn usage_path(config: &Config) -> PathBuf {

@@ -20,7 +20,7 @@ pub const DEFAULT_PRIO: u8 = 4;
 pub const MAX_CLASSES: usize = 1000;
 
 /// What a class's `rate` and `ceil` apply to (NetLimiter's limit scopes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Each {
     /// The class as a whole shares its `ceil`.
@@ -43,7 +43,7 @@ impl Each {
 }
 
 /// One class as declared in `classes`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ClassDef {
     pub name: Arc<str>,
     /// 0 (served first) to 7.
@@ -70,7 +70,7 @@ impl ClassDef {
 }
 
 /// The validated classes of one cycle, by name; always contains `default`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ClassSet {
     pub classes: BTreeMap<Arc<str>, ClassDef>,
 }
@@ -107,7 +107,7 @@ impl ClassSet {
 }
 
 /// The policy's answer for one connection.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Decision {
     pub class: Arc<str>,
     /// A limit for this one connection, on top of its class's.

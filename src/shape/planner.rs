@@ -43,14 +43,14 @@ const MAX_MINOR: u16 = 0xfffe;
 const MAX_NODE: u32 = 0xfff;
 
 /// Link capacity per direction; `None` = unknown (no link-wide limit).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct Capacity {
     pub up: Option<Rate>,
     pub down: Option<Rate>,
 }
 
 /// The kernel features the plan may use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Features {
     pub fq_codel: bool,
 }
