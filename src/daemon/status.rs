@@ -196,6 +196,14 @@ impl StatusReport {
                 i.name, i.state, i.operations, i.failures
             );
         }
+        if self.rate.is_some() || self.connection_rate.is_some() {
+            let _ = writeln!(
+                out,
+                "limits: interface {}, each connection {}",
+                self.rate.as_deref().unwrap_or("none"),
+                self.connection_rate.as_deref().unwrap_or("none")
+            );
+        }
         let usage: Vec<String> = self
             .usage
             .iter()
