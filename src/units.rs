@@ -337,11 +337,6 @@ impl Size {
 }
 
 impl Interval {
-    pub fn from_duration(d: Duration) -> Self {
-        Interval(Duration::from_millis(
-            d.as_millis().min(u64::MAX as u128) as u64
-        ))
-    }
     pub const fn from_millis(ms: u64) -> Self {
         Interval(Duration::from_millis(ms))
     }

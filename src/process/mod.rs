@@ -22,7 +22,7 @@ mod info;
 use std::collections::BTreeMap;
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -343,10 +343,6 @@ impl ProcessTable {
             connections,
             processes,
         }
-    }
-
-    pub fn proc_root(&self) -> &Path {
-        &self.proc_root
     }
 }
 

@@ -300,16 +300,12 @@ pub fn redirect_all(ifindex: u32, to_ifindex: u32) -> TcMessage {
     m
 }
 
-fn kind(m: &TcMessage) -> Option<&str> {
+/// The kind of a dumped qdisc, class or filter (`htb`, `ingress`, `u32`, …).
+pub fn kind_of(m: &TcMessage) -> Option<&str> {
     m.attributes.iter().find_map(|a| match a {
         TcAttribute::Kind(k) => Some(k.as_str()),
         _ => None,
     })
-}
-
-/// The kind of a dumped qdisc or class (`htb`, `ingress`, …).
-pub fn kind_of(m: &TcMessage) -> Option<&str> {
-    kind(m)
 }
 
 fn nla_bytes(nla: &DefaultNla) -> Vec<u8> {
@@ -360,7 +356,7 @@ fn u32_at(b: &[u8], off: usize) -> Option<u32> {
 
 /// The default minor of a dumped HTB root qdisc.
 pub fn parse_htb_default(m: &TcMessage) -> Option<u16> {
-    if kind(m) != Some("htb") {
+    if kind_of(m) != Some("htb") {
         return None;
     }
     raw_options(m)
@@ -372,7 +368,7 @@ pub fn parse_htb_default(m: &TcMessage) -> Option<u16> {
 
 /// A dumped HTB class: its minor and parameters (labels are not in the kernel).
 pub fn parse_htb_class(m: &TcMessage) -> Option<(u16, Class)> {
-    if kind(m) != Some("htb") || m.header.handle.major != MAJOR {
+    if kind_of(m) != Some("htb") || m.header.handle.major != MAJOR {
         return None;
     }
     let options = raw_options(m);
@@ -418,7 +414,7 @@ pub fn parse_leaf(m: &TcMessage) -> Option<(u16, Leaf)> {
     if m.header.parent.major != MAJOR || m.header.parent.minor == 0 {
         return None;
     }
-    let leaf = match kind(m)? {
+    let leaf = match kind_of(m)? {
         "fq_codel" => Leaf::FqCodel,
         "pfifo" => Leaf::Pfifo {
             limit: u32_at(&struct_options(m)?, 0)?,
@@ -430,7 +426,7 @@ pub fn parse_leaf(m: &TcMessage) -> Option<(u16, Leaf)> {
 
 /// A dumped u32 connection filter (an entry of one of shaper's hash tables).
 pub fn parse_u32_filter(m: &TcMessage) -> Option<(u32, Filter)> {
-    if kind(m) != Some("u32") {
+    if kind_of(m) != Some("u32") {
         return None;
     }
     let fh = u32::from(m.header.handle);
