@@ -20,8 +20,10 @@ use crate::policy::{
 use crate::process::{ProcessTable, Snapshot};
 use crate::scan::{self, Backend, SocketSource};
 use crate::shape::netlink::NetlinkBackend;
+use crate::shape::watch::Watch;
 use crate::shape::{
-    Capacity, Desired, Handles, Installed, PlanInput, Slot, TcBackend, plan, reconcile, teardown,
+    Capacity, Desired, Handles, Installed, PlanInput, Redirect, Slot, TcBackend, plan, reconcile,
+    teardown,
 };
 use crate::units::{Rate, RatePair};
 
@@ -113,6 +115,8 @@ pub struct Daemon {
     pub accounting: Accounting,
     conn_stats: FxHashMap<SocketKey, ConnStats>,
     backend: NetlinkBackend,
+    /// Changes other programs make to the interfaces (none in a dry run, which changes nothing).
+    watch: Option<Watch>,
     pub interfaces: Vec<Interface>,
     pub rate: RateSource,
     pub connection_rate: RateSource,
@@ -153,8 +157,20 @@ impl Daemon {
         let now = jiff::Zoned::now();
         let accounting = Accounting::load(&usage_path(&config), &now, config.month_start_day);
         let backend = NetlinkBackend::new()?;
-        let interfaces = config
-            .shaped_interfaces()?
+        let names = config.shaped_interfaces()?;
+        let watch = if options.dry_run {
+            None
+        } else {
+            Watch::start(names.clone(), backend.port())
+                .map_err(|e| {
+                    tracing::warn!(
+                        "cannot listen for netlink notifications ({e}); changes made by other \
+                         programs are noticed only when an operation fails"
+                    )
+                })
+                .ok()
+        };
+        let interfaces = names
             .into_iter()
             .map(|name| Interface {
                 name,
@@ -186,6 +202,7 @@ impl Daemon {
             accounting,
             conn_stats: FxHashMap::default(),
             backend,
+            watch,
             interfaces,
             last: None,
             timings: Timings::default(),
@@ -264,6 +281,15 @@ impl Daemon {
             up: min_rate(self.config.uplink, rate.and_then(|r| r.up)),
             down: min_rate(self.config.downlink, rate.and_then(|r| r.down)),
         };
+        if let Some(watch) = &self.watch {
+            for name in watch.take_changed() {
+                // Someone else changed the kernel's state: read it instead of trusting the tree
+                // last applied, so the reconcile repairs what was changed.
+                if let Some(iface) = self.interfaces.iter_mut().find(|i| i.name == name) {
+                    iface.applied = None;
+                }
+            }
+        }
         for i in 0..self.interfaces.len() {
             self.shape_interface(i, &snapshot, &outcome, capacity);
         }
@@ -328,6 +354,7 @@ impl Daemon {
         if iface.ifindex.is_none() {
             return;
         }
+
         let inputs = plan_inputs_hash(snapshot, outcome, capacity, features);
         if iface.applied.is_some() && iface.applied_from == Some(inputs) {
             iface.operations = 0;
@@ -348,7 +375,7 @@ impl Daemon {
         let installed = match iface.applied.take() {
             Some(applied) => Installed {
                 upload: Slot::Ours(applied.upload),
-                ingress: Slot::Ours(()),
+                ingress: Slot::Ours(Redirect::ToIfb),
                 download: Some(Slot::Ours(applied.download)),
             },
             None => match self.backend.installed(&iface.name) {
@@ -440,6 +467,8 @@ impl Daemon {
 
     /// Removes everything shaper installed and saves usage.
     pub fn shutdown(&mut self) {
+        // Stopped first: the teardown's own deletions need no repair.
+        self.watch = None;
         self.flush(&jiff::Zoned::now());
         if self.options.dry_run {
             return;

@@ -270,8 +270,23 @@ pub fn u32_filter_delete(ifindex: u32, fh: u32, family: Family) -> TcMessage {
     )
 }
 
+/// Marks shaper's ingress redirect. The kernel stores an action cookie and dumps it back but
+/// never interprets it, so the redirect stays recognisable as shaper's when its IFB has been
+/// deleted and the kernel reports the target as no device at all (ifindex 0): that dangling
+/// redirect drops every inbound packet, and only an owner that recognises it will remove it.
+pub const REDIRECT_COOKIE: &[u8] = b"shaper:redirect";
+
+/// A mirred egress redirect read back from an ingress filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Redirect {
+    /// The target device; 0 once the target has been deleted.
+    pub to_ifindex: u32,
+    /// Whether it carries [`REDIRECT_COOKIE`] (redirects installed before the cookie do not).
+    pub marked: bool,
+}
+
 /// `tc filter add dev IF parent ffff: prio 1 protocol all u32 match u32 0 0 action mirred
-/// egress redirect dev IFB`
+/// egress redirect dev IFB cookie <REDIRECT_COOKIE>`
 pub fn redirect_all(ifindex: u32, to_ifindex: u32) -> TcMessage {
     let mut m = filter_message(ifindex, handle(0xffff, 0), 1, ETH_P_ALL, 0);
     let mut mirror = TcMirror::default();
@@ -285,6 +300,7 @@ pub fn redirect_all(ifindex: u32, to_ifindex: u32) -> TcMessage {
         TcActionAttribute::Options(vec![TcActionOption::Mirror(TcActionMirrorOption::Parms(
             mirror,
         ))]),
+        TcActionAttribute::Cookie(REDIRECT_COOKIE.to_vec()),
     ];
     u32_options(
         &mut m,
@@ -475,26 +491,35 @@ pub fn parse_u32_filter(m: &TcMessage) -> Option<(u32, Filter)> {
 }
 
 /// The ifindex a dumped filter redirects to with mirred, if it does.
-pub fn parse_redirect(m: &TcMessage) -> Option<u32> {
+pub fn parse_redirect(m: &TcMessage) -> Option<Redirect> {
     m.attributes.iter().find_map(|a| match a {
         TcAttribute::Options(opts) => opts.iter().find_map(|o| match o {
-            TcOption::U32(TcFilterU32Option::Action(actions)) => actions.iter().find_map(|act| {
-                act.attributes.iter().find_map(|aa| match aa {
-                    TcActionAttribute::Options(ao) => ao.iter().find_map(|x| match x {
-                        TcActionOption::Mirror(TcActionMirrorOption::Parms(p))
-                            if p.eaction == TcMirrorActionType::EgressRedir =>
-                        {
-                            Some(p.ifindex)
-                        }
-                        _ => None,
-                    }),
-                    _ => None,
-                })
-            }),
+            TcOption::U32(TcFilterU32Option::Action(actions)) => {
+                actions.iter().find_map(redirect_of_action)
+            }
             _ => None,
         }),
         _ => None,
     })
+}
+
+fn redirect_of_action(action: &TcAction) -> Option<Redirect> {
+    let to_ifindex = action.attributes.iter().find_map(|aa| match aa {
+        TcActionAttribute::Options(ao) => ao.iter().find_map(|x| match x {
+            TcActionOption::Mirror(TcActionMirrorOption::Parms(p))
+                if p.eaction == TcMirrorActionType::EgressRedir =>
+            {
+                Some(p.ifindex)
+            }
+            _ => None,
+        }),
+        _ => None,
+    })?;
+    let marked = action
+        .attributes
+        .iter()
+        .any(|aa| matches!(aa, TcActionAttribute::Cookie(c) if c == REDIRECT_COOKIE));
+    Some(Redirect { to_ifindex, marked })
 }
 
 #[cfg(test)]
@@ -597,6 +622,12 @@ mod tests {
 
     #[test]
     fn redirect_points_at_the_ifb() {
-        assert_eq!(parse_redirect(&round_trip(&redirect_all(2, 77))), Some(77));
+        assert_eq!(
+            parse_redirect(&round_trip(&redirect_all(2, 77))),
+            Some(Redirect {
+                to_ifindex: 77,
+                marked: true
+            })
+        );
     }
 }

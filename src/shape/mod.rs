@@ -17,6 +17,7 @@ pub mod model;
 pub mod netlink;
 pub mod planner;
 pub mod reconcile;
+pub mod watch;
 
 pub use model::{DeviceTree, Direction};
 pub use planner::{Capacity, Desired, Features, Handles, PlanInput, plan};
@@ -41,11 +42,21 @@ pub enum Slot<T> {
     Foreign(String),
 }
 
+/// shaper's ingress redirect, as found in the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redirect {
+    /// It carries download traffic to the interface's IFB.
+    ToIfb,
+    /// Its target is gone (the IFB was deleted) or is not the IFB: it drops every inbound
+    /// packet, so it is removed before anything else is done.
+    Dangling,
+}
+
 /// What is installed for one interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Installed {
     pub upload: Slot<DeviceTree>,
-    pub ingress: Slot<()>,
+    pub ingress: Slot<Redirect>,
     /// The IFB's root, or `None` when the IFB does not exist.
     pub download: Option<Slot<DeviceTree>>,
 }
@@ -152,7 +163,20 @@ pub fn reconcile(
         download,
     ));
     match &installed.ingress {
-        Slot::Ours(()) => {}
+        Slot::Ours(Redirect::ToIfb) => {}
+        Slot::Ours(Redirect::Dangling) => {
+            // First of all: until it goes, no inbound packet arrives.
+            ops.insert(
+                0,
+                Op::DeleteIngress {
+                    dev: interface.into(),
+                },
+            );
+            ops.push(Op::AddIngress {
+                dev: interface.into(),
+                ifb,
+            });
+        }
         Slot::Free => ops.push(Op::AddIngress {
             dev: interface.into(),
             ifb,
@@ -175,7 +199,7 @@ pub fn reconcile(
 /// (so no packet is sent to a vanishing IFB), then the IFB, then the upload tree.
 pub fn teardown(interface: &str, installed: &Installed) -> Plan {
     let mut ops = Vec::new();
-    if matches!(installed.ingress, Slot::Ours(())) {
+    if matches!(installed.ingress, Slot::Ours(_)) {
         ops.push(Op::DeleteIngress {
             dev: interface.into(),
         });

@@ -22,7 +22,7 @@ use super::codec;
 use super::model::{DeviceTree, Family, Leaf, MAJOR};
 use super::planner::Features;
 use super::reconcile::{Op, Plan};
-use super::{Installed, ShapeError, Slot, TcBackend, ifb_name};
+use super::{Installed, Redirect, ShapeError, Slot, TcBackend, ifb_name};
 
 /// `NLMSGERR_ATTR_MSG`: the extended-ack text.
 const NLMSGERR_ATTR_MSG: u16 = 1;
@@ -31,6 +31,8 @@ pub struct NetlinkBackend {
     runtime: tokio::runtime::Runtime,
     handle: Handle,
     features: Option<Features>,
+    /// The socket's netlink port: the kernel's notifications of this backend's changes carry it.
+    port: u32,
     /// Change requests sent so far (dumps not counted), for `status` and the benchmark.
     pub requests_sent: u64,
 }
@@ -74,13 +76,25 @@ impl NetlinkBackend {
             .set_ext_ack(true)
             .and_then(|()| socket.set_cap_ack(true))
             .map_err(|e| ShapeError::Netlink(format!("cannot enable extended acks: {e}")))?;
+        // Bound now (rather than on the first send) so the port is known from the start.
+        let address = connection
+            .socket_mut()
+            .socket_mut()
+            .bind_auto()
+            .map_err(|e| ShapeError::Netlink(format!("cannot bind a netlink socket: {e}")))?;
         runtime.spawn(connection);
         Ok(NetlinkBackend {
             runtime,
             handle,
             features: None,
+            port: address.port_number(),
             requests_sent: 0,
         })
+    }
+
+    /// The netlink port this backend sends from (see [`super::watch`]).
+    pub fn port(&self) -> u32 {
+        self.port
     }
 
     /// Sends one request and waits for its ack.
@@ -262,7 +276,10 @@ impl NetlinkBackend {
         Ok(Slot::Ours(tree))
     }
 
-    fn ingress(&mut self, ifindex: u32, ifb: Option<u32>) -> Result<Slot<()>, String> {
+    /// What is at the ingress of a device. shaper's redirect is recognised by its cookie, or
+    /// (installed by a version without the cookie) by its target: the IFB, or no device while
+    /// the IFB is missing.
+    fn ingress(&mut self, ifindex: u32, ifb: Option<u32>) -> Result<Slot<Redirect>, String> {
         let qdiscs = self.qdiscs(ifindex)?;
         let Some(q) = qdiscs.iter().find(|q| q.header.parent == TcHandle::INGRESS) else {
             return Ok(Slot::Free);
@@ -281,16 +298,9 @@ impl NetlinkBackend {
         if filters.is_empty() {
             return Ok(Slot::Free); // an empty ingress qdisc: shaper adds its redirect to it
         }
-        let ours = ifb.is_some_and(|ifb| {
-            filters
-                .iter()
-                .any(|f| codec::parse_redirect(f) == Some(ifb))
-        });
-        Ok(if ours {
-            Slot::Ours(())
-        } else {
-            Slot::Foreign("ingress ffff: with other filters".into())
-        })
+        let redirects: Vec<codec::Redirect> =
+            filters.iter().filter_map(codec::parse_redirect).collect();
+        Ok(classify_ingress(&redirects, ifb))
     }
 
     /// Whether the kernel can create an fq_codel qdisc, tried on a scratch IFB.
@@ -462,6 +472,23 @@ impl NetlinkBackend {
                 )
             }
         }
+    }
+}
+
+/// Whose the redirects on an ingress qdisc are, given the IFB's current index.
+fn classify_ingress(redirects: &[codec::Redirect], ifb: Option<u32>) -> Slot<Redirect> {
+    if redirects
+        .iter()
+        .any(|r| ifb.is_some_and(|ifb| r.to_ifindex == ifb))
+    {
+        Slot::Ours(Redirect::ToIfb)
+    } else if redirects
+        .iter()
+        .any(|r| r.marked || (ifb.is_none() && r.to_ifindex == 0))
+    {
+        Slot::Ours(Redirect::Dangling)
+    } else {
+        Slot::Foreign("ingress ffff: with other filters".into())
     }
 }
 

@@ -86,6 +86,11 @@ fn class_args(class: &Class) -> String {
     )
 }
 
+/// Bytes as tc writes an action cookie.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn parent_id(parent: u16) -> String {
     if parent == 0 {
         format!("{:x}:", MAJOR)
@@ -140,7 +145,8 @@ impl fmt::Display for Op {
             Op::DeleteRoot { dev } => write!(f, "tc qdisc del dev {dev} root"),
             Op::AddIngress { dev, ifb } => write!(
                 f,
-                "tc qdisc add dev {dev} ingress\ntc filter add dev {dev} parent ffff: prio 1 protocol all u32 match u32 0 0 action mirred egress redirect dev {ifb}"
+                "tc qdisc add dev {dev} ingress\ntc filter add dev {dev} parent ffff: prio 1 protocol all u32 match u32 0 0 action mirred egress redirect dev {ifb} cookie {}",
+                hex(super::codec::REDIRECT_COOKIE)
             ),
             Op::DeleteIngress { dev } => write!(f, "tc qdisc del dev {dev} ingress"),
             Op::AddClass { dev, minor, class } | Op::ChangeClass { dev, minor, class } => {

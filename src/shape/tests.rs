@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::model::{Direction, Family, Key};
 use super::planner::{Capacity, Features, Handles, PlanInput, filter_keys, plan};
-use super::{Installed, ShapeError, Slot, reconcile, teardown};
+use super::{Installed, Redirect, ShapeError, Slot, reconcile, teardown};
 use crate::policy::{ClassDef, ClassSet, Decision, Each};
 use crate::process::{Connection, Owner};
 use crate::scan::{Proto, Socket, State};
@@ -103,7 +103,7 @@ impl Case {
 fn installed_from(desired: &super::Desired) -> Installed {
     Installed {
         upload: Slot::Ours(desired.upload.clone()),
-        ingress: Slot::Ours(()),
+        ingress: Slot::Ours(Redirect::ToIfb),
         download: Some(Slot::Ours(desired.download.clone())),
     }
 }
@@ -155,7 +155,7 @@ tc filter add dev eth0 parent 5a: prio 10 protocol ip handle 10:42:1 u32 ht 10:4
     );
     assert!(
         text.trim_end().ends_with(
-            "tc qdisc add dev eth0 ingress\ntc filter add dev eth0 parent ffff: prio 1 protocol all u32 match u32 0 0 action mirred egress redirect dev shp-eth0"
+            "tc qdisc add dev eth0 ingress\ntc filter add dev eth0 parent ffff: prio 1 protocol all u32 match u32 0 0 action mirred egress redirect dev shp-eth0 cookie 7368617065723a7265646972656374"
         ),
         "the redirect comes last"
     );
@@ -394,5 +394,38 @@ fn keys_for_ipv6_and_unconnected_udp() {
             val: 51413,
             mask: 0xffff
         }
+    );
+}
+
+#[test]
+fn a_dangling_redirect_goes_first_and_comes_back_last() {
+    let desired = Case::basic().desired(&mut Handles::default());
+    // The IFB was deleted under a working tree: the redirect now points at no device.
+    let installed = Installed {
+        upload: Slot::Ours(desired.upload.clone()),
+        ingress: Slot::Ours(Redirect::Dangling),
+        download: None,
+    };
+    let plan = reconcile("eth0", &desired, &installed, false).unwrap();
+    let ops: Vec<String> = plan.ops.iter().map(|o| o.to_string()).collect();
+    assert_eq!(
+        ops.first().map(String::as_str),
+        Some("tc qdisc del dev eth0 ingress"),
+        "{plan}"
+    );
+    assert!(
+        ops[1].starts_with("ip link add shp-eth0 type ifb"),
+        "{plan}"
+    );
+    assert!(
+        ops.last()
+            .unwrap()
+            .contains("mirred egress redirect dev shp-eth0"),
+        "{plan}"
+    );
+    let teardown = teardown("eth0", &installed).to_string();
+    assert!(
+        teardown.contains("tc qdisc del dev eth0 ingress"),
+        "{teardown}"
     );
 }

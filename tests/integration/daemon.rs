@@ -239,3 +239,85 @@ fn a_missing_interface_is_waited_for() {
         String::from_utf8_lossy(&out.stdout).contains("htb 5a:")
     });
 }
+
+fn ingress_filters(ns: &Netns) -> String {
+    let out = ns
+        .command("tc")
+        .args(["filter", "show", "dev", "veth0", "ingress"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_deleted_ifb_leaves_inbound_traffic_flowing_and_is_rebuilt() {
+    let pair = NetnsPair::new();
+    let dir = tempfile::tempdir().unwrap();
+    // A long cycle: the redirect must go at once, not when the next cycle comes.
+    let daemon = DaemonProcess::start(&pair.a, dir.path(), &["--interval", "3s"]);
+    daemon.wait_for(10, "shaping", shaping);
+    assert!(pair.inbound_opens(), "inbound TCP before the fault");
+    pair.a.ip(&["link", "del", "shp-veth0"]);
+    let deleted = std::time::Instant::now();
+    while !pair.inbound_opens() {
+        assert!(
+            deleted.elapsed() < std::time::Duration::from_secs(2),
+            "inbound TCP still dropped after the IFB went; ingress: {}\nlog:\n{}",
+            ingress_filters(&pair.a),
+            daemon.log_text()
+        );
+    }
+    assert!(
+        daemon.log_text().contains("inbound traffic flows unshaped"),
+        "the watcher, not a cycle, removed the redirect:\n{}",
+        daemon.log_text()
+    );
+    // The next cycle rebuilds the IFB, its tree and the redirect.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !ingress_filters(&pair.a).contains("Redirect to device shp-veth0") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not rebuilt: {}\nlog:\n{}",
+            ingress_filters(&pair.a),
+            daemon.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    daemon.wait_for(10, "shaping again", shaping);
+    assert!(pair.inbound_opens(), "inbound TCP after the rebuild");
+}
+
+#[test]
+fn a_tree_changed_by_hand_is_repaired_within_a_cycle() {
+    let pair = NetnsPair::new();
+    let dir = tempfile::tempdir().unwrap();
+    let _conn = connection(&pair);
+    let daemon = DaemonProcess::start(&pair.a, dir.path(), &["--connection-rate", "1mbit:3mbit"]);
+    daemon.wait_for(10, "shaping", |s| {
+        shaping(s) && classes(&pair.a).contains("ceil 1Mbit")
+    });
+    let out = pair
+        .a
+        .command("tc")
+        .args(["qdisc", "del", "dev", "veth0", "root"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(!classes(&pair.a).contains("5a:"), "the tree is gone");
+    // 200 ms cycles: repaired well within a second, without any connection changing.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while !classes(&pair.a).contains("ceil 1Mbit") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not repaired: {}\nlog:\n{}",
+            classes(&pair.a),
+            daemon.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        daemon.log_text().contains("changed by another program"),
+        "{}",
+        daemon.log_text()
+    );
+}

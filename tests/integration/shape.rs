@@ -4,7 +4,7 @@
 
 use shaper::policy::{Decision, Each};
 use shaper::scan::{Proto, Socket};
-use shaper::shape::{Installed, ShapeError, Slot, TcBackend, reconcile};
+use shaper::shape::{Installed, Redirect, ShapeError, Slot, TcBackend, reconcile};
 
 use crate::support::netns::{Netns, NetnsPair};
 use crate::support::shaping::{Shaper, class, class_set, decision, flow};
@@ -67,7 +67,7 @@ fn installed_tree_reads_back_and_nothing_changed_means_nothing_sent() {
         &strip(&desired.download),
         "download tree reads back as installed"
     );
-    assert_eq!(installed.ingress, Slot::Ours(()));
+    assert_eq!(installed.ingress, Slot::Ours(Redirect::ToIfb));
     let again = reconcile(NetnsPair::IFNAME, &desired, &installed, false).unwrap();
     assert!(
         again.is_empty(),
@@ -109,6 +109,82 @@ fn clear_leaves_the_namespace_as_it_was() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(kernel_view(&pair.a), before);
+}
+
+#[test]
+fn a_redirect_whose_ifb_is_gone_is_removed_by_reconcile_and_by_clear() {
+    let pair = NetnsPair::new();
+    let before = kernel_view(&pair.a);
+    let mut shaper = Shaper::new(&pair.a);
+    let classes = class_set(vec![class("bulk", "2mbit", Each::Class)]);
+    shaper.shape(&classes, &mixed_flows());
+    pair.a.ip(&["link", "del", "shp-veth0"]);
+    assert!(
+        !pair.inbound_opens(),
+        "the dangling redirect drops inbound packets (the fault this test is about)"
+    );
+    let installed = shaper.backend.installed(NetnsPair::IFNAME).unwrap();
+    assert_eq!(installed.ingress, Slot::Ours(Redirect::Dangling));
+    // The next reconcile removes it first, then rebuilds.
+    let plan = shaper.apply(&classes, &mixed_flows());
+    assert_eq!(plan.ops[0].to_string(), "tc qdisc del dev veth0 ingress");
+    let installed = shaper.backend.installed(NetnsPair::IFNAME).unwrap();
+    assert_eq!(installed.ingress, Slot::Ours(Redirect::ToIfb));
+    assert!(pair.inbound_opens());
+    // `shaper clear` (no daemon) removes it in the same state.
+    pair.a.ip(&["link", "del", "shp-veth0"]);
+    let out = pair
+        .a
+        .command(env!("CARGO_BIN_EXE_shaper"))
+        .args(["clear", "--interface", "veth0"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(kernel_view(&pair.a), before);
+    assert!(pair.inbound_opens());
+}
+
+#[test]
+fn a_redirect_from_before_the_cookie_is_still_recognised_when_its_ifb_is_gone() {
+    let pair = NetnsPair::new();
+    pair.a.ip(&["link", "add", "shp-veth0", "type", "ifb"]);
+    tc(&pair.a, &["qdisc", "add", "dev", "veth0", "ingress"]);
+    tc(
+        &pair.a,
+        &[
+            "filter",
+            "add",
+            "dev",
+            "veth0",
+            "parent",
+            "ffff:",
+            "prio",
+            "1",
+            "protocol",
+            "all",
+            "u32",
+            "match",
+            "u32",
+            "0",
+            "0",
+            "action",
+            "mirred",
+            "egress",
+            "redirect",
+            "dev",
+            "shp-veth0",
+        ],
+    );
+    let mut shaper = Shaper::new(&pair.a);
+    let installed = shaper.backend.installed(NetnsPair::IFNAME).unwrap();
+    assert_eq!(installed.ingress, Slot::Ours(Redirect::ToIfb));
+    pair.a.ip(&["link", "del", "shp-veth0"]);
+    let installed = shaper.backend.installed(NetnsPair::IFNAME).unwrap();
+    assert_eq!(installed.ingress, Slot::Ours(Redirect::Dangling));
 }
 
 #[test]

@@ -89,6 +89,19 @@ impl NetnsPair {
     }
 
     /// The peer's address for a family (4 or 6), as seen from `a`.
+    /// Whether a TCP connection from `b` to a listener in `a` opens within half a second: its
+    /// SYN must pass `a`'s ingress (where a redirect to a missing device would drop it).
+    pub fn inbound_opens(&self) -> bool {
+        let listener = self
+            .a
+            .run(|| std::net::TcpListener::bind((Self::A_V4, 0)).unwrap());
+        let addr = listener.local_addr().unwrap();
+        self.b.run(|| {
+            std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(500))
+                .is_ok()
+        })
+    }
+
     pub fn b_addr(family: u8) -> IpAddr {
         if family == 6 {
             Self::B_V6.into()

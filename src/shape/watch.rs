@@ -1,0 +1,348 @@
+//! Kernel notifications about shaper's devices: a change someone else makes underneath the
+//! daemon is noticed within milliseconds instead of when a later operation fails.
+//!
+//! A thread listens on rtnetlink's link and tc multicast groups. Every notification names the
+//! netlink port of the request that caused it, so the daemon's own changes (sent from the
+//! backend's port) are told apart from another program's (`tc`, `ip`, a second shaper). Two
+//! things follow from a foreign change:
+//!
+//! * the interface is marked changed, and the daemon's next cycle reads the kernel instead of
+//!   trusting the tree it last applied, so the reconcile repairs (or reports) the difference;
+//! * when an IFB of shaper's is deleted, the interface's ingress redirect now sends every inbound
+//!   packet to no device. The watcher removes that redirect at once, from its own thread, so
+//!   inbound traffic flows unshaped instead of being dropped until the next cycle rebuilds it.
+//!
+//! Nothing is polled: a quiet interface costs no netlink message and no CPU.
+
+use std::collections::BTreeSet;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::link::LinkAttribute;
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+use super::netlink::NetlinkBackend;
+use super::reconcile::{Op, Plan};
+use super::{Redirect, Slot, TcBackend, ifb_name};
+
+/// How often the listening thread looks at its stop flag while nothing arrives.
+const STOP_CHECK: Duration = Duration::from_millis(200);
+
+/// What the listener shares with the daemon.
+#[derive(Default)]
+struct Shared {
+    /// Shaped interfaces whose tc state (or IFB) another program changed since the last look.
+    changed: Mutex<BTreeSet<String>>,
+    stop: AtomicBool,
+}
+
+/// The listening thread, stopped on drop.
+pub struct Watch {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Watch {
+    /// Starts listening for changes to `interfaces` (and their IFBs) not made from netlink port
+    /// `own_port` (the daemon's backend). The socket is opened in the calling thread's network
+    /// namespace, which the listening thread also works in.
+    pub fn start(interfaces: Vec<String>, own_port: u32) -> io::Result<Watch> {
+        let mut socket = Socket::new(NETLINK_ROUTE)?;
+        socket.bind(&SocketAddr::new(0, 0))?;
+        socket.add_membership(libc::RTNLGRP_LINK)?;
+        socket.add_membership(libc::RTNLGRP_TC)?;
+        let shared = Arc::new(Shared::default());
+        let listener = Listener {
+            socket,
+            interfaces,
+            own_port,
+            shared: shared.clone(),
+            repairer: None,
+        };
+        let thread = std::thread::Builder::new()
+            .name("shaper-watch".into())
+            .spawn(move || listener.run())?;
+        Ok(Watch {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// The interfaces another program changed since the last call.
+    pub fn take_changed(&self) -> BTreeSet<String> {
+        std::mem::take(&mut *lock(&self.shared.changed))
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+struct Listener {
+    socket: Socket,
+    interfaces: Vec<String>,
+    own_port: u32,
+    shared: Arc<Shared>,
+    /// Opened the first time an IFB disappears: most daemons never need it.
+    repairer: Option<NetlinkBackend>,
+}
+
+/// What one notification means for the daemon.
+#[derive(Debug, PartialEq, Eq)]
+enum Event {
+    /// tc state on this device changed.
+    Tc {
+        ifindex: u32,
+    },
+    /// A device was deleted.
+    LinkGone {
+        name: String,
+    },
+    Other,
+}
+
+impl Listener {
+    fn run(mut self) {
+        let mut buf = vec![0u8; 1 << 16];
+        while !self.shared.stop.load(Ordering::Relaxed) {
+            if !readable(&self.socket, STOP_CHECK) {
+                continue;
+            }
+            buf.clear();
+            match self.socket.recv(&mut buf, 0) {
+                Ok(_) => {
+                    for (port, event) in events(&buf) {
+                        self.handle(port, event);
+                    }
+                }
+                // The kernel dropped notifications (ENOBUFS): what was lost is unknown, so every
+                // interface is re-read.
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                    let all = self.interfaces.iter().cloned();
+                    lock(&self.shared.changed).extend(all);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::warn!(
+                        "netlink notifications stopped ({e}); changes made by other programs \
+                         are noticed only when an operation fails"
+                    );
+                    return;
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, port: u32, event: Event) {
+        match event {
+            Event::Tc { ifindex } if port != self.own_port => {
+                if let Some(iface) = name_of(ifindex).and_then(|n| self.shaped_by(&n)) {
+                    tracing::info!("{iface}: tc state changed by another program; repairing");
+                    lock(&self.shared.changed).insert(iface);
+                }
+            }
+            Event::LinkGone { name } => {
+                let Some(iface) = self.shaped_by(&name) else {
+                    return;
+                };
+                if name != iface {
+                    // The IFB: its interface's redirect now leads nowhere.
+                    self.remove_dangling_redirect(&iface);
+                }
+                lock(&self.shared.changed).insert(iface);
+            }
+            _ => {}
+        }
+    }
+
+    /// The shaped interface a device belongs to: itself, or the interface whose IFB it is.
+    fn shaped_by(&self, device: &str) -> Option<String> {
+        self.interfaces
+            .iter()
+            .find(|i| *i == device || ifb_name(i) == device)
+            .cloned()
+    }
+
+    fn remove_dangling_redirect(&mut self, iface: &str) {
+        if self.repairer.is_none() {
+            match NetlinkBackend::new() {
+                Ok(b) => self.repairer = Some(b),
+                Err(e) => {
+                    tracing::warn!("{iface}: cannot remove the dangling redirect: {e}");
+                    return;
+                }
+            }
+        }
+        let backend = self.repairer.as_mut().expect("opened above");
+        let Ok(installed) = backend.installed(iface) else {
+            return; // the interface went too: nothing is redirected
+        };
+        if installed.ingress != Slot::Ours(Redirect::Dangling) {
+            return;
+        }
+        let plan = Plan {
+            ops: vec![Op::DeleteIngress { dev: iface.into() }],
+        };
+        match backend.apply(&plan).first() {
+            None => tracing::warn!(
+                "{iface}: its IFB {} was deleted by another program; inbound traffic flows \
+                 unshaped until it is rebuilt",
+                ifb_name(iface)
+            ),
+            Some((_, e)) => tracing::error!(
+                "{iface}: its IFB was deleted and the redirect to it could not be removed ({e}); \
+                 inbound traffic is dropped until `shaper clear -i {iface}`"
+            ),
+        }
+    }
+}
+
+/// Waits up to `timeout` for the socket to have something to read.
+fn readable(socket: &Socket, timeout: Duration) -> bool {
+    let mut fd = libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut fd, 1, timeout.as_millis() as libc::c_int) };
+    n > 0
+}
+
+/// The notifications in one datagram, each with the netlink port of the request behind it.
+fn events(mut buf: &[u8]) -> Vec<(u32, Event)> {
+    let mut out = Vec::new();
+    while buf.len() >= 16 {
+        let len = u32::from_ne_bytes(buf[0..4].try_into().expect("4 bytes")) as usize;
+        if len < 16 || len > buf.len() {
+            break;
+        }
+        if let Ok(m) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[..len]) {
+            let port = m.header.port_number;
+            if let NetlinkPayload::InnerMessage(inner) = m.payload {
+                out.push((port, event_of(inner)));
+            }
+        }
+        // Messages are 4-byte aligned.
+        buf = &buf[((len + 3) & !3).min(buf.len())..];
+    }
+    out
+}
+
+fn event_of(message: RouteNetlinkMessage) -> Event {
+    use RouteNetlinkMessage as R;
+    match message {
+        R::NewQueueDiscipline(m)
+        | R::DelQueueDiscipline(m)
+        | R::NewTrafficClass(m)
+        | R::DelTrafficClass(m)
+        | R::NewTrafficFilter(m)
+        | R::DelTrafficFilter(m) => Event::Tc {
+            ifindex: m.header.index as u32,
+        },
+        R::DelLink(l) => l
+            .attributes
+            .into_iter()
+            .find_map(|a| match a {
+                LinkAttribute::IfName(name) => Some(Event::LinkGone { name }),
+                _ => None,
+            })
+            .unwrap_or(Event::Other),
+        _ => Event::Other,
+    }
+}
+
+/// A device's name from its index, in the calling thread's network namespace.
+fn name_of(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: the buffer has IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: if_indextoname wrote a NUL-terminated name into buf.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netlink_packet_core::NetlinkHeader;
+    use netlink_packet_route::link::LinkMessage;
+    use netlink_packet_route::tc::TcMessage;
+
+    fn datagram(messages: Vec<(u32, RouteNetlinkMessage)>) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (port, inner) in messages {
+            let mut header = NetlinkHeader::default();
+            header.port_number = port;
+            let mut m = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(inner));
+            m.finalize();
+            let mut bytes = vec![0u8; m.buffer_len()];
+            m.serialize(&mut bytes);
+            out.extend_from_slice(&bytes);
+            while out.len() % 4 != 0 {
+                out.push(0);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn notifications_carry_the_port_and_the_device() {
+        let mut gone = LinkMessage::default();
+        gone.attributes
+            .push(LinkAttribute::IfName("shp-eth0".into()));
+        let bytes = datagram(vec![
+            (
+                4242,
+                RouteNetlinkMessage::DelQueueDiscipline(TcMessage::with_index(7)),
+            ),
+            (0, RouteNetlinkMessage::DelLink(gone)),
+        ]);
+        assert_eq!(
+            events(&bytes),
+            vec![
+                (4242, Event::Tc { ifindex: 7 }),
+                (
+                    0,
+                    Event::LinkGone {
+                        name: "shp-eth0".into()
+                    }
+                ),
+            ]
+        );
+        // A truncated datagram yields what is whole and stops.
+        assert_eq!(events(&bytes[..bytes.len() - 3]).len(), 1);
+    }
+
+    #[test]
+    fn ifbs_belong_to_their_interface() {
+        let listener = Listener {
+            socket: Socket::new(NETLINK_ROUTE).unwrap(),
+            interfaces: vec!["eth0".into(), "wlan0".into()],
+            own_port: 1,
+            shared: Arc::default(),
+            repairer: None,
+        };
+        assert_eq!(listener.shaped_by("shp-eth0").as_deref(), Some("eth0"));
+        assert_eq!(listener.shaped_by("wlan0").as_deref(), Some("wlan0"));
+        assert_eq!(listener.shaped_by("shp-eth1"), None);
+    }
+}
