@@ -102,6 +102,19 @@ impl NetnsPair {
         })
     }
 
+    /// Whether inbound TCP works again within `limit`. After a fault at `a`'s ingress, `b` may
+    /// first have to resolve `a`'s address again (its ARP answers were dropped too), which takes
+    /// up to a second of retries.
+    pub fn inbound_opens_within(&self, limit: std::time::Duration) -> bool {
+        let start = std::time::Instant::now();
+        while start.elapsed() < limit {
+            if self.inbound_opens() {
+                return true;
+            }
+        }
+        false
+    }
+
     pub fn b_addr(family: u8) -> IpAddr {
         if family == 6 {
             Self::B_V6.into()
