@@ -4,7 +4,7 @@
 //! turn the kernel's dump back into the model.
 //!
 //! netlink-packet-route models u32 and mirred but not HTB or pfifo. Their C structs
-//! (`include/uapi/linux/pkt_sched.h`) are declared here once each with [`kernel_struct!`], whose
+//! (`include/uapi/linux/pkt_sched.h`) are declared here once each with `kernel_struct!`, whose
 //! field list both emits and parses them, and travel as raw attributes (`TcOption::Other`), as
 //! iproute2's `tc/q_htb.c` sends them. Kernel constants keep their kernel names.
 //!
@@ -67,7 +67,7 @@ macro_rules! int_fields {
 int_fields!(u8, u16, i16, u32, u64);
 
 /// Declares a C struct once: the field list, in the kernel's order, is the wire layout, and
-/// the one [`Field`] implementation it generates both emits and parses it, so the two
+/// the one `Field` implementation it generates both emits and parses it, so the two
 /// directions cannot disagree (as netlink-packet-route's `buffer!` tables do).
 macro_rules! kernel_struct {
     ($(#[$doc:meta])* $name:ident { $($field:ident: $ty:ty,)* }) => {
