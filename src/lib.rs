@@ -14,11 +14,8 @@ pub mod account;
 pub mod cli;
 pub mod config;
 pub mod daemon;
-pub mod error;
 pub mod policy;
 pub mod process;
 pub mod scan;
 pub mod shape;
 pub mod units;
-
-pub use error::{Error, Result};

@@ -3,9 +3,13 @@
 //! mirred redirect to the IFB. Builders return `TcMessage`s for the executor to send; parsers
 //! turn the kernel's dump back into the model.
 //!
-//! netlink-packet-route models u32 and mirred but not HTB or pfifo, whose options are built here
-//! as raw attributes (`TcOption::Other`), following `include/uapi/linux/pkt_sched.h` and
-//! iproute2's `tc/q_htb.c`. Kernel constants keep their kernel names.
+//! netlink-packet-route models u32 and mirred but not HTB or pfifo. Their C structs
+//! (`include/uapi/linux/pkt_sched.h`) are declared here once each with `kernel_struct!`, whose
+//! field list both emits and parses them, and travel as raw attributes (`TcOption::Other`), as
+//! iproute2's `tc/q_htb.c` sends them. Kernel constants keep their kernel names.
+//!
+//! The `golden` tests compare every builder with the bytes iproute2's `tc` sends for the same
+//! command (`tests/fixtures/tc-golden.txt`).
 
 use netlink_packet_core::{DefaultNla, Nla};
 use netlink_packet_route::tc::{
@@ -19,6 +23,10 @@ use super::model::{BUCKETS, Class, Direction, Family, Filter, Key, Leaf, MAJOR};
 // include/uapi/linux/pkt_sched.h
 const TCA_HTB_PARMS: u16 = 1;
 const TCA_HTB_INIT: u16 = 2;
+#[cfg(test)]
+const TCA_HTB_CTAB: u16 = 3;
+#[cfg(test)]
+const TCA_HTB_RTAB: u16 = 4;
 const TCA_HTB_RATE64: u16 = 6;
 const TCA_HTB_CEIL64: u16 = 7;
 const TC_HTB_PROTOVER: u32 = 3;
@@ -31,6 +39,211 @@ const TCA_OPTIONS: u16 = 2;
 const PSCHED_SHIFT: u32 = 6;
 /// `ETH_P_ALL`: every protocol, for the ingress redirect.
 pub const ETH_P_ALL: u16 = 0x0003;
+
+/// A fixed-size field of a kernel struct, in the host's byte order as the kernel's are.
+trait Field: Copy {
+    const LEN: usize;
+    /// Writes the field at the start of `buf`, which holds at least `LEN` bytes.
+    fn put(self, buf: &mut [u8]);
+    /// Reads the field from the start of `buf`, which holds at least `LEN` bytes.
+    fn get(buf: &[u8]) -> Self;
+}
+
+macro_rules! int_fields {
+    ($($t:ty),*) => {$(
+        impl Field for $t {
+            const LEN: usize = std::mem::size_of::<$t>();
+            fn put(self, buf: &mut [u8]) {
+                buf[..Self::LEN].copy_from_slice(&self.to_ne_bytes());
+            }
+            fn get(buf: &[u8]) -> Self {
+                let mut bytes = [0; std::mem::size_of::<$t>()];
+                bytes.copy_from_slice(&buf[..Self::LEN]);
+                <$t>::from_ne_bytes(bytes)
+            }
+        }
+    )*};
+}
+int_fields!(u8, u16, i16, u32, u64);
+
+/// Declares a C struct once: the field list, in the kernel's order, is the wire layout, and
+/// the one `Field` implementation it generates both emits and parses it, so the two
+/// directions cannot disagree (as netlink-packet-route's `buffer!` tables do).
+macro_rules! kernel_struct {
+    ($(#[$doc:meta])* $name:ident { $($field:ident: $ty:ty,)* }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+        pub struct $name {
+            $(pub $field: $ty,)*
+        }
+
+        impl Field for $name {
+            const LEN: usize = 0 $(+ <$ty as Field>::LEN)*;
+            fn put(self, buf: &mut [u8]) {
+                let mut at = 0;
+                $(
+                    self.$field.put(&mut buf[at..]);
+                    at += <$ty as Field>::LEN;
+                )*
+                debug_assert_eq!(at, Self::LEN);
+            }
+            fn get(buf: &[u8]) -> Self {
+                let mut at = 0;
+                $(
+                    let $field = <$ty as Field>::get(&buf[at..]);
+                    at += <$ty as Field>::LEN;
+                )*
+                debug_assert_eq!(at, Self::LEN);
+                $name { $($field,)* }
+            }
+        }
+    };
+}
+
+kernel_struct! {
+    /// `struct tc_ratespec`.
+    TcRateSpec {
+        cell_log: u8,
+        linklayer: u8,
+        overhead: u16,
+        cell_align: i16,
+        mpu: u16,
+        rate: u32,
+    }
+}
+
+kernel_struct! {
+    /// `struct tc_htb_opt`: one class's parameters (`TCA_HTB_PARMS`). `buffer` and `cbuffer`
+    /// are transmission times of the bursts in psched ticks.
+    TcHtbOpt {
+        rate: TcRateSpec,
+        ceil: TcRateSpec,
+        buffer: u32,
+        cbuffer: u32,
+        quantum: u32,
+        level: u32,
+        prio: u32,
+    }
+}
+
+kernel_struct! {
+    /// `struct tc_htb_glob`: the HTB qdisc's parameters (`TCA_HTB_INIT`).
+    TcHtbGlob {
+        version: u32,
+        rate2quantum: u32,
+        defcls: u32,
+        debug: u32,
+        direct_pkts: u32,
+    }
+}
+
+kernel_struct! {
+    /// `struct tc_fifo_qopt`: pfifo's options, a bare struct in `TCA_OPTIONS`.
+    TcFifoQopt {
+        limit: u32,
+    }
+}
+
+fn encode<T: Field>(value: T) -> Vec<u8> {
+    let mut bytes = vec![0; T::LEN];
+    value.put(&mut bytes);
+    bytes
+}
+
+/// `None` when the kernel sent fewer bytes than the struct has.
+fn decode<T: Field>(bytes: &[u8]) -> Option<T> {
+    (bytes.len() >= T::LEN).then(|| T::get(bytes))
+}
+
+fn struct_option<T: Field>(kind: u16, value: T) -> TcOption {
+    TcOption::Other(DefaultNla::new(kind, encode(value)))
+}
+
+/// The value of the first option of `kind`, decoded.
+fn find_option<T: Field>(options: &[(u16, Vec<u8>)], kind: u16) -> Option<T> {
+    options
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .and_then(|(_, v)| decode(v))
+}
+
+impl TcRateSpec {
+    /// `bytes_per_sec` on Ethernet, where the kernel then needs no rate table. Saturated at 32
+    /// bits, as tc does; the exact value then goes in `TCA_HTB_RATE64`/`CEIL64`.
+    fn ethernet(bytes_per_sec: u64) -> TcRateSpec {
+        TcRateSpec {
+            linklayer: TC_LINKLAYER_ETHERNET,
+            cell_align: -1, // as tc sets it
+            rate: bytes_per_sec.min(u64::from(u32::MAX)) as u32,
+            ..TcRateSpec::default()
+        }
+    }
+}
+
+/// An HTB class's options: its parameters and, from 2^32 bytes/s up, the exact 64-bit rates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HtbClassOptions {
+    pub parms: TcHtbOpt,
+    pub rate64: Option<u64>,
+    pub ceil64: Option<u64>,
+}
+
+impl HtbClassOptions {
+    pub fn of(class: &Class) -> HtbClassOptions {
+        let (rate, ceil) = (class.rate / 8, class.ceil / 8);
+        let wide = |bytes: u64| (bytes > u64::from(u32::MAX)).then_some(bytes);
+        HtbClassOptions {
+            parms: TcHtbOpt {
+                rate: TcRateSpec::ethernet(rate),
+                ceil: TcRateSpec::ethernet(ceil),
+                buffer: xmit_ticks(rate, class.burst),
+                cbuffer: xmit_ticks(ceil, class.cburst),
+                quantum: class.quantum,
+                level: 0, // computed by the kernel
+                prio: u32::from(class.prio),
+            },
+            rate64: wide(rate),
+            ceil64: wide(ceil),
+        }
+    }
+
+    /// The attributes, in the order tc sends them.
+    fn options(&self) -> Vec<TcOption> {
+        let mut options = Vec::with_capacity(3);
+        if let Some(rate) = self.rate64 {
+            options.push(struct_option(TCA_HTB_RATE64, rate));
+        }
+        if let Some(ceil) = self.ceil64 {
+            options.push(struct_option(TCA_HTB_CEIL64, ceil));
+        }
+        options.push(struct_option(TCA_HTB_PARMS, self.parms));
+        options
+    }
+
+    fn parse(options: &[(u16, Vec<u8>)]) -> Option<HtbClassOptions> {
+        Some(HtbClassOptions {
+            parms: find_option(options, TCA_HTB_PARMS)?,
+            rate64: find_option(options, TCA_HTB_RATE64),
+            ceil64: find_option(options, TCA_HTB_CEIL64),
+        })
+    }
+
+    /// The class these options install under `parent` (labels are not in the kernel).
+    fn class(&self, parent: u16) -> Class {
+        let rate = self.rate64.unwrap_or(u64::from(self.parms.rate.rate));
+        let ceil = self.ceil64.unwrap_or(u64::from(self.parms.ceil.rate));
+        Class {
+            parent,
+            rate: rate * 8,
+            ceil: ceil * 8,
+            burst: ticks_to_bytes(self.parms.buffer, rate),
+            cburst: ticks_to_bytes(self.parms.cbuffer, ceil),
+            quantum: self.parms.quantum,
+            prio: self.parms.prio as u8,
+            label: String::new(),
+        }
+    }
+}
 
 fn handle(major: u16, minor: u16) -> TcHandle {
     TcHandle { major, minor }
@@ -55,24 +268,18 @@ fn message(ifindex: u32, handle: TcHandle, parent: TcHandle) -> TcMessage {
 /// `tc qdisc add dev IF root handle 5a: htb default DEFAULT`
 pub fn htb_root(ifindex: u32, default_minor: u16) -> TcMessage {
     let mut m = message(ifindex, root_handle(), TcHandle::ROOT);
-    let mut glob = Vec::with_capacity(20);
-    for v in [TC_HTB_PROTOVER, HTB_R2Q, u32::from(default_minor), 0, 0] {
-        glob.extend_from_slice(&v.to_ne_bytes());
-    }
+    let glob = TcHtbGlob {
+        version: TC_HTB_PROTOVER,
+        rate2quantum: HTB_R2Q,
+        defcls: u32::from(default_minor),
+        ..TcHtbGlob::default()
+    };
     m.attributes.push(TcAttribute::Kind("htb".into()));
-    m.attributes.push(TcAttribute::Options(vec![TcOption::Other(
-        DefaultNla::new(TCA_HTB_INIT, glob),
+    m.attributes.push(TcAttribute::Options(vec![struct_option(
+        TCA_HTB_INIT,
+        glob,
     )]));
     m
-}
-
-/// `struct tc_ratespec` for `rate` bytes/s (saturated; the exact value goes in RATE64).
-fn ratespec(bytes_per_sec: u64) -> [u8; 12] {
-    let mut b = [0u8; 12];
-    b[1] = TC_LINKLAYER_ETHERNET; // the kernel then needs no rate table
-    b[4..6].copy_from_slice(&(-1i16).to_ne_bytes()); // cell_align, as tc sets it
-    b[8..12].copy_from_slice(&(bytes_per_sec.min(u64::from(u32::MAX)) as u32).to_ne_bytes());
-    b
 }
 
 /// The burst the kernel will report back for `bytes` at `bits_per_sec`: HTB stores bursts as
@@ -103,35 +310,9 @@ pub fn htb_class(ifindex: u32, minor: u16, class: &Class) -> TcMessage {
         class_handle(class.parent)
     };
     let mut m = message(ifindex, class_handle(minor), parent);
-    let (rate, ceil) = (class.rate / 8, class.ceil / 8);
-    let mut parms = Vec::with_capacity(44);
-    parms.extend_from_slice(&ratespec(rate));
-    parms.extend_from_slice(&ratespec(ceil));
-    for v in [
-        xmit_ticks(rate, class.burst),
-        xmit_ticks(ceil, class.cburst),
-        class.quantum,
-        0, // level: computed by the kernel
-        u32::from(class.prio),
-    ] {
-        parms.extend_from_slice(&v.to_ne_bytes());
-    }
-    let mut options = Vec::new();
-    if rate > u64::from(u32::MAX) {
-        options.push(TcOption::Other(DefaultNla::new(
-            TCA_HTB_RATE64,
-            rate.to_ne_bytes().to_vec(),
-        )));
-    }
-    if ceil > u64::from(u32::MAX) {
-        options.push(TcOption::Other(DefaultNla::new(
-            TCA_HTB_CEIL64,
-            ceil.to_ne_bytes().to_vec(),
-        )));
-    }
-    options.push(TcOption::Other(DefaultNla::new(TCA_HTB_PARMS, parms)));
     m.attributes.push(TcAttribute::Kind("htb".into()));
-    m.attributes.push(TcAttribute::Options(options));
+    m.attributes
+        .push(TcAttribute::Options(HtbClassOptions::of(class).options()));
     m
 }
 
@@ -147,10 +328,10 @@ pub fn leaf_qdisc(ifindex: u32, parent_minor: u16, leaf: Leaf) -> TcMessage {
         Leaf::FqCodel => m.attributes.push(TcAttribute::Kind("fq_codel".into())),
         Leaf::Pfifo { limit } => {
             m.attributes.push(TcAttribute::Kind("pfifo".into()));
-            // struct tc_fifo_qopt { __u32 limit; }: a bare struct, not attributes.
+            // A bare struct, not attributes.
             m.attributes.push(TcAttribute::Other(DefaultNla::new(
                 TCA_OPTIONS,
-                limit.to_ne_bytes().to_vec(),
+                encode(TcFifoQopt { limit }),
             )));
         }
     }
@@ -228,6 +409,8 @@ pub fn u32_link(ifindex: u32, family: Family, direction: Direction) -> TcMessage
         val: 0,
         mask: 0,
     }]);
+    // Not terminal: the kernel ignores the flag on a link, and tc leaves it out.
+    s.flags = TcU32SelectorFlags::empty();
     s.hoff = family.ports_offset() as i16;
     s.hmask = match direction {
         Direction::Upload => 0x00ff_0000,   // low byte of the source port
@@ -365,21 +548,12 @@ fn struct_options(m: &TcMessage) -> Option<Vec<u8>> {
     })
 }
 
-fn u32_at(b: &[u8], off: usize) -> Option<u32> {
-    b.get(off..off + 4)
-        .map(|s| u32::from_ne_bytes(s.try_into().unwrap()))
-}
-
 /// The default minor of a dumped HTB root qdisc.
 pub fn parse_htb_default(m: &TcMessage) -> Option<u16> {
     if kind_of(m) != Some("htb") {
         return None;
     }
-    raw_options(m)
-        .iter()
-        .find(|(k, _)| *k == TCA_HTB_INIT)
-        .and_then(|(_, v)| u32_at(v, 8))
-        .map(|d| d as u16)
+    find_option::<TcHtbGlob>(&raw_options(m), TCA_HTB_INIT).map(|glob| glob.defcls as u16)
 }
 
 /// A dumped HTB class: its minor and parameters (labels are not in the kernel).
@@ -387,42 +561,14 @@ pub fn parse_htb_class(m: &TcMessage) -> Option<(u16, Class)> {
     if kind_of(m) != Some("htb") || m.header.handle.major != MAJOR {
         return None;
     }
-    let options = raw_options(m);
-    let parms = &options.iter().find(|(k, _)| *k == TCA_HTB_PARMS)?.1;
-    let rate64 = options
-        .iter()
-        .find(|(k, _)| *k == TCA_HTB_RATE64)
-        .and_then(|(_, v)| {
-            v.get(..8)
-                .map(|b| u64::from_ne_bytes(b.try_into().unwrap()))
-        });
-    let ceil64 = options
-        .iter()
-        .find(|(k, _)| *k == TCA_HTB_CEIL64)
-        .and_then(|(_, v)| {
-            v.get(..8)
-                .map(|b| u64::from_ne_bytes(b.try_into().unwrap()))
-        });
-    let rate = rate64.unwrap_or(u64::from(u32_at(parms, 8)?));
-    let ceil = ceil64.unwrap_or(u64::from(u32_at(parms, 20)?));
+    let options = HtbClassOptions::parse(&raw_options(m))?;
     let parent = m.header.parent;
-    Some((
-        m.header.handle.minor,
-        Class {
-            parent: if parent.major == MAJOR {
-                parent.minor
-            } else {
-                0
-            },
-            rate: rate * 8,
-            ceil: ceil * 8,
-            burst: ticks_to_bytes(u32_at(parms, 24)?, rate),
-            cburst: ticks_to_bytes(u32_at(parms, 28)?, ceil),
-            quantum: u32_at(parms, 32)?,
-            prio: u32_at(parms, 40)? as u8,
-            label: String::new(),
-        },
-    ))
+    let parent = if parent.major == MAJOR {
+        parent.minor
+    } else {
+        0
+    };
+    Some((m.header.handle.minor, options.class(parent)))
 }
 
 /// A dumped leaf qdisc: the minor of its parent class and its kind.
@@ -433,7 +579,7 @@ pub fn parse_leaf(m: &TcMessage) -> Option<(u16, Leaf)> {
     let leaf = match kind_of(m)? {
         "fq_codel" => Leaf::FqCodel,
         "pfifo" => Leaf::Pfifo {
-            limit: u32_at(&struct_options(m)?, 0)?,
+            limit: decode::<TcFifoQopt>(&struct_options(m)?)?.limit,
         },
         _ => return None,
     };
@@ -523,6 +669,9 @@ fn redirect_of_action(action: &TcAction) -> Option<Redirect> {
 }
 
 #[cfg(test)]
+mod golden;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::shape::planner::htb_class as class_params;
@@ -539,18 +688,15 @@ mod tests {
     fn htb_class_options_bytes() {
         let class = class_params(1, 2_000_000, 4_000_000, 3, "x".into());
         let m = htb_class(7, 0x20, &class);
-        let parms = &raw_options(&m)
-            .into_iter()
-            .find(|(k, _)| *k == TCA_HTB_PARMS)
-            .unwrap()
-            .1;
-        assert_eq!(parms.len(), 44, "struct tc_htb_opt");
-        assert_eq!(parms[1], TC_LINKLAYER_ETHERNET);
-        assert_eq!(u32_at(parms, 8), Some(250_000), "rate in bytes/s");
-        assert_eq!(u32_at(parms, 20), Some(500_000), "ceil in bytes/s");
+        let options = raw_options(&m);
+        assert_eq!(TcHtbOpt::LEN, 44, "struct tc_htb_opt");
+        let parms: TcHtbOpt = find_option(&options, TCA_HTB_PARMS).unwrap();
+        assert_eq!(parms.rate.linklayer, TC_LINKLAYER_ETHERNET);
+        assert_eq!(parms.rate.rate, 250_000, "rate in bytes/s");
+        assert_eq!(parms.ceil.rate, 500_000, "ceil in bytes/s");
         // burst 65,536 bytes at 250,000 B/s = 262.144 ms = 4,096,000 ticks of 64 ns
-        assert_eq!(u32_at(parms, 24), Some(4_096_000));
-        assert_eq!(u32_at(parms, 40), Some(3), "prio");
+        assert_eq!(parms.buffer, 4_096_000);
+        assert_eq!(parms.prio, 3, "prio");
         assert_eq!(
             m.header.handle,
             TcHandle {

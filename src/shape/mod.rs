@@ -20,7 +20,7 @@ pub mod reconcile;
 pub mod watch;
 
 pub use model::{DeviceTree, Direction};
-pub use planner::{Capacity, Desired, Features, Handles, PlanInput, plan};
+pub use planner::{Capacity, Desired, Exhausted, Features, Handles, PlanInput, plan};
 pub use reconcile::{Op, Plan, reconcile_device};
 
 /// The IFB shaper creates for an interface's download traffic: `shp-` and up to 11 characters
@@ -87,14 +87,8 @@ pub enum ShapeError {
     },
     #[error("interface {0} does not exist (see `ip link`)")]
     NoSuchInterface(String),
-    #[error("netlink: {0}")]
-    Netlink(String),
-    #[error("{failed} of {total} operations failed; first: {first}")]
-    Apply {
-        failed: usize,
-        total: usize,
-        first: String,
-    },
+    #[error(transparent)]
+    Netlink(#[from] netlink::NetlinkError),
 }
 
 /// The operations that turn `installed` into `desired` for `interface`. Refuses foreign qdiscs
@@ -223,7 +217,7 @@ pub trait TcBackend {
     fn installed(&mut self, interface: &str) -> Result<Installed, ShapeError>;
     /// Applies `plan` in order, going on past failures; returns every failure with the
     /// operation it belongs to.
-    fn apply(&mut self, plan: &Plan) -> Vec<(Op, String)>;
+    fn apply(&mut self, plan: &Plan) -> Vec<(Op, ShapeError)>;
     /// The optional kernel features available.
     fn features(&mut self) -> Features;
 }

@@ -7,16 +7,23 @@
 //!
 //! The backend owns a single-threaded tokio runtime and is used synchronously. Its netlink
 //! socket belongs to the network namespace of the thread that created it.
+//!
+//! Failures are [`NetlinkError`]s: the request, the device and the kernel's errno with its
+//! extended-ack text, so callers can tell `ENODEV` from `EINVAL` without reading messages.
+
+use std::fmt;
 
 use futures::StreamExt;
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage,
-    NetlinkPayload,
+    ErrorMessage, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
+    NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::link::{LinkAttribute, LinkMessage};
 use netlink_packet_route::tc::{TcHandle, TcMessage};
 use netlink_sys::AsyncSocket;
 use rtnetlink::{Handle, LinkIfb};
+use rustc_hash::FxHashMap;
 
 use super::codec;
 use super::model::{DeviceTree, Family, Leaf, MAJOR};
@@ -27,14 +34,160 @@ use super::{Installed, Redirect, ShapeError, Slot, TcBackend, ifb_name};
 /// `NLMSGERR_ATTR_MSG`: the extended-ack text.
 const NLMSGERR_ATTR_MSG: u16 = 1;
 
+/// What a failed request asked the kernel for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    Connect,
+    LookUpLink,
+    AddLink,
+    DeleteLink,
+    AddQdisc,
+    DeleteQdisc,
+    AddClass,
+    ChangeClass,
+    DeleteClass,
+    AddFilter,
+    DeleteFilter,
+    DumpQdiscs,
+    DumpClasses,
+    DumpFilters,
+    /// A message shaper does not send (kept so that reading one needs no panic).
+    Other,
+}
+
+impl Request {
+    /// The request a tc message makes; `flags` tell a class change from an add.
+    fn of(message: &RouteNetlinkMessage, flags: u16) -> Request {
+        use RouteNetlinkMessage as R;
+        match message {
+            R::NewQueueDiscipline(_) => Request::AddQdisc,
+            R::DelQueueDiscipline(_) => Request::DeleteQdisc,
+            R::NewTrafficClass(_) if flags & NLM_F_REPLACE != 0 => Request::ChangeClass,
+            R::NewTrafficClass(_) => Request::AddClass,
+            R::DelTrafficClass(_) => Request::DeleteClass,
+            R::NewTrafficFilter(_) => Request::AddFilter,
+            R::DelTrafficFilter(_) => Request::DeleteFilter,
+            R::GetQueueDiscipline(_) => Request::DumpQdiscs,
+            R::GetTrafficClass(_) => Request::DumpClasses,
+            R::GetTrafficFilter(_) => Request::DumpFilters,
+            _ => Request::Other,
+        }
+    }
+}
+
+impl fmt::Display for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Request::Connect => "opening the netlink socket",
+            Request::LookUpLink => "looking up link",
+            Request::AddLink => "creating link",
+            Request::DeleteLink => "deleting link",
+            Request::AddQdisc => "adding a qdisc",
+            Request::DeleteQdisc => "deleting a qdisc",
+            Request::AddClass => "adding a class",
+            Request::ChangeClass => "changing a class",
+            Request::DeleteClass => "deleting a class",
+            Request::AddFilter => "adding a filter",
+            Request::DeleteFilter => "deleting a filter",
+            Request::DumpQdiscs => "reading the qdiscs",
+            Request::DumpClasses => "reading the classes",
+            Request::DumpFilters => "reading the filters",
+            Request::Other => "a netlink request",
+        })
+    }
+}
+
+/// Why a request failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Cause {
+    /// The kernel refused: its errno, and the extended ack's explanation when it gave one
+    /// ("cls_u32: Handle specified hash table address mismatch").
+    #[error("{}", kernel_refusal(*.errno, .extack.as_deref()))]
+    Kernel { errno: i32, extack: Option<String> },
+    /// The socket failed, or an answer did not decode.
+    #[error("{0}")]
+    Socket(String),
+}
+
+fn kernel_refusal(errno: i32, extack: Option<&str>) -> String {
+    let os = std::io::Error::from_raw_os_error(errno);
+    match extack {
+        Some(text) => format!("{text} ({os})"),
+        None => os.to_string(),
+    }
+}
+
+impl Cause {
+    /// The kernel's errno as an I/O error, when it was the kernel that refused.
+    pub fn os_error(&self) -> Option<std::io::Error> {
+        match self {
+            Cause::Kernel { errno, .. } => Some(std::io::Error::from_raw_os_error(*errno)),
+            Cause::Socket(_) => None,
+        }
+    }
+
+    fn from_ack(e: &ErrorMessage) -> Cause {
+        Cause::Kernel {
+            errno: e.code.map_or(0, |c| -c.get()),
+            extack: extack_message(&e.header).filter(|text| !text.is_empty()),
+        }
+    }
+
+    fn from_rtnetlink(e: rtnetlink::Error) -> Cause {
+        match e {
+            rtnetlink::Error::NetlinkError(e) => Cause::from_ack(&e),
+            other => Cause::Socket(other.to_string()),
+        }
+    }
+}
+
+/// A netlink request that failed: what it asked, of which device, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{request}{}: {cause}", on_device(.device))]
+pub struct NetlinkError {
+    pub request: Request,
+    pub device: Option<String>,
+    pub cause: Cause,
+}
+
+fn on_device(device: &Option<String>) -> String {
+    device
+        .as_ref()
+        .map(|d| format!(" on {d}"))
+        .unwrap_or_default()
+}
+
+impl NetlinkError {
+    fn new(request: Request, device: &str, cause: Cause) -> NetlinkError {
+        NetlinkError {
+            request,
+            device: Some(device.into()),
+            cause,
+        }
+    }
+
+    fn connect(e: std::io::Error) -> NetlinkError {
+        NetlinkError {
+            request: Request::Connect,
+            device: None,
+            cause: Cause::Socket(e.to_string()),
+        }
+    }
+}
+
 pub struct NetlinkBackend {
     runtime: tokio::runtime::Runtime,
     handle: Handle,
     features: Option<Features>,
     /// The socket's netlink port: the kernel's notifications of this backend's changes carry it.
     port: u32,
+    /// The ifindex of each device the plan being applied has used: looked up once per plan,
+    /// forgotten when the plan creates or deletes that link.
+    devices: FxHashMap<String, u32>,
     /// Change requests sent so far (dumps not counted), for `status` and the benchmark.
     pub requests_sent: u64,
+    /// Link lookups by name so far, for the tests of the per-plan device cache.
+    pub link_lookups: u64,
 }
 
 /// The text of an extended ack: the attributes after the echoed request header (16 bytes with
@@ -51,44 +204,37 @@ fn extack_message(header: &[u8]) -> Option<String> {
         })
 }
 
-fn describe_error(e: &netlink_packet_core::ErrorMessage) -> String {
-    let errno = e.code.map_or(0, |c| -c.get());
-    let os = std::io::Error::from_raw_os_error(errno);
-    match extack_message(&e.header) {
-        Some(text) if !text.is_empty() => format!("{text} ({os})"),
-        _ => os.to_string(),
-    }
-}
-
 impl NetlinkBackend {
     /// Connects in the calling thread's network namespace.
     pub fn new() -> Result<NetlinkBackend, ShapeError> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| ShapeError::Netlink(format!("cannot start the netlink runtime: {e}")))?;
+            .map_err(NetlinkError::connect)?;
         // The socket registers with the runtime's reactor, so it is created inside it.
         let _context = runtime.enter();
-        let (mut connection, handle, _) = rtnetlink::new_connection()
-            .map_err(|e| ShapeError::Netlink(format!("cannot open a netlink socket: {e}")))?;
+        let (mut connection, handle, _) =
+            rtnetlink::new_connection().map_err(NetlinkError::connect)?;
         let socket = connection.socket_mut().socket_ref();
         socket
             .set_ext_ack(true)
             .and_then(|()| socket.set_cap_ack(true))
-            .map_err(|e| ShapeError::Netlink(format!("cannot enable extended acks: {e}")))?;
+            .map_err(NetlinkError::connect)?;
         // Bound now (rather than on the first send) so the port is known from the start.
         let address = connection
             .socket_mut()
             .socket_mut()
             .bind_auto()
-            .map_err(|e| ShapeError::Netlink(format!("cannot bind a netlink socket: {e}")))?;
+            .map_err(NetlinkError::connect)?;
         runtime.spawn(connection);
         Ok(NetlinkBackend {
             runtime,
             handle,
             features: None,
             port: address.port_number(),
+            devices: FxHashMap::default(),
             requests_sent: 0,
+            link_lookups: 0,
         })
     }
 
@@ -97,109 +243,118 @@ impl NetlinkBackend {
         self.port
     }
 
-    /// Sends one request and waits for its ack.
-    fn request(&mut self, message: RouteNetlinkMessage, flags: u16) -> Result<(), String> {
+    /// Sends one request about `dev` and waits for its ack.
+    fn request(
+        &mut self,
+        dev: &str,
+        message: RouteNetlinkMessage,
+        flags: u16,
+    ) -> Result<(), NetlinkError> {
         self.requests_sent += 1;
+        let what = Request::of(&message, flags);
         let mut request = NetlinkMessage::from(message);
         request.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
         let mut handle = self.handle.clone();
-        self.runtime.block_on(async move {
-            let mut responses = handle.request(request).map_err(|e| e.to_string())?;
-            while let Some(m) = responses.next().await {
-                if let NetlinkPayload::Error(e) = m.payload
-                    && e.code.is_some()
-                {
-                    return Err(describe_error(&e));
+        self.runtime
+            .block_on(async move {
+                let mut responses = handle.request(request).map_err(Cause::from_rtnetlink)?;
+                while let Some(m) = responses.next().await {
+                    if let NetlinkPayload::Error(e) = m.payload
+                        && e.code.is_some()
+                    {
+                        return Err(Cause::from_ack(&e));
+                    }
                 }
-            }
-            Ok(())
-        })
+                Ok(())
+            })
+            .map_err(|cause| NetlinkError::new(what, dev, cause))
     }
 
-    /// Sends a dump request and collects the answers.
-    fn dump(&mut self, message: RouteNetlinkMessage) -> Result<Vec<RouteNetlinkMessage>, String> {
+    /// Sends a dump request about `dev` and collects the answers.
+    fn dump(
+        &mut self,
+        dev: &str,
+        message: RouteNetlinkMessage,
+    ) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
+        let what = Request::of(&message, 0);
         let mut request = NetlinkMessage::from(message);
         request.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
         let mut handle = self.handle.clone();
-        self.runtime.block_on(async move {
-            let mut responses = handle.request(request).map_err(|e| e.to_string())?;
-            let mut out = Vec::new();
-            while let Some(m) = responses.next().await {
-                match m.payload {
-                    NetlinkPayload::InnerMessage(inner) => out.push(inner),
-                    NetlinkPayload::Error(e) if e.code.is_some() => {
-                        return Err(describe_error(&e));
+        self.runtime
+            .block_on(async move {
+                let mut responses = handle.request(request).map_err(Cause::from_rtnetlink)?;
+                let mut out = Vec::new();
+                while let Some(m) = responses.next().await {
+                    match m.payload {
+                        NetlinkPayload::InnerMessage(inner) => out.push(inner),
+                        NetlinkPayload::Error(e) if e.code.is_some() => {
+                            return Err(Cause::from_ack(&e));
+                        }
+                        _ => {}
                     }
-                    _ => {}
                 }
-            }
-            Ok(out)
-        })
+                Ok(out)
+            })
+            .map_err(|cause| NetlinkError::new(what, dev, cause))
+    }
+
+    /// A link by name, or `None` if it does not exist.
+    fn link(&mut self, name: &str) -> Result<Option<LinkMessage>, ShapeError> {
+        self.link_lookups += 1;
+        let handle = self.handle.clone();
+        let owned = name.to_string();
+        let found = self.runtime.block_on(async move {
+            let mut links = handle.link().get().match_name(owned).execute();
+            links.next().await.transpose()
+        });
+        match found.map_err(Cause::from_rtnetlink) {
+            Ok(link) => Ok(link),
+            Err(Cause::Kernel {
+                errno: libc::ENODEV,
+                ..
+            }) => Ok(None),
+            Err(cause) => Err(NetlinkError::new(Request::LookUpLink, name, cause).into()),
+        }
     }
 
     /// The ifindex of a link, or `None` if it does not exist.
     pub fn ifindex(&mut self, name: &str) -> Result<Option<u32>, ShapeError> {
-        let handle = self.handle.clone();
-        let name = name.to_string();
-        self.runtime.block_on(async move {
-            let mut links = handle.link().get().match_name(name).execute();
-            match links.next().await {
-                Some(Ok(link)) => Ok(Some(link.header.index)),
-                Some(Err(rtnetlink::Error::NetlinkError(e)))
-                    if e.code.is_some_and(|c| c.get() == -libc::ENODEV) =>
-                {
-                    Ok(None)
-                }
-                Some(Err(e)) => Err(ShapeError::Netlink(e.to_string())),
-                None => Ok(None),
-            }
-        })
+        Ok(self.link(name)?.map(|link| link.header.index))
     }
 
     /// A link's index and byte counters, or `None` if it does not exist.
     pub fn link_counters(&mut self, name: &str) -> Result<Option<(u32, u64, u64)>, ShapeError> {
-        let handle = self.handle.clone();
-        let name = name.to_string();
-        self.runtime.block_on(async move {
-            let mut links = handle.link().get().match_name(name).execute();
-            match links.next().await {
-                Some(Ok(link)) => {
-                    let (tx, rx) = link
-                        .attributes
-                        .iter()
-                        .find_map(|a| match a {
-                            netlink_packet_route::link::LinkAttribute::Stats64(s) => {
-                                Some((s.tx_bytes, s.rx_bytes))
-                            }
-                            _ => None,
-                        })
-                        .unwrap_or((0, 0));
-                    Ok(Some((link.header.index, tx, rx)))
-                }
-                Some(Err(rtnetlink::Error::NetlinkError(e)))
-                    if e.code.is_some_and(|c| c.get() == -libc::ENODEV) =>
-                {
-                    Ok(None)
-                }
-                Some(Err(e)) => Err(ShapeError::Netlink(e.to_string())),
-                None => Ok(None),
-            }
-        })
+        Ok(self.link(name)?.map(|link| {
+            let (tx, rx) = link
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    LinkAttribute::Stats64(s) => Some((s.tx_bytes, s.rx_bytes)),
+                    _ => None,
+                })
+                .unwrap_or((0, 0));
+            (link.header.index, tx, rx)
+        }))
     }
 
-    fn require_ifindex(&mut self, name: &str) -> Result<u32, String> {
-        match self.ifindex(name) {
-            Ok(Some(i)) => Ok(i),
-            Ok(None) => Err(ShapeError::NoSuchInterface(name.into()).to_string()),
-            Err(e) => Err(e.to_string()),
+    /// The ifindex of `name` for the plan being applied: looked up on first use, then
+    /// remembered until the plan ends or creates or deletes that link.
+    fn device(&mut self, name: &str) -> Result<u32, ShapeError> {
+        if let Some(&index) = self.devices.get(name) {
+            return Ok(index);
         }
+        let index = self
+            .ifindex(name)?
+            .ok_or_else(|| ShapeError::NoSuchInterface(name.into()))?;
+        self.devices.insert(name.into(), index);
+        Ok(index)
     }
 
-    fn qdiscs(&mut self, ifindex: u32) -> Result<Vec<TcMessage>, String> {
+    fn qdiscs(&mut self, dev: &str, ifindex: u32) -> Result<Vec<TcMessage>, NetlinkError> {
         let mut msg = TcMessage::default();
         msg.header.index = ifindex as i32;
         Ok(self
-            .dump(RouteNetlinkMessage::GetQueueDiscipline(msg))?
+            .dump(dev, RouteNetlinkMessage::GetQueueDiscipline(msg))?
             .into_iter()
             .filter_map(|m| match m {
                 RouteNetlinkMessage::NewQueueDiscipline(q) if q.header.index == ifindex as i32 => {
@@ -210,11 +365,16 @@ impl NetlinkBackend {
             .collect())
     }
 
-    fn filters(&mut self, ifindex: u32, parent: TcHandle) -> Result<Vec<TcMessage>, String> {
+    fn filters(
+        &mut self,
+        dev: &str,
+        ifindex: u32,
+        parent: TcHandle,
+    ) -> Result<Vec<TcMessage>, NetlinkError> {
         let mut msg = TcMessage::with_index(ifindex as i32);
         msg.header.parent = parent;
         Ok(self
-            .dump(RouteNetlinkMessage::GetTrafficFilter(msg))?
+            .dump(dev, RouteNetlinkMessage::GetTrafficFilter(msg))?
             .into_iter()
             .filter_map(|m| match m {
                 RouteNetlinkMessage::NewTrafficFilter(f) => Some(f),
@@ -224,8 +384,8 @@ impl NetlinkBackend {
     }
 
     /// What is at the root of a device, and shaper's tree if it is shaper's.
-    fn root(&mut self, ifindex: u32) -> Result<Slot<DeviceTree>, String> {
-        let qdiscs = self.qdiscs(ifindex)?;
+    fn root(&mut self, dev: &str, ifindex: u32) -> Result<Slot<DeviceTree>, NetlinkError> {
+        let qdiscs = self.qdiscs(dev, ifindex)?;
         let Some(root) = qdiscs.iter().find(|q| q.header.parent == TcHandle::ROOT) else {
             return Ok(Slot::Free);
         };
@@ -248,9 +408,10 @@ impl NetlinkBackend {
                 tree.leaves.insert(parent, leaf);
             }
         }
-        let classes = self.dump(RouteNetlinkMessage::GetTrafficClass(TcMessage::with_index(
-            ifindex as i32,
-        )))?;
+        let classes = self.dump(
+            dev,
+            RouteNetlinkMessage::GetTrafficClass(TcMessage::with_index(ifindex as i32)),
+        )?;
         for c in classes {
             if let RouteNetlinkMessage::NewTrafficClass(c) = c
                 && let Some((minor, class)) = codec::parse_htb_class(&c)
@@ -259,7 +420,7 @@ impl NetlinkBackend {
             }
         }
         let mut tables = 0;
-        for f in self.filters(ifindex, codec::root_handle())? {
+        for f in self.filters(dev, ifindex, codec::root_handle())? {
             let fh = u32::from(f.header.handle);
             if fh == Family::V4.htid() << 20 || fh == Family::V6.htid() << 20 {
                 tables += 1;
@@ -279,8 +440,13 @@ impl NetlinkBackend {
     /// What is at the ingress of a device. shaper's redirect is recognised by its cookie, or
     /// (installed by a version without the cookie) by its target: the IFB, or no device while
     /// the IFB is missing.
-    fn ingress(&mut self, ifindex: u32, ifb: Option<u32>) -> Result<Slot<Redirect>, String> {
-        let qdiscs = self.qdiscs(ifindex)?;
+    fn ingress(
+        &mut self,
+        dev: &str,
+        ifindex: u32,
+        ifb: Option<u32>,
+    ) -> Result<Slot<Redirect>, NetlinkError> {
+        let qdiscs = self.qdiscs(dev, ifindex)?;
         let Some(q) = qdiscs.iter().find(|q| q.header.parent == TcHandle::INGRESS) else {
             return Ok(Slot::Free);
         };
@@ -289,6 +455,7 @@ impl NetlinkBackend {
             return Ok(Slot::Foreign(kind));
         }
         let filters = self.filters(
+            dev,
             ifindex,
             TcHandle {
                 major: 0xffff,
@@ -334,6 +501,7 @@ impl NetlinkBackend {
                     ));
                 let ok = self
                     .request(
+                        &name,
                         RouteNetlinkMessage::NewQueueDiscipline(m),
                         NLM_F_CREATE | NLM_F_EXCL,
                     )
@@ -357,39 +525,52 @@ impl NetlinkBackend {
         supported
     }
 
-    fn apply_op(&mut self, op: &Op) -> Result<(), String> {
+    fn apply_op(&mut self, op: &Op) -> Result<(), ShapeError> {
         use RouteNetlinkMessage as R;
         const ADD: u16 = NLM_F_CREATE | NLM_F_EXCL;
         match op {
             Op::AddIfb { name } => {
+                self.devices.remove(name);
                 let handle = self.handle.clone();
                 let link = LinkIfb::new(name).up().build();
                 self.runtime
                     .block_on(async move { handle.link().add(link).execute().await })
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| {
+                        NetlinkError::new(Request::AddLink, name, Cause::from_rtnetlink(e))
+                    })?;
+                Ok(())
             }
             Op::DeleteIfb { name } => {
-                let Some(index) = self.ifindex(name).map_err(|e| e.to_string())? else {
-                    return Ok(());
+                let index = match self.devices.remove(name) {
+                    Some(index) => index,
+                    None => match self.ifindex(name)? {
+                        Some(index) => index,
+                        None => return Ok(()),
+                    },
                 };
                 let handle = self.handle.clone();
                 self.runtime
                     .block_on(async move { handle.link().del(index).execute().await })
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| {
+                        NetlinkError::new(Request::DeleteLink, name, Cause::from_rtnetlink(e))
+                    })?;
+                Ok(())
             }
             Op::AddRoot {
                 dev,
                 direction,
                 default_minor,
             } => {
-                let i = self.require_ifindex(dev)?;
+                let i = self.device(dev)?;
                 self.request(
+                    dev,
                     R::NewQueueDiscipline(codec::htb_root(i, *default_minor)),
                     ADD,
                 )?;
                 for family in [Family::V4, Family::V6] {
-                    self.request(R::NewTrafficFilter(codec::u32_table(i, family)), ADD)?;
+                    self.request(dev, R::NewTrafficFilter(codec::u32_table(i, family)), ADD)?;
                     self.request(
+                        dev,
                         R::NewTrafficFilter(codec::u32_link(i, family, *direction)),
                         ADD,
                     )?;
@@ -397,42 +578,49 @@ impl NetlinkBackend {
                 Ok(())
             }
             Op::DeleteRoot { dev } => {
-                let i = self.require_ifindex(dev)?;
-                self.request(R::DelQueueDiscipline(codec::root_delete(i)), 0)
+                let i = self.device(dev)?;
+                Ok(self.request(dev, R::DelQueueDiscipline(codec::root_delete(i)), 0)?)
             }
             Op::AddIngress { dev, ifb } => {
-                let i = self.require_ifindex(dev)?;
-                let to = self.require_ifindex(ifb)?;
+                let i = self.device(dev)?;
+                let to = self.device(ifb)?;
                 // An empty ingress qdisc may already be there: create it only if missing.
-                self.request(R::NewQueueDiscipline(codec::ingress(i)), NLM_F_CREATE)?;
-                self.request(
+                self.request(dev, R::NewQueueDiscipline(codec::ingress(i)), NLM_F_CREATE)?;
+                Ok(self.request(
+                    dev,
                     R::NewTrafficFilter(codec::redirect_all(i, to)),
                     NLM_F_CREATE,
-                )
+                )?)
             }
             Op::DeleteIngress { dev } => {
-                let i = self.require_ifindex(dev)?;
-                self.request(R::DelQueueDiscipline(codec::ingress_delete(i)), 0)
+                let i = self.device(dev)?;
+                Ok(self.request(dev, R::DelQueueDiscipline(codec::ingress_delete(i)), 0)?)
             }
             Op::AddClass { dev, minor, class } => {
-                let i = self.require_ifindex(dev)?;
-                self.request(R::NewTrafficClass(codec::htb_class(i, *minor, class)), ADD)
+                let i = self.device(dev)?;
+                Ok(self.request(
+                    dev,
+                    R::NewTrafficClass(codec::htb_class(i, *minor, class)),
+                    ADD,
+                )?)
             }
             Op::ChangeClass { dev, minor, class } => {
-                let i = self.require_ifindex(dev)?;
-                self.request(
+                let i = self.device(dev)?;
+                Ok(self.request(
+                    dev,
                     R::NewTrafficClass(codec::htb_class(i, *minor, class)),
                     NLM_F_REPLACE,
-                )
+                )?)
             }
             Op::DeleteClass { dev, minor } => {
-                let i = self.require_ifindex(dev)?;
-                self.request(R::DelTrafficClass(codec::class_delete(i, *minor)), 0)
+                let i = self.device(dev)?;
+                Ok(self.request(dev, R::DelTrafficClass(codec::class_delete(i, *minor)), 0)?)
             }
             Op::AddLeaf { dev, parent, leaf } => {
-                let i = self.require_ifindex(dev)?;
+                let i = self.device(dev)?;
                 let flags = NLM_F_CREATE | NLM_F_REPLACE;
                 match self.request(
+                    dev,
                     R::NewQueueDiscipline(codec::leaf_qdisc(i, *parent, *leaf)),
                     flags,
                 ) {
@@ -441,12 +629,13 @@ impl NetlinkBackend {
                         tracing::warn!("fq_codel failed on {dev} ({e}); using pfifo leaves");
                         self.features = Some(Features { fq_codel: false });
                         let fallback = Leaf::Pfifo { limit: 100 };
-                        self.request(
+                        Ok(self.request(
+                            dev,
                             R::NewQueueDiscipline(codec::leaf_qdisc(i, *parent, fallback)),
                             flags,
-                        )
+                        )?)
                     }
-                    other => other,
+                    other => Ok(other?),
                 }
             }
             Op::AddFilter {
@@ -454,22 +643,24 @@ impl NetlinkBackend {
                 handle,
                 filter,
             } => {
-                let i = self.require_ifindex(dev)?;
-                self.request(
+                let i = self.device(dev)?;
+                Ok(self.request(
+                    dev,
                     R::NewTrafficFilter(codec::u32_filter(i, *handle, filter)),
                     ADD,
-                )
+                )?)
             }
             Op::DeleteFilter {
                 dev,
                 handle,
                 family,
             } => {
-                let i = self.require_ifindex(dev)?;
-                self.request(
+                let i = self.device(dev)?;
+                Ok(self.request(
+                    dev,
                     R::DelTrafficFilter(codec::u32_filter_delete(i, *handle, *family)),
                     0,
-                )
+                )?)
             }
         }
     }
@@ -497,11 +688,12 @@ impl TcBackend for NetlinkBackend {
         let index = self
             .ifindex(interface)?
             .ok_or_else(|| ShapeError::NoSuchInterface(interface.into()))?;
-        let ifb = self.ifindex(&ifb_name(interface))?;
-        let upload = self.root(index).map_err(ShapeError::Netlink)?;
-        let ingress = self.ingress(index, ifb).map_err(ShapeError::Netlink)?;
+        let ifb_name = ifb_name(interface);
+        let ifb = self.ifindex(&ifb_name)?;
+        let upload = self.root(interface, index)?;
+        let ingress = self.ingress(interface, index, ifb)?;
         let download = match ifb {
-            Some(i) => Some(self.root(i).map_err(ShapeError::Netlink)?),
+            Some(i) => Some(self.root(&ifb_name, i)?),
             None => None,
         };
         Ok(Installed {
@@ -511,7 +703,8 @@ impl TcBackend for NetlinkBackend {
         })
     }
 
-    fn apply(&mut self, plan: &Plan) -> Vec<(Op, String)> {
+    fn apply(&mut self, plan: &Plan) -> Vec<(Op, ShapeError)> {
+        self.devices.clear();
         let mut failures = Vec::new();
         for op in &plan.ops {
             if let Err(e) = self.apply_op(op) {
@@ -519,6 +712,8 @@ impl TcBackend for NetlinkBackend {
                 failures.push((op.clone(), e));
             }
         }
+        // Links may change between plans: the next plan looks its devices up again.
+        self.devices.clear();
         failures
     }
 

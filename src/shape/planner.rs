@@ -78,8 +78,43 @@ pub struct Handles {
     released_nodes: Vec<(Family, u32, u32)>,
     used_minors: FxHashSet<u16>,
     used_nodes: FxHashSet<SocketKey>,
-    /// Allocations refused because a space ran out (reported by the caller).
-    pub exhausted: usize,
+    /// Allocations the current plan was refused because a handle space ran out.
+    exhausted: Exhausted,
+    /// Whether running out is logged already (once, until a plan fits again).
+    warned: bool,
+}
+
+/// Handles a plan needed and could not get, counted per space. What did not get one goes
+/// unshaped or less finely shaped (never dropped): a class without minors is left out, so its
+/// connections fall to the default class; a connection without its own leaf is shaped by its
+/// class; a connection without a filter goes to the default class.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Exhausted {
+    /// Classes and leaves refused a minor: HTB minors are 16 bits, so a device holds at most
+    /// 65,519 of shaper's classes and leaves.
+    pub minors: usize,
+    /// Filters refused a handle, on either device: a u32 hash bucket holds at most 4,095.
+    pub filters: usize,
+}
+
+impl Exhausted {
+    pub fn any(&self) -> bool {
+        self.minors > 0 || self.filters > 0
+    }
+}
+
+impl std::fmt::Display for Exhausted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "out of tc handles: {} classes or leaves got no minor (HTB minors are 16 bits: at \
+             most {} per interface) and {} filters none (at most {MAX_NODE} connections per \
+             hash bucket, per device); those are shaped by their class or the default class",
+            self.minors,
+            MAX_MINOR - FIRST_MINOR + 1,
+            self.filters,
+        )
+    }
 }
 
 impl Default for Handles {
@@ -95,7 +130,8 @@ impl Default for Handles {
             released_nodes: Vec::new(),
             used_minors: FxHashSet::default(),
             used_nodes: FxHashSet::default(),
-            exhausted: 0,
+            exhausted: Exhausted::default(),
+            warned: false,
         }
     }
 }
@@ -111,7 +147,12 @@ impl Handles {
         }
         self.used_minors.clear();
         self.used_nodes.clear();
-        self.exhausted = 0;
+        self.exhausted = Exhausted::default();
+    }
+
+    /// What the last plan could not get: nothing unless a handle space ran out.
+    pub fn exhausted(&self) -> Exhausted {
+        self.exhausted
     }
 
     fn minor(&mut self, slot: Slot) -> Option<u16> {
@@ -124,7 +165,7 @@ impl Handles {
                     self.next_minor += 1;
                     self.next_minor - 1
                 } else {
-                    self.exhausted += 1;
+                    self.exhausted.minors += 1;
                     return None;
                 };
                 self.minors.insert(slot, m);
@@ -152,7 +193,7 @@ impl Handles {
             None => {
                 let next = self.next_node.entry((family, bucket)).or_insert(1);
                 if *next > MAX_NODE {
-                    self.exhausted += 1;
+                    self.exhausted.filters += 1;
                     return None;
                 }
                 *next += 1;
@@ -167,6 +208,12 @@ impl Handles {
     }
 
     fn end(&mut self) {
+        if !self.exhausted.any() {
+            self.warned = false;
+        } else if !self.warned {
+            self.warned = true;
+            tracing::warn!("{}", self.exhausted);
+        }
         let used = &self.used_minors;
         let released = &mut self.released_minors;
         self.minors.retain(|_, m| {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::model::{Direction, Family, Key};
-use super::planner::{Capacity, Features, Handles, PlanInput, filter_keys, plan};
+use super::planner::{Capacity, Exhausted, Features, Handles, PlanInput, filter_keys, plan};
 use super::{Installed, Redirect, ShapeError, Slot, reconcile, teardown};
 use crate::policy::{ClassDef, ClassSet, Decision, Each};
 use crate::process::{Connection, Owner};
@@ -428,4 +428,38 @@ fn a_dangling_redirect_goes_first_and_comes_back_last() {
         teardown.contains("tc qdisc del dev eth0 ingress"),
         "{teardown}"
     );
+}
+
+#[test]
+fn running_out_of_filter_handles_is_reported() {
+    // 4,100 connections to one local port share a hash bucket, which holds 4,095 filters.
+    let mut case = Case::basic();
+    case.connections = (0..4100u64)
+        .map(|i| {
+            let remote = format!("10.1.{}.{}:5000", i / 200, i % 200 + 1);
+            conn("10.0.0.1:443", &remote, i + 1, 100)
+        })
+        .collect();
+    case.decisions = vec![decision("bulk", ""); case.connections.len()];
+    let mut handles = Handles::default();
+    let desired = case.desired(&mut handles);
+    assert_eq!(desired.upload.filters.len(), 4095);
+    assert_eq!(
+        handles.exhausted(),
+        Exhausted {
+            minors: 0,
+            filters: 2 * 5
+        },
+        "five connections, upload and download"
+    );
+    assert!(
+        handles
+            .exhausted()
+            .to_string()
+            .contains("4095 connections per hash bucket")
+    );
+    case.connections.truncate(4095);
+    case.decisions.truncate(4095);
+    case.desired(&mut handles);
+    assert_eq!(handles.exhausted(), Exhausted::default());
 }

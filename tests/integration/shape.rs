@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use shaper::policy::{Decision, Each};
 use shaper::scan::{Proto, Socket};
-use shaper::shape::{Installed, Redirect, ShapeError, Slot, TcBackend, reconcile};
+use shaper::shape::model::{Class, Direction, Family, Filter, Key};
+use shaper::shape::netlink::{Cause, NetlinkError, Request};
+use shaper::shape::{Installed, Op, Plan, Redirect, ShapeError, Slot, TcBackend, reconcile};
 
 use crate::support::netns::{Netns, NetnsPair};
 use crate::support::shaping::{Shaper, class, class_set, decision, flow};
@@ -240,4 +242,110 @@ fn a_restart_adopts_what_a_killed_run_left() {
         second.backend.installed("veth0").unwrap(),
         Installed::nothing()
     );
+}
+
+#[test]
+fn a_refusal_names_the_request_the_device_and_the_kernels_reason() {
+    let pair = NetnsPair::new();
+    // A root qdisc of shaper's handle without its hash tables: the kernel refuses entries.
+    tc(
+        &pair.a,
+        &[
+            "qdisc", "add", "dev", "veth0", "root", "handle", "5a:", "htb",
+        ],
+    );
+    let mut shaper = Shaper::new(&pair.a);
+    let filter = Op::AddFilter {
+        dev: "veth0".into(),
+        handle: 0x0103_4007,
+        filter: Filter {
+            family: Family::V4,
+            keys: vec![Key {
+                off: 8,
+                val: 6 << 16,
+                mask: 0x00ff_0000,
+            }],
+            class: 0x42,
+        },
+    };
+    let missing = Op::DeleteRoot {
+        dev: "nosuch0".into(),
+    };
+    let failures = shaper.backend.apply(&Plan {
+        ops: vec![filter.clone(), missing.clone()],
+    });
+    assert_eq!(
+        failures,
+        vec![
+            (
+                filter,
+                ShapeError::Netlink(NetlinkError {
+                    request: Request::AddFilter,
+                    device: Some("veth0".into()),
+                    cause: Cause::Kernel {
+                        errno: libc::EINVAL,
+                        extack: Some("cls_u32: Specified hash table not found".into()),
+                    },
+                })
+            ),
+            (missing, ShapeError::NoSuchInterface("nosuch0".into())),
+        ]
+    );
+}
+
+#[test]
+fn a_plan_looks_each_device_up_once_and_again_after_recreating_it() {
+    let pair = NetnsPair::new();
+    let mut shaper = Shaper::new(&pair.a);
+    let classes = class_set(vec![class("bulk", "2mbit:8mbit", Each::Class)]);
+    let desired = shaper.desired(&classes, &mixed_flows());
+    let installed = shaper.backend.installed(NetnsPair::IFNAME).unwrap();
+    let plan = reconcile(NetnsPair::IFNAME, &desired, &installed, false).unwrap();
+    let before = shaper.backend.link_lookups;
+    assert!(shaper.backend.apply(&plan).is_empty());
+    assert!(plan.ops.len() > 10, "{plan}");
+    assert_eq!(
+        shaper.backend.link_lookups - before,
+        2,
+        "veth0 once, and its IFB once after creating it:\n{plan}"
+    );
+
+    // The IFB deleted and created again within one plan has a new ifindex, which the plan
+    // must use (the old one would be refused with ENODEV).
+    let ifb = "shp-veth0".to_string();
+    let root = Op::AddRoot {
+        dev: ifb.clone(),
+        direction: Direction::Download,
+        default_minor: 1,
+    };
+    let class = Op::AddClass {
+        dev: ifb.clone(),
+        minor: 1,
+        class: Class {
+            parent: 0,
+            rate: 8_000_000,
+            ceil: 8_000_000,
+            burst: 65_536,
+            cburst: 65_536,
+            quantum: 1600,
+            prio: 0,
+            label: String::new(),
+        },
+    };
+    let recreate = Plan {
+        ops: vec![
+            Op::DeleteIngress {
+                dev: NetnsPair::IFNAME.into(),
+            },
+            Op::DeleteRoot { dev: ifb.clone() },
+            Op::DeleteIfb { name: ifb.clone() },
+            Op::AddIfb { name: ifb.clone() },
+            root,
+            class,
+        ],
+    };
+    let failures = shaper.backend.apply(&recreate);
+    assert!(failures.is_empty(), "{failures:?}");
+    let qdiscs = tc(&pair.a, &["class", "show", "dev", &ifb]);
+    assert!(qdiscs.contains("class htb 5a:1 root"), "{qdiscs}");
 }
