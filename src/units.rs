@@ -12,9 +12,9 @@
 //! * [`Interval`]: `ms`, `s`, `m`, `h`. A bare number is refused: `5` was read as 5 ms in
 //!   `shaper.ron` and as 5 s on the command line, so a duration always names its unit.
 //!
-//! Rates are bounded: at least [`Rate::MIN`] (8kbit; below it HTB's quantum and burst stop making
-//! sense, and `0` silently became that floor) and at most [`Rate::MAX`] (1tbit; far above it
-//! HTB's burst, stored as 64 ns ticks, rounds to zero). "No limit" is written `unlimited`.
+//! Rates are bounded: at least [`Rate::MIN`] (8kbit, the planner's floor, to which `0` used to be
+//! raised silently) and at most [`Rate::MAX`] (1tbit; far above it HTB's burst, stored as 64 ns
+//! ticks, rounds to zero). "No limit" is written `unlimited`.
 //!
 //! Numbers may have a fractional part (`1.5mbit`) when the result is a whole number of the base
 //! unit (bit/s, bytes, milliseconds): `0.5bit` and `0.5` are refused alike rather than rounded.
@@ -402,8 +402,9 @@ fn format_quantity(kind: &Kind, value: u64) -> String {
 
 impl Rate {
     pub const ZERO: Rate = Rate(0);
-    /// The smallest rate a user may ask for (8kbit = 1000 bytes/s): HTB's quantum and the
-    /// 64 KiB burst stop meaning anything below it, and `0` used to become it silently.
+    /// The smallest rate a user may ask for (8kbit = 1000 bytes/s, under one full-size packet
+    /// a second): the planner has always raised smaller rates to it, so `0` or `500bit` became
+    /// 8kbit/s silently; now they are refused instead.
     pub const MIN: Rate = Rate(8_000);
     /// The largest rate a user may ask for (1tbit). HTB carries 64-bit rates, but its burst is a
     /// transmission time in 64 ns ticks: above about 30 Tbit/s a 256 KiB burst is zero ticks, and
