@@ -160,6 +160,15 @@ impl Config {
                 "use a positive interval such as \"10s\"",
             ));
         }
+        for (key, path) in self.paths() {
+            if let Err(reason) = check_absolute(path) {
+                return Err(invalid(
+                    key,
+                    format!("{:?}", path.display().to_string()),
+                    &reason,
+                ));
+            }
+        }
         for name in &self.interfaces {
             if let Err(reason) = check_interface_name(name) {
                 return Err(invalid("interfaces", format!("{name:?}"), &reason));
@@ -173,6 +182,23 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// Every path-valued key with its name: the daemon resolves them from wherever it was
+    /// started, so each must be absolute (an empty `runtime_dir` put the socket in the cwd).
+    fn paths(&self) -> Vec<(&'static str, &Path)> {
+        let mut paths = vec![
+            ("script", self.script.as_path()),
+            ("state_dir", self.state_dir.as_path()),
+            ("runtime_dir", self.runtime_dir.as_path()),
+        ];
+        paths.extend(self.rate_file.as_deref().map(|p| ("rate_file", p)));
+        paths.extend(
+            self.connection_rate_file
+                .as_deref()
+                .map(|p| ("connection_rate_file", p)),
+        );
+        paths
     }
 
     /// The configuration as commented RON, the way `shaper config` prints it.
@@ -290,6 +316,23 @@ impl Config {
     }
 }
 
+/// A path the daemon may rely on whatever its working directory: not empty, and absolute.
+pub fn check_absolute(path: &Path) -> Result<(), String> {
+    if path.as_os_str().is_empty() {
+        return Err(
+            "an empty path would mean the current directory; write an absolute path".into(),
+        );
+    }
+    if !path.is_absolute() {
+        return Err(
+            "a relative path depends on the directory shaper is started from; write an absolute \
+             path (starting with /)"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 /// Linux interface names: 1–15 bytes, no `/`, no white space, not `.` or `..`.
 pub fn check_interface_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 15 {
@@ -375,6 +418,49 @@ mod tests {
         assert!(
             msg.contains("log_level") && msg.contains("shaper=loud"),
             "{msg}"
+        );
+    }
+
+    #[test]
+    fn empty_and_relative_paths_are_refused_naming_the_key() {
+        for (text, key) in [
+            ("(runtime_dir: \"\")", "runtime_dir"),
+            ("(state_dir: \"state\")", "state_dir"),
+            ("(script: \"./policy.lua\")", "script"),
+            ("(rate_file: \"rate\")", "rate_file"),
+            ("(connection_rate_file: \"\")", "connection_rate_file"),
+        ] {
+            let msg = parse(text).unwrap_err();
+            assert!(
+                msg.contains(&format!("{key} = ")) && msg.contains("absolute path"),
+                "{text}: {msg}"
+            );
+        }
+        assert!(parse("(runtime_dir: \"/run/shaper-test\")").is_ok());
+    }
+
+    #[test]
+    fn one_unit_rule_for_bare_numbers() {
+        let msg = parse("(\n  interval: 5,\n)").unwrap_err();
+        assert!(
+            msg.starts_with("/etc/shaper/shaper.ron:2:") && msg.contains("has no unit"),
+            "{msg}"
+        );
+        let msg = parse("(usage_flush_interval: \"10\")").unwrap_err();
+        assert!(msg.contains("has no unit"), "{msg}");
+        let msg = parse("(uplink: 0)").unwrap_err();
+        assert!(msg.contains("smallest, 8kbit"), "{msg}");
+        let msg = parse("(rate: \"0:0\")").unwrap_err();
+        assert!(msg.contains("smallest, 8kbit"), "{msg}");
+        let msg = parse("(downlink: \"18446744073709551615bit\")").unwrap_err();
+        assert!(msg.contains("the largest is 1tbit"), "{msg}");
+        assert_eq!(
+            parse("(uplink: 20000000)")
+                .unwrap()
+                .uplink
+                .unwrap()
+                .bits_per_sec(),
+            20_000_000
         );
     }
 

@@ -9,9 +9,16 @@
 //!   (optionally followed by `/s`) multiply by 1000; `kibit`/`mibit`/`gibit` by 1024. Byte rates are
 //!   written with a capital `B`: `B/s`, `KB/s`, `MB/s`, `GB/s`, `KiB/s`, `MiB/s`, `GiB/s`.
 //! * [`Size`]: bytes. `B`, `KB`, `MB`, `GB`, `TB` (×1000) and `KiB`, `MiB`, `GiB`, `TiB` (×1024).
-//! * [`Interval`]: `ms`, `s`, `m`, `h` (a bare number is seconds).
+//! * [`Interval`]: `ms`, `s`, `m`, `h`. A bare number is refused: `5` was read as 5 ms in
+//!   `shaper.ron` and as 5 s on the command line, so a duration always names its unit.
 //!
-//! Numbers may have a fractional part (`1.5mbit`); the result is rounded to the nearest whole unit.
+//! Rates are bounded: at least [`Rate::MIN`] (8kbit, the planner's floor, to which `0` used to be
+//! raised silently) and at most [`Rate::MAX`] (1tbit; far above it HTB's burst, stored as 64 ns
+//! ticks, rounds to zero). "No limit" is written `unlimited`.
+//!
+//! Numbers may have a fractional part (`1.5mbit`) when the result is a whole number of the base
+//! unit (bit/s, bytes, milliseconds): `0.5bit` and `0.5` are refused alike rather than rounded.
+//! Bare numbers in `shaper.ron` and in Lua follow exactly the same rules as strings.
 //! Printing ([`std::fmt::Display`]) chooses the largest unit that represents the value exactly, so
 //! `parse(print(x)) == x` for every value.
 
@@ -29,8 +36,12 @@ pub enum UnitError {
         kind: &'static str,
         example: &'static str,
     },
-    #[error("{kind} {input:?} is negative: {kind}s must be zero or more")]
-    Negative { kind: &'static str, input: String },
+    #[error("{kind} {input:?} is negative: write a value such as {example}")]
+    Negative {
+        kind: &'static str,
+        input: String,
+        example: &'static str,
+    },
     #[error("{kind} {input:?} does not start with a number (e.g. {example})")]
     NoNumber {
         kind: &'static str,
@@ -61,6 +72,29 @@ pub enum UnitError {
         kind: &'static str,
         input: String,
         max: String,
+    },
+    #[error("{kind} {input:?} is below the smallest, {min}: {advice}")]
+    TooSmall {
+        kind: &'static str,
+        input: String,
+        min: String,
+        advice: &'static str,
+    },
+    #[error(
+        "{kind} {input:?} is not a whole number of {base}: write a value that comes out whole, \
+         e.g. {example}"
+    )]
+    NotWhole {
+        kind: &'static str,
+        input: String,
+        base: &'static str,
+        example: &'static str,
+    },
+    #[error("{kind} {input:?} has no unit: write it with one, e.g. {example}")]
+    NoUnit {
+        kind: &'static str,
+        input: String,
+        example: &'static str,
     },
 }
 
@@ -141,7 +175,7 @@ const SIZE_KNOWN: &str = "B, KB, MB, GB, TB (×1000), KiB, MiB, GiB, TiB (×1024
 const INTERVAL_UNITS: &[Unit] = &[
     unit(&["h"], 3_600_000),
     unit(&["m", "min"], 60_000),
-    unit(&["s", "", "sec"], 1000),
+    unit(&["s", "sec"], 1000),
     unit(&["ms"], 1),
 ];
 const INTERVAL_KNOWN: &str = "ms, s, m, h";
@@ -154,6 +188,13 @@ struct Kind {
     known: &'static str,
     /// Spellings refused because they read two ways (see [`AMBIGUOUS_RATES`]).
     ambiguous: &'static [Ambiguity],
+    /// The base unit, named in "not a whole number of …".
+    base: &'static str,
+    /// The accepted range, in base units.
+    min: u64,
+    max: u64,
+    /// What to write instead of a value below `min`.
+    below_min: &'static str,
 }
 
 /// `(lower-case spelling, bits name, bits unit, bytes name, bytes unit)`.
@@ -171,6 +212,11 @@ const RATE: Kind = Kind {
     units: RATE_UNITS,
     known: RATE_KNOWN,
     ambiguous: AMBIGUOUS_RATES,
+    base: "bits per second",
+    min: Rate::MIN.0,
+    max: Rate::MAX.0,
+    below_min: "slower rates cannot be shaped usefully; for no limit write \"unlimited\" or \
+                leave the limit unset",
 };
 const SIZE: Kind = Kind {
     name: "size",
@@ -178,6 +224,10 @@ const SIZE: Kind = Kind {
     units: SIZE_UNITS,
     known: SIZE_KNOWN,
     ambiguous: &[],
+    base: "bytes",
+    min: 0,
+    max: u64::MAX,
+    below_min: "",
 };
 const INTERVAL: Kind = Kind {
     name: "interval",
@@ -185,6 +235,10 @@ const INTERVAL: Kind = Kind {
     units: INTERVAL_UNITS,
     known: INTERVAL_KNOWN,
     ambiguous: &[],
+    base: "milliseconds",
+    min: 0,
+    max: u64::MAX,
+    below_min: "",
 };
 
 /// Spellings tc accepts whose meaning (bytes) differs from what most people write them for (bits).
@@ -213,6 +267,7 @@ fn parse_quantity(kind: &Kind, input: &str) -> Result<u64, UnitError> {
         return Err(UnitError::Negative {
             kind: kind.name,
             input: input.to_string(),
+            example: kind.example,
         });
     }
     let text = text.strip_prefix('+').unwrap_or(text);
@@ -236,6 +291,13 @@ fn parse_quantity(kind: &Kind, input: &str) -> Result<u64, UnitError> {
     }
     let factor = match lookup_unit(kind, unit_text) {
         Some(f) => f,
+        None if unit_text.is_empty() => {
+            return Err(UnitError::NoUnit {
+                kind: kind.name,
+                input: input.to_string(),
+                example: kind.example,
+            });
+        }
         None => {
             let lower = unit_text.to_ascii_lowercase();
             if let Some(meaning) = kind.ambiguous.iter().find(|a| a.0 == lower) {
@@ -257,7 +319,7 @@ fn parse_quantity(kind: &Kind, input: &str) -> Result<u64, UnitError> {
     let overflow = || UnitError::Overflow {
         kind: kind.name,
         input: input.to_string(),
-        max: format_quantity(kind, u64::MAX),
+        max: format_quantity(kind, kind.max),
     };
     let whole: u128 = if whole.is_empty() {
         0
@@ -265,14 +327,48 @@ fn parse_quantity(kind: &Kind, input: &str) -> Result<u64, UnitError> {
         whole.parse().map_err(|_| overflow())?
     };
     let mut value = whole.checked_mul(factor as u128).ok_or_else(overflow)?;
+    let frac = frac.trim_end_matches('0');
     if !frac.is_empty() {
-        // Exact decimal arithmetic: at most 18 fractional digits are significant for a u64.
-        let digits = &frac[..frac.len().min(18)];
-        let scale = 10u128.pow(digits.len() as u32);
-        let frac_value: u128 = digits.parse().map_err(|_| no_number())?;
-        value += (frac_value * factor as u128 + scale / 2) / scale;
+        let not_whole = || UnitError::NotWhole {
+            kind: kind.name,
+            input: input.to_string(),
+            base: kind.base,
+            example: kind.example,
+        };
+        // Exact decimal arithmetic. Every factor is below 10^13, so 24 significant fractional
+        // digits keep the product within u128; a value needing more is not whole in practice.
+        if frac.len() > 24 {
+            return Err(not_whole());
+        }
+        let scale = 10u128.pow(frac.len() as u32);
+        let scaled = frac.parse::<u128>().map_err(|_| no_number())? * factor as u128;
+        if !scaled.is_multiple_of(scale) {
+            return Err(not_whole());
+        }
+        value += scaled / scale;
     }
-    u64::try_from(value).map_err(|_| overflow())
+    let value = u64::try_from(value).map_err(|_| overflow())?;
+    check_range(kind, value, input)
+}
+
+/// `value` if it lies within `kind`'s range, else the error naming `input` and the bound.
+fn check_range(kind: &Kind, value: u64, input: &str) -> Result<u64, UnitError> {
+    if value > kind.max {
+        return Err(UnitError::Overflow {
+            kind: kind.name,
+            input: input.to_string(),
+            max: format_quantity(kind, kind.max),
+        });
+    }
+    if value < kind.min {
+        return Err(UnitError::TooSmall {
+            kind: kind.name,
+            input: input.to_string(),
+            min: format_quantity(kind, kind.min),
+            advice: kind.below_min,
+        });
+    }
+    Ok(value)
 }
 
 fn lookup_unit(kind: &Kind, text: &str) -> Option<u64> {
@@ -306,6 +402,14 @@ fn format_quantity(kind: &Kind, value: u64) -> String {
 
 impl Rate {
     pub const ZERO: Rate = Rate(0);
+    /// The smallest rate a user may ask for (8kbit = 1000 bytes/s, under one full-size packet
+    /// a second): the planner has always raised smaller rates to it, so `0` or `500bit` became
+    /// 8kbit/s silently; now they are refused instead.
+    pub const MIN: Rate = Rate(8_000);
+    /// The largest rate a user may ask for (1tbit). HTB carries 64-bit rates, but its burst is a
+    /// transmission time in 64 ns ticks: above about 30 Tbit/s a 256 KiB burst is zero ticks, and
+    /// `burst 0b` lets a class send nothing in one go. 1tbit leaves a wide margin.
+    pub const MAX: Rate = Rate(1_000_000_000_000);
 
     pub const fn from_bits_per_sec(bits: u64) -> Self {
         Rate(bits)
@@ -396,7 +500,7 @@ macro_rules! quantity_traits {
     };
 }
 
-trait QuantityName: FromStr<Err = UnitError> + From<u64> {
+trait QuantityName: FromStr<Err = UnitError> {
     const NAME: &'static str;
 }
 
@@ -410,13 +514,13 @@ impl<T: QuantityName> serde::de::Visitor<'_> for QuantityVisitor<T> {
     fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<T, E> {
         v.parse().map_err(E::custom)
     }
+    // Bare numbers go through the same parser as strings, so `interval: 5` is refused like
+    // `--interval 5` and `uplink: 0` like `--uplink 0`.
     fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<T, E> {
-        Ok(T::from(v))
+        v.to_string().parse().map_err(E::custom)
     }
     fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<T, E> {
-        u64::try_from(v)
-            .map(T::from)
-            .map_err(|_| E::custom(format!("{} {v} is negative", T::NAME)))
+        v.to_string().parse().map_err(E::custom)
     }
     fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<T, E> {
         v.to_string().parse().map_err(E::custom)
@@ -508,24 +612,24 @@ mod tests {
 
     #[test]
     fn rates_in_bits() {
-        assert_eq!(rate("1000"), 1000);
-        assert_eq!(rate("1000bit"), 1000);
-        assert_eq!(rate("2k"), 2000);
-        assert_eq!(rate("2kbit"), 2000);
-        assert_eq!(rate("2KBIT"), 2000);
+        assert_eq!(rate("10000"), 10_000);
+        assert_eq!(rate("10000bit"), 10_000);
+        assert_eq!(rate("20k"), 20_000);
+        assert_eq!(rate("20kbit"), 20_000);
+        assert_eq!(rate("20KBIT"), 20_000);
         assert_eq!(rate("2Mbit"), 2_000_000);
         assert_eq!(rate("2m"), 2_000_000);
         assert_eq!(rate("1.5mbit"), 1_500_000);
         assert_eq!(rate("3g"), 3_000_000_000);
         assert_eq!(rate("3Gbit/s"), 3_000_000_000);
-        assert_eq!(rate("1kibit"), 1024);
+        assert_eq!(rate("8kibit"), 8192);
         assert_eq!(rate(" 256 kbit "), 256_000);
         assert_eq!(rate("1_000k"), 1_000_000);
     }
 
     #[test]
     fn rates_in_bytes() {
-        assert_eq!(rate("1B/s"), 8);
+        assert_eq!(rate("1000B/s"), 8000);
         assert_eq!(rate("500KB/s"), 4_000_000);
         assert_eq!(rate("500kB/s"), 4_000_000);
         assert_eq!(rate("2MB/s"), 16_000_000);
@@ -605,7 +709,6 @@ mod tests {
     #[test]
     fn intervals() {
         let ms = |s: &str| s.parse::<Interval>().unwrap().duration().as_millis();
-        assert_eq!(ms("1"), 1000);
         assert_eq!(ms("1s"), 1000);
         assert_eq!(ms("250ms"), 250);
         assert_eq!(ms("1.5s"), 1500);
@@ -649,9 +752,95 @@ mod tests {
         assert!(msg.contains("8mbps"), "{msg}");
     }
 
+    #[test]
+    fn rates_below_the_floor_are_refused_naming_unlimited() {
+        for input in ["0", "0bit", "0mbit", "7999", "7.999kbit", "999B/s"] {
+            let msg = rate_err(input);
+            assert!(
+                msg.contains(&format!("{input:?}")) && msg.contains("smallest, 8kbit"),
+                "{input}: {msg}"
+            );
+            assert!(msg.contains("\"unlimited\""), "{input}: {msg}");
+        }
+        assert_eq!(rate("8kbit"), Rate::MIN.bits_per_sec());
+        assert_eq!(rate("8000"), 8000);
+        let msg = "0:0".parse::<RatePair>().unwrap_err().to_string();
+        assert!(msg.contains("\"0\"") && msg.contains("8kbit"), "{msg}");
+    }
+
+    #[test]
+    fn rates_above_the_ceiling_are_refused() {
+        assert_eq!(rate("1tbit"), Rate::MAX.bits_per_sec());
+        for input in [
+            "18446744073709551615bit",
+            "1000000000001",
+            "2tbit",
+            "200GB/s",
+        ] {
+            let msg = rate_err(input);
+            assert!(
+                msg.contains("too large") && msg.contains("the largest is 1tbit"),
+                "{input}: {msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn fractions_must_come_out_whole_with_or_without_a_unit() {
+        assert_eq!(rate("1.5mbit"), 1_500_000);
+        assert_eq!(rate("12.5kbit"), 12_500);
+        assert_eq!(rate("10000.0"), 10_000);
+        assert_eq!(rate("10000.000bit"), 10_000);
+        assert_eq!(rate("1.5KiB/s"), 12 * 1024);
+        for input in ["10000.5", "10000.5bit", "1.0000001kbit", "0.5"] {
+            let msg = rate_err(input);
+            assert!(
+                msg.contains("not a whole number of bits per second"),
+                "{input}: {msg}"
+            );
+        }
+        assert_eq!(size("1.5KB"), 1500);
+        let msg = "1.5B".parse::<Size>().unwrap_err().to_string();
+        assert!(msg.contains("not a whole number of bytes"), "{msg}");
+        let msg = "1.5ms".parse::<Interval>().unwrap_err().to_string();
+        assert!(msg.contains("not a whole number of milliseconds"), "{msg}");
+    }
+
+    #[test]
+    fn durations_need_a_unit() {
+        for input in ["5", "0", "1.5"] {
+            let msg = input.parse::<Interval>().unwrap_err().to_string();
+            assert!(
+                msg.contains(&format!("interval {input:?} has no unit")) && msg.contains("500ms"),
+                "{input}: {msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn bare_numbers_in_ron_follow_the_string_rules() {
+        let de = |text: &str| ron::from_str::<Interval>(text).map_err(|e| e.to_string());
+        let msg = de("5").unwrap_err();
+        assert!(msg.contains("has no unit"), "{msg}");
+        assert_eq!(de("\"5s\"").unwrap().duration().as_millis(), 5000);
+        let rate = |text: &str| ron::from_str::<Rate>(text).map_err(|e| e.to_string());
+        assert_eq!(rate("20000000").unwrap().bits_per_sec(), 20_000_000);
+        assert!(rate("0").unwrap_err().contains("smallest"));
+        assert!(rate("-1").unwrap_err().contains("negative"));
+        assert!(rate("10000.5").unwrap_err().contains("not a whole number"));
+        assert_eq!(ron::from_str::<Size>("12").unwrap().bytes(), 12);
+    }
+
     proptest! {
         #[test]
-        fn rate_round_trips(bits in any::<u64>()) {
+        fn rates_outside_the_range_never_parse(bits in prop_oneof![0..Rate::MIN.0, Rate::MAX.0 + 1..=u64::MAX]) {
+            prop_assert!(Rate(bits).to_string().parse::<Rate>().is_err());
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn rate_round_trips(bits in Rate::MIN.0..=Rate::MAX.0) {
             let r = Rate(bits);
             prop_assert_eq!(r.to_string().parse::<Rate>().unwrap(), r);
         }
@@ -672,7 +861,13 @@ mod tests {
         fn scaled_rates_parse(n in 0u64..1_000_000, unit in prop::sample::select(vec![
             ("bit", 1u64), ("kbit", 1000), ("mbit", 1_000_000), ("KB/s", 8000), ("MiB/s", 8 << 20),
         ])) {
-            prop_assert_eq!(rate(&format!("{n}{}", unit.0)), n * unit.1);
+            let bits = n * unit.1;
+            let parsed = format!("{n}{}", unit.0).parse::<Rate>();
+            if (Rate::MIN.0..=Rate::MAX.0).contains(&bits) {
+                prop_assert_eq!(parsed.unwrap().bits_per_sec(), bits);
+            } else {
+                prop_assert!(parsed.is_err());
+            }
         }
 
         #[test]

@@ -39,14 +39,14 @@ pub struct StatusArgs {
     #[arg(long)]
     pub all: bool,
     /// Runtime dir of the daemon to ask [default: the configured one]
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", value_parser = super::path_arg)]
     pub runtime_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
 pub struct ControlArgs {
     /// Runtime dir of the daemon [default: the configured one]
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", value_parser = super::path_arg)]
     pub runtime_dir: Option<std::path::PathBuf>,
 }
 

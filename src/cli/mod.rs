@@ -106,13 +106,13 @@ pub struct ConfigArgs {
     /// Interface to shape (repeat for several) [default: the default route's interface]
     #[arg(short, long = "interface", value_name = "IF")]
     pub interfaces: Vec<String>,
-    /// Cycle interval, e.g. 1s or 500ms [default: 1s]
+    /// Cycle interval with its unit, e.g. 1s or 500ms [default: 1s]
     #[arg(long, value_name = "TIME")]
     pub interval: Option<Interval>,
     /// Lua policy script [default: /etc/shaper/policy.lua]
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", value_parser = path_arg)]
     pub script: Option<PathBuf>,
-    /// Upload capacity of the link, e.g. 20mbit
+    /// Upload capacity of the link, e.g. 20mbit (8kbit to 1tbit)
     #[arg(long, value_name = "RATE")]
     pub uplink: Option<Rate>,
     /// Download capacity of the link, e.g. 100mbit
@@ -125,18 +125,18 @@ pub struct ConfigArgs {
     #[arg(long, value_name = "UP[:DOWN]")]
     pub connection_rate: Option<RatePair>,
     /// File holding the current --rate, re-read every cycle
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", value_parser = path_arg)]
     pub rate_file: Option<PathBuf>,
     /// File holding the current --connection-rate, re-read every cycle
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", value_parser = path_arg)]
     pub connection_rate_file: Option<PathBuf>,
     /// Directory for persisted usage counters [default: /var/lib/shaper]
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", value_parser = path_arg)]
     pub state_dir: Option<PathBuf>,
     /// Directory for the control socket and pid file [default: /run/shaper]
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", value_parser = path_arg)]
     pub runtime_dir: Option<PathBuf>,
-    /// How often usage counters are saved [default: 10s]
+    /// How often usage counters are saved, with its unit [default: 10s]
     #[arg(long, value_name = "TIME")]
     pub usage_flush_interval: Option<Interval>,
     /// Day of the month on which monthly usage restarts, 1-28 [default: 1]
@@ -145,6 +145,16 @@ pub struct ConfigArgs {
     /// Log filter: error, warn, info, debug, trace or an env-filter directive [default: info]
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
+}
+
+/// A path flag: relative paths are taken from the current directory now, because the daemon
+/// would otherwise resolve them from wherever it happens to run; an empty one is refused (it
+/// meant the current directory without saying so).
+pub fn path_arg(text: &str) -> Result<PathBuf, String> {
+    if text.is_empty() {
+        return Err("an empty path would mean the current directory; write a path".into());
+    }
+    std::path::absolute(text).map_err(|e| format!("cannot make {text:?} absolute: {e}"))
 }
 
 impl ConfigArgs {
@@ -294,6 +304,43 @@ mod tests {
             config.month_start_day, 9,
             "flags not given keep the file's value"
         );
+    }
+
+    #[test]
+    fn nonsense_values_are_refused_at_the_flag() {
+        let msg = |args: &[&str]| {
+            let mut argv = vec!["shaper", "config"];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv).unwrap_err().to_string()
+        };
+        let m = msg(&["--uplink", "0"]);
+        assert!(
+            m.contains("--uplink") && m.contains("smallest, 8kbit"),
+            "{m}"
+        );
+        let m = msg(&["--rate", "0:0"]);
+        assert!(m.contains("--rate") && m.contains("\"unlimited\""), "{m}");
+        let m = msg(&["--uplink", "18446744073709551615bit"]);
+        assert!(m.contains("the largest is 1tbit"), "{m}");
+        let m = msg(&["--uplink", "0.5bit"]);
+        assert!(m.contains("not a whole number"), "{m}");
+        let m = msg(&["--interval", "5"]);
+        assert!(m.contains("--interval") && m.contains("has no unit"), "{m}");
+        let m = msg(&["--runtime-dir", ""]);
+        assert!(
+            m.contains("--runtime-dir") && m.contains("empty path"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn relative_path_flags_are_taken_from_the_current_directory() {
+        let cli = Cli::try_parse_from(["shaper", "config", "--state-dir", "state"]).unwrap();
+        let Command::Config(flags) = &cli.command else {
+            panic!("parsed as config")
+        };
+        let dir = flags.state_dir.clone().unwrap();
+        assert_eq!(dir, std::env::current_dir().unwrap().join("state"));
     }
 
     #[test]

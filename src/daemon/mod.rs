@@ -2,6 +2,7 @@
 //! as the pipeline — scan, lookup, policy, account, reconcile + apply — and the service around
 //! it ([`service`]: pid file, control socket, signals, systemd notifications).
 
+pub mod iflock;
 pub mod service;
 pub mod status;
 
@@ -89,6 +90,24 @@ pub struct Interface {
     pub failures: u64,
 }
 
+/// A failure kept for `status` until the operation next succeeds: a broken reload or a usage
+/// save that failed would otherwise be visible only in the log.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Failure {
+    pub message: String,
+    /// When it happened (RFC 3339).
+    pub at: String,
+}
+
+impl Failure {
+    fn now(message: impl ToString) -> Failure {
+        Failure {
+            message: message.to_string(),
+            at: jiff::Timestamp::now().to_string(),
+        }
+    }
+}
+
 /// Stage durations of the last cycle.
 #[derive(Debug, Clone, Default)]
 pub struct Timings {
@@ -125,6 +144,10 @@ pub struct Daemon {
     pub timings: Timings,
     pub cycles: u64,
     pub started: jiff::Timestamp,
+    /// The last reload's error (with file:line), cleared by a successful reload.
+    pub reload_error: Option<Failure>,
+    /// The last usage save's error, cleared by a successful save.
+    pub usage_save_error: Option<Failure>,
     last_flush: Instant,
     script_mtimes: Vec<(PathBuf, Option<SystemTime>)>,
 }
@@ -208,6 +231,8 @@ impl Daemon {
             timings: Timings::default(),
             cycles: 0,
             started: jiff::Timestamp::now(),
+            reload_error: None,
+            usage_save_error: None,
             last_flush: Instant::now(),
             script_mtimes,
         })
@@ -451,18 +476,21 @@ impl Daemon {
             Ok(()) => tracing::info!("policy reloaded from {}", self.config.script.display()),
             Err(e) => tracing::error!("reload failed, the previous policy stays in force: {e}"),
         }
+        self.reload_error = result.as_ref().err().map(Failure::now);
         result
     }
 
     /// Writes usage to the state dir.
     pub fn flush(&mut self, now: &jiff::Zoned) {
         self.last_flush = Instant::now();
-        if let Err(e) = self.accounting.save(&usage_path(&self.config), now) {
-            tracing::warn!(
-                "cannot save usage to {}: {e}",
-                usage_path(&self.config).display()
-            );
+        let path = usage_path(&self.config);
+        let result = self.accounting.save(&path, now);
+        if let Err(e) = &result {
+            tracing::warn!("cannot save usage to {}: {e}", path.display());
         }
+        self.usage_save_error = result
+            .err()
+            .map(|e| Failure::now(format!("cannot save usage to {}: {e}", path.display())));
     }
 
     /// Removes everything shaper installed and saves usage.

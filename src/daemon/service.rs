@@ -1,6 +1,6 @@
-//! shaper as a service: one daemon per runtime dir (pid file with a lock), a control socket for
-//! `status`, `reload` and `stop`, signals (SIGTERM/SIGINT stop, SIGHUP reloads), and systemd
-//! notifications when `NOTIFY_SOCKET` is set.
+//! shaper as a service: one daemon per runtime dir (pid file with a lock) and per interface
+//! ([`super::iflock`]), a control socket for `status`, `reload` and `stop`, signals
+//! (SIGTERM/SIGINT stop, SIGHUP reloads), and systemd notifications when `NOTIFY_SOCKET` is set.
 //!
 //! The cycle runs on its own thread, which owns the [`Daemon`]; the main thread runs a small
 //! tokio runtime for the socket and the signals and passes commands to the cycle thread, which
@@ -122,9 +122,15 @@ impl Drop for PidLock {
 
 /// Runs the daemon until it is stopped. Fails before anything is installed if the script does
 /// not load or another daemon holds the runtime dir.
-pub fn run(config: Config, options: RunOptions) -> anyhow::Result<ExitCode> {
+pub fn run(mut config: Config, options: RunOptions) -> anyhow::Result<ExitCode> {
     let runtime_dir = config.runtime_dir.clone();
     let _pid = PidLock::acquire(&runtime_dir)?;
+    // One daemon per interface whatever the runtime dir; a dry run changes nothing, so it may
+    // watch alongside. The interfaces are resolved once, so the daemon shapes what it locked.
+    config.interfaces = config.shaped_interfaces()?;
+    let _interfaces = (!options.dry_run)
+        .then(|| super::iflock::InterfaceLock::acquire(&config.interfaces))
+        .transpose()?;
     let interval = config.interval.duration();
     let (commands, inbox) = mpsc::channel::<Command>();
     let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<()>>();

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use super::Daemon;
+use super::{Daemon, Failure};
 use crate::account::{LINK, Period, Usage};
 use crate::cli::table::{or_dash, render};
 use crate::policy::ErrorEntry;
@@ -72,6 +72,12 @@ pub struct StatusReport {
     pub processes: Vec<ProcessStatus>,
     pub connections: Option<Vec<ConnectionStatus>>,
     pub errors: Vec<ErrorEntry>,
+    /// The last failed reload (cleared by a successful one): the old policy is still running.
+    #[serde(default)]
+    pub reload_error: Option<Failure>,
+    /// The last failed usage save (cleared by a successful one).
+    #[serde(default)]
+    pub usage_save_error: Option<Failure>,
 }
 
 fn ms(d: std::time::Duration) -> f64 {
@@ -172,6 +178,8 @@ impl StatusReport {
             processes,
             connections: all.then_some(connections),
             errors: daemon.engine().errors().entries().to_vec(),
+            reload_error: daemon.reload_error.clone(),
+            usage_save_error: daemon.usage_save_error.clone(),
         }
     }
 
@@ -195,6 +203,16 @@ impl StatusReport {
                 "interface {}: {} ({} operations last cycle, {} failed in all)",
                 i.name, i.state, i.operations, i.failures
             );
+        }
+        if let Some(f) = &self.reload_error {
+            let _ = writeln!(
+                out,
+                "reload failed at {}, the previous policy stays in force: {}",
+                f.at, f.message
+            );
+        }
+        if let Some(f) = &self.usage_save_error {
+            let _ = writeln!(out, "usage save failed at {}: {}", f.at, f.message);
         }
         if self.rate.is_some() || self.connection_rate.is_some() {
             let _ = writeln!(

@@ -155,43 +155,29 @@ pub(crate) fn type_name(v: &Value) -> &'static str {
 const RATE_FORMS: &str =
     "a number of bit/s, a string with a unit such as \"2mbit\", or {up = ..., down = ...}";
 
-/// One direction's rate: a positive number of bit/s, a unit string, `"unlimited"` or nil.
+/// One direction's rate: a number of bit/s, a unit string, `"unlimited"` or nil. Numbers go
+/// through the same parser as strings, so the same floor, ceiling and whole-number rule apply.
 pub(crate) fn rate_value(v: &Value, what: &str) -> Result<Option<Rate>, String> {
-    let positive = |bits: f64| -> Result<Option<Rate>, String> {
-        if !bits.is_finite() || bits < 1.0 {
+    let text = match v {
+        Value::Nil => return Ok(None),
+        Value::Integer(i) => i.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => s
+            .to_str()
+            .map_err(|_| format!("{what} is not valid UTF-8"))?
+            .to_string(),
+        other => {
             return Err(format!(
-                "{what} is {bits}: a rate must be at least 1 bit/s (use nil for no limit)"
+                "{what} must be {RATE_FORMS}; got {}",
+                type_name(other)
             ));
         }
-        if bits > u64::MAX as f64 {
-            return Err(format!("{what} is {bits}: too large"));
-        }
-        Ok(Some(Rate::from_bits_per_sec(bits.round() as u64)))
     };
-    match v {
-        Value::Nil => Ok(None),
-        Value::Integer(i) => positive(*i as f64),
-        Value::Number(n) => positive(*n),
-        Value::String(s) => {
-            let text = s
-                .to_str()
-                .map_err(|_| format!("{what} is not valid UTF-8"))?;
-            if text.trim().eq_ignore_ascii_case("unlimited") {
-                return Ok(None);
-            }
-            let rate: Rate = text.parse().map_err(|e| format!("{what}: {e}"))?;
-            if rate == Rate::ZERO {
-                return Err(format!(
-                    "{what} is {text:?}: a rate must be at least 1 bit/s (use nil for no limit)"
-                ));
-            }
-            Ok(Some(rate))
-        }
-        other => Err(format!(
-            "{what} must be {RATE_FORMS}; got {}",
-            type_name(other)
-        )),
+    if text.trim().eq_ignore_ascii_case("unlimited") {
+        return Ok(None);
     }
+    let rate: Rate = text.parse().map_err(|e| format!("{what}: {e}"))?;
+    Ok(Some(rate))
 }
 
 /// A limit in any of its forms: number or string (both directions), or `{up =, down =}`.
@@ -419,14 +405,22 @@ mod tests {
         assert_eq!(p.down.unwrap().bits_per_sec(), 8_000_000);
         assert_eq!(l("{down = '8mbit'}").unwrap().up, None);
         assert_eq!(l("nil").unwrap(), RatePair::default());
-        assert!(l("-5").unwrap_err().contains("at least 1 bit/s"));
-        assert!(l("0").unwrap_err().contains("at least 1 bit/s"));
-        assert!(l("'0mbit'").unwrap_err().contains("at least 1 bit/s"));
+        assert!(l("-5").unwrap_err().contains("negative"));
+        for zero in ["0", "'0mbit'", "0.0", "7999"] {
+            let msg = l(zero).unwrap_err();
+            assert!(
+                msg.contains("smallest, 8kbit") && msg.contains("unlimited"),
+                "{msg}"
+            );
+        }
+        assert!(l("8000.5").unwrap_err().contains("not a whole number"));
+        assert!(l("1e13").unwrap_err().contains("the largest is 1tbit"));
+        assert_eq!(l("8e3").unwrap().up.unwrap().bits_per_sec(), 8000);
         assert!(l("0/0").unwrap_err().contains("NaN"));
         assert!(l("true").unwrap_err().contains("got a boolean"));
         assert!(l("'2mbps'").unwrap_err().contains("ambiguous"));
         assert!(
-            l("{up = 1, sideways = 2}")
+            l("{up = '1mbit', sideways = 2}")
                 .unwrap_err()
                 .contains("\"sideways\"")
         );

@@ -728,6 +728,33 @@ mod tests {
         assert!(opts.iter().any(|(k, _)| *k == TCA_HTB_CEIL64));
     }
 
+    /// `--uplink 18446744073709551615bit` once installed `burst 0b`: the burst, a transmission
+    /// time in 64 ns ticks, was zero ticks at that rate. Parsing now refuses it; the planner clamps
+    /// whatever reaches it to the documented range, where the burst is never zero.
+    #[test]
+    fn bursts_stay_nonzero_over_the_whole_rate_range() {
+        use crate::units::Rate;
+        for bits in [
+            0,
+            Rate::MIN.bits_per_sec(),
+            1_000_000,
+            100_000_000_000,
+            Rate::MAX.bits_per_sec(),
+            u64::MAX / 2,
+            u64::MAX,
+        ] {
+            let class = class_params(1, bits, bits, 0, String::new());
+            assert!(class.ceil <= Rate::MAX.bits_per_sec(), "{bits}: {class:?}");
+            assert!(class.rate >= Rate::MIN.bits_per_sec(), "{bits}: {class:?}");
+            assert!(class.burst >= 60_000, "{bits}: burst {}", class.burst);
+            assert!(class.cburst >= 60_000, "{bits}: cburst {}", class.cburst);
+            let m = htb_class(3, 2, &class);
+            let parms: TcHtbOpt = find_option(&raw_options(&m), TCA_HTB_PARMS).unwrap();
+            assert!(parms.buffer > 0, "{bits}: buffer ticks");
+            assert!(parms.cbuffer > 0, "{bits}: cbuffer ticks");
+        }
+    }
+
     #[test]
     fn root_and_leaves_parse_back() {
         assert_eq!(

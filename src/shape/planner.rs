@@ -35,8 +35,11 @@ use crate::units::{Rate, RatePair};
 
 /// The link rate assumed when none is configured: high enough never to be the bottleneck.
 pub const UNLIMITED: u64 = 100_000_000_000;
-/// The smallest guaranteed rate of a class or leaf, bits per second.
-pub const MIN_RATE: u64 = 8_000;
+/// The smallest guaranteed rate of a class or leaf, bits per second (the floor users may write).
+pub const MIN_RATE: u64 = Rate::MIN.bits_per_sec();
+/// The largest rate installed, bits per second: parsing refuses more, and this clamp keeps any
+/// other path from reaching rates whose burst would round to zero ticks.
+pub const MAX_RATE: u64 = Rate::MAX.bits_per_sec();
 /// The largest minor handed out (0xffff is HTB's "none").
 const MAX_MINOR: u16 = 0xfffe;
 /// Nodes per hash bucket (12 bits of the filter handle).
@@ -267,7 +270,7 @@ fn dir_rate(pair: &RatePair, dir: Direction) -> Option<u64> {
 /// the kernel complain.
 /// Rates are whole bytes per second and bursts whole ticks, as the kernel stores them.
 pub fn htb_class(parent: u16, rate: u64, ceil: u64, prio: u8, label: String) -> Class {
-    let ceil = ceil.max(MIN_RATE) / 8 * 8;
+    let ceil = ceil.clamp(MIN_RATE, MAX_RATE) / 8 * 8;
     let rate = rate.clamp(MIN_RATE, ceil) / 8 * 8;
     let burst = |bits: u64| {
         let bytes = (bits / 8 / 500).clamp(65536, 256 * 1024) as u32;

@@ -322,3 +322,129 @@ fn a_tree_changed_by_hand_is_repaired_within_a_cycle() {
         daemon.log_text()
     );
 }
+
+#[test]
+fn two_daemons_on_one_interface_refuse_each_other_whatever_their_runtime_dirs() {
+    let pair = NetnsPair::new();
+    let (dir1, dir2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let _conn = connection(&pair);
+    let mut first = DaemonProcess::start(&pair.a, dir1.path(), &["--connection-rate", "1mbit"]);
+    first.wait_for(10, "shaping", shaping);
+    let tree = classes(&pair.a);
+    assert!(tree.contains("ceil 1Mbit"), "{tree}");
+    let pid = first.child.as_ref().unwrap().id();
+
+    let mut second = DaemonProcess::spawn(&pair.a, dir2.path(), &["--connection-rate", "3mbit"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let exit = loop {
+        if let Some(exit) = second.child.as_mut().unwrap().try_wait().unwrap() {
+            second.child = None;
+            break exit;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second daemon kept running:\n{}",
+            second.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(!exit.success(), "the second daemon must refuse to start");
+    let log = second.log_text();
+    assert!(
+        log.contains(&format!(
+            "veth0 is already shaped by another shaper (pid {pid})"
+        )),
+        "{log}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    assert_eq!(classes(&pair.a), tree, "the first daemon's tree is intact");
+    first.wait_for(5, "still shaping", shaping);
+
+    // SIGKILL leaves no stale claim: the next daemon starts and takes over the tree.
+    first.signal(libc::SIGKILL);
+    let third = DaemonProcess::start(&pair.a, dir2.path(), &["--connection-rate", "3mbit"]);
+    third.wait_for(10, "the new daemon shapes", |_| {
+        classes(&pair.a).contains("ceil 3Mbit")
+    });
+}
+
+#[test]
+fn a_failed_reload_shows_in_status_until_a_good_one() {
+    let pair = NetnsPair::new();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("policy.lua");
+    let good = "function classify(conn) return nil, \"1mbit\" end\n";
+    std::fs::write(&script, good).unwrap();
+    let daemon = DaemonProcess::start(&pair.a, dir.path(), &["--script", script.to_str().unwrap()]);
+    daemon.wait_for(10, "shaping", shaping);
+    assert!(daemon.status()["reload_error"].is_null());
+
+    std::fs::write(&script, "function classify(conn)\n  return nil, \n").unwrap();
+    let out = daemon.control(&["reload"]);
+    assert!(!out.status.success(), "reload of a broken script fails");
+    let error = &daemon.status()["reload_error"];
+    let message = error["message"].as_str().unwrap_or_default();
+    assert!(message.contains("policy.lua:3:"), "{error:#}");
+    assert!(
+        error["at"].as_str().is_some_and(|t| t.contains('T')),
+        "{error:#}"
+    );
+    let text = String::from_utf8_lossy(&daemon.control(&["status"]).stdout).into_owned();
+    assert!(
+        text.contains("reload failed at ") && text.contains("policy.lua:3:"),
+        "{text}"
+    );
+
+    std::fs::write(&script, good).unwrap();
+    assert!(daemon.control(&["reload"]).status.success());
+    assert!(
+        daemon.status()["reload_error"].is_null(),
+        "cleared by a good reload"
+    );
+
+    // Unsafe permissions are a reload failure like a syntax error.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = daemon.control(&["reload"]);
+    assert!(
+        !out.status.success(),
+        "reload of a world-writable script fails"
+    );
+    let message = daemon.status()["reload_error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(message.contains("policy.lua"), "{message}");
+}
+
+#[test]
+fn a_failed_usage_save_shows_in_status_until_a_save_succeeds() {
+    let pair = NetnsPair::new();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = DaemonProcess::start(&pair.a, dir.path(), &[]);
+    daemon.wait_for(10, "shaping", shaping);
+    // A directory where usage.ron goes: the rename that saves it fails, even for root.
+    let usage = dir.path().join("state/usage.ron");
+    loop {
+        let _ = std::fs::remove_file(&usage);
+        match std::fs::create_dir_all(dir.path().join("state"))
+            .and_then(|()| std::fs::create_dir(&usage))
+        {
+            Ok(()) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    daemon.wait_for(5, "the save failure in status", |s| {
+        s["usage_save_error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("usage.ron"))
+    });
+    let text = String::from_utf8_lossy(&daemon.control(&["status"]).stdout).into_owned();
+    assert!(text.contains("usage save failed at "), "{text}");
+    std::fs::remove_dir(&usage).unwrap();
+    daemon.wait_for(5, "cleared by a successful save", |s| {
+        s["usage_save_error"].is_null()
+    });
+    assert!(usage.is_file());
+}

@@ -248,7 +248,7 @@ fn unknown_class_is_reported_at_classify() {
 
 #[test]
 fn negative_limit_is_refused() {
-    assert_contained("    return \"bulk\", -5", 2, "at least 1 bit/s");
+    assert_contained("    return \"bulk\", -5", 2, "rate \"-5\" is negative");
 }
 
 #[test]
