@@ -19,6 +19,7 @@ pub mod policy;
 pub mod process;
 pub mod scan;
 pub mod shape;
+pub mod trust;
 pub mod units;
 
 pub use error::{Error, Result};
