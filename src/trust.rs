@@ -266,10 +266,16 @@ pub fn private_dir(dir: &Path, strict: bool) -> Result<(), TrustError> {
         .create(dir)
         .map_err(|e| open_error(dir, e))?;
     if strict {
-        let (resolved, shown) = resolve(dir)?;
-        walk(dir, &resolved, &shown, Role::OwnFolder)?;
+        check_private_dir(dir)?;
     }
     Ok(())
+}
+
+/// Checks that only root can write in `dir` or replace it (see [`private_dir`]), e.g. before
+/// trusting the control socket in it.
+pub fn check_private_dir(dir: &Path) -> Result<(), TrustError> {
+    let (resolved, shown) = resolve(dir)?;
+    walk(dir, &resolved, &shown, Role::OwnFolder).map(drop)
 }
 
 #[cfg(test)]

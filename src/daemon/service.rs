@@ -254,8 +254,12 @@ async fn serve(socket_path: &Path, commands: mpsc::Sender<Command>) -> anyhow::R
                     Ok(slot) => {
                         tokio::spawn(serve_client(stream, commands.clone(), stop_tx.clone(), slot));
                     }
-                    // A new socket's send buffer is empty: this write does not block.
-                    Err(_) => { let _ = stream.try_write(busy.as_bytes()); }
+                    // A new socket's send buffer is empty: this (non-blocking) write completes.
+                    Err(_) => {
+                        if let Ok(mut stream) = stream.into_std() {
+                            let _ = stream.write(busy.as_bytes());
+                        }
+                    }
                 }
             }
         }
@@ -372,8 +376,15 @@ fn cycle_loop(daemon: &mut Daemon, interval: Duration, inbox: &mpsc::Receiver<Co
     }
 }
 
-/// Sends one request to a running daemon.
+/// Sends one request to a running daemon. As root, only through a runtime dir no one else can
+/// write (anyone who could might have put their own socket there).
 pub fn request(runtime_dir: &Path, request: &Request) -> anyhow::Result<Response> {
+    if rustix::process::geteuid().is_root() {
+        match crate::trust::check_private_dir(runtime_dir) {
+            Err(e) if !e.is_not_found() => return Err(e).context("the runtime dir"),
+            _ => {}
+        }
+    }
     let path = runtime_dir.join(SOCKET_NAME);
     let mut stream = std::os::unix::net::UnixStream::connect(&path).with_context(|| {
         format!(

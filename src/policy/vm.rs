@@ -196,7 +196,10 @@ impl Vm {
         for name in ["dofile", "loadfile", "load", "require", "collectgarbage"] {
             globals.raw_set(name, Value::Nil).map_err(load_err)?;
         }
-        lua.set_app_data(RateFiles::default());
+        lua.set_app_data(RateFiles {
+            files: Default::default(),
+            strict: options.strict_permissions,
+        });
 
         let budget = Rc::new(Budget {
             call_used: Cell::new(0),

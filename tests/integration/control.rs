@@ -54,7 +54,16 @@ fn a_hundred_idle_clients_block_neither_status_nor_sigterm() {
     first.read_line(&mut line).unwrap();
     assert!(line.contains("no request within 2s"), "{line}");
 
-    let fresh: Vec<UnixStream> = (0..100).map(|_| connect(dir.path())).collect();
+    // Past the limit of clients served at once, a client is told so at once.
+    let fresh: Vec<UnixStream> = (0..128).map(|_| connect(dir.path())).collect();
+    let extra = connect(dir.path());
+    extra
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(&extra).read_line(&mut line).unwrap();
+    assert!(line.contains("128 control clients already"), "{line}");
+
     let started = Instant::now();
     let exit = daemon.signal(libc::SIGTERM);
     let took = started.elapsed();
@@ -131,6 +140,22 @@ fn runtime_and_state_dirs_others_can_write_are_refused_naming_the_fix() {
         );
         assert!(!dir.path().join("run/shaper.sock").exists());
     }
+    // Nor does `shaper stop` talk to a socket in a runtime dir another user owns.
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    std::os::unix::fs::chown(&run, Some(NOBODY), None).unwrap();
+    let out = crate::support::output(
+        crate::support::shaper()
+            .args(["stop", "--runtime-dir"])
+            .arg(&run),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("owned by uid 65534") && err.contains("chmod 755"),
+        "{err}"
+    );
     // Missing dirs are created, root's and 0755.
     let dir = tempfile::tempdir().unwrap();
     let daemon = DaemonProcess::start(&pair.a, dir.path(), &["--dry-run"]);
