@@ -6,7 +6,8 @@
 //! tokio runtime for the socket and the signals and passes commands to the cycle thread, which
 //! handles them between cycles. The control socket is mode 0600 (root only); to let a group
 //! read `status`, change the socket's group and mode after start, e.g. with systemd's
-//! `ExecStartPost=chgrp shaper /run/shaper/shaper.sock` and `chmod 0660`.
+//! `ExecStartPost=chgrp shaper /run/shaper/shaper.sock` and `chmod 0660`. Only root (or the
+//! daemon's own user) may `reload` or `stop` it, whoever can open the socket.
 //!
 //! No client can hold the daemon up: each is served by a task of its own, must send its request
 //! within [`CLIENT_TIMEOUT`] and in at most [`MAX_REQUEST`] bytes, and at most [`MAX_CLIENTS`]
@@ -275,6 +276,10 @@ async fn serve_client(
     stop: tokio::sync::mpsc::Sender<()>,
     _slot: tokio::sync::OwnedSemaphorePermit,
 ) {
+    let privileged = stream.peer_cred().is_ok_and(|c| {
+        let uid = rustix::process::geteuid().as_raw();
+        c.uid() == 0 || c.uid() == uid
+    });
     let (read, mut write) = stream.into_split();
     let mut line = Vec::new();
     let mut reader = tokio::io::BufReader::new(read).take(MAX_REQUEST as u64 + 1);
@@ -295,6 +300,10 @@ async fn serve_client(
             false,
         ),
         Ok(Ok(_)) => match serde_json::from_slice::<Request>(&line) {
+            Ok(Request::Reload | Request::Stop) if !privileged => (
+                Response::error("only root may reload or stop shaper; others may ask for status"),
+                false,
+            ),
             Ok(request) => {
                 let stopping = matches!(request, Request::Stop);
                 let (reply, done) = tokio::sync::oneshot::channel();

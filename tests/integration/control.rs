@@ -74,6 +74,41 @@ fn a_hundred_idle_clients_block_neither_status_nor_sigterm() {
 }
 
 #[test]
+fn only_root_stops_or_reloads_through_a_socket_widened_to_others() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let pair = NetnsPair::new();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let daemon = DaemonProcess::start(&pair.a, dir.path(), &["--dry-run"]);
+    let socket = dir.path().join("run/shaper.sock");
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let as_nobody = |args: &[&str]| {
+        crate::support::output(
+            crate::support::shaper()
+                .args(args)
+                .arg("--runtime-dir")
+                .arg(dir.path().join("run"))
+                .uid(NOBODY)
+                .gid(NOBODY),
+        )
+    };
+    let out = as_nobody(&["status", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for command in ["stop", "reload"] {
+        let out = as_nobody(&[command]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{command} as nobody");
+        assert!(err.contains("only root may reload or stop shaper"), "{err}");
+    }
+    daemon.status();
+}
+
+#[test]
 fn an_endless_request_line_is_refused_without_growing_memory() {
     let pair = NetnsPair::new();
     let dir = tempfile::tempdir().unwrap();
