@@ -217,48 +217,78 @@ impl Config {
 
 /// A limit read from a file every cycle, with nbdkit's `rate-file=` rules: a file absent from
 /// the start gives the default; a file that disappears keeps its last value (so a writer can
-/// replace it non-atomically without a gap); a file that cannot be parsed keeps the last value and
-/// is reported once per distinct content. Writers should replace the file atomically.
+/// replace it non-atomically without a gap); a file that cannot be parsed or is refused keeps the
+/// last value and is reported once per distinct problem. Writers should replace the file
+/// atomically.
+///
+/// Running as root, the file and its folders must be root's and not writable by others, as for
+/// the policy ([`crate::trust`]); only a regular file of at most
+/// [`crate::trust::SMALL_FILE_LIMIT`] bytes is read, and its content never appears in a message
+/// (a rate file pointed at `/etc/shadow` must not print its first word in the log).
 #[derive(Debug, Clone)]
 pub struct RateFile {
     pub path: PathBuf,
+    /// Apply the ownership rule.
+    pub strict: bool,
     last: Option<RatePair>,
-    reported: Option<String>,
+    /// The current problem, reported once: a key (a hash of the content that did not parse,
+    /// never the content itself, or the refusal) and the message.
+    problem: Option<(String, String)>,
 }
 
 impl RateFile {
-    pub fn new(path: impl Into<PathBuf>) -> RateFile {
+    /// `strict`: apply the ownership rule (running as root without `--allow-insecure-script`).
+    pub fn new(path: impl Into<PathBuf>, strict: bool) -> RateFile {
         RateFile {
             path: path.into(),
+            strict,
             last: None,
-            reported: None,
+            problem: None,
         }
     }
 
     /// The current value: the file's, or the last good one, or `default`.
     pub fn current(&mut self, default: Option<RatePair>) -> Option<RatePair> {
-        if let Ok(text) = std::fs::read_to_string(&self.path) {
-            match text.trim().parse::<RatePair>() {
-                Ok(value) => {
+        let problem = match crate::trust::read_small(&self.path, self.strict) {
+            Err(e) if e.is_not_found() => None,
+            Err(e) => Some((e.to_string(), e.to_string())),
+            Ok(bytes) => match std::str::from_utf8(&bytes).ok().map(|t| t.trim().parse()) {
+                Some(Ok(value)) => {
                     self.last = Some(value);
-                    self.reported = None;
+                    None
                 }
-                Err(e) => {
-                    let text = text.trim().to_string();
-                    if self.reported.as_ref() != Some(&text) {
-                        tracing::warn!(
-                            "rate file {}: {e}; keeping {}",
-                            self.path.display(),
-                            self.last
-                                .or(default)
-                                .map_or_else(|| "no limit".to_string(), |r| r.to_string())
-                        );
-                        self.reported = Some(text);
-                    }
+                _ => {
+                    use std::hash::{Hash, Hasher};
+                    let mut hash = std::hash::DefaultHasher::new();
+                    bytes.hash(&mut hash);
+                    Some((
+                        format!("content {:x}", hash.finish()),
+                        format!(
+                            "rate file {}: not a rate (expected one like `2mbit` or \
+                             `2mbit:8mbit`)",
+                            self.path.display()
+                        ),
+                    ))
                 }
-            }
+            },
+        };
+        if let Some((key, message)) = &problem
+            && self.problem.as_ref().map(|(k, _)| k) != Some(key)
+        {
+            tracing::warn!(
+                "{message}; keeping {}",
+                self.last
+                    .or(default)
+                    .map_or_else(|| "no limit".to_string(), |r| r.to_string())
+            );
         }
+        self.problem = problem;
         self.last.or(default)
+    }
+
+    /// Why the file's value is not in force, if it is not (for `status`).
+    pub fn problem(&self) -> Option<&str> {
+        self.problem.as_ref().map(|(_, message)| message.as_str())
     }
 }
 
@@ -351,6 +381,47 @@ pub fn check_interface_name(name: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rate_files_never_show_their_content_and_follow_the_ownership_rule() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.path().join("rate");
+        let default = Some("1mbit".parse().unwrap());
+        let mut file = RateFile::new(&path, true);
+        assert_eq!(file.current(default), default, "absent: the default");
+        std::fs::write(&path, "2mbit:8mbit\n").unwrap();
+        let good = Some("2mbit:8mbit".parse().unwrap());
+        assert_eq!(file.current(default), good);
+        assert_eq!(file.problem(), None);
+
+        std::fs::write(&path, "root:$6$secret:19000:0:99999:7:::\n").unwrap();
+        assert_eq!(
+            file.current(default),
+            good,
+            "malformed: keeps the last value"
+        );
+        let problem = file.problem().unwrap().to_string();
+        assert!(problem.contains("not a rate"), "{problem}");
+        assert!(
+            !problem.contains("root") && !problem.contains("secret"),
+            "{problem}"
+        );
+
+        // Another user's file is refused as root, whatever it holds.
+        std::fs::write(&path, "50mbit").unwrap();
+        std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+        assert_eq!(file.current(default), good);
+        let problem = file.problem().unwrap();
+        assert!(
+            problem.contains("owned by uid 65534, not root"),
+            "{problem}"
+        );
+        // …and read without the rule.
+        file.strict = false;
+        assert_eq!(file.current(default), Some("50mbit".parse().unwrap()));
+    }
 
     fn parse(text: &str) -> Result<Config, String> {
         Config::parse(text, Path::new("/etc/shaper/shaper.ron")).map_err(|e| e.to_string())

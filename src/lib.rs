@@ -18,4 +18,5 @@ pub mod policy;
 pub mod process;
 pub mod scan;
 pub mod shape;
+pub mod trust;
 pub mod units;

@@ -327,7 +327,12 @@ impl Accounting {
 
     /// Writes the usage counters atomically: a temporary file, fsync, rename over the old
     /// file, fsync of the folder. A crash at any point leaves the old file or the new one.
+    ///
+    /// The temporary file is created new (`O_EXCL`, which never follows a symlink) after a stale
+    /// one is unlinked, so a link planted under its name cannot make root overwrite another file;
+    /// it is removed again if anything fails, so no empty `usage.ron.tmp` stays behind.
     pub fn save(&self, path: &Path, now: &jiff::Zoned) -> std::io::Result<()> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         let stored = Stored {
             version: STATE_VERSION,
             saved_at: now.timestamp().as_second(),
@@ -336,14 +341,30 @@ impl Accounting {
         let text = ron::ser::to_string_pretty(&stored, ron::ser::PrettyConfig::new())
             .map_err(std::io::Error::other)?;
         let dir = path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)?;
         let tmp = path.with_extension("ron.tmp");
-        {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
         }
-        std::fs::rename(&tmp, path)?;
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .and_then(|mut f| {
+                f.write_all(text.as_bytes())?;
+                f.sync_all()
+            })
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         std::fs::File::open(dir)?.sync_all()
     }
 
@@ -599,6 +620,31 @@ mod tests {
         assert_eq!(
             period_id(Period::Week, &at("2026-11-22T08:00:00", "UTC"), 1),
             "week of 2026-11-16"
+        );
+    }
+
+    #[test]
+    fn saving_never_follows_a_planted_link_nor_leaves_a_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.ron");
+        let tmp = dir.path().join("usage.ron.tmp");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        let now = at("2026-11-22T10:00:00", "UTC");
+        let a = Accounting::new(1);
+        a.save(&path, &now).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert!(std::fs::read_to_string(&path).unwrap().contains("version"));
+        assert!(std::fs::symlink_metadata(&tmp).is_err(), "the link is gone");
+
+        // A save that fails (here the rename, over a folder) leaves no temporary file.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir_all(path.join("inside")).unwrap();
+        assert!(a.save(&path, &now).is_err());
+        assert!(
+            std::fs::symlink_metadata(&tmp).is_err(),
+            "no usage.ron.tmp left"
         );
     }
 

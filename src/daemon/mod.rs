@@ -42,10 +42,11 @@ pub struct RateSource {
 }
 
 impl RateSource {
-    pub fn new(flag: Option<RatePair>, file: Option<PathBuf>) -> RateSource {
+    /// `strict`: the file must be root's ([`RateFile::new`]).
+    pub fn new(flag: Option<RatePair>, file: Option<PathBuf>, strict: bool) -> RateSource {
         RateSource {
             flag,
-            file: file.map(RateFile::new),
+            file: file.map(|path| RateFile::new(path, strict)),
             last: flag,
         }
     }
@@ -212,10 +213,15 @@ impl Daemon {
             .map(|f| (f.clone(), mtime(&f)))
             .collect();
         Ok(Daemon {
-            rate: RateSource::new(config.rate, config.rate_file.clone()),
+            rate: RateSource::new(
+                config.rate,
+                config.rate_file.clone(),
+                options.strict_permissions,
+            ),
             connection_rate: RateSource::new(
                 config.connection_rate,
                 config.connection_rate_file.clone(),
+                options.strict_permissions,
             ),
             config,
             options,

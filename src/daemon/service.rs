@@ -6,19 +6,30 @@
 //! tokio runtime for the socket and the signals and passes commands to the cycle thread, which
 //! handles them between cycles. The control socket is mode 0600 (root only); to let a group
 //! read `status`, change the socket's group and mode after start, e.g. with systemd's
-//! `ExecStartPost=chgrp shaper /run/shaper/shaper.sock` and `chmod 0660`.
+//! `ExecStartPost=chgrp shaper /run/shaper/shaper.sock` and `chmod 0660`. Only root (or the
+//! daemon's own user) may `reload` or `stop` it, whoever can open the socket.
+//!
+//! No client can hold the daemon up: each is served by a task of its own, must send its request
+//! within [`CLIENT_TIMEOUT`] and in at most [`MAX_REQUEST`] bytes, and at most [`MAX_CLIENTS`]
+//! are served at once (more are told so and closed), so signals and other clients are handled
+//! whatever one client does, and memory stays bounded.
+//!
+//! Running as root, the runtime and state dirs must be root's and writable by no one else
+//! ([`crate::trust::private_dir`]): whoever can write there could replace the socket or plant
+//! links where the pid file and usage are written.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsFd;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 use super::status::StatusReport;
 use super::{Daemon, RunOptions};
@@ -26,6 +37,15 @@ use crate::config::Config;
 
 pub const SOCKET_NAME: &str = "shaper.sock";
 pub const PID_NAME: &str = "shaper.pid";
+
+/// The longest request line, in bytes; a request is one short JSON line.
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// Control clients served at once; each may hold up to [`MAX_REQUEST`] bytes.
+pub const MAX_CLIENTS: usize = 128;
+/// How long a client may take to send its request, and to take the answer.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long `shaper status`/`reload`/`stop` wait for the daemon's answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A request on the control socket (one JSON line).
 #[derive(Debug, Serialize, Deserialize)]
@@ -83,24 +103,39 @@ struct PidLock {
 }
 
 impl PidLock {
+    /// Opens (never through a symlink) and locks the pid file in `dir`, which the caller has
+    /// checked ([`crate::trust::private_dir`]).
     fn acquire(dir: &Path) -> anyhow::Result<PidLock> {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create the runtime dir {}", dir.display()))?;
         let path = dir.join(PID_NAME);
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
+            .with_context(|| {
+                format!(
+                    "cannot open the pid file {} (if it is a symlink, remove it)",
+                    path.display()
+                )
+            })?;
+        let meta = file.metadata()?;
+        if !meta.is_file() || meta.nlink() != 1 {
+            anyhow::bail!(
+                "the pid file {} is not a plain file (a hard link or a special file); remove it",
+                path.display()
+            );
+        }
         if rustix::fs::flock(
             file.as_fd(),
             rustix::fs::FlockOperation::NonBlockingLockExclusive,
         )
         .is_err()
         {
-            let pid = std::fs::read_to_string(&path).unwrap_or_default();
+            let mut pid = String::new();
+            let _ = (&file).take(32).read_to_string(&mut pid);
             anyhow::bail!(
                 "another shaper (pid {}) is running with runtime dir {}; stop it with `shaper stop` \
                  or use another --runtime-dir",
@@ -124,6 +159,13 @@ impl Drop for PidLock {
 /// not load or another daemon holds the runtime dir.
 pub fn run(mut config: Config, options: RunOptions) -> anyhow::Result<ExitCode> {
     let runtime_dir = config.runtime_dir.clone();
+    let strict = rustix::process::geteuid().is_root();
+    for (dir, what) in [
+        (&runtime_dir, "runtime dir"),
+        (&config.state_dir, "state dir"),
+    ] {
+        crate::trust::private_dir(dir, strict).with_context(|| format!("the {what}"))?;
+    }
     let _pid = PidLock::acquire(&runtime_dir)?;
     // One daemon per interface whatever the runtime dir; a dry run changes nothing, so it may
     // watch alongside. The interfaces are resolved once, so the daemon shapes what it locked.
@@ -159,6 +201,8 @@ pub fn run(mut config: Config, options: RunOptions) -> anyhow::Result<ExitCode> 
         .enable_all()
         .build()?;
     let result = runtime.block_on(serve(&socket_path, commands.clone()));
+    // Closes the clients still connected.
+    drop(runtime);
     let _ = std::fs::remove_file(&socket_path);
     notify(&[sd_notify::NotifyState::Stopping]);
     // Stop the cycle thread (teardown, flush) if it is still running.
@@ -185,42 +229,105 @@ async fn serve(socket_path: &Path, commands: mpsc::Sender<Command>) -> anyhow::R
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
+    let (stop_tx, mut stop_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let mut busy = serde_json::to_string(&Response::error(format!(
+        "shaper is serving {MAX_CLIENTS} control clients already; try again"
+    )))?;
+    busy.push('\n');
     notify(&[sd_notify::NotifyState::Ready]);
     tracing::info!("running; control socket {}", socket_path.display());
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: stopping"); return Ok(()); }
             _ = int.recv() => { tracing::info!("SIGINT: stopping"); return Ok(()); }
+            _ = stop_rx.recv() => return Ok(()),
             _ = hup.recv() => {
-                let (reply, done) = tokio::sync::oneshot::channel();
+                // Answered by nobody: the reload is logged, and signals keep being handled.
+                let (reply, _) = tokio::sync::oneshot::channel();
                 let _ = commands.send(Command { request: Request::Reload, reply });
-                let _ = done.await;
             }
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                let (read, mut write) = stream.into_split();
-                let mut line = String::new();
-                let mut reader = tokio::io::BufReader::new(read);
-                if reader.read_line(&mut line).await.is_err() {
-                    continue;
-                }
-                let (response, stop) = match serde_json::from_str::<Request>(&line) {
-                    Ok(request) => {
-                        let stop = matches!(request, Request::Stop);
-                        let (reply, done) = tokio::sync::oneshot::channel();
-                        let _ = commands.send(Command { request, reply });
-                        (done.await.unwrap_or_else(|_| Response::error("the daemon stopped")), stop)
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of descriptors, say: do not spin.
+                        tracing::warn!("control socket: cannot accept a client: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
                     }
-                    Err(e) => (Response::error(format!("bad request: {e}")), false),
                 };
-                let mut text = serde_json::to_string(&response)?;
-                text.push('\n');
-                let _ = write.write_all(text.as_bytes()).await;
-                if stop {
-                    return Ok(());
+                match slots.clone().try_acquire_owned() {
+                    Ok(slot) => {
+                        tokio::spawn(serve_client(stream, commands.clone(), stop_tx.clone(), slot));
+                    }
+                    // A new socket's send buffer is empty: this (non-blocking) write completes.
+                    Err(_) => {
+                        if let Ok(mut stream) = stream.into_std() {
+                            let _ = stream.write(busy.as_bytes());
+                        }
+                    }
                 }
             }
         }
+    }
+}
+
+/// Serves one control client: reads one request line (within [`CLIENT_TIMEOUT`] and
+/// [`MAX_REQUEST`]), passes it to the cycle thread and writes the answer. Asks the accept loop to
+/// end after a `stop`.
+async fn serve_client(
+    stream: tokio::net::UnixStream,
+    commands: mpsc::Sender<Command>,
+    stop: tokio::sync::mpsc::Sender<()>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    let privileged = stream.peer_cred().is_ok_and(|c| {
+        let uid = rustix::process::geteuid().as_raw();
+        c.uid() == 0 || c.uid() == uid
+    });
+    let (read, mut write) = stream.into_split();
+    let mut line = Vec::new();
+    let mut reader = tokio::io::BufReader::new(read).take(MAX_REQUEST as u64 + 1);
+    let read = tokio::time::timeout(CLIENT_TIMEOUT, reader.read_until(b'\n', &mut line)).await;
+    let (response, stopping) = match read {
+        Err(_) => (
+            Response::error(format!(
+                "no request within {CLIENT_TIMEOUT:?}: send one JSON line right after connecting"
+            )),
+            false,
+        ),
+        Ok(Err(_)) => return,
+        Ok(Ok(_)) if line.len() > MAX_REQUEST => (
+            Response::error(format!(
+                "request longer than the limit of {MAX_REQUEST} bytes: a request is one short \
+                 JSON line"
+            )),
+            false,
+        ),
+        Ok(Ok(_)) => match serde_json::from_slice::<Request>(&line) {
+            Ok(Request::Reload | Request::Stop) if !privileged => (
+                Response::error("only root may reload or stop shaper; others may ask for status"),
+                false,
+            ),
+            Ok(request) => {
+                let stopping = matches!(request, Request::Stop);
+                let (reply, done) = tokio::sync::oneshot::channel();
+                let _ = commands.send(Command { request, reply });
+                let response = done
+                    .await
+                    .unwrap_or_else(|_| Response::error("the daemon stopped"));
+                (response, stopping)
+            }
+            Err(e) => (Response::error(format!("bad request: {e}")), false),
+        },
+    };
+    if let Ok(mut text) = serde_json::to_string(&response) {
+        text.push('\n');
+        let _ = tokio::time::timeout(CLIENT_TIMEOUT, write.write_all(text.as_bytes())).await;
+    }
+    if stopping {
+        let _ = stop.send(()).await;
     }
 }
 
@@ -284,8 +391,15 @@ fn cycle_loop(daemon: &mut Daemon, interval: Duration, inbox: &mpsc::Receiver<Co
     }
 }
 
-/// Sends one request to a running daemon.
+/// Sends one request to a running daemon. As root, only through a runtime dir no one else can
+/// write (anyone who could might have put their own socket there).
 pub fn request(runtime_dir: &Path, request: &Request) -> anyhow::Result<Response> {
+    if rustix::process::geteuid().is_root() {
+        match crate::trust::check_private_dir(runtime_dir) {
+            Err(e) if !e.is_not_found() => return Err(e).context("the runtime dir"),
+            _ => {}
+        }
+    }
     let path = runtime_dir.join(SOCKET_NAME);
     let mut stream = std::os::unix::net::UnixStream::connect(&path).with_context(|| {
         format!(
@@ -293,10 +407,19 @@ pub fn request(runtime_dir: &Path, request: &Request) -> anyhow::Result<Response
             path.display()
         )
     })?;
+    stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+    stream.set_write_timeout(Some(ANSWER_TIMEOUT))?;
     let mut text = serde_json::to_string(request)?;
     text.push('\n');
     stream.write_all(text.as_bytes())?;
     let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line)?;
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .with_context(|| {
+            format!(
+                "shaper at {} did not answer within {ANSWER_TIMEOUT:?}",
+                path.display()
+            )
+        })?;
     serde_json::from_str(&line).with_context(|| format!("bad answer from shaper: {line:?}"))
 }

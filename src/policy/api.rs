@@ -20,9 +20,12 @@ use crate::process::Pid;
 /// The cycle being evaluated, as VM app data.
 pub(crate) struct Current(pub Arc<CycleInput>);
 
-/// nbdkit-style rate files read by `ctx.rate_file`, kept across cycles.
-#[derive(Default)]
-pub(crate) struct RateFiles(pub HashMap<PathBuf, RateFile>);
+/// nbdkit-style rate files read by `ctx.rate_file`, kept across cycles; `strict` as
+/// [`super::EngineOptions::strict_permissions`].
+pub(crate) struct RateFiles {
+    pub files: HashMap<PathBuf, RateFile>,
+    pub strict: bool,
+}
 
 fn with_input<R>(lua: &Lua, f: impl FnOnce(&CycleInput) -> R) -> mlua::Result<R> {
     let current = lua
@@ -201,10 +204,11 @@ pub(crate) fn rate_file(
     let mut files = lua
         .app_data_mut::<RateFiles>()
         .ok_or_else(|| mlua::Error::runtime("rate files unavailable"))?;
+    let strict = files.strict;
     let value = files
-        .0
+        .files
         .entry(path.clone())
-        .or_insert_with(|| RateFile::new(path))
+        .or_insert_with(|| RateFile::new(path, strict))
         .current(Some(default))
         .unwrap_or_default();
     Ok((

@@ -50,54 +50,38 @@ pub struct Script {
     pub source: String,
 }
 
-/// sshd's StrictModes for policy files: a root daemon runs the code, so only root may be able
-/// to change it. Checked before a file is read.
+/// Reads a policy file or module, with sshd's StrictModes when `strict` (a root daemon runs the
+/// code, so only root may be able to change it, or any folder on its path): opened once, checked
+/// through the descriptor, and read from it ([`crate::trust`]).
+pub fn read_source(path: &Path, strict: bool) -> Result<String, PolicyError> {
+    use crate::trust::TrustError;
+    crate::trust::read_text(path, strict).map_err(|e| match e {
+        TrustError::Open { path, source } => PolicyError::Read {
+            path: path.display().to_string(),
+            message: source.to_string(),
+        },
+        unsafe_or_odd => PolicyError::Unsafe(format!(
+            "{unsafe_or_odd} (or run with --allow-insecure-script while developing)"
+        )),
+    })
+}
+
+/// Whether a root daemon may run the file at `path` (see [`read_source`]).
 pub fn check_permissions(path: &Path) -> Result<(), PolicyError> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).map_err(|e| PolicyError::Read {
-        path: path.display().to_string(),
-        message: e.to_string(),
-    })?;
-    let p = path.display();
-    let fix = "or run with --allow-insecure-script while developing";
-    if meta.uid() != 0 {
-        return Err(PolicyError::Unsafe(format!(
-            "refusing {p}: it is owned by uid {}, not root, and shaper runs it as root. \
-             Fix: `chown root:root {p}` ({fix})",
-            meta.uid()
-        )));
-    }
-    let who = match (meta.mode() & 0o020 != 0, meta.mode() & 0o002 != 0) {
-        (false, false) => return Ok(()),
-        (true, false) => "its group",
-        (false, true) => "everyone",
-        (true, true) => "its group and everyone",
-    };
-    Err(PolicyError::Unsafe(format!(
-        "refusing {p}: it is writable by {who} (mode {:04o}), and shaper runs it as root. \
-         Fix: `chmod go-w {p}` ({fix})",
-        meta.mode() & 0o7777
-    )))
+    read_source(path, true).map(drop)
 }
 
 impl Script {
-    /// Reads a script, first checking its permissions when `strict`.
+    /// Reads a script, checking its permissions and its folders' when `strict`.
     pub fn read_checked(path: &Path, strict: bool) -> Result<Script, PolicyError> {
-        if strict {
-            check_permissions(path)?;
-        }
-        Script::read(path)
+        Ok(Script {
+            path: path.to_path_buf(),
+            source: read_source(path, strict)?,
+        })
     }
 
     pub fn read(path: &Path) -> Result<Script, PolicyError> {
-        let source = std::fs::read_to_string(path).map_err(|e| PolicyError::Read {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
-        Ok(Script {
-            path: path.to_path_buf(),
-            source,
-        })
+        Script::read_checked(path, false)
     }
 }
 

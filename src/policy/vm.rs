@@ -196,7 +196,10 @@ impl Vm {
         for name in ["dofile", "loadfile", "load", "require", "collectgarbage"] {
             globals.raw_set(name, Value::Nil).map_err(load_err)?;
         }
-        lua.set_app_data(RateFiles::default());
+        lua.set_app_data(RateFiles {
+            files: Default::default(),
+            strict: options.strict_permissions,
+        });
 
         let budget = Rc::new(Budget {
             call_used: Cell::new(0),
@@ -565,16 +568,13 @@ fn require_function(
                     )
                 })
                 .unwrap_or_default();
-            if strict_permissions && path.exists() {
-                super::check_permissions(&path)
-                    .map_err(|e| mlua::Error::runtime(format!("{at}{e}")))?;
-            }
-            let src = std::fs::read_to_string(&path).map_err(|e| {
-                mlua::Error::runtime(format!(
-                    "{at}require {name:?}: cannot read {} ({e}); policies can require the shaper \
-                     library and modules next to the script",
+            let src = super::read_source(&path, strict_permissions).map_err(|e| match e {
+                super::PolicyError::Read { message, .. } => mlua::Error::runtime(format!(
+                    "{at}require {name:?}: cannot read {} ({message}); policies can require the \
+                     shaper library and modules next to the script",
                     path.display()
-                ))
+                )),
+                unsafe_module => mlua::Error::runtime(format!("{at}{unsafe_module}")),
             })?;
             required.borrow_mut().push(path.clone());
             (src, chunk_name(&path), None)

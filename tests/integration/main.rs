@@ -5,6 +5,7 @@
 mod support;
 
 mod cli;
+mod control;
 mod daemon;
 mod examples;
 mod netns_kit;
@@ -12,3 +13,4 @@ mod policy;
 mod probe;
 mod scan;
 mod shape;
+mod trust;

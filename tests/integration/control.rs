@@ -1,0 +1,227 @@
+//! The control socket under hostile clients (idle ones, endless lines) and the daemon's own
+//! files and folders under another user's reach (issue 15, items 4 and 5).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::support::daemon::DaemonProcess;
+use crate::support::netns::{Netns, NetnsPair};
+
+const NOBODY: u32 = 65534;
+
+fn qdiscs(ns: &Netns) -> String {
+    let out = ns.command("tc").args(["qdisc", "show"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn vm_hwm_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status")
+}
+
+fn connect(dir: &Path) -> UnixStream {
+    UnixStream::connect(dir.join("run/shaper.sock")).unwrap()
+}
+
+#[test]
+fn a_hundred_idle_clients_block_neither_status_nor_sigterm() {
+    let pair = NetnsPair::new();
+    let before = qdiscs(&pair.a);
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = DaemonProcess::start(&pair.a, dir.path(), &["--rate", "10mbit:10mbit"]);
+    daemon.wait_for(10, "shaping", |s| s["interfaces"][0]["state"] == "shaping");
+    let idle: Vec<UnixStream> = (0..100).map(|_| connect(dir.path())).collect();
+    std::thread::sleep(Duration::from_millis(200));
+
+    let started = Instant::now();
+    let status = daemon.status();
+    let took = started.elapsed();
+    assert!(status["cycles"].as_u64().is_some());
+    assert!(took < Duration::from_secs(1), "status took {took:?}");
+
+    // A client that never sends is answered with an error and closed, not kept forever.
+    for client in &idle {
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(client).read_line(&mut line).unwrap();
+        assert!(line.contains("no request within 2s"), "{line}");
+    }
+    // Their tasks end (and free their slots) right after answering.
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Past the limit of clients served at once, a client is told so at once.
+    let fresh: Vec<UnixStream> = (0..128).map(|_| connect(dir.path())).collect();
+    let extra = connect(dir.path());
+    extra
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(&extra)
+        .read_line(&mut line)
+        .expect("an answer at once");
+    assert!(line.contains("128 control clients already"), "{line}");
+
+    let started = Instant::now();
+    let exit = daemon.signal(libc::SIGTERM);
+    let took = started.elapsed();
+    assert!(exit.success(), "{exit}: {}", daemon.log_text());
+    assert!(took < Duration::from_secs(1), "SIGTERM took {took:?}");
+    assert_eq!(qdiscs(&pair.a), before, "torn down");
+    drop((idle, fresh));
+}
+
+#[test]
+fn only_root_stops_or_reloads_through_a_socket_widened_to_others() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let pair = NetnsPair::new();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let daemon = DaemonProcess::start(&pair.a, dir.path(), &["--dry-run"]);
+    let socket = dir.path().join("run/shaper.sock");
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let as_nobody = |args: &[&str]| {
+        crate::support::output(
+            crate::support::shaper()
+                .args(args)
+                .arg("--runtime-dir")
+                .arg(dir.path().join("run"))
+                .uid(NOBODY)
+                .gid(NOBODY),
+        )
+    };
+    let out = as_nobody(&["status", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for command in ["stop", "reload"] {
+        let out = as_nobody(&[command]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{command} as nobody");
+        assert!(err.contains("only root may reload or stop shaper"), "{err}");
+    }
+    daemon.status();
+}
+
+#[test]
+fn an_endless_request_line_is_refused_without_growing_memory() {
+    let pair = NetnsPair::new();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = DaemonProcess::start(&pair.a, dir.path(), &["--dry-run"]);
+    let pid = daemon.child.as_ref().unwrap().id();
+    daemon.status();
+    let before = vm_hwm_kib(pid);
+
+    let stream = connect(dir.path());
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let flood = std::thread::spawn(move || {
+        let chunk = vec![b'x'; 1 << 20];
+        let mut sent = 0usize;
+        // 300 MB, or until the daemon hangs up.
+        while sent < 300 << 20 {
+            match writer.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(_) => break,
+            }
+        }
+        sent
+    });
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line).unwrap();
+    let sent = flood.join().unwrap();
+    assert!(
+        line.contains("longer than the limit of 65536 bytes"),
+        "{line}"
+    );
+    assert!(sent < 300 << 20, "the daemon hung up ({sent} bytes sent)");
+    let after = vm_hwm_kib(pid);
+    assert!(
+        after < before + 8 * 1024,
+        "peak RSS grew from {before} KiB to {after} KiB"
+    );
+    // Still serving.
+    daemon.status();
+}
+
+#[test]
+fn runtime_and_state_dirs_others_can_write_are_refused_naming_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let pair = NetnsPair::new();
+    for (sub, how) in [("run", "owned"), ("state", "open")] {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join(sub);
+        std::fs::create_dir(&bad).unwrap();
+        if how == "owned" {
+            std::os::unix::fs::chown(&bad, Some(NOBODY), None).unwrap();
+        } else {
+            std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o777)).unwrap();
+        }
+        let mut d = DaemonProcess::spawn(&pair.a, dir.path(), &["--dry-run"]);
+        let exit = d.child.take().unwrap().wait().unwrap();
+        let log = d.log_text();
+        assert!(!exit.success(), "{sub} accepted: {log}");
+        let b = bad.display();
+        assert!(
+            log.contains(&format!("`chown root:root {b}; chmod 755 {b}`")),
+            "{log}"
+        );
+        assert!(!dir.path().join("run/shaper.sock").exists());
+    }
+    // Nor does `shaper stop` talk to a socket in a runtime dir another user owns.
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    std::os::unix::fs::chown(&run, Some(NOBODY), None).unwrap();
+    let out = crate::support::output(
+        crate::support::shaper()
+            .args(["stop", "--runtime-dir"])
+            .arg(&run),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("owned by uid 65534") && err.contains("chmod 755"),
+        "{err}"
+    );
+    // Missing dirs are created, root's and 0755.
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = DaemonProcess::start(&pair.a, dir.path(), &["--dry-run"]);
+    for sub in ["run", "state"] {
+        let mode = std::fs::metadata(dir.path().join(sub))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o7777, 0o755, "{sub}");
+    }
+    drop(daemon);
+}
+
+#[test]
+fn a_pid_file_planted_as_a_symlink_is_not_followed() {
+    let pair = NetnsPair::new();
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    std::os::unix::fs::symlink(&victim, run.join("shaper.pid")).unwrap();
+    let mut d = DaemonProcess::spawn(&pair.a, dir.path(), &["--dry-run"]);
+    let exit = d.child.take().unwrap().wait().unwrap();
+    let log = d.log_text();
+    assert!(!exit.success(), "{log}");
+    assert!(log.contains("if it is a symlink, remove it"), "{log}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+}
