@@ -201,7 +201,7 @@ fn cycle_past_its_deadline_is_abandoned_and_the_vm_rebuilt() {
         "classes = { bulk = { prio = 7 } }\n\
          function classify(conn, ctx)\n\
          \x20 if conn.remote_port == 22 and ctx.time.hour == 10 then\n\
-         \x20   local s = string.rep(\"a\", 464)\n\
+         \x20   local s = string.rep(\"a\", 292)\n\
          \x20   for i = 1, 30 do string.find(s, \"^.-.-.-b\") end\n\
          \x20 end\n\
          \x20 return \"bulk\"\n\
