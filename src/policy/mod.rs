@@ -222,7 +222,14 @@ impl Abandoned {
 
     /// How many abandoned threads are still running.
     fn alive(&mut self) -> usize {
-        self.0.retain(|t| !t.is_finished());
+        let (ended, running) = std::mem::take(&mut self.0)
+            .into_iter()
+            .partition::<Vec<_>, _>(JoinHandle::is_finished);
+        // Joined, so the ended threads are gone from the process, not only done.
+        for thread in ended {
+            let _ = thread.join();
+        }
+        self.0 = running;
         self.0.len()
     }
 
