@@ -353,7 +353,10 @@ mod tests {
 
     #[test]
     fn pattern_limits_grow_with_quantifiers() {
-        assert!(pattern_limit(b"^firefox") > 1 << 40, "anchored, no repetition");
+        assert!(
+            pattern_limit(b"^firefox") > 1 << 40,
+            "anchored, no repetition"
+        );
         assert_eq!(
             pattern_limit(b"firefox"),
             14_285_714,
@@ -376,7 +379,10 @@ mod tests {
     fn optional_items_balanced_and_backreferences_count() {
         let many_optional = format!("^{}{}", "a?".repeat(30), "a".repeat(30));
         assert_eq!(pattern_limit(many_optional.as_bytes()), 0, "2^30 paths");
-        assert!(pattern_limit(b"^a?b?c") > 1 << 40, "a few options are cheap");
+        assert!(
+            pattern_limit(b"^a?b?c") > 1 << 40,
+            "a few options are cheap"
+        );
         assert_eq!(pattern_limit(b"%b()"), 10_000, "unanchored %b: len^2");
         assert_eq!(pattern_limit(b"^(a*)%1"), 7_071);
         assert!(

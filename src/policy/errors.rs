@@ -51,14 +51,15 @@ impl fmt::Display for Location {
     }
 }
 
-/// `file:line: ` or nothing.
-struct At<'a>(&'a Option<Location>);
+/// `file:line: `, or the fallback (`policy: `) when the line is unknown, or nothing.
+struct At<'a>(&'a Option<Location>, &'a str);
 
 impl fmt::Display for At<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            Some(at) => write!(f, "{at}: "),
-            None => Ok(()),
+        match (self.0, self.1) {
+            (Some(at), _) => write!(f, "{at}: "),
+            (None, "") => Ok(()),
+            (None, fallback) => write!(f, "{fallback}: "),
         }
     }
 }
@@ -76,13 +77,22 @@ pub enum Fault {
         message: String,
     },
     /// One `classify` call (or the script's top level) ran out of instructions.
-    #[error("{}instruction budget exceeded ({limit} instructions for one call; an endless loop?)", At(at))]
+    #[error(
+        "{}instruction budget exceeded ({limit} instructions for one call; an endless loop?)",
+        At(at, "")
+    )]
     CallBudget { at: Option<Location>, limit: u64 },
     /// The whole cycle ran out of instructions; the rest of the cycle is skipped.
-    #[error("{}instruction budget for the cycle exceeded ({limit} instructions)", At(at))]
+    #[error(
+        "{}instruction budget for the cycle exceeded ({limit} instructions)",
+        At(at, "")
+    )]
     CycleBudget { at: Option<Location>, limit: u64 },
     /// The VM's allocator refused memory.
-    #[error("{}memory limit of {limit_mib} MiB exceeded ({detail})", at.as_ref().map_or_else(|| "policy: ".to_string(), |a| format!("{a}: ")))]
+    #[error(
+        "{}memory limit of {limit_mib} MiB exceeded ({detail})",
+        At(at, "policy")
+    )]
     Memory {
         at: Option<Location>,
         limit_mib: usize,
@@ -90,18 +100,20 @@ pub enum Fault {
     },
     /// The wall clock ran out: the cycle (or loading the script) was abandoned and its VM
     /// cancelled. `at` is where the script was last seen, in words.
-    #[error("{at}: {} did not finish within {deadline:?} and was abandoned (a string pattern that backtracks, or a very long C call?); the VM is cancelled and rebuilt", if *.loading { "loading the script" } else { "the cycle" })]
+    #[error("{at}: {} did not finish within {deadline:?} and was abandoned (a string pattern that backtracks, or a very long C call?); its VM is stopped", if *.loading { "loading the script" } else { "the cycle" })]
     Deadline {
         at: String,
         deadline: Duration,
         loading: bool,
     },
     /// Raised inside a VM the engine abandoned at its deadline, so that its thread stops.
-    #[error("{}cancelled: this VM's cycle missed its deadline", At(at))]
+    #[error("{}cancelled: this VM's cycle missed its deadline", At(at, ""))]
     Cancelled { at: Option<Location> },
     /// Earlier abandoned VMs have not stopped yet, so no new one is started (the number of
     /// policy threads is bounded); the previous decisions stay in force.
-    #[error("policy stuck: {threads} abandoned policy VM(s) are still running (the limit is {limit}); keeping the previous decisions until they stop")]
+    #[error(
+        "policy stuck: {threads} abandoned policy VM(s) are still running (the limit is {limit}); keeping the previous decisions until they stop"
+    )]
     Stuck { threads: usize, limit: usize },
     /// The VM's thread could not be started or died.
     #[error("{0}")]
@@ -259,8 +271,14 @@ mod tests {
         let Fault::Script { at: Some(at), .. } = &f else {
             panic!("{f:?}")
         };
-        assert_eq!((at.script.as_str(), at.line), ("/etc/shaper/policy.lua", 12));
-        assert_eq!(f.to_string(), "/etc/shaper/policy.lua:12: attempt to call a nil value");
+        assert_eq!(
+            (at.script.as_str(), at.line),
+            ("/etc/shaper/policy.lua", 12)
+        );
+        assert_eq!(
+            f.to_string(),
+            "/etc/shaper/policy.lua:12: attempt to call a nil value"
+        );
         assert!(matches!(
             Fault::script("no position: here".into()),
             Fault::Script { at: None, .. }

@@ -279,8 +279,8 @@ impl Worker {
                     thread_cancelled.clone(),
                 ) {
                     Ok(vm) => {
-                        let _ =
-                            ready_tx.send(Ok((vm.required.borrow().clone(), vm.classify_at.clone())));
+                        let _ = ready_tx
+                            .send(Ok((vm.required.borrow().clone(), vm.classify_at.clone())));
                         vm
                     }
                     Err(e) => {
@@ -493,8 +493,7 @@ impl Engine {
         if let Some(c) = p.conn.and_then(|i| input.snapshot.connections.get(i)) {
             return format!("{} (classify, for {})", worker.classify_at, c.socket);
         }
-        p.last_location()
-            .map_or_else(script, |at| at.to_string())
+        p.last_location().map_or_else(script, |at| at.to_string())
     }
 
     fn previous_or_default(&self, socket: &Socket) -> Decision {

@@ -75,7 +75,15 @@ do
   local max_subject, cached = {}, 0
   local function check(s, p, plain)
     checkpoint()
-    if plain or type(s) ~= "string" or type(p) ~= "string" then return end
+    if type(s) ~= "string" or type(p) ~= "string" then return end
+    if plain then
+      -- A plain search compares up to the whole needle at every position (memcmp speed).
+      if #s * #p > 1e9 then
+        error(("plain search for a %d-byte string in a %d-byte string would compare %.0f bytes "
+          .. "(at most 1e9)"):format(#p, #s, #s * #p), 3)
+      end
+      return
+    end
     local max = max_subject[p]
     if not max then
       if cached >= 1000 then max_subject, cached = {}, 0 end

@@ -458,11 +458,7 @@ impl Vm {
         let classes = self.classes(&ctx).map_err(PolicyError::Cycle)?;
         if let Ok(Value::Function(hook)) = self.lua.globals().get::<Value>("on_cycle") {
             hook.call::<()>(&ctx).map_err(|e| {
-                PolicyError::Cycle(fault(
-                    &e,
-                    self.position(Progress::last_location),
-                    options,
-                ))
+                PolicyError::Cycle(fault(&e, self.position(Progress::last_location), options))
             })?;
         }
         let mut decisions = Vec::with_capacity(input.snapshot.connections.len());

@@ -579,7 +579,11 @@ fn assert_classes_refused(classes: &str, line: usize, expect: &str) {
     for _ in 0..2 {
         let start = Instant::now();
         let out = cycle(&mut engine);
-        assert!(start.elapsed() < Duration::from_secs(1), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
         let failure = out.failure.expect("the classes are refused");
         assert!(
             matches!(failure.fault(), Some(Fault::Script { .. })),
@@ -641,7 +645,11 @@ fn string_rep_of_nothing_returns_at_once() {
     for _ in 0..2 {
         let start = Instant::now();
         let out = cycle(&mut engine);
-        assert!(start.elapsed() < Duration::from_secs(1), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
         assert!(errors(&engine).is_empty(), "{:?}", errors(&engine));
         assert!(classes_of(&out).iter().all(|c| *c == "bulk"));
     }
@@ -676,6 +684,16 @@ fn balanced_match_on_a_long_subject_is_refused() {
 }
 
 #[test]
+fn plain_search_for_a_long_needle_is_refused() {
+    assert_contained(
+        "    local s = string.rep(\"a\", 2^23)\n    \
+         string.find(s, string.sub(s, 1, 2^20) .. \"b\", 1, true)",
+        5,
+        "plain search for a 1048577-byte string",
+    );
+}
+
+#[test]
 fn table_walks_over_made_up_lengths_are_refused() {
     let long = "setmetatable({}, { __len = function() return 2^62 end })";
     for (bad, what) in [
@@ -692,7 +710,11 @@ fn table_walks_over_made_up_lengths_are_refused() {
         let line = 4 + bad.matches('\n').count();
         let start = Instant::now();
         assert_contained(&format!("    {bad}"), line, what);
-        assert!(start.elapsed() < Duration::from_secs(2), "{bad}: {:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{bad}: {:?}",
+            start.elapsed()
+        );
     }
 }
 
@@ -709,7 +731,11 @@ fn protected_calls_cannot_swallow_the_budget() {
             4,
             "instruction budget exceeded",
         );
-        assert!(start.elapsed() < Duration::from_secs(5), "{catcher}: {:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{catcher}: {:?}",
+            start.elapsed()
+        );
     }
 }
 
@@ -804,9 +830,7 @@ fn overrunning_policy_child() {
     let kind = std::env::var("SHAPER_OVERRUNNING").expect("run by its parent test");
     let (_, body) = OVERRUNNING.iter().find(|(k, _)| *k == kind).unwrap();
     assert!(policy_threads().is_empty());
-    let policy = Policy::new(&format!(
-        "function classify(conn, ctx)\n  {body}\nend\n"
-    ));
+    let policy = Policy::new(&format!("function classify(conn, ctx)\n  {body}\nend\n"));
     let options = EngineOptions {
         deadline: Duration::from_millis(30),
         call_budget: u64::MAX,
@@ -827,10 +851,16 @@ fn overrunning_policy_child() {
             other => panic!("{kind}: {other:?}"),
         }
         let threads = policy_threads().len();
-        assert!(threads <= bound, "{kind}: {threads} policy threads, bound {bound}");
+        assert!(
+            threads <= bound,
+            "{kind}: {threads} policy threads, bound {bound}"
+        );
         assert!(engine.threads() <= bound);
     }
-    assert!(deadlines >= 2, "{kind}: {deadlines} deadlines, {stuck} stuck");
+    assert!(
+        deadlines >= 2,
+        "{kind}: {deadlines} deadlines, {stuck} stuck"
+    );
 
     std::fs::write(&policy.path, "function classify() return nil end\n").unwrap();
     let reload = Instant::now();
