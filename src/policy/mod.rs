@@ -208,8 +208,9 @@ struct Worker {
     classify_at: String,
 }
 
-/// The threads of VMs the engine gave up on at a deadline. Each was told to stop (its hook and
-/// guards raise [`Fault::Cancelled`]) and ends at its next check.
+/// The threads of VMs the engine gave up on at a deadline (or replaced at a reload). Each was
+/// told to stop (its hook and guards raise [`Fault::Cancelled`]) and ends at its next check, or
+/// at once if it was idle.
 #[derive(Default)]
 struct Abandoned(Vec<JoinHandle<()>>);
 
@@ -409,8 +410,10 @@ impl Engine {
         let worker = Worker::spawn(script.clone(), &self.options, &mut self.abandoned)?;
         self.script = script;
         self.required.clone_from(&worker.required);
-        // The old VM is idle: closing its channel ends its thread.
-        self.worker = Some(worker);
+        // The old VM is idle: closing its channel ends its thread, counted until it has.
+        if let Some(old) = self.worker.replace(worker) {
+            self.abandoned.push(old);
+        }
         self.errors.clear();
         Ok(())
     }

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use mlua::chunk::ChunkMode;
 use mlua::{Function, HookTriggers, Lua, LuaOptions, StdLib, Table, Value, VmState};
@@ -40,6 +41,8 @@ const PRELUDE: &str = include_str!("prelude.lua");
 const PRELUDE_NAME: &str = "[shaper prelude]";
 /// Instructions between two budget checks.
 const HOOK_EVERY: u32 = 1000;
+/// Least time between two positions recorded by guarded library calls.
+const GUARD_RECORD_EVERY: Duration = Duration::from_millis(1);
 
 /// Where the VM is, shared with the engine so a cycle that overruns its deadline (or runs out
 /// of memory) can be reported with a `file:line`.
@@ -82,6 +85,10 @@ struct Budget {
     /// What the hook raised in this call, raised again by `raw.checkpoint` after a protected
     /// call caught it.
     pending: std::cell::RefCell<Option<Fault>>,
+    /// When a guarded library call last recorded its position: a cycle stuck in a few long C
+    /// calls runs too few instructions for the hook to say where it is, so the guards record
+    /// it too, at most once per [`GUARD_RECORD_EVERY`] to stay cheap.
+    guard_recorded: Cell<Option<Instant>>,
 }
 
 impl Budget {
@@ -109,6 +116,36 @@ impl HookState {
             return Some(Fault::Cancelled { at: at() });
         }
         self.budget.pending.borrow().clone()
+    }
+
+    /// Records where the script is, for the engine to name if the cycle overruns its deadline.
+    fn record(&self, source: &str, line: usize) {
+        if let Ok(mut p) = self.progress.lock() {
+            p.line = line;
+            p.position_call = p.call;
+            if p.source != source {
+                p.source = source.to_string();
+            }
+        }
+    }
+
+    /// The checkpoint of a guarded library call: records its position (at most once a
+    /// millisecond) and raises a pending stop.
+    fn checkpoint(&self, lua: &Lua) -> mlua::Result<()> {
+        let now = Instant::now();
+        let due = self
+            .budget
+            .guard_recorded
+            .get()
+            .is_none_or(|last| now.duration_since(last) >= GUARD_RECORD_EVERY);
+        if due && let Some(at) = caller_location(lua) {
+            self.budget.guard_recorded.set(Some(now));
+            self.record(&at.script, at.line);
+        }
+        match self.interrupt(|| caller_location(lua)) {
+            Some(fault) => Err(self.raise(fault)),
+            None => Ok(()),
+        }
     }
 
     /// Raises `fault` into Lua, remembering it so a protected call cannot swallow it.
@@ -164,13 +201,7 @@ fn install_hook(lua: &Lua, state: HookState, every_line: bool) -> mlua::Result<(
     }
     lua.set_global_hook(triggers, move |lua, debug| {
         let (here, line) = script_position(lua, debug);
-        if let Ok(mut p) = state.progress.lock() {
-            p.line = line;
-            p.position_call = p.call;
-            if p.source != here {
-                p.source.clone_from(&here);
-            }
-        }
+        state.record(&here, line);
         if debug.event() != mlua::debug::DebugEvent::Count {
             return Ok(VmState::Continue);
         }
@@ -263,6 +294,7 @@ impl Vm {
             call_limit: options.call_budget,
             cycle_limit: options.cycle_budget,
             pending: Default::default(),
+            guard_recorded: Cell::new(None),
         });
         let hook = HookState {
             budget: budget.clone(),
@@ -288,12 +320,7 @@ impl Vm {
             let guard = hook.clone();
             raw.set(
                 "checkpoint",
-                lua.create_function(move |lua, ()| {
-                    match guard.interrupt(|| caller_location(lua)) {
-                        Some(fault) => Err(guard.raise(fault)),
-                        None => Ok(()),
-                    }
-                })?,
+                lua.create_function(move |lua, ()| guard.checkpoint(lua))?,
             )?;
             raw.set(
                 "pattern_limit",
