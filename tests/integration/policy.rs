@@ -792,10 +792,15 @@ fn policy_cpu_ticks() -> u64 {
         .sum()
 }
 
-/// The policies that always overrun a 30 ms deadline: a busy loop in Lua (budgets off), and a
-/// loop of guarded pattern calls (each allowed, each some milliseconds inside C).
-const OVERRUNNING: [(&str, &str); 2] = [
+/// The policies that always overrun a 30 ms deadline: a busy loop in Lua (budgets off), one
+/// that catches every error, and a loop of guarded pattern calls (each allowed, each some
+/// milliseconds inside C).
+const OVERRUNNING: [(&str, &str); 3] = [
     ("lua", "while true do end"),
+    (
+        "pcall",
+        "while true do pcall(function() while true do end end) end",
+    ),
     (
         "c",
         "local s = string.rep(\"a\", 292)\n  while true do string.find(s, \"^.-.-.-b\") end",
