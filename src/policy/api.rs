@@ -217,40 +217,80 @@ pub(crate) fn rate_file(
     ))
 }
 
-/// Largest subject a pattern may be matched against: its cost grows as `len^(quantifiers + 1)`
-/// for an unanchored pattern (each start position), `len^quantifiers` anchored, and a subject is
-/// refused when that exceeds about 10^8 steps, which Lua's matcher runs in about a second.
+/// Largest subject a pattern may be matched against. Lua's matcher backtracks: with `q`
+/// repeating items (`*`, `+`, `-`, and `%b` and back-references, which scan the subject) its cost
+/// grows as `len^q` per start position, and there are `len` start positions unless it is
+/// anchored; each optional item (`?`) doubles it; each step compares one of the pattern's items.
+/// A subject is refused when that exceeds about 10^8 steps, which Lua's matcher runs in about a
+/// second.
 pub(crate) fn pattern_limit(pattern: &[u8]) -> u64 {
     const STEPS: f64 = 1e8;
-    let mut quantifiers = 0;
-    let mut i = usize::from(pattern.first() == Some(&b'^'));
-    let anchored = i == 1;
+    let (mut repeating, mut optional, mut items) = (0i32, 0i32, 0u32);
+    let anchored = pattern.first() == Some(&b'^');
+    let mut i = usize::from(anchored);
     while i < pattern.len() {
-        match pattern[i] {
-            b'%' => i += 2,
-            b'[' => {
+        // The end of a single-character class (which a quantifier may follow), or `None` for
+        // items that take none.
+        let class_end = match (pattern[i], pattern.get(i + 1)) {
+            (b'(' | b')', _) => {
                 i += 1;
-                if pattern.get(i) == Some(&b'^') {
+                continue;
+            }
+            (b'%', Some(b'b')) => {
+                repeating += 1;
+                i += 4;
+                None
+            }
+            (b'%', Some(b'f')) => {
+                i = set_end(pattern, i + 2);
+                None
+            }
+            (b'%', Some(b'1'..=b'9')) => {
+                repeating += 1;
+                i += 2;
+                None
+            }
+            (b'%', _) => Some(i + 2),
+            (b'[', _) => Some(set_end(pattern, i)),
+            _ => Some(i + 1),
+        };
+        items += 1;
+        if let Some(end) = class_end {
+            i = end;
+            match pattern.get(i) {
+                Some(b'*' | b'+' | b'-') => {
+                    repeating += 1;
                     i += 1;
                 }
-                i += 1; // a `]` first in a set is literal
-                while i < pattern.len() && pattern[i] != b']' {
-                    i += if pattern[i] == b'%' { 2 } else { 1 };
+                Some(b'?') => {
+                    optional += 1;
+                    i += 1;
                 }
-                i += 1;
+                _ => {}
             }
-            b'*' | b'+' | b'-' => {
-                quantifiers += 1;
-                i += 1;
-            }
-            _ => i += 1,
         }
     }
-    let exponent = quantifiers + i32::from(!anchored);
-    if exponent <= 1 {
-        return u64::MAX >> 1;
+    let per_length = STEPS / (f64::from(items.max(1)) * 2f64.powi(optional));
+    let exponent = repeating + i32::from(!anchored);
+    if exponent == 0 {
+        // The cost does not grow with the subject: all or nothing.
+        return if per_length >= 1.0 { u64::MAX >> 1 } else { 0 };
     }
-    STEPS.powf(1.0 / f64::from(exponent)).floor() as u64
+    per_length.max(0.0).powf(1.0 / f64::from(exponent)).floor() as u64
+}
+
+/// The index just past a `[set]` starting at `start` (Lua's rules: a `]` first in the set, or
+/// after `^`, is literal; `%` escapes the next byte).
+fn set_end(pattern: &[u8], start: usize) -> usize {
+    let mut i = start + 1;
+    if pattern.get(i) == Some(&b'^') {
+        i += 1;
+    }
+    i += 1;
+    while i < pattern.len() && pattern[i] != b']' {
+        i += if pattern[i] == b'%' { 2 } else { 1 };
+    }
+    i + 1
 }
 
 /// `shaper.cidr(...)`: a set of networks with `:contains(addr)`.
@@ -317,21 +357,41 @@ mod tests {
 
     #[test]
     fn pattern_limits_grow_with_quantifiers() {
-        assert!(pattern_limit(b"^firefox") > 1 << 40);
         assert!(
-            pattern_limit(b"firefox") > 1 << 40,
-            "one start position per byte is linear"
+            pattern_limit(b"^firefox") > 1 << 40,
+            "anchored, no repetition"
         );
-        assert_eq!(pattern_limit(b"%d+%.%d+"), 464); // 3 = 2 quantifiers + unanchored
-        assert_eq!(pattern_limit(b".-.-.-b"), 100);
-        assert_eq!(pattern_limit(b"^.-.-.-b"), 464);
+        assert_eq!(
+            pattern_limit(b"firefox"),
+            14_285_714,
+            "one start position per byte: linear, times the pattern's 7 items"
+        );
+        assert_eq!(pattern_limit(b"%d+%.%d+"), 321); // 2 repeating + unanchored, 3 items
+        assert_eq!(pattern_limit(b".-.-.-b"), 70);
+        assert_eq!(pattern_limit(b"^.-.-.-b"), 292);
         assert!(
             pattern_limit(b"%-%-type=(%w+)") > 1000,
             "escaped '-' is no quantifier"
         );
         assert!(
-            pattern_limit(b"[a-z]") > 1 << 40,
+            pattern_limit(b"[a-z]") > 1 << 20,
             "'-' in a set is no quantifier"
+        );
+    }
+
+    #[test]
+    fn optional_items_balanced_and_backreferences_count() {
+        let many_optional = format!("^{}{}", "a?".repeat(30), "a".repeat(30));
+        assert_eq!(pattern_limit(many_optional.as_bytes()), 0, "2^30 paths");
+        assert!(
+            pattern_limit(b"^a?b?c") > 1 << 40,
+            "a few options are cheap"
+        );
+        assert_eq!(pattern_limit(b"%b()"), 10_000, "unanchored %b: len^2");
+        assert_eq!(pattern_limit(b"^(a*)%1"), 7_071);
+        assert!(
+            pattern_limit(b"%f[%w]%w") > 1 << 20,
+            "a frontier scans nothing"
         );
     }
 }

@@ -243,7 +243,11 @@ pub(crate) fn class_value(v: &Value, classes: &ClassSet) -> Result<Arc<str>, Str
 
 /// Where in the script text a class seems to be declared: the first line that assigns its name.
 /// Lua does not record where a table field was written, so this is a search, good for messages.
+/// An empty key is never found (it would match everywhere without advancing).
 pub(crate) fn line_of_key(source: &str, key: &str) -> Option<usize> {
+    if key.is_empty() {
+        return None;
+    }
     let ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
     let assigns = |line: &str| {
         let mut from = 0;
@@ -269,20 +273,27 @@ pub(crate) fn line_of_key(source: &str, key: &str) -> Option<usize> {
     source.lines().position(assigns).map(|i| i + 1)
 }
 
-/// Validates a `classes` table. `at(name)` gives the `file:line` prefix for a class's errors.
+/// Validates a `classes` table. `at(name)` gives the `file:line` prefix for a class's errors,
+/// `at("")` the one for errors about the table as a whole.
 pub(crate) fn class_set(table: &Table, at: &dyn Fn(&str) -> String) -> Result<ClassSet, String> {
     let mut set = ClassSet::default();
     for entry in table.pairs::<Value, Value>() {
         let (key, def) = entry.map_err(|e| e.to_string())?;
         let Some(name) = as_text(&key) else {
+            let found = match key {
+                Value::Integer(i) => format!("an entry without a name (at position {i})"),
+                ref other => format!("a key that is {}", type_name(other)),
+            };
             return Err(format!(
-                "{}: class names must be strings, found a key that is {}",
+                "{}: classes are keyed by name, as in `classes = {{ bulk = {{ prio = 7 }} }}`; \
+                 found {found}",
                 at(""),
-                type_name(&key)
             ));
         };
-        if name.is_empty()
-            || name.len() > 64
+        if name.is_empty() {
+            return Err(format!("{}: class name must not be empty", at("")));
+        }
+        if name.len() > 64
             || !name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
@@ -457,6 +468,13 @@ mod tests {
         );
         assert!(t("{ bulk = 5 }").unwrap_err().contains("must be a table"));
         assert!(t("{ ['a b'] = {} }").unwrap_err().contains("\"a b\""));
+        let e = t("{ default = { prio = 4 }, { prio = 1 } }").unwrap_err();
+        assert!(
+            e.starts_with("policy.lua:: classes are keyed by name") && e.contains("position 1"),
+            "{e}"
+        );
+        let e = t("{ [''] = {} }").unwrap_err();
+        assert_eq!(e, "policy.lua:: class name must not be empty");
         assert!(
             t("{ x = { rate = '2mbit', ceil = '1mbit' } }")
                 .unwrap_err()
@@ -489,5 +507,6 @@ mod tests {
         assert_eq!(line_of_key(src, "bulk"), Some(3));
         assert_eq!(line_of_key(src, "slow"), Some(5));
         assert_eq!(line_of_key(src, "nope"), None);
+        assert_eq!(line_of_key(src, ""), None, "an empty key ends the search");
     }
 }

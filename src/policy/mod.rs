@@ -16,8 +16,11 @@
 //!   `default` if it is new. The error is reported once per distinct message, then counted.
 //! * `classes(ctx)` or `on_cycle(ctx)` fails, or the cycle's instruction budget runs out: every
 //!   connection keeps its previous decision.
-//! * The cycle overruns its wall-clock deadline (a C call no hook can interrupt): it is abandoned,
-//!   every connection keeps its previous decision, and the VM is rebuilt from the script.
+//! * The cycle overruns its wall-clock deadline: it is abandoned, every connection keeps its
+//!   previous decision, the VM is cancelled (its hook raises at the next instruction check or
+//!   guarded library call, and its thread ends) and the next cycle starts a fresh VM from the
+//!   script. While [`MAX_ABANDONED`] cancelled VMs are still running, no new one is started and
+//!   cycles report [`Fault::Stuck`]: the number of policy threads is bounded by construction.
 //! * A reload that fails to compile or load keeps the running script.
 //!
 //! The VM runs on a thread of its own ([`Engine`]), so a stuck script never blocks the daemon.
@@ -31,10 +34,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 pub use decide::{ClassDef, ClassSet, DEFAULT_CLASS, Decision, Each};
-pub use errors::{ErrorEntry, ErrorLog, PolicyError};
+pub use errors::{ErrorEntry, ErrorLog, Fault, Location, PolicyError};
 pub use vm::{LIBRARY, LIBRARY_DIR};
 
 use rustc_hash::FxHashMap;
@@ -172,80 +176,144 @@ enum Request {
 
 type VmReply = Result<vm::VmCycle, PolicyError>;
 
+/// Most cancelled VMs whose threads may still be running. While this many are, no new VM is
+/// started, so an engine never has more than this plus one policy threads.
+pub const MAX_ABANDONED: usize = 2;
+
 /// A VM on its own thread.
 struct Worker {
     requests: Sender<Request>,
     replies: Receiver<VmReply>,
     progress: Arc<Mutex<vm::Progress>>,
     abandoned: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
     required: Vec<PathBuf>,
     /// `file:line` of `classify`.
     classify_at: String,
 }
 
+/// The threads of VMs the engine gave up on at a deadline (or replaced at a reload). Each was
+/// told to stop (its hook and guards raise [`Fault::Cancelled`]) and ends at its next check, or
+/// at once if it was idle.
+#[derive(Default)]
+struct Abandoned(Vec<JoinHandle<()>>);
+
+impl Abandoned {
+    /// Cancels a worker's VM and keeps its thread to count until it ends.
+    fn push(&mut self, worker: Worker) {
+        worker.abandoned.store(true, Ordering::Relaxed);
+        self.0.push(worker.thread);
+    }
+
+    /// How many abandoned threads are still running.
+    fn alive(&mut self) -> usize {
+        let (ended, running) = std::mem::take(&mut self.0)
+            .into_iter()
+            .partition::<Vec<_>, _>(JoinHandle::is_finished);
+        // Joined, so the ended threads are gone from the process, not only done.
+        for thread in ended {
+            let _ = thread.join();
+        }
+        self.0 = running;
+        self.0.len()
+    }
+
+    /// Waits up to `timeout` for fewer than [`MAX_ABANDONED`] to be running; `Err` with the
+    /// count if they are not.
+    fn make_room(&mut self, timeout: Duration) -> Result<(), Fault> {
+        let until = Instant::now() + timeout;
+        loop {
+            let threads = self.alive();
+            if threads < MAX_ABANDONED {
+                return Ok(());
+            }
+            if Instant::now() >= until {
+                return Err(Fault::Stuck {
+                    threads,
+                    limit: MAX_ABANDONED,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
 impl Worker {
-    /// Starts a thread, builds the VM there and waits (up to the deadline) for it to load.
-    fn spawn(script: Arc<Script>, options: &EngineOptions) -> Result<Worker, PolicyError> {
+    /// Starts a thread, builds the VM there and waits (up to the deadline) for it to load. A
+    /// load that overruns the deadline is cancelled and its thread joins `abandoned`.
+    fn spawn(
+        script: Arc<Script>,
+        options: &EngineOptions,
+        abandoned: &mut Abandoned,
+    ) -> Result<Worker, PolicyError> {
         let (req_tx, req_rx) = mpsc::channel::<Request>();
         let (rep_tx, rep_rx) = mpsc::channel::<VmReply>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(Vec<PathBuf>, String), PolicyError>>();
         let progress = Arc::new(Mutex::new(vm::Progress::default()));
-        let abandoned = Arc::new(AtomicBool::new(false));
+        let cancelled = Arc::new(AtomicBool::new(false));
         let thread_options = options.clone();
-        let (thread_progress, thread_abandoned) = (progress.clone(), abandoned.clone());
+        let (thread_progress, thread_cancelled) = (progress.clone(), cancelled.clone());
         let script_name = script.path.display().to_string();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("shaper-policy".into())
             .spawn(move || {
-                let mut vm =
-                    match vm::Vm::build(script, &thread_options, thread_progress, thread_abandoned)
-                    {
-                        Ok(vm) => {
-                            let _ = ready_tx
-                                .send(Ok((vm.required.borrow().clone(), vm.classify_at.clone())));
-                            vm
-                        }
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
+                let mut vm = match vm::Vm::build(
+                    script,
+                    &thread_options,
+                    thread_progress,
+                    thread_cancelled.clone(),
+                ) {
+                    Ok(vm) => {
+                        let _ = ready_tx
+                            .send(Ok((vm.required.borrow().clone(), vm.classify_at.clone())));
+                        vm
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
                 while let Ok(Request::Cycle(input)) = req_rx.recv() {
                     let reply = vm.run_cycle(input, &thread_options);
-                    if rep_tx.send(reply).is_err() {
+                    if thread_cancelled.load(Ordering::Relaxed) || rep_tx.send(reply).is_err() {
                         return;
                     }
                 }
             })
-            .map_err(|e| PolicyError::Load(format!("cannot start the policy thread: {e}")))?;
-        let (required, classify_at) = match ready_rx.recv_timeout(options.deadline) {
-            Ok(result) => result?,
+            .map_err(|e| {
+                PolicyError::Load(Fault::Thread(format!(
+                    "cannot start the policy thread: {e}"
+                )))
+            })?;
+        let worker = |required, classify_at| Worker {
+            requests: req_tx,
+            replies: rep_rx,
+            progress: progress.clone(),
+            abandoned: cancelled.clone(),
+            thread,
+            required,
+            classify_at,
+        };
+        match ready_rx.recv_timeout(options.deadline) {
+            Ok(Ok((required, classify_at))) => Ok(worker(required, classify_at)),
+            Ok(Err(e)) => Err(e),
             Err(RecvTimeoutError::Timeout) => {
-                abandoned.store(true, Ordering::Relaxed);
                 let at = progress
                     .lock()
                     .ok()
-                    .and_then(|p| p.last_position())
-                    .unwrap_or(script_name);
-                return Err(PolicyError::Load(format!(
-                    "{at}: loading the script took longer than {:?}",
-                    options.deadline
-                )));
+                    .and_then(|p| p.last_location())
+                    .map_or(script_name, |at| at.to_string());
+                abandoned.push(worker(Vec::new(), String::new()));
+                Err(PolicyError::Load(Fault::Deadline {
+                    at,
+                    deadline: options.deadline,
+                    loading: true,
+                }))
             }
-            Err(RecvTimeoutError::Disconnected) => {
-                return Err(PolicyError::Load(
-                    "the policy thread died while loading".into(),
-                ));
-            }
-        };
-        Ok(Worker {
-            requests: req_tx,
-            replies: rep_rx,
-            progress,
-            abandoned,
-            required,
-            classify_at,
-        })
+            Err(RecvTimeoutError::Disconnected) => Err(PolicyError::Load(Fault::Thread(
+                "the policy thread died while loading".into(),
+            ))),
+        }
     }
 }
 
@@ -254,7 +322,11 @@ impl Worker {
 pub struct Engine {
     script: Arc<Script>,
     options: EngineOptions,
-    worker: Worker,
+    /// The running VM; `None` after one was abandoned, until the next cycle starts another.
+    worker: Option<Worker>,
+    abandoned: Abandoned,
+    /// Modules the script required from its folder (kept while no VM runs).
+    required: Vec<PathBuf>,
     previous: FxHashMap<SocketKey, Decision>,
     classes: ClassSet,
     errors: ErrorLog,
@@ -274,11 +346,14 @@ impl Engine {
 
     pub fn from_script(script: Script, options: EngineOptions) -> Result<Engine, PolicyError> {
         let script = Arc::new(script);
-        let worker = Worker::spawn(script.clone(), &options)?;
+        let mut abandoned = Abandoned::default();
+        let worker = Worker::spawn(script.clone(), &options, &mut abandoned)?;
         Ok(Engine {
             script,
             options,
-            worker,
+            required: worker.required.clone(),
+            worker: Some(worker),
+            abandoned,
             previous: FxHashMap::default(),
             classes: ClassSet::default(),
             errors: ErrorLog::default(),
@@ -293,7 +368,7 @@ impl Engine {
     /// The script and every module it required from its folder: the files to watch for reload.
     pub fn files(&self) -> Vec<PathBuf> {
         let mut files = vec![self.script.path.clone()];
-        files.extend(self.worker.required.iter().cloned());
+        files.extend(self.required.iter().cloned());
         files
     }
 
@@ -307,81 +382,105 @@ impl Engine {
     }
 
     /// Re-reads the script and swaps it in if it loads; on error the running script stays.
+    /// If too many cancelled VMs are still running, waits up to the deadline for them to end.
     pub fn reload(&mut self) -> Result<(), PolicyError> {
         let script = Arc::new(Script::read_checked(
             &self.script.path,
             self.options.strict_permissions,
         )?);
-        let worker = Worker::spawn(script.clone(), &self.options)?;
+        self.abandoned
+            .make_room(self.options.deadline)
+            .map_err(PolicyError::Load)?;
+        let worker = Worker::spawn(script.clone(), &self.options, &mut self.abandoned)?;
         self.script = script;
-        self.worker = worker;
+        self.required.clone_from(&worker.required);
+        // The old VM is idle: closing its channel ends its thread, counted until it has.
+        if let Some(old) = self.worker.replace(worker) {
+            self.abandoned.push(old);
+        }
         self.errors.clear();
         Ok(())
+    }
+
+    /// Policy threads this engine has: the running VM's and cancelled ones not yet ended.
+    pub fn threads(&mut self) -> usize {
+        self.abandoned.alive() + usize::from(self.worker.is_some())
+    }
+
+    /// The running VM, or a new one from the script that was running (not from the file, which
+    /// may hold an unchecked edit) if the last was abandoned; none while too many cancelled
+    /// VMs are still running.
+    fn worker(&mut self) -> Result<&Worker, PolicyError> {
+        if self.worker.is_none() {
+            self.abandoned
+                .make_room(Duration::ZERO)
+                .map_err(PolicyError::Cycle)?;
+            let worker = Worker::spawn(self.script.clone(), &self.options, &mut self.abandoned)?;
+            self.required.clone_from(&worker.required);
+            self.worker = Some(worker);
+        }
+        Ok(self.worker.as_ref().expect("started above"))
     }
 
     /// Runs one cycle. Never fails: failures become fallbacks, reported in the outcome and the
     /// error log.
     pub fn run(&mut self, input: CycleInput) -> CycleOutcome {
         let input = Arc::new(input);
-        let reply = if self
-            .worker
-            .requests
-            .send(Request::Cycle(input.clone()))
-            .is_err()
-        {
-            Err(RecvTimeoutError::Disconnected)
-        } else {
-            self.worker.replies.recv_timeout(self.options.deadline)
+        let deadline = self.options.deadline;
+        let reply = match self.worker() {
+            Err(failure) => return self.fail(&input, failure),
+            Ok(worker) => match worker.requests.send(Request::Cycle(input.clone())) {
+                Err(_) => Err(RecvTimeoutError::Disconnected),
+                Ok(()) => worker.replies.recv_timeout(deadline),
+            },
         };
         match reply {
             Ok(Ok(cycle)) => self.merge(&input, cycle),
             Ok(Err(failure)) => self.fail(&input, failure),
             Err(RecvTimeoutError::Timeout) => {
                 self.abandoned_cycles += 1;
-                self.worker.abandoned.store(true, Ordering::Relaxed);
-                let failure = PolicyError::Cycle(format!(
-                    "{}: the cycle did not finish within {:?} and was abandoned (a string \
-                     pattern that backtracks, or a very long C call?); the VM is rebuilt",
-                    self.stuck_at(&input),
-                    self.options.deadline
-                ));
-                self.rebuild();
+                let failure = PolicyError::Cycle(Fault::Deadline {
+                    at: self.stuck_at(&input),
+                    deadline,
+                    loading: false,
+                });
+                self.abandon();
                 self.fail(&input, failure)
             }
             Err(RecvTimeoutError::Disconnected) => {
-                let failure = PolicyError::Cycle("the policy thread stopped; restarting it".into());
-                self.rebuild();
+                self.abandon();
+                let failure = PolicyError::Cycle(Fault::Thread(
+                    "the policy thread stopped; the next cycle starts another".into(),
+                ));
                 self.fail(&input, failure)
             }
+        }
+    }
+
+    /// Cancels the running VM; the next cycle starts a fresh one.
+    fn abandon(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            self.abandoned.push(worker);
         }
     }
 
     /// Where a stuck cycle is: the line the hook saw in the running `classify` call, or that
     /// call's `classify` with its connection, or the last line seen at all.
     fn stuck_at(&self, input: &CycleInput) -> String {
-        let Ok(p) = self.worker.progress.lock() else {
-            return self.script.path.display().to_string();
+        let script = || self.script.path.display().to_string();
+        let Some(worker) = &self.worker else {
+            return script();
         };
-        if let Some(at) = p.position_in_call() {
-            return at;
+        let Ok(p) = worker.progress.lock() else {
+            return script();
+        };
+        if let Some(at) = p.location_in_call() {
+            return at.to_string();
         }
         if let Some(c) = p.conn.and_then(|i| input.snapshot.connections.get(i)) {
-            return format!("{} (classify, for {})", self.worker.classify_at, c.socket);
+            return format!("{} (classify, for {})", worker.classify_at, c.socket);
         }
-        p.last_position()
-            .unwrap_or_else(|| self.script.path.display().to_string())
-    }
-
-    /// Replaces the worker with a fresh VM from the script that was running (not from the file,
-    /// which may hold an unchecked edit).
-    fn rebuild(&mut self) {
-        match Worker::spawn(self.script.clone(), &self.options) {
-            Ok(worker) => self.worker = worker,
-            Err(e) => {
-                self.errors
-                    .report(&format!("rebuilding the VM failed: {e}"), None);
-            }
-        }
+        p.last_location().map_or_else(script, |at| at.to_string())
     }
 
     fn previous_or_default(&self, socket: &Socket) -> Decision {
@@ -416,9 +515,10 @@ impl Engine {
         for c in &input.snapshot.connections {
             let decision = match results.next() {
                 Some(Ok(d)) => d,
-                Some(Err(message)) => {
+                Some(Err(fault)) => {
                     fallbacks += 1;
-                    self.errors.report(&message, Some(&c.socket.to_string()));
+                    self.errors
+                        .report(&fault.to_string(), Some(&c.socket.to_string()));
                     self.previous_or_default(&c.socket)
                 }
                 None => {

@@ -6,22 +6,29 @@
 //! finds the embedded `lua/` library and modules in the script's own folder, nothing else.
 //!
 //! Limits: an instruction budget per `classify` call and per cycle, enforced by a global hook (so
-//! coroutines are covered too), a memory limit, and guards on the two C functions that can run
-//! long without executing a Lua instruction (`string.rep`, pattern matching). The wall-clock
-//! deadline around all of it lives in [`super::Engine`].
+//! coroutines are covered too), a memory limit, and guards (in the prelude) on the library
+//! functions that can run long inside C without executing a Lua instruction: `string.rep`, pattern
+//! matching, and the `table` functions that walk a length a metatable can make up. The wall-clock
+//! deadline around all of it lives in [`super::Engine`], which cancels a VM that overruns it: the
+//! hook then raises [`Fault::Cancelled`] and the VM's thread ends.
+//!
+//! What the hook raises is a typed [`Fault`], and it cannot be swallowed: `pcall`, `xpcall`,
+//! `coroutine.resume` and `coroutine.close` re-raise it, so a script that catches errors in a
+//! loop still stops.
 
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use mlua::chunk::ChunkMode;
 use mlua::{Function, HookTriggers, Lua, LuaOptions, StdLib, Table, Value, VmState};
 
 use super::api::{self, ConnRef, Current, RateFiles};
 use super::decide::{self, ClassSet, Decision};
-use super::errors::{PolicyError, lua_message};
+use super::errors::{Fault, Location, PolicyError, fault_of, lua_message};
 use super::{CycleInput, EngineOptions, Script};
 
 /// The Lua library shipped with shaper, embedded so a policy works with no files installed.
@@ -34,6 +41,8 @@ const PRELUDE: &str = include_str!("prelude.lua");
 const PRELUDE_NAME: &str = "[shaper prelude]";
 /// Instructions between two budget checks.
 const HOOK_EVERY: u32 = 1000;
+/// Least time between two positions recorded by guarded library calls.
+const GUARD_RECORD_EVERY: Duration = Duration::from_millis(1);
 
 /// Where the VM is, shared with the engine so a cycle that overruns its deadline (or runs out
 /// of memory) can be reported with a `file:line`.
@@ -51,14 +60,20 @@ pub(crate) struct Progress {
 
 impl Progress {
     /// The recorded position if it belongs to the current call.
-    pub fn position_in_call(&self) -> Option<String> {
-        (self.position_call == self.call && !self.source.is_empty())
-            .then(|| format!("{}:{}", self.source, self.line))
+    pub fn location_in_call(&self) -> Option<Location> {
+        if self.position_call == self.call {
+            self.last_location()
+        } else {
+            None
+        }
     }
 
     /// The recorded position, wherever it was taken.
-    pub fn last_position(&self) -> Option<String> {
-        (!self.source.is_empty()).then(|| format!("{}:{}", self.source, self.line))
+    pub fn last_location(&self) -> Option<Location> {
+        (!self.source.is_empty()).then(|| Location {
+            script: self.source.clone(),
+            line: self.line,
+        })
     }
 }
 
@@ -67,6 +82,21 @@ struct Budget {
     cycle_used: Cell<u64>,
     call_limit: u64,
     cycle_limit: u64,
+    /// What the hook raised in this call, raised again by `raw.checkpoint` after a protected
+    /// call caught it.
+    pending: std::cell::RefCell<Option<Fault>>,
+    /// When a guarded library call last recorded its position: a cycle stuck in a few long C
+    /// calls runs too few instructions for the hook to say where it is, so the guards record
+    /// it too, at most once per [`GUARD_RECORD_EVERY`] to stay cheap.
+    guard_recorded: Cell<Option<Instant>>,
+}
+
+impl Budget {
+    /// Starts a `classify` call (or the script's top level) with a fresh call budget.
+    fn start_call(&self) {
+        self.call_used.set(0);
+        self.pending.replace(None);
+    }
 }
 
 /// What the VM hook needs.
@@ -74,7 +104,55 @@ struct Budget {
 struct HookState {
     budget: Rc<Budget>,
     progress: Arc<Mutex<Progress>>,
+    /// Set by the engine when it abandons this VM at a deadline.
     abandoned: Arc<AtomicBool>,
+}
+
+impl HookState {
+    /// The fault that must stop the running code, if any: a cancelled VM, or one the hook raised
+    /// earlier in this call.
+    fn interrupt(&self, at: impl FnOnce() -> Option<Location>) -> Option<Fault> {
+        if self.abandoned.load(Ordering::Relaxed) {
+            return Some(Fault::Cancelled { at: at() });
+        }
+        self.budget.pending.borrow().clone()
+    }
+
+    /// Records where the script is, for the engine to name if the cycle overruns its deadline.
+    fn record(&self, source: &str, line: usize) {
+        if let Ok(mut p) = self.progress.lock() {
+            p.line = line;
+            p.position_call = p.call;
+            if p.source != source {
+                p.source = source.to_string();
+            }
+        }
+    }
+
+    /// The checkpoint of a guarded library call: records its position (at most once a
+    /// millisecond) and raises a pending stop.
+    fn checkpoint(&self, lua: &Lua) -> mlua::Result<()> {
+        let now = Instant::now();
+        let due = self
+            .budget
+            .guard_recorded
+            .get()
+            .is_none_or(|last| now.duration_since(last) >= GUARD_RECORD_EVERY);
+        if due && let Some(at) = caller_location(lua) {
+            self.budget.guard_recorded.set(Some(now));
+            self.record(&at.script, at.line);
+        }
+        match self.interrupt(|| caller_location(lua)) {
+            Some(fault) => Err(self.raise(fault)),
+            None => Ok(()),
+        }
+    }
+
+    /// Raises `fault` into Lua, remembering it so a protected call cannot swallow it.
+    fn raise(&self, fault: Fault) -> mlua::Error {
+        self.budget.pending.replace(Some(fault.clone()));
+        mlua::Error::external(fault)
+    }
 }
 
 /// The script position of the running code, skipping the prelude's wrapper functions (the
@@ -98,6 +176,21 @@ fn script_position(lua: &Lua, debug: &mlua::debug::Debug) -> (String, usize) {
     (here, line)
 }
 
+/// The script position of the code that called into Rust, past the prelude's wrappers.
+fn caller_location(lua: &Lua) -> Option<Location> {
+    (1..8)
+        .filter_map(|level| {
+            lua.inspect_stack(level, |d| {
+                (
+                    d.source().short_src.unwrap_or_default().into_owned(),
+                    d.current_line().unwrap_or(0),
+                )
+            })
+        })
+        .find(|(source, _)| source != PRELUDE_NAME && source != "[C]")
+        .map(|(script, line)| Location { script, line })
+}
+
 /// Installs the VM hook: budget checks every [`HOOK_EVERY`] instructions (global, so coroutines
 /// are covered) and, with `every_line`, a position record on every line (used only to locate a
 /// memory error, too slow for every cycle).
@@ -108,13 +201,7 @@ fn install_hook(lua: &Lua, state: HookState, every_line: bool) -> mlua::Result<(
     }
     lua.set_global_hook(triggers, move |lua, debug| {
         let (here, line) = script_position(lua, debug);
-        if let Ok(mut p) = state.progress.lock() {
-            p.line = line;
-            p.position_call = p.call;
-            if p.source != here {
-                p.source.clone_from(&here);
-            }
-        }
+        state.record(&here, line);
         if debug.event() != mlua::debug::DebugEvent::Count {
             return Ok(VmState::Continue);
         }
@@ -122,25 +209,28 @@ fn install_hook(lua: &Lua, state: HookState, every_line: bool) -> mlua::Result<(
         let step = u64::from(HOOK_EVERY);
         budget.call_used.set(budget.call_used.get() + step);
         budget.cycle_used.set(budget.cycle_used.get() + step);
-        if state.abandoned.load(Ordering::Relaxed) {
-            return Err(mlua::Error::runtime(format!(
-                "{here}:{line}: cycle abandoned after its deadline"
-            )));
-        }
-        if budget.call_used.get() > budget.call_limit {
-            return Err(mlua::Error::runtime(format!(
-                "{here}:{line}: instruction budget exceeded ({} instructions for one call; an \
-                 endless loop?)",
-                budget.call_limit
-            )));
-        }
-        if budget.cycle_used.get() > budget.cycle_limit {
-            return Err(mlua::Error::runtime(format!(
-                "{here}:{line}: instruction budget for the cycle exceeded ({} instructions)",
-                budget.cycle_limit
-            )));
-        }
-        Ok(VmState::Continue)
+        let at = || {
+            Some(Location {
+                script: here.clone(),
+                line,
+            })
+        };
+        let fault = if let Some(fault) = state.interrupt(at) {
+            fault
+        } else if budget.call_used.get() > budget.call_limit {
+            Fault::CallBudget {
+                at: at(),
+                limit: budget.call_limit,
+            }
+        } else if budget.cycle_used.get() > budget.cycle_limit {
+            Fault::CycleBudget {
+                at: at(),
+                limit: budget.cycle_limit,
+            }
+        } else {
+            return Ok(VmState::Continue);
+        };
+        Err(state.raise(fault))
     })
 }
 
@@ -148,7 +238,7 @@ fn install_hook(lua: &Lua, state: HookState, every_line: bool) -> mlua::Result<(
 /// error that prevented one.
 pub(crate) struct VmCycle {
     pub classes: ClassSet,
-    pub decisions: Vec<Result<Decision, String>>,
+    pub decisions: Vec<Result<Decision, Fault>>,
 }
 
 pub(crate) struct Vm {
@@ -181,7 +271,7 @@ impl Vm {
         progress: Arc<Mutex<Progress>>,
         abandoned: Arc<AtomicBool>,
     ) -> Result<Vm, PolicyError> {
-        let load_err = |e: mlua::Error| PolicyError::Load(lua_message(&e));
+        let load_err = |e: mlua::Error| PolicyError::Load(fault_of(&e));
         let lua = Lua::new_with(
             StdLib::TABLE
                 | StdLib::STRING
@@ -206,6 +296,8 @@ impl Vm {
             cycle_used: Cell::new(0),
             call_limit: options.call_budget,
             cycle_limit: options.cycle_budget,
+            pending: Default::default(),
+            guard_recorded: Cell::new(None),
         });
         let hook = HookState {
             budget: budget.clone(),
@@ -228,6 +320,11 @@ impl Vm {
                 })?,
             )?;
             raw.set("memory_limit", options.memory_limit)?;
+            let guard = hook.clone();
+            raw.set(
+                "checkpoint",
+                lua.create_function(move |lua, ()| guard.checkpoint(lua))?,
+            )?;
             raw.set(
                 "pattern_limit",
                 lua.create_function(|_, p: mlua::LuaString| Ok(api::pattern_limit(&p.as_bytes())))?,
@@ -264,30 +361,30 @@ impl Vm {
         lua.set_memory_limit(options.memory_limit)
             .map_err(load_err)?;
 
-        budget.call_used.set(0);
+        budget.start_call();
         budget.cycle_used.set(0);
         lua.load(script.source.as_str())
             .set_name(chunk_name(&script.path))
             .set_mode(ChunkMode::Text)
             .exec()
             .map_err(|e| {
-                let at = progress.lock().ok().and_then(|p| p.last_position());
-                PolicyError::Load(with_memory_context(&e, at, options))
+                let at = progress.lock().ok().and_then(|p| p.last_location());
+                PolicyError::Load(fault(&e, at, options))
             })?;
 
         let classify = match lua.globals().get::<Value>("classify").map_err(load_err)? {
             Value::Function(f) => f,
             Value::Nil => {
-                return Err(PolicyError::Load(format!(
+                return Err(PolicyError::Load(Fault::script(format!(
                     "{name}: the script defines no `classify` function; add \
                      `function classify(conn, ctx) return \"default\" end`"
-                )));
+                ))));
             }
             other => {
-                return Err(PolicyError::Load(format!(
+                return Err(PolicyError::Load(Fault::script(format!(
                     "{name}: `classify` must be a function; it is {}",
                     decide::type_name(&other)
-                )));
+                ))));
             }
         };
         let info = classify.info();
@@ -309,24 +406,29 @@ impl Vm {
     }
 
     /// The classes of this cycle: the `classes` table, or what `classes(ctx)` returns.
-    fn classes(&self, ctx: &Table) -> Result<ClassSet, String> {
+    /// Errors about one class name the line that declares it; errors about the table as a
+    /// whole (`""` for the class) name the line that assigns `classes`.
+    fn classes(&self, ctx: &Table) -> Result<ClassSet, Fault> {
         let name = short_name(&self.script.path);
-        let at = |class: &str| match decide::line_of_key(&self.script.source, class) {
-            Some(line) if !class.is_empty() => format!("{name}:{line}"),
-            _ => name.clone(),
+        let at = |class: &str| {
+            let key = if class.is_empty() { "classes" } else { class };
+            match decide::line_of_key(&self.script.source, key) {
+                Some(line) => format!("{name}:{line}"),
+                None => name.clone(),
+            }
         };
         let value = match self.lua.globals().get::<Value>("classes") {
-            Ok(Value::Function(f)) => f.call::<Value>(ctx).map_err(|e| lua_message(&e))?,
+            Ok(Value::Function(f)) => f.call::<Value>(ctx).map_err(|e| fault_of(&e))?,
             Ok(v) => v,
-            Err(e) => return Err(lua_message(&e)),
+            Err(e) => return Err(fault_of(&e)),
         };
         match value {
             Value::Nil => Ok(ClassSet::default()),
-            Value::Table(t) => decide::class_set(&t, &at),
-            other => Err(format!(
+            Value::Table(t) => decide::class_set(&t, &at).map_err(Fault::script),
+            other => Err(Fault::script(format!(
                 "{name}: `classes` must be a table (or a function returning one); it is {}",
                 decide::type_name(&other)
-            )),
+            ))),
         }
     }
 
@@ -346,7 +448,7 @@ impl Vm {
                 self.lua.set_app_data(cache);
                 self.run_cycle_inner(&input, options)
             }
-            Err(e) => Err(PolicyError::Cycle(lua_message(&e))),
+            Err(e) => Err(PolicyError::Cycle(fault_of(&e))),
         };
         self.lua.remove_app_data::<Current>();
         self.lua.remove_app_data::<api::ProcessCache>();
@@ -358,10 +460,10 @@ impl Vm {
         input: &CycleInput,
         options: &EngineOptions,
     ) -> Result<VmCycle, PolicyError> {
-        let cycle_err = |e: String| PolicyError::Cycle(e);
+        let cycle_err = |e: mlua::Error| PolicyError::Cycle(fault_of(&e));
         let budget = self.hook.budget.clone();
         budget.cycle_used.set(0);
-        budget.call_used.set(0);
+        budget.start_call();
         let limit = |pair: Option<crate::units::RatePair>| -> mlua::Result<Value> {
             match pair {
                 None => Ok(Value::Nil),
@@ -377,56 +479,49 @@ impl Vm {
             .make_ctx
             .call((
                 input.now.timestamp().as_second(),
-                time_table(&self.lua, &input.now).map_err(|e| cycle_err(e.to_string()))?,
+                time_table(&self.lua, &input.now).map_err(cycle_err)?,
                 input.interface.as_deref(),
-                limit(input.rate).map_err(|e| cycle_err(e.to_string()))?,
-                limit(input.connection_rate).map_err(|e| cycle_err(e.to_string()))?,
+                limit(input.rate).map_err(cycle_err)?,
+                limit(input.connection_rate).map_err(cycle_err)?,
             ))
-            .map_err(|e| cycle_err(lua_message(&e)))?;
-        let classes = self.classes(&ctx).map_err(cycle_err)?;
+            .map_err(cycle_err)?;
+        let classes = self.classes(&ctx).map_err(PolicyError::Cycle)?;
         if let Ok(Value::Function(hook)) = self.lua.globals().get::<Value>("on_cycle") {
             hook.call::<()>(&ctx).map_err(|e| {
-                cycle_err(with_memory_context(
-                    &e,
-                    self.position(Progress::last_position),
-                    options,
-                ))
+                PolicyError::Cycle(fault(&e, self.position(Progress::last_location), options))
             })?;
         }
         let mut decisions = Vec::with_capacity(input.snapshot.connections.len());
         let mut located_memory_error = false;
         for i in 0..input.snapshot.connections.len() {
-            budget.call_used.set(0);
+            budget.start_call();
             self.start_call(Some(i));
             let decision = match self.call_classify(i, &ctx) {
                 Ok((class, limit)) => self.decision(&class, &limit, &classes),
                 Err(e) if is_memory_error(&e) && !located_memory_error => {
                     located_memory_error = true;
                     let at = self.locate_memory_error(i, &ctx);
-                    Err(with_memory_context(&e, at, options))
+                    Err(fault(&e, at, options))
                 }
-                Err(e) => Err(with_memory_context(
+                Err(e) => Err(fault(
                     &e,
-                    self.position(Progress::position_in_call),
+                    self.position(Progress::location_in_call),
                     options,
                 )),
             };
-            if decision
-                .as_ref()
-                .is_err_and(|e| e.contains("instruction budget for the cycle"))
-            {
-                // The rest of the cycle would fail the same way; stop here.
-                decisions.push(decision);
+            // Out of cycle budget, or cancelled: the rest of the cycle would fail the same way.
+            let stop = decision.as_ref().is_err_and(Fault::ends_cycle);
+            decisions.push(decision);
+            if stop {
                 break;
             }
-            decisions.push(decision);
         }
         self.start_call(None);
         Ok(VmCycle { classes, decisions })
     }
 
     /// A position recorded by the hook, read with `which`.
-    fn position(&self, which: fn(&Progress) -> Option<String>) -> Option<String> {
+    fn position(&self, which: fn(&Progress) -> Option<Location>) -> Option<Location> {
         self.hook.progress.lock().ok().and_then(|p| which(&p))
     }
 
@@ -446,10 +541,10 @@ impl Vm {
     /// Lua reports a memory error without a position, and the sampling hook may not have run
     /// during the failing call. Running the call once more with a line hook, after a collection,
     /// finds the line that allocates. Done once per cycle, only when memory ran out.
-    fn locate_memory_error(&self, i: usize, ctx: &Table) -> Option<String> {
+    fn locate_memory_error(&self, i: usize, ctx: &Table) -> Option<Location> {
         let _ = self.lua.gc_collect();
         install_hook(&self.lua, self.hook.clone(), true).ok()?;
-        self.hook.budget.call_used.set(0);
+        self.hook.budget.start_call();
         self.start_call(Some(i));
         let _ = self.call_classify(i, ctx);
         let at = self
@@ -457,7 +552,7 @@ impl Vm {
             .progress
             .lock()
             .ok()
-            .and_then(|p| p.position_in_call());
+            .and_then(|p| p.location_in_call());
         let _ = install_hook(&self.lua, self.hook.clone(), false);
         let _ = self.lua.gc_collect();
         at
@@ -468,27 +563,26 @@ impl Vm {
         class: &Value,
         limit: &Value,
         classes: &ClassSet,
-    ) -> Result<Decision, String> {
+    ) -> Result<Decision, Fault> {
         let at = &self.classify_at;
-        let class = decide::class_value(class, classes).map_err(|e| format!("{at}: {e}"))?;
-        let limit = decide::limit_value(limit, "the limit classify returned")
-            .map_err(|e| format!("{at}: {e}"))?;
+        let broken = |e: String| Fault::script(format!("{at}: {e}"));
+        let class = decide::class_value(class, classes).map_err(broken)?;
+        let limit = decide::limit_value(limit, "the limit classify returned").map_err(broken)?;
         Ok(Decision { class, limit })
     }
 }
 
-/// The message of a Lua error, with `at` (a `file:line`) added to memory errors, which Lua
-/// reports without a position.
-fn with_memory_context(e: &mlua::Error, at: Option<String>, options: &EngineOptions) -> String {
-    let message = lua_message(e);
+/// The fault of a Lua error, with `at` as the position of memory errors, which Lua reports
+/// without one.
+fn fault(e: &mlua::Error, at: Option<Location>, options: &EngineOptions) -> Fault {
     if is_memory_error(e) {
-        format!(
-            "{}: memory limit of {} MiB exceeded ({message})",
-            at.unwrap_or_else(|| "policy".to_string()),
-            options.memory_limit >> 20
-        )
+        Fault::Memory {
+            at,
+            limit_mib: options.memory_limit >> 20,
+            detail: lua_message(e),
+        }
     } else {
-        message
+        fault_of(e)
     }
 }
 

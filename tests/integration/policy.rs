@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use shaper::account::StaticUsage;
 use shaper::cli::policy::{parse_at, sample_snapshot};
-use shaper::policy::{CycleInput, CycleOutcome, Engine, EngineOptions, PolicyError};
+use shaper::policy::{CycleInput, CycleOutcome, Engine, EngineOptions, Fault, PolicyError};
 
 use crate::support::temp_file;
 
@@ -201,7 +201,7 @@ fn cycle_past_its_deadline_is_abandoned_and_the_vm_rebuilt() {
         "classes = { bulk = { prio = 7 } }\n\
          function classify(conn, ctx)\n\
          \x20 if conn.remote_port == 22 and ctx.time.hour == 10 then\n\
-         \x20   local s = string.rep(\"a\", 464)\n\
+         \x20   local s = string.rep(\"a\", 292)\n\
          \x20   for i = 1, 30 do string.find(s, \"^.-.-.-b\") end\n\
          \x20 end\n\
          \x20 return \"bulk\"\n\
@@ -218,7 +218,10 @@ fn cycle_past_its_deadline_is_abandoned_and_the_vm_rebuilt() {
     let stuck = cycle_at(&mut engine, "2026-11-23 10:00");
     let failure = stuck.failure.expect("the cycle is abandoned").to_string();
     assert!(failure.contains("did not finish within 100ms"), "{failure}");
-    assert!(failure.contains("policy.lua:"), "{failure}");
+    assert!(
+        failure.contains("policy.lua:5: "),
+        "the line of the long call: {failure}"
+    );
     assert_eq!(engine.abandoned_cycles, 1);
     assert_eq!(
         stuck.decisions[SSH].class.as_ref(),
@@ -566,4 +569,323 @@ fn rate_files_follow_nbdkit_semantics() {
     );
     std::fs::write(&file, "unlimited:2mbit").unwrap();
     assert_eq!(limit(&mut engine), "unlimited:2mbit");
+}
+
+/// A `classes` table the engine refuses: every cycle fails at once (no hang, no abandoned VM)
+/// with `expect` at `policy.lua:<line>` and the previous decisions, and once the script is fixed
+/// and reloaded the next cycle works.
+fn assert_classes_refused(classes: &str, line: usize, expect: &str) {
+    let policy = Policy::new(&format!(
+        "{classes}\nfunction classify(conn, ctx) return \"default\" end\n"
+    ));
+    let mut engine = policy.engine();
+    for _ in 0..2 {
+        let start = Instant::now();
+        let out = cycle(&mut engine);
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+        let failure = out.failure.expect("the classes are refused");
+        assert!(
+            matches!(failure.fault(), Some(Fault::Script { .. })),
+            "{failure:?}"
+        );
+        let message = failure.to_string();
+        assert!(
+            message.contains(&format!("policy.lua:{line}: ")) && message.contains(expect),
+            "line {line} and {expect:?} in: {message}"
+        );
+        assert_eq!(out.decisions.len(), 15);
+    }
+    assert_eq!(engine.abandoned_cycles, 0);
+    std::fs::write(
+        &policy.path,
+        "classes = { bulk = {} }\nfunction classify() return \"bulk\" end\n",
+    )
+    .unwrap();
+    engine.reload().unwrap();
+    let fixed = cycle(&mut engine);
+    assert!(fixed.failure.is_none(), "{:?}", fixed.failure);
+    assert!(classes_of(&fixed).iter().all(|c| *c == "bulk"));
+}
+
+#[test]
+fn empty_class_name_is_refused_at_its_line() {
+    assert_classes_refused(
+        "local x = 1\nclasses = {\n  [\"\"] = { prio = 1 },\n}",
+        2,
+        "class name must not be empty",
+    );
+}
+
+#[test]
+fn array_entry_in_classes_is_refused_as_unnamed() {
+    assert_classes_refused(
+        "classes = { default = { prio = 4 }, { prio = 1 } }",
+        1,
+        "classes are keyed by name",
+    );
+}
+
+#[test]
+fn more_than_a_thousand_classes_are_refused() {
+    assert_classes_refused(
+        "classes = {}\nfor i = 1, 1001 do classes[\"c\" .. i] = {} end",
+        1,
+        "more than 1000 classes",
+    );
+}
+
+#[test]
+fn string_rep_of_nothing_returns_at_once() {
+    let policy = Policy::new(&misbehaving(
+        "    local a = string.rep(\"\", 2^62)\n    local b = (\"\"):rep(\"1e18\", \"\")\n    \
+         if a == \"\" and b == \"\" then return \"bulk\" end",
+    ));
+    let mut engine = policy.engine();
+    for _ in 0..2 {
+        let start = Instant::now();
+        let out = cycle(&mut engine);
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(errors(&engine).is_empty(), "{:?}", errors(&engine));
+        assert!(classes_of(&out).iter().all(|c| *c == "bulk"));
+    }
+}
+
+#[test]
+fn string_rep_with_a_long_separator_is_refused() {
+    assert_contained(
+        "    local s = string.rep(\"\", 2^40, \"ab\")",
+        4,
+        "string.rep would build",
+    );
+}
+
+#[test]
+fn pattern_of_optional_items_is_refused() {
+    assert_contained(
+        "    local s = string.rep(\"a\", 30)\n    \
+         string.match(s, string.rep(\"a?\", 30) .. string.rep(\"a\", 30))",
+        5,
+        "too expensive",
+    );
+}
+
+#[test]
+fn balanced_match_on_a_long_subject_is_refused() {
+    assert_contained(
+        "    local s = string.rep(\"(\", 200000)\n    string.gsub(s, \"%b()\", \"\")",
+        5,
+        "too expensive",
+    );
+}
+
+#[test]
+fn plain_search_for_a_long_needle_is_refused() {
+    assert_contained(
+        "    local s = string.rep(\"a\", 2^23)\n    \
+         string.find(s, string.sub(s, 1, 2^20) .. \"b\", 1, true)",
+        5,
+        "plain search for a 1048577-byte string",
+    );
+}
+
+#[test]
+fn table_walks_over_made_up_lengths_are_refused() {
+    let long = "setmetatable({}, { __len = function() return 2^62 end })";
+    for (bad, what) in [
+        ("table.move({}, 1, 2^62, 2)", "table.move over"),
+        (
+            "local t = setmetatable({}, { __index = table.concat })\n    \
+             table.concat(t, \"\", 1, 2^62)",
+            "table.concat over",
+        ),
+        (&format!("table.sort({long})"), "table.sort over"),
+        (&format!("table.remove({long}, 1)"), "table.remove over"),
+        (&format!("table.insert({long}, 1, 0)"), "table.insert over"),
+    ] {
+        let line = 4 + bad.matches('\n').count();
+        let start = Instant::now();
+        assert_contained(&format!("    {bad}"), line, what);
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{bad}: {:?}",
+            start.elapsed()
+        );
+    }
+}
+
+#[test]
+fn protected_calls_cannot_swallow_the_budget() {
+    for catcher in [
+        "pcall(function() while true do end end)",
+        "xpcall(function() while true do end end, function(e) return e end)",
+        "coroutine.resume(coroutine.create(function() while true do end end))",
+    ] {
+        let start = Instant::now();
+        assert_contained(
+            &format!("    while true do {catcher} end"),
+            4,
+            "instruction budget exceeded",
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{catcher}: {:?}",
+            start.elapsed()
+        );
+    }
+}
+
+#[test]
+fn budget_faults_are_typed() {
+    let policy = Policy::new(
+        "function on_cycle(ctx) local n = 0 while true do n = n + 1 end end\n\
+         function classify() end\n",
+    );
+    let mut engine = Engine::load(
+        &policy.path,
+        EngineOptions {
+            call_budget: u64::MAX,
+            cycle_budget: 100_000,
+            ..EngineOptions::default()
+        },
+    )
+    .unwrap();
+    let out = cycle(&mut engine);
+    match out.failure.as_ref().and_then(PolicyError::fault) {
+        Some(Fault::CycleBudget {
+            at: Some(at),
+            limit: 100_000,
+        }) => assert!(at.script.ends_with("policy.lua") && at.line == 1, "{at}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Threads of this process running a policy VM.
+fn policy_threads() -> Vec<std::path::PathBuf> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| t.ok().map(|t| t.path()))
+        .filter(|t| {
+            std::fs::read_to_string(t.join("comm")).is_ok_and(|c| c.trim() == "shaper-policy")
+        })
+        .collect()
+}
+
+/// CPU time (clock ticks, user + system) the policy threads have used.
+fn policy_cpu_ticks() -> u64 {
+    policy_threads()
+        .iter()
+        .filter_map(|t| std::fs::read_to_string(t.join("stat")).ok())
+        .map(|stat| {
+            // Fields after the `(comm)`: state is field 3, utime 14, stime 15.
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            let f: Vec<&str> = rest.split(' ').collect();
+            f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+        })
+        .sum()
+}
+
+/// The policies that always overrun a 30 ms deadline: a busy loop in Lua (budgets off), one
+/// that catches every error, and a loop of guarded pattern calls (each allowed, each some
+/// milliseconds inside C).
+const OVERRUNNING: [(&str, &str); 3] = [
+    ("lua", "while true do end"),
+    (
+        "pcall",
+        "while true do pcall(function() while true do end end) end",
+    ),
+    (
+        "c",
+        "local s = string.rep(\"a\", 292)\n  while true do string.find(s, \"^.-.-.-b\") end",
+    ),
+];
+
+#[test]
+fn overrunning_policy_keeps_threads_bounded_and_stops_once_fixed() {
+    // Each in a process of its own, so /proc/self/task holds no other test's policy threads.
+    for (kind, _) in OVERRUNNING {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "policy::overrunning_policy_child",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("SHAPER_OVERRUNNING", kind)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{kind}: {text}");
+        assert!(text.contains("1 passed"), "{kind}: the child ran: {text}");
+    }
+}
+
+#[test]
+#[ignore = "run in a process of its own by overrunning_policy_keeps_threads_bounded_and_stops_once_fixed"]
+fn overrunning_policy_child() {
+    let kind = std::env::var("SHAPER_OVERRUNNING").expect("run by its parent test");
+    let (_, body) = OVERRUNNING.iter().find(|(k, _)| *k == kind).unwrap();
+    assert!(policy_threads().is_empty());
+    let policy = Policy::new(&format!("function classify(conn, ctx)\n  {body}\nend\n"));
+    let options = EngineOptions {
+        deadline: Duration::from_millis(30),
+        call_budget: u64::MAX,
+        cycle_budget: u64::MAX,
+        ..EngineOptions::default()
+    };
+    let bound = shaper::policy::MAX_ABANDONED + 1;
+    let mut engine = Engine::load(&policy.path, options).unwrap();
+    let (mut deadlines, mut stuck) = (0, 0);
+    for _ in 0..60 {
+        let out = cycle(&mut engine);
+        match out.failure.as_ref().and_then(PolicyError::fault) {
+            Some(Fault::Deadline { at, .. }) => {
+                assert!(at.contains("policy.lua:"), "{at}");
+                deadlines += 1;
+            }
+            Some(Fault::Stuck { .. }) => stuck += 1,
+            other => panic!("{kind}: {other:?}"),
+        }
+        let threads = policy_threads().len();
+        assert!(
+            threads <= bound,
+            "{kind}: {threads} policy threads, bound {bound}"
+        );
+        assert!(engine.threads() <= bound);
+    }
+    assert!(
+        deadlines >= 2,
+        "{kind}: {deadlines} deadlines, {stuck} stuck"
+    );
+
+    std::fs::write(&policy.path, "function classify() return nil end\n").unwrap();
+    let reload = Instant::now();
+    engine.reload().unwrap();
+    let out = cycle(&mut engine);
+    assert!(out.failure.is_none(), "{kind}: {:?}", out.failure);
+    // The cancelled VMs end at their next check; only the fixed script's thread is left.
+    while policy_threads().len() > 1 {
+        assert!(
+            reload.elapsed() < Duration::from_secs(5),
+            "{kind}: {} policy threads still running",
+            policy_threads().len()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = policy_cpu_ticks();
+    std::thread::sleep(Duration::from_millis(500));
+    let used = policy_cpu_ticks() - before;
+    assert!(used <= 2, "{kind}: the idle VM used {used} ticks in 0.5 s");
 }
