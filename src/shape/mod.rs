@@ -17,6 +17,7 @@ pub mod model;
 pub mod netlink;
 pub mod planner;
 pub mod reconcile;
+pub mod recording;
 
 pub use model::{DeviceTree, Direction};
 pub use planner::{Capacity, Desired, Features, Handles, PlanInput, plan};
@@ -193,8 +194,21 @@ pub fn teardown(interface: &str, installed: &Installed) -> Plan {
     Plan { ops }
 }
 
-/// The kernel edge of this stage.
-pub trait TcBackend {
+/// A link as the kernel reports it: its index (a new one means the interface was re-created) and
+/// its byte counters (what accounting counts for `link`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkState {
+    pub index: u32,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+}
+
+/// The kernel edge of this stage: everything the daemon asks the kernel about links and tc.
+/// [`netlink::NetlinkBackend`] talks to the kernel; [`recording::RecordingBackend`] keeps an
+/// in-memory model, so the cycle can be tested without privileges.
+pub trait TcBackend: Send {
+    /// `interface`'s index and counters, or `None` when it does not exist (yet, or any more).
+    fn link(&mut self, interface: &str) -> Result<Option<LinkState>, ShapeError>;
     /// What is installed for `interface` (and its IFB).
     fn installed(&mut self, interface: &str) -> Result<Installed, ShapeError>;
     /// Applies `plan` in order, going on past failures; returns every failure with the

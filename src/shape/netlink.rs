@@ -466,6 +466,15 @@ impl NetlinkBackend {
 }
 
 impl TcBackend for NetlinkBackend {
+    fn link(&mut self, interface: &str) -> Result<Option<super::LinkState>, ShapeError> {
+        let link = self.link_counters(interface)?;
+        Ok(link.map(|(index, tx_bytes, rx_bytes)| super::LinkState {
+            index,
+            tx_bytes,
+            rx_bytes,
+        }))
+    }
+
     fn installed(&mut self, interface: &str) -> Result<Installed, ShapeError> {
         let index = self
             .ifindex(interface)?
