@@ -382,6 +382,9 @@ fn watched_files(engine: &Engine) -> Vec<(PathBuf, Option<SystemTime>)> {
         .collect()
 }
 
+#[cfg(test)]
+mod tests;
+
 /// Where usage is saved (and where `plan` reads it from).
 pub fn usage_path(config: &Config) -> PathBuf {
     config.state_dir.join("usage.ron")
