@@ -501,26 +501,34 @@ mod tests {
         let stats = c.cycle(&mut a, &t1, [126_000, 5000, 125_100, 1200]);
         assert_eq!(a.usage(Period::Day, &UsageKey::Link).up.bytes(), 125_000);
         assert_eq!(a.usage(Period::Day, &UsageKey::Link).down.bytes(), 1000);
-        assert_eq!(a.usage(Period::Hour, &UsageKey::Process("curl".into())).up.bytes(), 125_000);
-        assert_eq!(a.usage(Period::Month, &UsageKey::User("alice".into())).up.bytes(), 125_000);
-        assert_eq!(a.usage(Period::Week, &UsageKey::Class("bulk".into())).up.bytes(), 125_000);
+        assert_eq!(
+            a.usage(Period::Hour, &UsageKey::Process("curl".into()))
+                .up
+                .bytes(),
+            125_000
+        );
+        assert_eq!(
+            a.usage(Period::Month, &UsageKey::User("alice".into()))
+                .up
+                .bytes(),
+            125_000
+        );
+        assert_eq!(
+            a.usage(Period::Week, &UsageKey::Class("bulk".into()))
+                .up
+                .bytes(),
+            125_000
+        );
         // 1 Mbit/s over one second, averaged over a 2 s window: 1 - e^-0.5 of it.
         let expected = 1e6 * (1.0 - (-0.5f64).exp());
-        assert!(
-            (stats.rate_up - expected).abs() < 1.0,
-            "{}",
-            stats.rate_up
-        );
+        assert!((stats.rate_up - expected).abs() < 1.0, "{}", stats.rate_up);
         assert_eq!(stats.age, 1.0);
         assert_eq!(a.classes()["bulk"].connections, 1);
         // bulk's 1 Mbit/s ceiling: a 125,000-byte bucket, refilled for 1 s and drained by the
         // 125,000 bytes sent: empty. No ceiling down, no bucket.
         assert_eq!(a.classes()["bulk"].tokens_up, Some(0.0));
         assert_eq!(a.classes()["bulk"].tokens_down, None);
-        assert_eq!(
-            stats.tokens_up, None,
-            "no limit on the connection itself"
-        );
+        assert_eq!(stats.tokens_up, None, "no limit on the connection itself");
     }
 
     #[test]
@@ -528,17 +536,33 @@ mod tests {
         let mut c = curl();
         let mut a = Accounting::new(1);
         // Europe/Berlin leaves DST on 2026-10-25 at 03:00 local (back to 02:00).
-        c.cycle(&mut a, &at("2026-10-24T23:00:00", "Europe/Berlin"), [0, 0, 0, 0]);
-        c.cycle(&mut a, &at("2026-10-24T23:30:00", "Europe/Berlin"), [0, 0, 10, 0]);
+        c.cycle(
+            &mut a,
+            &at("2026-10-24T23:00:00", "Europe/Berlin"),
+            [0, 0, 0, 0],
+        );
+        c.cycle(
+            &mut a,
+            &at("2026-10-24T23:30:00", "Europe/Berlin"),
+            [0, 0, 10, 0],
+        );
         assert_eq!(a.usage(Period::Day, &UsageKey::Link).total(), 10);
         // 25 hours later by the clock on the wall is still "the next day" plus one.
-        c.cycle(&mut a, &at("2026-10-25T23:30:00", "Europe/Berlin"), [0, 0, 30, 0]);
+        c.cycle(
+            &mut a,
+            &at("2026-10-25T23:30:00", "Europe/Berlin"),
+            [0, 0, 30, 0],
+        );
         assert_eq!(
             a.usage(Period::Day, &UsageKey::Link).total(),
             20,
             "a new day started at local midnight"
         );
-        assert_eq!(a.usage(Period::Month, &UsageKey::Link).total(), 30, "same month");
+        assert_eq!(
+            a.usage(Period::Month, &UsageKey::Link).total(),
+            30,
+            "same month"
+        );
     }
 
     #[test]
@@ -572,7 +596,11 @@ mod tests {
         let mut c = curl();
         let mut a = Accounting::new(1);
         c.cycle(&mut a, &now, [0, 0, 0, 0]);
-        c.cycle(&mut a, &at("2026-11-22T10:00:05", "UTC"), [0, 0, 20_000_000, 0]);
+        c.cycle(
+            &mut a,
+            &at("2026-11-22T10:00:05", "UTC"),
+            [0, 0, 20_000_000, 0],
+        );
         a.save(&path, &now).unwrap();
         let later = at("2026-11-22T18:00:00", "UTC");
         let b = Accounting::load(&path, &later, 1);
@@ -588,7 +616,10 @@ mod tests {
         );
         let next_day = Accounting::load(&path, &at("2026-11-23T01:00:00", "UTC"), 1);
         assert_eq!(next_day.usage(Period::Day, &UsageKey::Link).total(), 0);
-        assert_eq!(next_day.usage(Period::Month, &UsageKey::Link).total(), 20_000_000);
+        assert_eq!(
+            next_day.usage(Period::Month, &UsageKey::Link).total(),
+            20_000_000
+        );
         std::fs::write(&path, "(version: 1, garbage").unwrap();
         let fresh = Accounting::load(&path, &later, 1);
         assert_eq!(fresh.usage(Period::Month, &UsageKey::Link).total(), 0);
@@ -654,6 +685,9 @@ mod tests {
         }
         a.save(&path, &at("2026-11-22T18:00:00", "UTC")).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.contains("\"class:bulk\": ("), "written as before:\n{text}");
+        assert!(
+            text.contains("\"class:bulk\": ("),
+            "written as before:\n{text}"
+        );
     }
 }

@@ -266,7 +266,10 @@ mod tests {
         )
         .unwrap();
         let u = StaticUsage::load(&path).unwrap();
-        assert_eq!(u.usage(Period::Month, &UsageKey::Link).total(), 40_000_000_000);
+        assert_eq!(
+            u.usage(Period::Month, &UsageKey::Link).total(),
+            40_000_000_000
+        );
         assert_eq!(u.usage(Period::Day, &UsageKey::Link).total(), 0);
         assert_eq!(u.class("bulk").unwrap().connections, 3);
         std::fs::write(&path, r#"(usage: { day: { "host:x": (up: "1GB") } })"#).unwrap();
@@ -282,7 +285,13 @@ mod tests {
 
     #[test]
     fn usage_keys_read_and_write_as_text() {
-        for text in ["link", "process:curl", "user:alice", "class:bulk", "user:a:b"] {
+        for text in [
+            "link",
+            "process:curl",
+            "user:alice",
+            "class:bulk",
+            "user:a:b",
+        ] {
             let key: UsageKey = text.parse().unwrap();
             assert_eq!(key.to_string(), text);
         }

@@ -22,9 +22,14 @@ pub fn render(report: &StatusReport) -> String {
         if report.dry_run { ", dry run" } else { "" }
     );
     for i in &report.interfaces {
+        let unplaced = if i.unplaced > 0 {
+            format!("; {} classes or filters without a tc handle", i.unplaced)
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             out,
-            "interface {}: {} ({} operations last cycle, {} failed in all)",
+            "interface {}: {} ({} operations last cycle, {} failed in all{unplaced})",
             i.name, i.state, i.operations, i.failures
         );
     }

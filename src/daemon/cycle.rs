@@ -18,14 +18,12 @@ use std::time::{Duration, Instant};
 use super::flows::FlowTable;
 use crate::account::{Accounting, LinkCounters, UsageView};
 use crate::config::Config;
-use crate::policy::{
-    self, ClassSet, Decision, Each, Engine, EngineOptions, PolicyError, Script,
-};
+use crate::policy::{self, ClassSet, Decision, Each, Engine, EngineOptions, PolicyError, Script};
 use crate::process::{ProcessTable, Snapshot};
 use crate::scan::Socket;
 use crate::shape::{
-    Capacity, Desired, Features, Handles, Installed, Plan, PlanInput, ShapeError, Slot,
-    TcBackend, plan, reconcile,
+    Capacity, Desired, Features, Handles, Installed, Plan, PlanInput, ShapeError, Slot, TcBackend,
+    plan, reconcile,
 };
 use crate::units::{Rate, RatePair};
 
@@ -286,6 +284,7 @@ impl Cycle {
             },
             &mut iface.handles,
         );
+        iface.note_exhausted(iface.handles.exhausted);
         // The tree last applied is moved into the comparison, not copied: with a leaf per
         // connection it is the daemon's largest structure.
         let installed = match iface.applied.take() {
@@ -344,6 +343,9 @@ pub struct Interface {
     pub(crate) state: String,
     pub(crate) operations: usize,
     pub(crate) failures: u64,
+    /// Classes and filters the last plan could not give a handle (a full minor space or hash
+    /// bucket): their connections are shaped by their class's shared leaf, or by `default`.
+    pub(crate) unplaced: usize,
 }
 
 impl Interface {
@@ -357,7 +359,21 @@ impl Interface {
             state: "starting".into(),
             operations: 0,
             failures: 0,
+            unplaced: 0,
         }
+    }
+
+    /// Reports running out of handles once, when it starts, and keeps the count for `status`.
+    fn note_exhausted(&mut self, unplaced: usize) {
+        if unplaced > 0 && self.unplaced == 0 {
+            tracing::warn!(
+                "{}: {unplaced} classes or filters got no tc handle (too many connections with \
+                 a leaf of their own, or in one port bucket); those connections are shaped by \
+                 their class's shared leaf or by default",
+                self.name
+            );
+        }
+        self.unplaced = unplaced;
     }
 
     pub fn name(&self) -> &str {

@@ -16,6 +16,9 @@ pub struct InterfaceStatus {
     /// Operations the last cycle applied.
     pub operations: usize,
     pub failures: u64,
+    /// Classes and filters the last plan could not give a tc handle.
+    #[serde(default)]
+    pub unplaced: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -154,6 +157,7 @@ impl StatusReport {
                     state: i.state.clone(),
                     operations: i.operations,
                     failures: i.failures,
+                    unplaced: i.unplaced,
                 })
                 .collect(),
             stages_ms,

@@ -150,7 +150,12 @@ fn a_new_connection_gets_its_leaf_and_filters() {
     assert_eq!(leaves, ["eth0", ifb_name("eth0").as_str()], "{ops:?}");
     assert_eq!(count(&ops, |o| matches!(o, Op::AddLeaf { .. })), 2);
     assert_eq!(count(&ops, |o| matches!(o, Op::AddFilter { .. })), 2);
-    let flow = rig.daemon.cycle.flows().get(2).expect("a record for the new socket");
+    let flow = rig
+        .daemon
+        .cycle
+        .flows()
+        .get(2)
+        .expect("a record for the new socket");
     assert_eq!(flow.decision.class.as_ref(), "bulk");
 }
 
@@ -187,7 +192,10 @@ fn a_connection_gone_loses_its_filter_and_leaf() {
         .position(|o| matches!(o, Op::DeleteFilter { .. }))
         < ops.iter().position(|o| matches!(o, Op::DeleteClass { .. }));
     assert!(filter_first, "filters go before their class: {ops:?}");
-    assert!(rig.daemon.cycle.flows().get(2).is_none(), "its record is gone");
+    assert!(
+        rig.daemon.cycle.flows().get(2).is_none(),
+        "its record is gone"
+    );
     assert_eq!(rig.daemon.cycle.flows().len(), 1);
 }
 
@@ -199,7 +207,10 @@ fn a_recreated_interface_is_reinstalled_in_full() {
     let ops = rig.tick();
     assert_eq!(rig.kernel.reads(), reads + 1, "the kernel is read again");
     assert_eq!(
-        count(&ops, |o| matches!(o, Op::AddRoot { dev, .. } if dev == "eth0")),
+        count(
+            &ops,
+            |o| matches!(o, Op::AddRoot { dev, .. } if dev == "eth0")
+        ),
         1,
         "{ops:?}"
     );
@@ -229,7 +240,11 @@ fn a_failed_operation_makes_the_next_cycle_read_the_kernel() {
     assert_eq!(rig.daemon.interfaces[0].failures, 1);
     rig.kernel.fail_when(|_| None);
     let ops = rig.tick();
-    assert_eq!(rig.kernel.reads(), reads + 1, "the kernel is read, not trusted");
+    assert_eq!(
+        rig.kernel.reads(),
+        reads + 1,
+        "the kernel is read, not trusted"
+    );
     assert!(
         matches!(ops.as_slice(), [Op::AddFilter { dev, .. }] if dev == "eth0"),
         "only what is missing is added: {ops:?}"
@@ -262,7 +277,14 @@ fn a_partial_cycle_decides_only_the_new_connections() {
     assert_eq!(outcome.decided, 1);
     let limit = |key| {
         let flows = cycle.flows();
-        flows.get(key).unwrap().decision.limit.up.unwrap().bits_per_sec()
+        flows
+            .get(key)
+            .unwrap()
+            .decision
+            .limit
+            .up
+            .unwrap()
+            .bits_per_sec()
     };
     assert_eq!(limit(2), 1_000_000, "the old connection kept its decision");
     assert_eq!(limit(3), 2_000_000, "the new one was decided now");
@@ -275,11 +297,47 @@ fn a_partial_cycle_decides_only_the_new_connections() {
         .unwrap()
         .expect("something changed");
     let ops = &plan.ops.ops;
-    assert_eq!(count(ops, |o| matches!(o, Op::AddFilter { .. })), 2, "{}", plan.ops);
-    assert_eq!(count(ops, |o| matches!(o, Op::AddClass { .. })), 2, "{}", plan.ops);
+    assert_eq!(
+        count(ops, |o| matches!(o, Op::AddFilter { .. })),
+        2,
+        "{}",
+        plan.ops
+    );
+    assert_eq!(
+        count(ops, |o| matches!(o, Op::AddClass { .. })),
+        2,
+        "{}",
+        plan.ops
+    );
     assert!(
-        ops.iter().all(|o| matches!(o, Op::AddFilter { .. } | Op::AddClass { .. } | Op::AddLeaf { .. })),
+        ops.iter().all(|o| matches!(
+            o,
+            Op::AddFilter { .. } | Op::AddClass { .. } | Op::AddLeaf { .. }
+        )),
         "nothing else is touched:\n{}",
         plan.ops
     );
+}
+
+#[test]
+fn running_out_of_handles_is_reported() {
+    let mut rig = started();
+    // One u32 hash bucket holds 4095 filters; these all share local port 40000's bucket, and
+    // each has a limit of its own (ssh), so each needs a filter.
+    let crowd = (1..=4100u64)
+        .map(|n| Socket {
+            local: "10.0.0.1:40000".parse().unwrap(),
+            remote: format!("10.0.{}.{}:22", n / 250, n % 250 + 1)
+                .parse()
+                .unwrap(),
+            ..socket(22, 10 + n)
+        })
+        .collect();
+    rig.set_sockets(crowd);
+    rig.tick();
+    let status = super::status::StatusReport::of(&rig.daemon, false);
+    assert!(status.interfaces[0].unplaced > 0, "{:?}", status.interfaces);
+    assert_eq!(rig.state(), "shaping", "the rest is shaped");
+    let text = crate::cli::status::render(&status);
+    assert!(text.contains("without a tc handle"), "{text}");
 }

@@ -134,7 +134,10 @@ impl Model {
         Some(Installed {
             upload: dev.root.clone(),
             ingress: dev.ingress.clone(),
-            download: self.devices.get(&ifb_name(interface)).map(|d| d.root.clone()),
+            download: self
+                .devices
+                .get(&ifb_name(interface))
+                .map(|d| d.root.clone()),
         })
     }
 

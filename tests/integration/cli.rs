@@ -182,13 +182,18 @@ fn as_root_a_module_others_can_write_is_refused() {
 fn plan(dir: &std::path::Path, script: Option<&str>, args: &[&str]) -> String {
     let config = dir.join("shaper.ron");
     let missing = dir.join("no-such-policy.lua");
-    std::fs::write(&config, format!("(script: {:?})", missing.display().to_string())).unwrap();
+    std::fs::write(
+        &config,
+        format!("(script: {:?})", missing.display().to_string()),
+    )
+    .unwrap();
     let snapshot = dir.join("sample.ron");
     std::fs::write(&snapshot, shaper::cli::policy::sample_snapshot().to_ron()).unwrap();
     let mut cmd = shaper();
     cmd.arg("--config").arg(&config).arg("plan");
     cmd.arg("--snapshot").arg(&snapshot);
-    cmd.args(["-i", "shpnone0", "--state-dir"]).arg(dir.join("state"));
+    cmd.args(["-i", "shpnone0", "--state-dir"])
+        .arg(dir.join("state"));
     if let Some(s) = script {
         cmd.arg("--script").arg(s);
     }
@@ -215,7 +220,9 @@ fn plan_uses_rates_connection_rates_and_the_builtin_policy() {
     );
     // The link classes carry --rate, one direction per device.
     assert!(
-        limited.contains("tc class add dev shpnone0 parent 5a: classid 5a:1 htb rate 3mbit ceil 3mbit"),
+        limited.contains(
+            "tc class add dev shpnone0 parent 5a: classid 5a:1 htb rate 3mbit ceil 3mbit"
+        ),
         "{limited}"
     );
     assert!(
@@ -253,11 +260,7 @@ fn plan_reads_the_saved_usage_as_run_does() {
     let fresh = plan(dir.path(), Some(script), &[]);
     assert_eq!(filters(&fresh), 0, "nothing used, nothing slowed:\n{fresh}");
     // This month's usage, saved in the state dir as the daemon saves it.
-    let month = shaper::account::period_id(
-        shaper::account::Period::Month,
-        &jiff::Zoned::now(),
-        1,
-    );
+    let month = shaper::account::period_id(shaper::account::Period::Month, &jiff::Zoned::now(), 1);
     std::fs::create_dir_all(dir.path().join("state")).unwrap();
     std::fs::write(
         dir.path().join("state/usage.ron"),

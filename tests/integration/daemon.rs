@@ -299,8 +299,5 @@ fn plan_prints_what_a_dry_run_would_apply() {
         .unwrap_or_else(|| panic!("no plan logged:\n{logged}"))
         .1;
     assert_eq!(operations(would), planned, "log:\n{logged}");
-    assert!(
-        classes(&pair.a).is_empty(),
-        "a dry run installs nothing"
-    );
+    assert!(classes(&pair.a).is_empty(), "a dry run installs nothing");
 }

@@ -44,7 +44,9 @@ fn cycle_after(engine: &mut Engine, at: &str, earlier: Option<&CycleOutcome>) ->
         connection_rate: None,
         snapshot: Arc::new(sample_snapshot()),
         stats: Vec::new(),
-        previous: earlier.map_or_else(Vec::new, |o| o.decisions.iter().cloned().map(Some).collect()),
+        previous: earlier.map_or_else(Vec::new, |o| {
+            o.decisions.iter().cloned().map(Some).collect()
+        }),
         now: parse_at(at).unwrap(),
         interface: Some("eth0".into()),
         usage: Arc::new(StaticUsage::default()),
