@@ -1,6 +1,7 @@
-//! The daemon: the cycle, run once per interval by [`Daemon::tick`], which reads top to bottom
-//! as the pipeline — scan, lookup, policy, account, reconcile + apply — and the service around
-//! it ([`service`]: pid file, control socket, signals, systemd notifications).
+//! The daemon: [`Daemon::tick`], run once per interval, scans, runs the [`Cycle`] (lookup →
+//! policy → account into the [`flows::FlowTable`]) and reconciles + applies per interface; the
+//! service around it ([`service`]: pid file, control socket, signals, systemd notifications).
+//! The machine is reached only through [`Parts`], so `tick` runs on fakes in the tests.
 
 pub mod cycle;
 pub mod flows;
