@@ -107,7 +107,12 @@ pub fn run_plan(cli: &super::Cli, args: &PlanArgs) -> anyhow::Result<ExitCode> {
         let planned = match planned {
             Some(p) => p,
             None => {
-                let mut nothing = RecordingBackend::default();
+                // Nothing installed, on a kernel with the features of this one where it can be
+                // asked (fq_codel leaves or not).
+                let mut nothing = match kernel.as_deref_mut() {
+                    Some(k) => RecordingBackend::new(k.features()),
+                    None => RecordingBackend::default(),
+                };
                 nothing.add_link(iface.name());
                 cycle.tc_plan(&mut iface, &mut nothing, args.replace)?
             }
