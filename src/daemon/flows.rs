@@ -159,3 +159,79 @@ impl FlowTable {
             })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scan::{Proto, Socket, State};
+
+    fn connection(cookie: u64, up: u64) -> Connection {
+        Connection {
+            socket: Socket {
+                proto: Proto::Tcp,
+                local: format!("10.0.0.1:{}", 1000 + cookie).parse().unwrap(),
+                remote: "10.0.0.2:443".parse().unwrap(),
+                state: State::Established,
+                uid: 0,
+                inode: cookie,
+                cookie,
+                bytes_up: Some(up),
+                bytes_down: Some(0),
+            },
+            owner: None,
+        }
+    }
+
+    fn snapshot(connections: Vec<Connection>) -> Snapshot {
+        Snapshot {
+            connections,
+            processes: Default::default(),
+        }
+    }
+
+    fn decision(class: &str) -> Decision {
+        Decision {
+            class: class.into(),
+            limit: Default::default(),
+        }
+    }
+
+    /// Accounting's view of every record, as the cycle hands it over.
+    fn account(table: &mut FlowTable, accounting: &mut crate::account::Accounting, second: u8) {
+        let now: jiff::civil::DateTime = format!("2026-11-23T10:00:{second:02}").parse().unwrap();
+        let now = now.to_zoned(jiff::tz::TimeZone::UTC).unwrap();
+        accounting.observe(&now, table.observed(), &[], &[]);
+    }
+
+    #[test]
+    fn a_record_keeps_its_accounting_across_cycles_and_goes_with_its_socket() {
+        let mut table = FlowTable::default();
+        let mut accounting = crate::account::Accounting::new(1);
+        let first = snapshot(vec![connection(1, 0), connection(2, 0)]);
+        assert_eq!(table.known(&first).0, vec![None, None]);
+        table.replace(Arc::new(first), vec![decision("a"), decision("b")]);
+        account(&mut table, &mut accounting, 0);
+        // Connection 1 moved 125 kB in a second; 2 is gone; 3 is new.
+        let second = snapshot(vec![connection(3, 0), connection(1, 125_000)]);
+        let (previous, _) = table.known(&second);
+        assert_eq!(previous, vec![None, Some(decision("a"))]);
+        table.replace(Arc::new(second), vec![decision("c"), decision("a")]);
+        account(&mut table, &mut accounting, 1);
+        assert!(table.get(2).is_none());
+        assert_eq!(table.len(), 2);
+        let one = table.get(1).unwrap().stats;
+        assert_eq!(one.age, 1.0, "its track came along");
+        assert!(one.rate_up > 0.0);
+        assert_eq!(table.get(3).unwrap().stats.age, 0.0);
+
+        // A partial answer: 4 is added, 3 is decided again, 1 is untouched.
+        table.merge(
+            &snapshot(vec![connection(4, 0), connection(3, 0)]),
+            vec![decision("d"), decision("e")],
+        );
+        let classes: Vec<&str> = table.iter().map(|f| &*f.decision.class).collect();
+        assert_eq!(classes, ["e", "a", "d"]);
+        assert_eq!(table.get(1).unwrap().stats, one);
+        assert_eq!(table.connections().len(), table.decisions().len());
+    }
+}
