@@ -161,6 +161,7 @@ fn bench(name: &str, script: Script, snapshot: &Arc<Snapshot>, usage: &Arc<Stati
                 connection_rate: None,
                 snapshot: snapshot.clone(),
                 stats: Vec::new(),
+                previous: Vec::new(),
                 now: now.clone(),
                 interface: Some("eth0".into()),
                 usage: usage.clone(),

@@ -14,13 +14,12 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
-use super::{Bucket, ClassStats, LINK, Period, StaticUsage, Usage};
-use crate::policy::{ClassSet, ConnStats, Decision, Each, SocketKey, socket_key};
-use crate::process::Snapshot;
-use crate::units::Size;
+use super::{Bucket, ClassStats, ConnStats, Period, StaticUsage, Usage, UsageKey};
+use crate::process::Process;
+use crate::scan::Socket;
+use crate::units::{Rate, RatePair, Size};
 
 /// Seconds over which recent rates are averaged.
 const RATE_WINDOW: f64 = 2.0;
@@ -35,15 +34,41 @@ pub struct LinkCounters {
     pub rx_bytes: u64,
 }
 
-#[derive(Debug, Clone)]
-struct Track {
+/// What accounting keeps about one connection between cycles: its field in the flow table's
+/// record (accounting keeps no map of connections of its own).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConnTrack {
     up: u64,
     down: u64,
     first_seen: i64,
+    last_seen: i64,
     rate_up: f64,
     rate_down: f64,
     /// Buckets for the connection's own limit, per direction.
     buckets: [Option<Bucket>; 2],
+}
+
+impl ConnTrack {
+    /// The figures the policy reads.
+    pub fn stats(&self) -> ConnStats {
+        ConnStats {
+            rate_up: self.rate_up,
+            rate_down: self.rate_down,
+            age: (self.last_seen - self.first_seen) as f64,
+            tokens_up: self.buckets[0].map(|b| b.level),
+            tokens_down: self.buckets[1].map(|b| b.level),
+        }
+    }
+}
+
+/// One connection as accounting sees it in a cycle: its counters, who and what it is counted
+/// for, and its track (taken and put back).
+pub struct Observed<'a> {
+    pub socket: &'a Socket,
+    pub process: Option<&'a Process>,
+    pub class: &'a str,
+    pub limit: RatePair,
+    pub track: &'a mut Option<ConnTrack>,
 }
 
 /// Keeps `slot` a bucket for `limit` (a new one when the limit changed), or none.
@@ -63,7 +88,7 @@ fn keep_bucket(slot: &mut Option<Bucket>, limit: Option<u64>) {
 struct Book {
     /// Which period the figures belong to, e.g. `2026-11-22` for a day.
     id: String,
-    usage: BTreeMap<String, Usage>,
+    usage: BTreeMap<UsageKey, Usage>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -80,7 +105,6 @@ struct Stored {
 pub struct Accounting {
     month_start_day: u8,
     books: BTreeMap<Period, Book>,
-    connections: FxHashMap<SocketKey, Track>,
     links: BTreeMap<String, (u64, u64)>,
     classes: BTreeMap<String, ClassStats>,
     class_buckets: BTreeMap<String, [Option<Bucket>; 2]>,
@@ -116,11 +140,14 @@ pub fn period_id(period: Period, now: &jiff::Zoned, month_start_day: u8) -> Stri
     }
 }
 
-fn add(usage: &mut BTreeMap<String, Usage>, key: &str, up: u64, down: u64) {
+fn add(usage: &mut BTreeMap<UsageKey, Usage>, key: &UsageKey, up: u64, down: u64) {
     if up == 0 && down == 0 {
         return;
     }
-    let u = usage.entry(key.to_string()).or_default();
+    let u = match usage.get_mut(key) {
+        Some(u) => u,
+        None => usage.entry(key.clone()).or_default(),
+    };
     u.up = Size::from_bytes(u.up.bytes().saturating_add(up));
     u.down = Size::from_bytes(u.down.bytes().saturating_add(down));
 }
@@ -130,7 +157,6 @@ impl Accounting {
         Accounting {
             month_start_day,
             books: BTreeMap::new(),
-            connections: FxHashMap::default(),
             links: BTreeMap::new(),
             classes: BTreeMap::new(),
             class_buckets: BTreeMap::new(),
@@ -152,16 +178,16 @@ impl Accounting {
         }
     }
 
-    /// Takes one cycle's counters. Returns per-connection figures (parallel to
-    /// `snapshot.connections`) for the policy's next cycle.
-    pub fn observe(
+    /// Takes one cycle's counters: every live connection (their tracks are updated in place;
+    /// a connection not given here is gone), the ceilings of the classes limited as a whole
+    /// (`each = "class"`), and the interfaces' counters.
+    pub fn observe<'a>(
         &mut self,
         now: &jiff::Zoned,
-        snapshot: &Snapshot,
-        classes_defined: &ClassSet,
-        decisions: &[Decision],
+        connections: impl IntoIterator<Item = Observed<'a>>,
+        class_ceilings: &[(&str, RatePair)],
         links: &[LinkCounters],
-    ) -> Vec<ConnStats> {
+    ) {
         self.roll(now);
         let t = now.timestamp();
         let dt = self
@@ -183,21 +209,18 @@ impl Accounting {
             self.links
                 .insert(l.interface.clone(), (l.tx_bytes, l.rx_bytes));
             for book in self.books.values_mut() {
-                add(&mut book.usage, LINK, up, down);
+                add(&mut book.usage, &UsageKey::Link, up, down);
             }
         }
 
         let mut classes: BTreeMap<String, ClassStats> = BTreeMap::new();
         let mut class_deltas: BTreeMap<String, [u64; 2]> = BTreeMap::new();
-        let mut seen = FxHashMap::default();
-        let mut stats = Vec::with_capacity(snapshot.connections.len());
-        for (i, c) in snapshot.connections.iter().enumerate() {
-            let key = socket_key(&c.socket);
+        for c in connections {
             let (up, down) = (
                 c.socket.bytes_up.unwrap_or(0),
                 c.socket.bytes_down.unwrap_or(0),
             );
-            let (delta_up, delta_down, mut track) = match self.connections.remove(&key) {
+            let (delta_up, delta_down, mut track) = match c.track.take() {
                 Some(old) if up >= old.up && down >= old.down => {
                     (up - old.up, down - old.down, old)
                 }
@@ -209,10 +232,11 @@ impl Accounting {
                     } else {
                         (up, down)
                     };
-                    let track = Track {
+                    let track = ConnTrack {
                         up,
                         down,
                         first_seen: t.as_second(),
+                        last_seen: t.as_second(),
                         rate_up: 0.0,
                         rate_down: 0.0,
                         buckets: [None, None],
@@ -226,8 +250,8 @@ impl Accounting {
             }
             track.up = up;
             track.down = down;
-            let limit = decisions.get(i).map(|d| d.limit).unwrap_or_default();
-            let limits = [limit.up, limit.down].map(|r| r.map(crate::units::Rate::bits_per_sec));
+            track.last_seen = t.as_second();
+            let limits = [c.limit.up, c.limit.down].map(|r| r.map(Rate::bits_per_sec));
             for ((slot, limit), used) in track
                 .buckets
                 .iter_mut()
@@ -239,51 +263,34 @@ impl Accounting {
                     b.update(dt.unwrap_or(0.0), used);
                 }
             }
-            let process = snapshot.owner_process(c);
-            let class = decisions.get(i).map(|d| d.class.to_string());
             let mut keys = Vec::with_capacity(3);
-            if let Some(p) = process {
-                keys.push(format!("process:{}", p.name));
-                keys.push(format!(
-                    "user:{}",
-                    p.user.clone().unwrap_or_else(|| p.uid.to_string())
+            if let Some(p) = c.process {
+                keys.push(UsageKey::Process(p.name.clone()));
+                keys.push(UsageKey::User(
+                    p.user.clone().unwrap_or_else(|| p.uid.to_string()),
                 ));
             }
-            if let Some(class) = &class {
-                keys.push(format!("class:{class}"));
-                let d = class_deltas.entry(class.clone()).or_default();
-                d[0] += delta_up;
-                d[1] += delta_down;
-                let figures = classes.entry(class.clone()).or_default();
-                figures.connections += 1;
-                figures.rate_up += track.rate_up;
-                figures.rate_down += track.rate_down;
-            }
+            keys.push(UsageKey::Class(c.class.to_string()));
+            let d = class_deltas.entry(c.class.to_string()).or_default();
+            d[0] += delta_up;
+            d[1] += delta_down;
+            let figures = classes.entry(c.class.to_string()).or_default();
+            figures.connections += 1;
+            figures.rate_up += track.rate_up;
+            figures.rate_down += track.rate_down;
             for book in self.books.values_mut() {
                 for k in &keys {
                     add(&mut book.usage, k, delta_up, delta_down);
                 }
             }
-            stats.push(ConnStats {
-                rate_up: track.rate_up,
-                rate_down: track.rate_down,
-                age: (t.as_second() - track.first_seen) as f64,
-                tokens_up: track.buckets[0].map(|b| b.level),
-                tokens_down: track.buckets[1].map(|b| b.level),
-            });
-            seen.insert(key, track);
+            *c.track = Some(track);
         }
-        self.connections = seen;
         // Class buckets: for classes whose ceiling applies to the class as a whole.
         let mut buckets = std::mem::take(&mut self.class_buckets);
-        for def in classes_defined.classes.values() {
-            if def.each != Each::Class {
-                continue;
-            }
-            let name = def.name.to_string();
+        for (name, ceil) in class_ceilings {
+            let name = name.to_string();
             let slots = buckets.entry(name.clone()).or_default();
-            let ceil =
-                [def.ceil.up, def.ceil.down].map(|r| r.map(crate::units::Rate::bits_per_sec));
+            let ceil = [ceil.up, ceil.down].map(|r| r.map(Rate::bits_per_sec));
             let used = class_deltas.get(&name).copied().unwrap_or_default();
             for ((slot, limit), used) in slots.iter_mut().zip(ceil).zip(used) {
                 keep_bucket(slot, limit);
@@ -297,7 +304,6 @@ impl Accounting {
             self.class_buckets.insert(name, *slots);
         }
         self.classes = classes;
-        stats
     }
 
     /// The figures the policy reads (`ctx.usage`, `ctx.class`), as an immutable copy.
@@ -313,7 +319,7 @@ impl Accounting {
     }
 
     /// Usage of `key` in the current `period`.
-    pub fn usage(&self, period: Period, key: &str) -> Usage {
+    pub fn usage(&self, period: Period, key: &UsageKey) -> Usage {
         self.books
             .get(&period)
             .and_then(|b| b.usage.get(key))
@@ -425,8 +431,7 @@ fn set_aside(path: &Path, now: &jiff::Zoned) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::process::{Connection, Owner, Process};
-    use crate::scan::{Proto, Socket, State};
+    use crate::scan::{Proto, State};
 
     fn at(text: &str, tz: &str) -> jiff::Zoned {
         let civil: jiff::civil::DateTime = text.parse().unwrap();
@@ -435,11 +440,28 @@ mod tests {
             .unwrap()
     }
 
-    fn snapshot(up: u64, down: u64) -> Snapshot {
-        let mut processes = BTreeMap::new();
-        processes.insert(
-            10,
-            Process {
+    /// One connection of curl's, in class `bulk` (1 Mbit/s up as a whole), as the flow table
+    /// would hand it to accounting.
+    struct Fixture {
+        socket: Socket,
+        process: Process,
+        track: Option<ConnTrack>,
+    }
+
+    fn curl() -> Fixture {
+        Fixture {
+            socket: Socket {
+                proto: Proto::Tcp,
+                local: "10.0.0.1:4000".parse().unwrap(),
+                remote: "10.0.0.2:443".parse().unwrap(),
+                state: State::Established,
+                uid: 1000,
+                inode: 5,
+                cookie: 5,
+                bytes_up: None,
+                bytes_down: None,
+            },
+            process: Process {
                 pid: 10,
                 ppid: 1,
                 name: "curl".into(),
@@ -453,162 +475,126 @@ mod tests {
                 start_time: 1,
                 ancestors: vec![],
             },
-        );
-        Snapshot {
-            connections: vec![Connection {
-                socket: Socket {
-                    proto: Proto::Tcp,
-                    local: "10.0.0.1:4000".parse().unwrap(),
-                    remote: "10.0.0.2:443".parse().unwrap(),
-                    state: State::Established,
-                    uid: 1000,
-                    inode: 5,
-                    cookie: 5,
-                    bytes_up: Some(up),
-                    bytes_down: Some(down),
-                },
-                owner: Some(Owner {
-                    pid: 10,
-                    others: vec![],
-                }),
-            }],
-            processes,
+            track: None,
         }
     }
 
-    fn link(tx: u64, rx: u64) -> Vec<LinkCounters> {
-        vec![LinkCounters {
-            interface: "eth0".into(),
-            tx_bytes: tx,
-            rx_bytes: rx,
-        }]
-    }
-
-    fn classes() -> ClassSet {
-        let mut set = ClassSet::default();
-        let mut bulk = crate::policy::ClassDef::default_class();
-        bulk.name = "bulk".into();
-        bulk.ceil = "1mbit:unlimited".parse().unwrap();
-        set.classes.insert(bulk.name.clone(), bulk);
-        set
-    }
-
-    fn bulk() -> Vec<Decision> {
-        vec![Decision {
-            class: "bulk".into(),
-            limit: Default::default(),
-        }]
+    impl Fixture {
+        /// One cycle at `now` with the connection's counters at `up`/`down` and the link's at
+        /// `tx`/`rx`; returns the connection's figures.
+        fn cycle(&mut self, a: &mut Accounting, now: &jiff::Zoned, bytes: [u64; 4]) -> ConnStats {
+            let [up, down, tx, rx] = bytes;
+            self.socket.bytes_up = Some(up);
+            self.socket.bytes_down = Some(down);
+            let observed = Observed {
+                socket: &self.socket,
+                process: Some(&self.process),
+                class: "bulk",
+                limit: RatePair::default(),
+                track: &mut self.track,
+            };
+            a.observe(
+                now,
+                [observed],
+                &[("bulk", "1mbit:unlimited".parse().unwrap())],
+                &[LinkCounters {
+                    interface: "eth0".into(),
+                    tx_bytes: tx,
+                    rx_bytes: rx,
+                }],
+            );
+            self.track.as_ref().unwrap().stats()
+        }
     }
 
     #[test]
     fn deltas_rates_and_keys_with_a_stepped_clock() {
+        let mut c = curl();
         let mut a = Accounting::new(1);
         let t0 = at("2026-11-22T10:00:00", "UTC");
-        a.observe(
-            &t0,
-            &snapshot(1000, 5000),
-            &classes(),
-            &bulk(),
-            &link(100, 200),
-        );
+        c.cycle(&mut a, &t0, [1000, 5000, 100, 200]);
         assert_eq!(
-            a.usage(Period::Day, LINK).total(),
+            a.usage(Period::Day, &UsageKey::Link).total(),
             0,
             "the first cycle is the baseline"
         );
         let t1 = at("2026-11-22T10:00:01", "UTC");
-        let stats = a.observe(
-            &t1,
-            &snapshot(126_000, 5000),
-            &classes(),
-            &bulk(),
-            &link(125_100, 1200),
+        let stats = c.cycle(&mut a, &t1, [126_000, 5000, 125_100, 1200]);
+        assert_eq!(a.usage(Period::Day, &UsageKey::Link).up.bytes(), 125_000);
+        assert_eq!(a.usage(Period::Day, &UsageKey::Link).down.bytes(), 1000);
+        assert_eq!(
+            a.usage(Period::Hour, &UsageKey::Process("curl".into()))
+                .up
+                .bytes(),
+            125_000
         );
-        assert_eq!(a.usage(Period::Day, LINK).up.bytes(), 125_000);
-        assert_eq!(a.usage(Period::Day, LINK).down.bytes(), 1000);
-        assert_eq!(a.usage(Period::Hour, "process:curl").up.bytes(), 125_000);
-        assert_eq!(a.usage(Period::Month, "user:alice").up.bytes(), 125_000);
-        assert_eq!(a.usage(Period::Week, "class:bulk").up.bytes(), 125_000);
+        assert_eq!(
+            a.usage(Period::Month, &UsageKey::User("alice".into()))
+                .up
+                .bytes(),
+            125_000
+        );
+        assert_eq!(
+            a.usage(Period::Week, &UsageKey::Class("bulk".into()))
+                .up
+                .bytes(),
+            125_000
+        );
         // 1 Mbit/s over one second, averaged over a 2 s window: 1 - e^-0.5 of it.
         let expected = 1e6 * (1.0 - (-0.5f64).exp());
-        assert!(
-            (stats[0].rate_up - expected).abs() < 1.0,
-            "{}",
-            stats[0].rate_up
-        );
-        assert_eq!(stats[0].age, 1.0);
+        assert!((stats.rate_up - expected).abs() < 1.0, "{}", stats.rate_up);
+        assert_eq!(stats.age, 1.0);
         assert_eq!(a.classes()["bulk"].connections, 1);
         // bulk's 1 Mbit/s ceiling: a 125,000-byte bucket, refilled for 1 s and drained by the
         // 125,000 bytes sent: empty. No ceiling down, no bucket.
         assert_eq!(a.classes()["bulk"].tokens_up, Some(0.0));
         assert_eq!(a.classes()["bulk"].tokens_down, None);
-        assert_eq!(
-            stats[0].tokens_up, None,
-            "no limit on the connection itself"
-        );
+        assert_eq!(stats.tokens_up, None, "no limit on the connection itself");
     }
 
     #[test]
     fn periods_roll_over_in_local_time_across_dst() {
+        let mut c = curl();
         let mut a = Accounting::new(1);
         // Europe/Berlin leaves DST on 2026-10-25 at 03:00 local (back to 02:00).
-        a.observe(
+        c.cycle(
+            &mut a,
             &at("2026-10-24T23:00:00", "Europe/Berlin"),
-            &snapshot(0, 0),
-            &classes(),
-            &bulk(),
-            &link(0, 0),
+            [0, 0, 0, 0],
         );
-        a.observe(
+        c.cycle(
+            &mut a,
             &at("2026-10-24T23:30:00", "Europe/Berlin"),
-            &snapshot(0, 0),
-            &classes(),
-            &bulk(),
-            &link(10, 0),
+            [0, 0, 10, 0],
         );
-        assert_eq!(a.usage(Period::Day, LINK).total(), 10);
+        assert_eq!(a.usage(Period::Day, &UsageKey::Link).total(), 10);
         // 25 hours later by the clock on the wall is still "the next day" plus one.
-        a.observe(
+        c.cycle(
+            &mut a,
             &at("2026-10-25T23:30:00", "Europe/Berlin"),
-            &snapshot(0, 0),
-            &classes(),
-            &bulk(),
-            &link(30, 0),
+            [0, 0, 30, 0],
         );
         assert_eq!(
-            a.usage(Period::Day, LINK).total(),
+            a.usage(Period::Day, &UsageKey::Link).total(),
             20,
             "a new day started at local midnight"
         );
-        assert_eq!(a.usage(Period::Month, LINK).total(), 30, "same month");
+        assert_eq!(
+            a.usage(Period::Month, &UsageKey::Link).total(),
+            30,
+            "same month"
+        );
     }
 
     #[test]
     fn a_resume_after_suspend_starts_the_new_period() {
+        let mut c = curl();
         let mut a = Accounting::new(15);
-        a.observe(
-            &at("2026-11-20T12:00:00", "UTC"),
-            &snapshot(0, 0),
-            &classes(),
-            &bulk(),
-            &link(0, 0),
-        );
-        a.observe(
-            &at("2026-11-20T12:00:01", "UTC"),
-            &snapshot(0, 0),
-            &classes(),
-            &bulk(),
-            &link(500, 0),
-        );
+        c.cycle(&mut a, &at("2026-11-20T12:00:00", "UTC"), [0, 0, 0, 0]);
+        c.cycle(&mut a, &at("2026-11-20T12:00:01", "UTC"), [0, 0, 500, 0]);
         // Suspended for a month: the next cycle is in another billing month.
-        a.observe(
-            &at("2026-12-16T08:00:00", "UTC"),
-            &snapshot(0, 0),
-            &classes(),
-            &bulk(),
-            &link(700, 0),
-        );
-        assert_eq!(a.usage(Period::Month, LINK).total(), 200);
+        c.cycle(&mut a, &at("2026-12-16T08:00:00", "UTC"), [0, 0, 700, 0]);
+        assert_eq!(a.usage(Period::Month, &UsageKey::Link).total(), 200);
         assert_eq!(
             period_id(Period::Month, &at("2026-12-14T08:00:00", "UTC"), 15),
             "2026-11 from day 15"
@@ -653,34 +639,36 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("usage.ron");
         let now = at("2026-11-22T10:00:00", "UTC");
+        let mut c = curl();
         let mut a = Accounting::new(1);
-        a.observe(&now, &snapshot(0, 0), &classes(), &bulk(), &link(0, 0));
-        a.observe(
+        c.cycle(&mut a, &now, [0, 0, 0, 0]);
+        c.cycle(
+            &mut a,
             &at("2026-11-22T10:00:05", "UTC"),
-            &snapshot(0, 0),
-            &classes(),
-            &bulk(),
-            &link(20_000_000, 0),
+            [0, 0, 20_000_000, 0],
         );
         a.save(&path, &now).unwrap();
         let later = at("2026-11-22T18:00:00", "UTC");
         let b = Accounting::load(&path, &later, 1);
         assert_eq!(
-            b.usage(Period::Day, LINK).total(),
+            b.usage(Period::Day, &UsageKey::Link).total(),
             20_000_000,
             "the day resumes"
         );
         assert_eq!(
-            b.usage(Period::Hour, LINK).total(),
+            b.usage(Period::Hour, &UsageKey::Link).total(),
             0,
             "the hour has passed"
         );
         let next_day = Accounting::load(&path, &at("2026-11-23T01:00:00", "UTC"), 1);
-        assert_eq!(next_day.usage(Period::Day, LINK).total(), 0);
-        assert_eq!(next_day.usage(Period::Month, LINK).total(), 20_000_000);
+        assert_eq!(next_day.usage(Period::Day, &UsageKey::Link).total(), 0);
+        assert_eq!(
+            next_day.usage(Period::Month, &UsageKey::Link).total(),
+            20_000_000
+        );
         std::fs::write(&path, "(version: 1, garbage").unwrap();
         let fresh = Accounting::load(&path, &later, 1);
-        assert_eq!(fresh.usage(Period::Month, LINK).total(), 0);
+        assert_eq!(fresh.usage(Period::Month, &UsageKey::Link).total(), 0);
         assert!(!path.exists(), "moved aside");
         let aside: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
@@ -691,6 +679,61 @@ mod tests {
                 .iter()
                 .any(|n| n.to_string_lossy().starts_with("usage.ron.corrupt-")),
             "{aside:?}"
+        );
+    }
+
+    /// A file written by the version whose usage keys were plain strings (`"class:bulk"`), as
+    /// its `save` wrote it: it loads into the typed keys unchanged.
+    #[test]
+    fn usage_saved_with_string_keys_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.ron");
+        std::fs::write(
+            &path,
+            r#"(
+    version: 1,
+    saved_at: 1795860000,
+    periods: {
+        day: (
+            id: "2026-11-22",
+            usage: {
+                "class:bulk": (
+                    up: "125KB",
+                    down: "0B",
+                ),
+                "link": (
+                    up: "125KB",
+                    down: "1KB",
+                ),
+                "process:curl": (
+                    up: "125KB",
+                    down: "0B",
+                ),
+                "user:alice": (
+                    up: "125KB",
+                    down: "0B",
+                ),
+            },
+        ),
+    },
+)"#,
+        )
+        .unwrap();
+        let a = Accounting::load(&path, &at("2026-11-22T18:00:00", "UTC"), 1);
+        assert!(path.exists(), "not set aside as corrupt");
+        assert_eq!(a.usage(Period::Day, &UsageKey::Link).down.bytes(), 1000);
+        for key in [
+            UsageKey::Class("bulk".into()),
+            UsageKey::Process("curl".into()),
+            UsageKey::User("alice".into()),
+        ] {
+            assert_eq!(a.usage(Period::Day, &key).up.bytes(), 125_000, "{key}");
+        }
+        a.save(&path, &at("2026-11-22T18:00:00", "UTC")).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains("\"class:bulk\": ("),
+            "written as before:\n{text}"
         );
     }
 }

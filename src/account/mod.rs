@@ -7,7 +7,7 @@
 
 mod live;
 
-pub use live::{Accounting, LinkCounters, period_id};
+pub use live::{Accounting, ConnTrack, LinkCounters, Observed, period_id};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -59,9 +59,79 @@ impl FromStr for Period {
     }
 }
 
-/// What a usage key names. Keys are written `link` (the whole interface, what an ISP counts),
-/// `process:NAME`, `user:NAME` or `class:NAME`.
-pub const LINK: &str = "link";
+/// What a usage figure is counted for. Written (in policies, `--usage` files and the saved
+/// usage) as `link` (the whole interface, what an ISP counts), `process:NAME`, `user:NAME` or
+/// `class:NAME`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum UsageKey {
+    Link,
+    Process(String),
+    User(String),
+    Class(String),
+}
+
+impl fmt::Display for UsageKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UsageKey::Link => f.write_str("link"),
+            UsageKey::Process(name) => write!(f, "process:{name}"),
+            UsageKey::User(name) => write!(f, "user:{name}"),
+            UsageKey::Class(name) => write!(f, "class:{name}"),
+        }
+    }
+}
+
+impl FromStr for UsageKey {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "link" {
+            return Ok(UsageKey::Link);
+        }
+        let parsed = s.split_once(':').and_then(|(kind, name)| {
+            let name = name.to_string();
+            match kind {
+                "process" => Some(UsageKey::Process(name)),
+                "user" => Some(UsageKey::User(name)),
+                "class" => Some(UsageKey::Class(name)),
+                _ => None,
+            }
+        });
+        parsed.ok_or_else(|| {
+            format!(
+                "unknown usage key {s:?}: use \"link\", \"process:NAME\", \"user:NAME\" or \
+                 \"class:NAME\""
+            )
+        })
+    }
+}
+
+impl From<UsageKey> for String {
+    fn from(key: UsageKey) -> String {
+        key.to_string()
+    }
+}
+
+impl TryFrom<String> for UsageKey {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+/// Per-connection figures from accounting (zero where unknown, e.g. in `simulate`), as the
+/// policy reads them (`conn.rate_up`, `conn.age`, …).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ConnStats {
+    /// Recent rates, bits per second.
+    pub rate_up: f64,
+    pub rate_down: f64,
+    /// Seconds since shaper first saw the connection.
+    pub age: f64,
+    /// Token-bucket levels in bytes for a connection with its own limit, per direction.
+    pub tokens_up: Option<f64>,
+    pub tokens_down: Option<f64>,
+}
 
 /// Bytes moved in one period.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,8 +193,8 @@ impl Bucket {
 /// What the policy may read about usage. Implementations must be cheap: the policy may call
 /// `ctx.usage` for every connection.
 pub trait UsageView: Send + Sync {
-    /// Usage of `key` (see [`LINK`]) in the current `period`; zero when nothing is known.
-    fn usage(&self, period: Period, key: &str) -> Usage;
+    /// Usage of `key` in the current `period`; zero when nothing is known.
+    fn usage(&self, period: Period, key: &UsageKey) -> Usage;
     /// Figures of a class; `None` for a class with no traffic yet.
     fn class(&self, name: &str) -> Option<ClassStats>;
 }
@@ -143,7 +213,7 @@ pub trait UsageView: Send + Sync {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StaticUsage {
-    pub usage: BTreeMap<Period, BTreeMap<String, Usage>>,
+    pub usage: BTreeMap<Period, BTreeMap<UsageKey, Usage>>,
     pub classes: BTreeMap<String, ClassStats>,
 }
 
@@ -168,7 +238,7 @@ impl StaticUsage {
 }
 
 impl UsageView for StaticUsage {
-    fn usage(&self, period: Period, key: &str) -> Usage {
+    fn usage(&self, period: Period, key: &UsageKey) -> Usage {
         self.usage
             .get(&period)
             .and_then(|keys| keys.get(key))
@@ -196,14 +266,40 @@ mod tests {
         )
         .unwrap();
         let u = StaticUsage::load(&path).unwrap();
-        assert_eq!(u.usage(Period::Month, LINK).total(), 40_000_000_000);
-        assert_eq!(u.usage(Period::Day, LINK).total(), 0);
+        assert_eq!(
+            u.usage(Period::Month, &UsageKey::Link).total(),
+            40_000_000_000
+        );
+        assert_eq!(u.usage(Period::Day, &UsageKey::Link).total(), 0);
         assert_eq!(u.class("bulk").unwrap().connections, 3);
+        std::fs::write(&path, r#"(usage: { day: { "host:x": (up: "1GB") } })"#).unwrap();
+        let msg = StaticUsage::load(&path).unwrap_err().to_string();
+        assert!(msg.contains("unknown usage key \"host:x\""), "{msg}");
         std::fs::write(&path, r#"(usage: { fortnight: {} })"#).unwrap();
         let msg = StaticUsage::load(&path).unwrap_err().to_string();
         assert!(
             msg.contains("usage.ron:1:") && msg.contains("fortnight"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn usage_keys_read_and_write_as_text() {
+        for text in [
+            "link",
+            "process:curl",
+            "user:alice",
+            "class:bulk",
+            "user:a:b",
+        ] {
+            let key: UsageKey = text.parse().unwrap();
+            assert_eq!(key.to_string(), text);
+        }
+        assert_eq!(
+            "process:curl".parse::<UsageKey>(),
+            Ok(UsageKey::Process("curl".into()))
+        );
+        assert!("links".parse::<UsageKey>().is_err());
+        assert!("pid:5".parse::<UsageKey>().is_err());
     }
 }

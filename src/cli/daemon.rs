@@ -53,18 +53,10 @@ pub struct ControlArgs {
 pub fn run(cli: &super::Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
     let config = cli.effective_config(&args.config)?;
     super::logging::init(cli.verbose, cli.quiet, Some(&config.log_level));
-    let builtin_policy = args.config.script.is_none() && !config.script.exists();
-    if builtin_policy {
-        tracing::info!(
-            "no policy script at {}: using the built-in policy (limits from --rate and \
-             --connection-rate only)",
-            config.script.display()
-        );
-    }
     service::run(
         config,
         RunOptions {
-            builtin_policy,
+            script_named: args.config.script.is_some(),
             dry_run: args.dry_run,
             replace: args.replace,
             strict_permissions: strict_permissions(args.allow_insecure_script),
@@ -91,7 +83,7 @@ pub fn status(cli: &super::Cli, args: &StatusArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {
-        print!("{}", status.render());
+        print!("{}", super::status::render(&status));
     }
     Ok(ExitCode::SUCCESS)
 }

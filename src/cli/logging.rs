@@ -46,8 +46,10 @@ pub fn init(verbose: u8, quiet: u8, config_level: Option<&str>) {
         let _ = registry.with(journald).try_init();
         return;
     }
+    // A cycle's stages are debug spans: at debug, each one's time is printed when it closes.
     let stderr = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
         .with_target(false)
         .compact();
     let _ = registry.with(stderr).try_init();

@@ -9,6 +9,7 @@ pub mod logging;
 pub mod policy;
 pub mod shape;
 pub mod snapshot;
+pub mod status;
 pub mod table;
 
 use std::path::PathBuf;

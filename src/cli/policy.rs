@@ -10,8 +10,11 @@ use serde::Serialize;
 
 use super::table::{or_dash, render};
 use crate::account::{StaticUsage, UsageView};
-use crate::policy::{CycleInput, CycleOutcome, Engine, EngineOptions, ErrorEntry, PolicyError};
+use crate::daemon::flows::FlowTable;
+use crate::daemon::{Cycle, Inputs, Outcome, Rates, Sockets, Timings};
+use crate::policy::{Engine, EngineOptions, ErrorEntry, PolicyError};
 use crate::process::Snapshot;
+use crate::shape::Capacity;
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
@@ -61,25 +64,29 @@ pub fn parse_at(text: &str) -> anyhow::Result<jiff::Zoned> {
         .with_context(|| format!("--at {text:?} does not exist in the local time zone"))
 }
 
-/// Runs one cycle of `engine` over `snapshot`.
+/// One cycle of `engine` over the recorded connections of `snapshot`, through the daemon's
+/// cycle (no accounting, no rates, nothing installed): the decisions are in its flow table.
 pub fn run_once(
-    engine: &mut Engine,
+    engine: Engine,
     snapshot: Snapshot,
     now: jiff::Zoned,
     usage: Arc<dyn UsageView>,
     interface: Option<String>,
-) -> (Arc<Snapshot>, CycleOutcome) {
-    let snapshot = Arc::new(snapshot);
-    let outcome = engine.run(CycleInput {
-        rate: None,
-        connection_rate: None,
-        snapshot: snapshot.clone(),
-        stats: Vec::new(),
-        now,
-        interface,
-        usage,
-    });
-    (snapshot, outcome)
+) -> (Cycle, Outcome) {
+    let mut cycle = Cycle::new(engine, Capacity::default(), Path::new("/proc"));
+    let outcome = cycle.run(
+        Sockets::Recorded(snapshot),
+        Inputs {
+            now,
+            interface,
+            usage,
+            accounting: None,
+            links: &[],
+            rates: Rates::default(),
+        },
+        &mut Timings::default(),
+    );
+    (cycle, outcome)
 }
 
 /// One output row per connection.
@@ -92,20 +99,15 @@ pub struct DecisionRow {
     pub limit: Option<String>,
 }
 
-pub fn decision_rows(snapshot: &Snapshot, outcome: &CycleOutcome) -> Vec<DecisionRow> {
-    snapshot
-        .connections
+pub fn decision_rows(flows: &FlowTable) -> Vec<DecisionRow> {
+    flows
         .iter()
-        .zip(&outcome.decisions)
-        .map(|(c, d)| {
-            let p = snapshot.owner_process(c);
-            DecisionRow {
-                connection: c.socket.to_string(),
-                process: p.map(|p| format!("{} ({})", p.name, p.pid)),
-                user: p.and_then(|p| p.user.clone()),
-                class: d.class.to_string(),
-                limit: (d.limit != Default::default()).then(|| d.limit.to_string()),
-            }
+        .map(|f| DecisionRow {
+            connection: f.connection.socket.to_string(),
+            process: f.process.map(|p| format!("{} ({})", p.name, p.pid)),
+            user: f.process.and_then(|p| p.user.clone()),
+            class: f.decision.class.to_string(),
+            limit: (f.decision.limit != Default::default()).then(|| f.decision.limit.to_string()),
         })
         .collect()
 }
@@ -159,15 +161,15 @@ pub fn check(cli: &super::Cli, args: &CheckArgs) -> anyhow::Result<ExitCode> {
         None => cli.effective_config(&super::ConfigArgs::default())?.script,
     };
     let strict = super::daemon::strict_permissions(args.allow_insecure_script);
-    let mut engine = match load(&script, strict) {
+    let engine = match load(&script, strict) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("error: {e}");
             return Ok(ExitCode::FAILURE);
         }
     };
-    let (snapshot, outcome) = run_once(
-        &mut engine,
+    let (cycle, outcome) = run_once(
+        engine,
         sample_snapshot(),
         jiff::Zoned::now(),
         Arc::new(StaticUsage::default()),
@@ -177,14 +179,14 @@ pub fn check(cli: &super::Cli, args: &CheckArgs) -> anyhow::Result<ExitCode> {
     println!("{name}: classes {}", describe_classes(&outcome));
     println!(
         "decisions for the {} built-in sample connections, now:",
-        snapshot.connections.len()
+        cycle.flows().len()
     );
-    print_table(&decision_rows(&snapshot, &outcome));
+    print_table(&decision_rows(cycle.flows()));
     let unused: Vec<&str> = outcome
         .classes
         .classes
         .keys()
-        .filter(|k| outcome.decisions.iter().all(|d| &d.class != *k))
+        .filter(|k| cycle.flows().decisions().iter().all(|d| &d.class != *k))
         .map(|k| k.as_ref())
         .collect();
     if !unused.is_empty() {
@@ -193,17 +195,18 @@ pub fn check(cli: &super::Cli, args: &CheckArgs) -> anyhow::Result<ExitCode> {
             unused.join(", ")
         );
     }
-    if engine.errors().is_empty() {
+    let errors = cycle.engine().errors();
+    if errors.is_empty() {
         println!("{name}: OK");
         Ok(ExitCode::SUCCESS)
     } else {
-        print_errors(engine.errors().entries());
-        eprintln!("{name}: {} problem(s)", engine.errors().entries().len());
+        print_errors(errors.entries());
+        eprintln!("{name}: {} problem(s)", errors.entries().len());
         Ok(ExitCode::FAILURE)
     }
 }
 
-fn describe_classes(outcome: &CycleOutcome) -> String {
+fn describe_classes(outcome: &Outcome) -> String {
     outcome
         .classes
         .classes
@@ -246,24 +249,25 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<ExitCode> {
         Some(path) => Arc::new(StaticUsage::load(path)?),
         None => Arc::new(StaticUsage::default()),
     };
-    let mut engine = load(&args.script, false)?;
+    let engine = load(&args.script, false)?;
     let at = now.strftime("%Y-%m-%d %H:%M %Z").to_string();
-    let (snapshot, outcome) = run_once(&mut engine, snapshot, now, usage, args.interface.clone());
-    let rows = decision_rows(&snapshot, &outcome);
+    let (cycle, outcome) = run_once(engine, snapshot, now, usage, args.interface.clone());
+    let rows = decision_rows(cycle.flows());
+    let errors = cycle.engine().errors();
     if args.json {
         let out = SimulateJson {
             at,
             classes: outcome.classes.classes.values().collect(),
             decisions: rows,
-            errors: engine.errors().entries(),
+            errors: errors.entries(),
         };
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!("at {at}; classes {}", describe_classes(&outcome));
         print_table(&rows);
-        print_errors(engine.errors().entries());
+        print_errors(errors.entries());
     }
-    Ok(if engine.errors().is_empty() {
+    Ok(if errors.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -1,7 +1,7 @@
 //! `shaper plan` and `shaper clear`: what a cycle would install, and removing what shaper
 //! installed.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -9,12 +9,13 @@ use anyhow::Context;
 use clap::Args;
 
 use super::ConfigArgs;
-use crate::account::StaticUsage;
-use crate::policy::{Engine, EngineOptions};
-use crate::process::{ProcessTable, Snapshot};
+use crate::account::Accounting;
+use crate::daemon::{Cycle, Inputs, Interface, RateSource, Rates, Sockets, Timings, usage_path};
+use crate::process::Snapshot;
 use crate::scan::{self, Backend};
 use crate::shape::netlink::NetlinkBackend;
-use crate::shape::{Capacity, Features, Handles, Installed, PlanInput, TcBackend, plan, reconcile};
+use crate::shape::recording::RecordingBackend;
+use crate::shape::{ShapeError, TcBackend};
 
 #[derive(Debug, Args)]
 pub struct PlanArgs {
@@ -26,6 +27,10 @@ pub struct PlanArgs {
     /// Plan as if a foreign root or ingress qdisc may be replaced
     #[arg(long)]
     pub replace: bool,
+    /// Run a policy script that is not owned by root or that others may write (refused by
+    /// default when running as root, as `run` refuses it; for development only)
+    #[arg(long)]
+    pub allow_insecure_script: bool,
 }
 
 #[derive(Debug, Args)]
@@ -36,66 +41,93 @@ pub struct ClearArgs {
     pub interfaces: Vec<String>,
 }
 
+/// Runs the daemon's cycle once — the same script (or built-in policy), rates and rate files,
+/// saved usage and capacity as `shaper run` — and prints the operations it would apply, against
+/// what is installed now (or against nothing, where the kernel cannot be read).
 pub fn run_plan(cli: &super::Cli, args: &PlanArgs) -> anyhow::Result<ExitCode> {
     let config = cli.effective_config(&args.config)?;
-    let snapshot = match &args.snapshot {
+    let strict = super::daemon::strict_permissions(args.allow_insecure_script);
+    let mut cycle = Cycle::load(
+        &config,
+        args.config.script.is_some(),
+        strict,
+        Path::new("/proc"),
+    )?;
+    let sockets = match &args.snapshot {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
-            Snapshot::from_ron(&text, &path.display().to_string()).map_err(anyhow::Error::msg)?
+            Sockets::Recorded(
+                Snapshot::from_ron(&text, &path.display().to_string())
+                    .map_err(anyhow::Error::msg)?,
+            )
         }
-        None => {
-            let sockets = scan::open(Backend::Auto)?.scan()?;
-            let mut table = ProcessTable::new();
-            table.update(&sockets);
-            table.snapshot(sockets)
-        }
+        None => Sockets::All(scan::open(Backend::Auto)?.scan()?),
     };
-    let mut engine = Engine::load(&config.script, EngineOptions::default())?;
-    let interfaces = config.shaped_interfaces()?;
-    let mut backend = match NetlinkBackend::new() {
-        Ok(b) => Some(b),
+    let interfaces: Vec<Interface> = config
+        .shaped_interfaces()?
+        .into_iter()
+        .map(Interface::new)
+        .collect();
+    let now = jiff::Zoned::now();
+    let accounting = Accounting::load(&usage_path(&config), &now, config.month_start_day);
+    let rates = Rates {
+        rate: RateSource::new(config.rate, config.rate_file.clone(), strict).current(),
+        connection_rate: RateSource::new(
+            config.connection_rate,
+            config.connection_rate_file.clone(),
+            strict,
+        )
+        .current(),
+    };
+    cycle.run(
+        sockets,
+        Inputs {
+            now,
+            interface: interfaces.first().map(|i| i.name().to_string()),
+            usage: Arc::new(accounting.view()),
+            accounting: None,
+            links: &[],
+            rates,
+        },
+        &mut Timings::default(),
+    );
+    let mut kernel: Option<Box<dyn TcBackend>> = match NetlinkBackend::new() {
+        Ok(b) => Some(Box::new(b)),
         Err(e) => {
             eprintln!("note: {e}; planning as if nothing were installed");
             None
         }
     };
-    for interface in interfaces {
-        let (_, outcome) = super::policy::run_once(
-            &mut engine,
-            snapshot.clone(),
-            jiff::Zoned::now(),
-            Arc::new(StaticUsage::default()),
-            Some(interface.clone()),
-        );
-        let (installed, features) = match backend.as_mut() {
-            Some(b) => match b.installed(&interface) {
-                Ok(i) => (i, b.features()),
-                Err(e) => {
+    for mut iface in interfaces {
+        let planned = match kernel.as_deref_mut() {
+            Some(k) => match cycle.tc_plan(&mut iface, k, args.replace) {
+                Err(e) if !matches!(e, ShapeError::Foreign { .. }) => {
                     eprintln!("note: {e}; planning as if nothing were installed");
-                    (Installed::nothing(), Features { fq_codel: true })
+                    None
                 }
+                other => Some(other?),
             },
-            None => (Installed::nothing(), Features { fq_codel: true }),
+            None => None,
         };
-        let desired = plan(
-            &PlanInput {
-                classes: &outcome.classes,
-                connections: &snapshot.connections,
-                decisions: &outcome.decisions,
-                capacity: Capacity {
-                    up: config.uplink,
-                    down: config.downlink,
-                },
-                features,
-            },
-            &mut Handles::default(),
-        );
-        let ops = reconcile(&interface, &desired, &installed, args.replace)?;
-        println!("# {interface}: {} operation(s)", ops.ops.len());
+        let planned = match planned {
+            Some(p) => p,
+            None => {
+                // Nothing installed, on a kernel with the features of this one where it can be
+                // asked (fq_codel leaves or not).
+                let mut nothing = match kernel.as_deref_mut() {
+                    Some(k) => RecordingBackend::new(k.features()),
+                    None => RecordingBackend::default(),
+                };
+                nothing.add_link(iface.name());
+                cycle.tc_plan(&mut iface, &mut nothing, args.replace)?
+            }
+        };
+        let ops = planned.map(|p| p.ops).unwrap_or_default();
+        println!("# {}: {} operation(s)", iface.name(), ops.ops.len());
         print!("{ops}");
     }
-    for e in engine.errors().entries() {
+    for e in cycle.engine().errors().entries() {
         eprintln!("policy error: {} ({} times)", e.message, e.count);
     }
     Ok(ExitCode::SUCCESS)

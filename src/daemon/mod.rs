@@ -1,36 +1,29 @@
-//! The daemon: the cycle, run once per interval by [`Daemon::tick`], which reads top to bottom
-//! as the pipeline — scan, lookup, policy, account, reconcile + apply — and the service around
-//! it ([`service`]: pid file, control socket, signals, systemd notifications).
+//! The daemon: [`Daemon::tick`], run once per interval, scans, runs the [`Cycle`] (lookup →
+//! policy → account into the [`flows::FlowTable`]) and reconciles + applies per interface; the
+//! service around it ([`service`]: pid file, control socket, signals, systemd notifications).
+//! The machine is reached only through [`Parts`], so `tick` runs on fakes in the tests.
 
+pub mod cycle;
+pub mod flows;
 pub mod iflock;
 pub mod service;
 pub mod status;
 
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
 
-use rustc_hash::FxHashMap;
+use cycle::stage;
+
+pub use cycle::{BUILTIN_POLICY, Cycle, Inputs, Interface, Outcome, Rates, Sockets, Timings};
 
 use crate::account::{Accounting, LinkCounters};
 use crate::config::{Config, RateFile};
-use crate::policy::{
-    ConnStats, CycleInput, CycleOutcome, Decision, Engine, EngineOptions, PolicyError, Script,
-    SocketKey, socket_key,
-};
-use crate::process::{ProcessTable, Snapshot};
+use crate::policy::{Engine, PolicyError};
 use crate::scan::{self, Backend, SocketSource};
 use crate::shape::netlink::NetlinkBackend;
 use crate::shape::watch::Watch;
-use crate::shape::{
-    Capacity, Desired, Handles, Installed, PlanInput, Redirect, Slot, TcBackend, plan, reconcile,
-    teardown,
-};
-use crate::units::{Rate, RatePair};
-
-/// The policy used without `--script`: every connection in `default`; the limits come from
-/// `--rate`/`--connection-rate` (and their files), which the daemon applies as defaults.
-pub const BUILTIN_POLICY: &str = include_str!("../../lua/builtin-policy.lua");
+use crate::shape::{TcBackend, teardown};
+use crate::units::RatePair;
 
 /// A limit from a flag, optionally overridden by a file (nbdkit's `rate=` + `rate-file=`).
 #[derive(Debug)]
@@ -64,8 +57,9 @@ impl RateSource {
 /// How the daemon runs, beyond the configuration.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
-    /// Use the built-in policy instead of `config.script`.
-    pub builtin_policy: bool,
+    /// The script was named with `--script`: a missing one is an error rather than the
+    /// built-in policy.
+    pub script_named: bool,
     /// Log the plan, touch nothing.
     pub dry_run: bool,
     /// Replace a root or ingress qdisc shaper did not install.
@@ -75,20 +69,16 @@ pub struct RunOptions {
     pub strict_permissions: bool,
 }
 
-/// One shaped interface's state between cycles.
-#[derive(Debug)]
-pub struct Interface {
-    pub name: String,
-    ifindex: Option<u32>,
-    handles: Handles,
-    /// What the last successful apply left installed; `None` means "read the kernel".
-    applied: Option<Desired>,
-    /// A hash of what that plan was made from: when the next cycle's inputs hash the same, the
-    /// plan would be the same, so planning is skipped.
-    applied_from: Option<u64>,
-    pub state: String,
-    pub operations: usize,
-    pub failures: u64,
+/// The clock the daemon reads: the system's, or a test's stepped one.
+pub type Clock = Box<dyn Fn() -> jiff::Zoned + Send>;
+
+/// The daemon's edges to the machine, injected so the cycle can run on fakes: where sockets
+/// come from, the tc/link backend, the procfs tree owners are looked up in, and the clock.
+pub struct Parts {
+    pub sockets: Box<dyn SocketSource>,
+    pub tc: Box<dyn TcBackend>,
+    pub proc_root: PathBuf,
+    pub clock: Clock,
 }
 
 /// A failure kept for `status` until the operation next succeeds: a broken reload or a usage
@@ -109,51 +99,47 @@ impl Failure {
     }
 }
 
-/// Stage durations of the last cycle.
-#[derive(Debug, Clone, Default)]
-pub struct Timings {
-    pub scan: Duration,
-    pub lookup: Duration,
-    pub policy: Duration,
-    pub account: Duration,
-    pub shape: Duration,
-}
-
-impl Timings {
-    pub fn total(&self) -> Duration {
-        self.scan + self.lookup + self.policy + self.account + self.shape
+impl Parts {
+    /// The real machine, in the calling thread's network namespace.
+    pub fn system() -> anyhow::Result<Parts> {
+        Ok(Parts {
+            sockets: scan::open(Backend::Auto)?,
+            tc: Box::new(NetlinkBackend::new()?),
+            proc_root: PathBuf::from("/proc"),
+            clock: Box::new(jiff::Zoned::now),
+        })
     }
 }
 
-/// Everything a running shaper holds.
+/// Everything a running shaper holds. Read-only views for `status` are in [`status`].
 pub struct Daemon {
-    pub config: Config,
-    pub options: RunOptions,
-    engine: Engine,
-    scanner: Box<dyn SocketSource>,
-    processes: ProcessTable,
-    pub accounting: Accounting,
-    conn_stats: FxHashMap<SocketKey, ConnStats>,
-    backend: NetlinkBackend,
-    /// Changes other programs make to the interfaces (none in a dry run, which changes nothing).
+    config: Config,
+    options: RunOptions,
+    cycle: Cycle,
+    sockets: Box<dyn SocketSource>,
+    tc: Box<dyn TcBackend>,
+    clock: Clock,
+    accounting: Accounting,
+    interfaces: Vec<Interface>,
+    rate: RateSource,
+    connection_rate: RateSource,
+    /// The last cycle's outcome, for `status`.
+    last: Option<Outcome>,
+    timings: Timings,
+    cycles: u64,
+    started: jiff::Timestamp,
+    /// Changes other programs make to the interfaces (none in a dry run, which changes nothing,
+    /// nor on a backend that is not the kernel's).
     watch: Option<Watch>,
-    pub interfaces: Vec<Interface>,
-    pub rate: RateSource,
-    pub connection_rate: RateSource,
-    /// The last cycle, for `status`.
-    pub last: Option<(Arc<Snapshot>, CycleOutcome, Vec<ConnStats>)>,
-    pub timings: Timings,
-    pub cycles: u64,
-    pub started: jiff::Timestamp,
     /// The last reload's error (with file:line), cleared by a successful reload.
-    pub reload_error: Option<Failure>,
+    reload_error: Option<Failure>,
     /// The last usage save's error, cleared by a successful save.
-    pub usage_save_error: Option<Failure>,
+    usage_save_error: Option<Failure>,
     last_flush: Instant,
     script_mtimes: Vec<(PathBuf, Option<SystemTime>)>,
 }
 
-fn mtime(path: &PathBuf) -> Option<SystemTime> {
+fn mtime(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
@@ -161,57 +147,33 @@ impl Daemon {
     /// Loads the policy (failing on a broken script), the saved usage, and opens the kernel
     /// interfaces, in the calling thread's network namespace.
     pub fn new(config: Config, options: RunOptions) -> anyhow::Result<Daemon> {
-        let engine = if options.builtin_policy {
-            Engine::from_script(
-                Script {
-                    path: PathBuf::from("<built-in policy>"),
-                    source: BUILTIN_POLICY.to_string(),
-                },
-                EngineOptions::default(),
-            )?
-        } else {
-            Engine::load(
-                &config.script,
-                EngineOptions {
-                    strict_permissions: options.strict_permissions,
-                    ..EngineOptions::default()
-                },
-            )?
-        };
-        let now = jiff::Zoned::now();
+        Daemon::with_parts(config, options, Parts::system()?)
+    }
+
+    /// As [`Daemon::new`], on the given edges.
+    pub fn with_parts(config: Config, options: RunOptions, parts: Parts) -> anyhow::Result<Daemon> {
+        let cycle = Cycle::load(
+            &config,
+            options.script_named,
+            options.strict_permissions,
+            &parts.proc_root,
+        )?;
+        let now = (parts.clock)();
         let accounting = Accounting::load(&usage_path(&config), &now, config.month_start_day);
-        let backend = NetlinkBackend::new()?;
         let names = config.shaped_interfaces()?;
-        let watch = if options.dry_run {
-            None
-        } else {
-            Watch::start(names.clone(), backend.port())
+        let watch = match parts.tc.notify_port() {
+            Some(port) if !options.dry_run => Watch::start(names.clone(), port)
                 .map_err(|e| {
                     tracing::warn!(
                         "cannot listen for netlink notifications ({e}); changes made by other \
                          programs are noticed only when an operation fails"
                     )
                 })
-                .ok()
+                .ok(),
+            _ => None,
         };
-        let interfaces = names
-            .into_iter()
-            .map(|name| Interface {
-                name,
-                ifindex: None,
-                handles: Handles::default(),
-                applied: None,
-                applied_from: None,
-                state: "starting".into(),
-                operations: 0,
-                failures: 0,
-            })
-            .collect();
-        let script_mtimes = engine
-            .files()
-            .into_iter()
-            .map(|f| (f.clone(), mtime(&f)))
-            .collect();
+        let interfaces = names.into_iter().map(Interface::new).collect();
+        let script_mtimes = watched_files(cycle.engine());
         Ok(Daemon {
             rate: RateSource::new(
                 config.rate,
@@ -225,18 +187,17 @@ impl Daemon {
             ),
             config,
             options,
-            engine,
-            scanner: scan::open(Backend::Auto)?,
-            processes: ProcessTable::new(),
+            cycle,
+            sockets: parts.sockets,
+            tc: parts.tc,
+            clock: parts.clock,
             accounting,
-            conn_stats: FxHashMap::default(),
-            backend,
             watch,
             interfaces,
             last: None,
             timings: Timings::default(),
             cycles: 0,
-            started: jiff::Timestamp::now(),
+            started: now.timestamp(),
             reload_error: None,
             usage_save_error: None,
             last_flush: Instant::now(),
@@ -245,87 +206,69 @@ impl Daemon {
     }
 
     pub fn engine(&self) -> &Engine {
-        &self.engine
+        self.cycle.engine()
     }
 
-    /// One cycle: scan → lookup → policy → account → reconcile + apply.
-    pub fn tick(&mut self, now: jiff::Zoned) {
+    /// Cycles run so far.
+    pub fn cycles(&self) -> u64 {
+        self.cycles
+    }
+
+    /// One line of each interface's state (`eth0: shaping`), for systemd's status.
+    pub fn summary(&self) -> String {
+        self.interfaces
+            .iter()
+            .map(|i| format!("{}: {}", i.name, i.state))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// One cycle at the clock's time: scan → lookup → policy → account → reconcile + apply.
+    pub fn tick(&mut self) {
         self.cycles += 1;
-        let t = Instant::now();
-        let sockets = match self.scanner.scan() {
+        let now = (self.clock)();
+        let scanner = &mut self.sockets;
+        let sockets = match stage("scan", &mut self.timings.scan, || scanner.scan()) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!("scan failed: {e}; shaping stays as it is");
                 return;
             }
         };
-        self.timings.scan = t.elapsed();
-
-        let t = Instant::now();
-        self.processes.update(&sockets);
-        let snapshot = Arc::new(self.processes.snapshot(sockets));
-        self.timings.lookup = t.elapsed();
-
-        let t = Instant::now();
-        let (rate, connection_rate) = (self.rate.current(), self.connection_rate.current());
-        let stats: Vec<ConnStats> = snapshot
-            .connections
-            .iter()
-            .map(|c| {
-                self.conn_stats
-                    .get(&socket_key(&c.socket))
-                    .copied()
-                    .unwrap_or_default()
-            })
-            .collect();
-        let mut outcome = self.engine.run(CycleInput {
-            snapshot: snapshot.clone(),
-            stats,
-            now: now.clone(),
-            interface: self.interfaces.first().map(|i| i.name.clone()),
-            usage: Arc::new(self.accounting.view()),
-            rate,
-            connection_rate,
-        });
-        apply_connection_rate(&mut outcome.decisions, connection_rate);
-        self.timings.policy = t.elapsed();
-
-        let t = Instant::now();
         let links = self.link_counters();
-        let stats = self.accounting.observe(
-            &now,
-            &snapshot,
-            &outcome.classes,
-            &outcome.decisions,
-            &links,
-        );
-        self.conn_stats = snapshot
-            .connections
-            .iter()
-            .zip(&stats)
-            .map(|(c, s)| (socket_key(&c.socket), *s))
-            .collect();
-        self.timings.account = t.elapsed();
-
-        let t = Instant::now();
-        let capacity = Capacity {
-            up: min_rate(self.config.uplink, rate.and_then(|r| r.up)),
-            down: min_rate(self.config.downlink, rate.and_then(|r| r.down)),
+        let rates = Rates {
+            rate: self.rate.current(),
+            connection_rate: self.connection_rate.current(),
         };
         if let Some(watch) = &self.watch {
             for name in watch.take_changed() {
                 // Someone else changed the kernel's state: read it instead of trusting the tree
                 // last applied, so the reconcile repairs what was changed.
                 if let Some(iface) = self.interfaces.iter_mut().find(|i| i.name == name) {
-                    iface.applied = None;
+                    iface.forget_installed();
                 }
             }
         }
-        for i in 0..self.interfaces.len() {
-            self.shape_interface(i, &snapshot, &outcome, capacity);
-        }
-        self.timings.shape = t.elapsed();
-        self.last = Some((snapshot, outcome, stats));
+        let outcome = self.cycle.run(
+            Sockets::All(sockets),
+            Inputs {
+                now: now.clone(),
+                interface: self.interfaces.first().map(|i| i.name.clone()),
+                usage: std::sync::Arc::new(self.accounting.view()),
+                accounting: Some(&mut self.accounting),
+                links: &links,
+                rates,
+            },
+            &mut self.timings,
+        );
+        self.last = Some(outcome);
+        let mut shape_time = std::time::Duration::ZERO;
+        stage("shape", &mut shape_time, || {
+            for i in 0..self.interfaces.len() {
+                self.shape_interface(i);
+            }
+        });
+        self.timings.shape = shape_time;
 
         if self.last_flush.elapsed() >= self.config.usage_flush_interval.duration() {
             self.flush(&now);
@@ -336,8 +279,9 @@ impl Daemon {
     fn link_counters(&mut self) -> Vec<LinkCounters> {
         let mut out = Vec::new();
         for iface in &mut self.interfaces {
-            match self.backend.link_counters(&iface.name) {
-                Ok(Some((index, tx, rx))) => {
+            match self.tc.link(&iface.name) {
+                Ok(Some(link)) => {
+                    let index = link.index;
                     if iface.ifindex != Some(index) {
                         if iface.ifindex.is_none() {
                             tracing::info!("{}: present (index {index}); shaping it", iface.name);
@@ -348,12 +292,12 @@ impl Daemon {
                             );
                         }
                         iface.ifindex = Some(index);
-                        iface.applied = None;
+                        iface.forget_installed();
                     }
                     out.push(LinkCounters {
                         interface: iface.name.clone(),
-                        tx_bytes: tx,
-                        rx_bytes: rx,
+                        tx_bytes: link.tx_bytes,
+                        rx_bytes: link.rx_bytes,
                     });
                 }
                 Ok(None) => {
@@ -364,7 +308,7 @@ impl Daemon {
                         );
                     }
                     iface.ifindex = None;
-                    iface.applied = None;
+                    iface.forget_installed();
                     iface.state = "waiting for the interface".into();
                 }
                 Err(e) => tracing::warn!("{}: {e}", iface.name),
@@ -373,74 +317,44 @@ impl Daemon {
         out
     }
 
-    fn shape_interface(
-        &mut self,
-        i: usize,
-        snapshot: &Snapshot,
-        outcome: &CycleOutcome,
-        capacity: Capacity,
-    ) {
-        let features = self.backend.features();
+    fn shape_interface(&mut self, i: usize) {
         let iface = &mut self.interfaces[i];
         if iface.ifindex.is_none() {
             return;
         }
-
-        let inputs = plan_inputs_hash(snapshot, outcome, capacity, features);
-        if iface.applied.is_some() && iface.applied_from == Some(inputs) {
-            iface.operations = 0;
-            return;
-        }
-        let desired = plan(
-            &PlanInput {
-                classes: &outcome.classes,
-                connections: &snapshot.connections,
-                decisions: &outcome.decisions,
-                capacity,
-                features,
-            },
-            &mut iface.handles,
-        );
-        // The tree last applied is moved into the comparison, not copied: with a leaf per
-        // connection it is the daemon's largest structure.
-        let installed = match iface.applied.take() {
-            Some(applied) => Installed {
-                upload: Slot::Ours(applied.upload),
-                ingress: Slot::Ours(Redirect::ToIfb),
-                download: Some(Slot::Ours(applied.download)),
-            },
-            None => match self.backend.installed(&iface.name) {
-                Ok(i) => i,
-                Err(e) => {
-                    iface.state = format!("error: {e}");
-                    return;
-                }
-            },
-        };
-        let ops = match reconcile(&iface.name, &desired, &installed, self.options.replace) {
-            Ok(ops) => ops,
-            Err(e) => {
+        let plan = match self
+            .cycle
+            .tc_plan(iface, self.tc.as_mut(), self.options.replace)
+        {
+            Ok(Some(plan)) => plan,
+            Ok(None) => {
+                iface.operations = 0;
+                return;
+            }
+            Err(e @ crate::shape::ShapeError::Foreign { .. }) => {
                 if iface.state != format!("refused: {e}") {
                     tracing::error!("{e}");
                 }
                 iface.state = format!("refused: {e}");
                 return;
             }
-        };
-        iface.operations = ops.ops.len();
-        if self.options.dry_run {
-            if !ops.is_empty() {
-                tracing::info!("{}: would apply:\n{ops}", iface.name);
+            Err(e) => {
+                iface.state = format!("error: {e}");
+                return;
             }
-            iface.applied = Some(desired);
-            iface.applied_from = Some(inputs);
+        };
+        iface.operations = plan.ops.ops.len();
+        if self.options.dry_run {
+            if !plan.ops.is_empty() {
+                tracing::info!("{}: would apply:\n{}", iface.name, plan.ops);
+            }
+            iface.installed(plan);
             iface.state = "dry run".into();
             return;
         }
-        let failures = self.backend.apply(&ops);
+        let failures = self.tc.apply(&plan.ops);
         if failures.is_empty() {
-            iface.applied = Some(desired);
-            iface.applied_from = Some(inputs);
+            iface.installed(plan);
             iface.state = "shaping".into();
         } else {
             iface.failures += failures.len() as u64;
@@ -448,7 +362,7 @@ impl Daemon {
                 tracing::warn!("{}: {op}: {e}", iface.name);
             }
             // Read the kernel next cycle rather than trust what was meant to be installed.
-            iface.applied = None;
+            iface.forget_installed();
             iface.state = format!("{} operations failed", failures.len());
         }
     }
@@ -467,17 +381,12 @@ impl Daemon {
 
     /// Checks and swaps in the script from disk; on error the running one stays.
     pub fn reload(&mut self) -> Result<(), PolicyError> {
-        if self.options.builtin_policy {
+        if self.cycle.builtin() {
             return Ok(());
         }
-        let result = self.engine.reload();
+        let result = self.cycle.engine_mut().reload();
         // Remember what was on disk either way, so a broken edit is reported once.
-        self.script_mtimes = self
-            .engine
-            .files()
-            .into_iter()
-            .map(|f| (f.clone(), mtime(&f)))
-            .collect();
+        self.script_mtimes = watched_files(self.cycle.engine());
         match &result {
             Ok(()) => tracing::info!("policy reloaded from {}", self.config.script.display()),
             Err(e) => tracing::error!("reload failed, the previous policy stays in force: {e}"),
@@ -503,14 +412,14 @@ impl Daemon {
     pub fn shutdown(&mut self) {
         // Stopped first: the teardown's own deletions need no repair.
         self.watch = None;
-        self.flush(&jiff::Zoned::now());
+        self.flush(&(self.clock)());
         if self.options.dry_run {
             return;
         }
         for iface in &self.interfaces {
-            match self.backend.installed(&iface.name) {
+            match self.tc.installed(&iface.name) {
                 Ok(installed) => {
-                    for (op, e) in self.backend.apply(&teardown(&iface.name, &installed)) {
+                    for (op, e) in self.tc.apply(&teardown(&iface.name, &installed)) {
                         tracing::warn!("teardown: {op}: {e}");
                     }
                 }
@@ -520,45 +429,22 @@ impl Daemon {
     }
 }
 
-/// Everything the planner reads, hashed: the classes, each connection's identity, owner and
-/// decision, the capacity and the kernel features.
-fn plan_inputs_hash(
-    snapshot: &Snapshot,
-    outcome: &CycleOutcome,
-    capacity: Capacity,
-    features: crate::shape::Features,
-) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = rustc_hash::FxHasher::default();
-    outcome.classes.hash(&mut h);
-    capacity.hash(&mut h);
-    features.hash(&mut h);
-    for (c, d) in snapshot.connections.iter().zip(&outcome.decisions) {
-        socket_key(&c.socket).hash(&mut h);
-        c.owner.as_ref().map(|o| o.pid).hash(&mut h);
-        d.hash(&mut h);
-    }
-    h.finish()
+/// The script and its modules, with their modification times: what reload watches.
+fn watched_files(engine: &Engine) -> Vec<(PathBuf, Option<SystemTime>)> {
+    engine
+        .files()
+        .into_iter()
+        .map(|f| {
+            let t = mtime(&f);
+            (f, t)
+        })
+        .collect()
 }
 
-fn usage_path(config: &Config) -> PathBuf {
+#[cfg(test)]
+mod tests;
+
+/// Where usage is saved (and where `plan` reads it from).
+pub fn usage_path(config: &Config) -> PathBuf {
     config.state_dir.join("usage.ron")
-}
-
-fn min_rate(a: Option<Rate>, b: Option<Rate>) -> Option<Rate> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
-/// `--connection-rate` as the default: a direction the policy left unlimited gets it.
-fn apply_connection_rate(decisions: &mut [Decision], connection_rate: Option<RatePair>) {
-    let Some(default) = connection_rate else {
-        return;
-    };
-    for d in decisions {
-        d.limit.up = d.limit.up.or(default.up);
-        d.limit.down = d.limit.down.or(default.down);
-    }
 }

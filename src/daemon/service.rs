@@ -338,18 +338,13 @@ fn cycle_loop(daemon: &mut Daemon, interval: Duration, inbox: &mpsc::Receiver<Co
         let now = Instant::now();
         if now >= next {
             daemon.reload_if_changed();
-            daemon.tick(jiff::Zoned::now());
+            daemon.tick();
             next += interval;
             if next < Instant::now() {
                 next = Instant::now() + interval; // overran: skip, do not catch up
             }
-            if daemon.cycles % 10 == 1 {
-                let shaping = daemon
-                    .interfaces
-                    .iter()
-                    .map(|i| format!("{}: {}", i.name, i.state));
-                let text = shaping.collect::<Vec<_>>().join(", ");
-                notify(&[sd_notify::NotifyState::Status(&text)]);
+            if daemon.cycles() % 10 == 1 {
+                notify(&[sd_notify::NotifyState::Status(&daemon.summary())]);
             }
         }
         let wait = next.saturating_duration_since(Instant::now());

@@ -1,15 +1,13 @@
-//! `shaper status`: what the daemon is doing, built from its last cycle.
+//! `shaper status`: what the daemon is doing, built from its last cycle as a read-only report
+//! (rendered for people by `cli::status`, printed as is by `--json`).
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
 use super::{Daemon, Failure};
-use crate::account::{LINK, Period, Usage};
-use crate::cli::table::{or_dash, render};
+use crate::account::{Period, Usage, UsageKey};
 use crate::policy::ErrorEntry;
-use crate::units::{Rate, Size};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InterfaceStatus {
@@ -18,6 +16,9 @@ pub struct InterfaceStatus {
     /// Operations the last cycle applied.
     pub operations: usize,
     pub failures: u64,
+    /// Classes and filters the last plan could not give a tc handle.
+    #[serde(default)]
+    pub unplaced: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -102,7 +103,7 @@ impl StatusReport {
         let mut classes = Vec::new();
         let mut processes: BTreeMap<u32, ProcessStatus> = BTreeMap::new();
         let mut connections = Vec::new();
-        if let Some((snapshot, outcome, stats)) = &daemon.last {
+        if let Some(outcome) = &daemon.last {
             for c in outcome.classes.classes.values() {
                 let figures = acct.classes().get(&*c.name).copied().unwrap_or_default();
                 classes.push(ClassStatus {
@@ -113,17 +114,12 @@ impl StatusReport {
                     connections: figures.connections,
                     rate_up: figures.rate_up,
                     rate_down: figures.rate_down,
-                    today: acct.usage(Period::Day, &format!("class:{}", c.name)),
+                    today: acct.usage(Period::Day, &UsageKey::Class(c.name.to_string())),
                 });
             }
-            for ((c, d), s) in snapshot
-                .connections
-                .iter()
-                .zip(&outcome.decisions)
-                .zip(stats)
-            {
-                let p = snapshot.owner_process(c);
-                if let Some(p) = p {
+            for flow in daemon.cycle.flows().iter() {
+                let (c, d, s) = (flow.connection, flow.decision, flow.stats);
+                if let Some(p) = flow.process {
                     let entry = processes.entry(p.pid).or_insert_with(|| ProcessStatus {
                         pid: p.pid,
                         name: p.name.clone(),
@@ -131,7 +127,7 @@ impl StatusReport {
                         connections: 0,
                         rate_up: 0.0,
                         rate_down: 0.0,
-                        today: acct.usage(Period::Day, &format!("process:{}", p.name)),
+                        today: acct.usage(Period::Day, &UsageKey::Process(p.name.clone())),
                     });
                     entry.connections += 1;
                     entry.rate_up += s.rate_up;
@@ -140,7 +136,7 @@ impl StatusReport {
                 if all {
                     connections.push(ConnectionStatus {
                         connection: c.socket.to_string(),
-                        process: p.map(|p| format!("{} ({})", p.name, p.pid)),
+                        process: flow.process.map(|p| format!("{} ({})", p.name, p.pid)),
                         class: d.class.to_string(),
                         limit: (d.limit != Default::default()).then(|| d.limit.to_string()),
                         rate_up: s.rate_up,
@@ -167,12 +163,13 @@ impl StatusReport {
                     state: i.state.clone(),
                     operations: i.operations,
                     failures: i.failures,
+                    unplaced: i.unplaced,
                 })
                 .collect(),
             stages_ms,
             usage: Period::ALL
                 .into_iter()
-                .map(|p| (p, acct.usage(p, LINK)))
+                .map(|p| (p, acct.usage(p, &UsageKey::Link)))
                 .collect(),
             classes,
             processes,
@@ -181,125 +178,5 @@ impl StatusReport {
             reload_error: daemon.reload_error.clone(),
             usage_save_error: daemon.usage_save_error.clone(),
         }
-    }
-
-    /// The text `shaper status` prints.
-    pub fn render(&self) -> String {
-        let rate = |bits: f64| Rate::from_bits_per_sec(bits.max(0.0) as u64).human();
-        let bytes = |u: &Usage| format!("{}/{}", Size::human(u.up), Size::human(u.down));
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "shaper (pid {}) running {} since {}, {} cycles{}",
-            self.pid,
-            self.policy,
-            self.started,
-            self.cycles,
-            if self.dry_run { ", dry run" } else { "" }
-        );
-        for i in &self.interfaces {
-            let _ = writeln!(
-                out,
-                "interface {}: {} ({} operations last cycle, {} failed in all)",
-                i.name, i.state, i.operations, i.failures
-            );
-        }
-        if let Some(f) = &self.reload_error {
-            let _ = writeln!(
-                out,
-                "reload failed at {}, the previous policy stays in force: {}",
-                f.at, f.message
-            );
-        }
-        if let Some(f) = &self.usage_save_error {
-            let _ = writeln!(out, "usage save failed at {}: {}", f.at, f.message);
-        }
-        if self.rate.is_some() || self.connection_rate.is_some() {
-            let _ = writeln!(
-                out,
-                "limits: interface {}, each connection {}",
-                self.rate.as_deref().unwrap_or("none"),
-                self.connection_rate.as_deref().unwrap_or("none")
-            );
-        }
-        let usage: Vec<String> = self
-            .usage
-            .iter()
-            .map(|(p, u)| format!("{p} {}", bytes(u)))
-            .collect();
-        let _ = writeln!(out, "usage (up/down): {}", usage.join(", "));
-        let stages: Vec<String> = self
-            .stages_ms
-            .iter()
-            .map(|(k, v)| format!("{k} {v:.1}"))
-            .collect();
-        let _ = writeln!(out, "last cycle (ms): {}", stages.join(", "));
-        let rows: Vec<[String; 7]> = self
-            .classes
-            .iter()
-            .map(|c| {
-                [
-                    c.name.clone(),
-                    c.prio.to_string(),
-                    c.ceil.clone(),
-                    c.connections.to_string(),
-                    rate(c.rate_up),
-                    rate(c.rate_down),
-                    bytes(&c.today),
-                ]
-            })
-            .collect();
-        out.push('\n');
-        out.push_str(&render(
-            ["CLASS", "PRIO", "CEIL", "CONNS", "UP", "DOWN", "TODAY"],
-            &rows,
-        ));
-        let rows: Vec<[String; 6]> = self
-            .processes
-            .iter()
-            .take(20)
-            .map(|p| {
-                [
-                    format!("{} ({})", p.name, p.pid),
-                    or_dash(p.user.as_ref()),
-                    p.connections.to_string(),
-                    rate(p.rate_up),
-                    rate(p.rate_down),
-                    bytes(&p.today),
-                ]
-            })
-            .collect();
-        out.push('\n');
-        out.push_str(&render(
-            ["PROCESS", "USER", "CONNS", "UP", "DOWN", "TODAY"],
-            &rows,
-        ));
-        if let Some(conns) = &self.connections {
-            let rows: Vec<[String; 6]> = conns
-                .iter()
-                .map(|c| {
-                    [
-                        c.connection.clone(),
-                        or_dash(c.process.as_ref()),
-                        c.class.clone(),
-                        or_dash(c.limit.as_ref()),
-                        rate(c.rate_up),
-                        rate(c.rate_down),
-                    ]
-                })
-                .collect();
-            out.push('\n');
-            out.push_str(&render(
-                ["CONNECTION", "PROCESS", "CLASS", "LIMIT", "UP", "DOWN"],
-                &rows,
-            ));
-        }
-        if !self.errors.is_empty() {
-            out.push_str("\npolicy errors:\n");
-            for e in &self.errors {
-                let _ = writeln!(out, "  {} (x{})", e.message, e.count);
-            }
-        }
-        out
     }
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use mlua::{Lua, UserData, UserDataFields, UserDataMethods, Value};
 
 use super::CycleInput;
-use crate::account::Period;
+use crate::account::{Period, UsageKey};
 use crate::config::RateFile;
 use crate::process::Pid;
 
@@ -168,6 +168,7 @@ pub(crate) fn process_value(lua: &Lua, pid: Pid) -> mlua::Result<Value> {
 /// `raw.usage(period, key)` → up, down (bytes).
 pub(crate) fn usage(lua: &Lua, (period, key): (String, String)) -> mlua::Result<(u64, u64)> {
     let period: Period = period.parse().map_err(mlua::Error::runtime)?;
+    let key: UsageKey = key.parse().map_err(mlua::Error::runtime)?;
     with_input(lua, |input| {
         let u = input.usage.usage(period, &key);
         (u.up.bytes(), u.down.bytes())

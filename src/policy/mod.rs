@@ -41,11 +41,8 @@ pub use decide::{ClassDef, ClassSet, DEFAULT_CLASS, Decision, Each};
 pub use errors::{ErrorEntry, ErrorLog, Fault, Location, PolicyError};
 pub use vm::{LIBRARY, LIBRARY_DIR};
 
-use rustc_hash::FxHashMap;
-
-use crate::account::UsageView;
+use crate::account::{ConnStats, UsageView};
 use crate::process::Snapshot;
-use crate::scan::Socket;
 
 /// A policy script: its path (for messages, `require` and reload) and the text that was loaded.
 #[derive(Debug, Clone)]
@@ -117,24 +114,15 @@ impl Default for EngineOptions {
     }
 }
 
-/// Per-connection figures from accounting (zero where unknown, e.g. in `simulate`).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct ConnStats {
-    /// Recent rates, bits per second.
-    pub rate_up: f64,
-    pub rate_down: f64,
-    /// Seconds since shaper first saw the connection.
-    pub age: f64,
-    /// Token-bucket levels in bytes for a connection with its own limit, per direction.
-    pub tokens_up: Option<f64>,
-    pub tokens_down: Option<f64>,
-}
-
 /// Everything one cycle of the policy reads.
 pub struct CycleInput {
     pub snapshot: Arc<Snapshot>,
     /// Parallel to `snapshot.connections`; may be empty.
     pub stats: Vec<ConnStats>,
+    /// Each connection's decision from an earlier cycle (the flow table's), parallel to
+    /// `snapshot.connections` (may be shorter; missing = a new connection): what a connection
+    /// keeps when its `classify` or the whole cycle fails.
+    pub previous: Vec<Option<Decision>>,
     /// The cycle's time, in the zone `ctx.time` is given in.
     pub now: jiff::Zoned,
     pub interface: Option<String>,
@@ -143,19 +131,6 @@ pub struct CycleInput {
     /// files (`ctx.rate`, `ctx.connection_rate`); the daemon also applies them as defaults.
     pub rate: Option<crate::units::RatePair>,
     pub connection_rate: Option<crate::units::RatePair>,
-}
-
-/// Identifies a socket across cycles for "keep the previous decision": the kernel's socket
-/// cookie, or (from `/proc/net`, which has none) the inode, which is unique while the socket
-/// lives. One integer hashes far faster than the 5-tuple, for every connection every cycle.
-pub type SocketKey = u64;
-
-pub fn socket_key(s: &Socket) -> SocketKey {
-    if s.cookie != 0 {
-        s.cookie
-    } else {
-        s.inode | 1 << 63
-    }
 }
 
 /// What one cycle produced.
@@ -317,8 +292,9 @@ impl Worker {
     }
 }
 
-/// The policy engine: a script, its VM thread, the last decision for every connection, and the
-/// log of errors.
+/// The policy engine: a script, its VM thread, the classes of the last good cycle, and the log
+/// of errors. Decisions are not kept here: the caller's flow table holds them and passes them in
+/// ([`CycleInput::previous`]).
 pub struct Engine {
     script: Arc<Script>,
     options: EngineOptions,
@@ -327,7 +303,6 @@ pub struct Engine {
     abandoned: Abandoned,
     /// Modules the script required from its folder (kept while no VM runs).
     required: Vec<PathBuf>,
-    previous: FxHashMap<SocketKey, Decision>,
     classes: ClassSet,
     errors: ErrorLog,
     /// Cycles abandoned at their deadline since the engine started.
@@ -354,7 +329,6 @@ impl Engine {
             required: worker.required.clone(),
             worker: Some(worker),
             abandoned,
-            previous: FxHashMap::default(),
             classes: ClassSet::default(),
             errors: ErrorLog::default(),
             abandoned_cycles: 0,
@@ -483,22 +457,21 @@ impl Engine {
         p.last_location().map_or_else(script, |at| at.to_string())
     }
 
-    fn previous_or_default(&self, socket: &Socket) -> Decision {
-        self.previous
-            .get(&socket_key(socket))
+    /// Connection `i`'s earlier decision, or `default` for a new connection.
+    fn previous_or_default(&self, input: &CycleInput, i: usize) -> Decision {
+        input
+            .previous
+            .get(i)
             .cloned()
+            .flatten()
             .unwrap_or_else(|| Decision::default_for(&self.classes))
     }
 
     fn fail(&mut self, input: &CycleInput, failure: PolicyError) -> CycleOutcome {
         self.errors.report(&failure.to_string(), None);
-        let decisions: Vec<Decision> = input
-            .snapshot
-            .connections
-            .iter()
-            .map(|c| self.previous_or_default(&c.socket))
+        let decisions: Vec<Decision> = (0..input.snapshot.connections.len())
+            .map(|i| self.previous_or_default(input, i))
             .collect();
-        self.remember(input, &decisions);
         CycleOutcome {
             classes: self.classes.clone(),
             fallbacks: decisions.len(),
@@ -512,19 +485,19 @@ impl Engine {
         let mut fallbacks = 0;
         let mut results = cycle.decisions.into_iter();
         let mut decisions = Vec::with_capacity(input.snapshot.connections.len());
-        for c in &input.snapshot.connections {
+        for (i, c) in input.snapshot.connections.iter().enumerate() {
             let decision = match results.next() {
                 Some(Ok(d)) => d,
                 Some(Err(fault)) => {
                     fallbacks += 1;
                     self.errors
                         .report(&fault.to_string(), Some(&c.socket.to_string()));
-                    self.previous_or_default(&c.socket)
+                    self.previous_or_default(input, i)
                 }
                 None => {
                     // The cycle stopped early (its budget ran out).
                     fallbacks += 1;
-                    self.previous_or_default(&c.socket)
+                    self.previous_or_default(input, i)
                 }
             };
             // A class that disappeared from `classes` sends its connections to default.
@@ -534,23 +507,11 @@ impl Engine {
                 Decision::default_for(&self.classes)
             });
         }
-        self.remember(input, &decisions);
         CycleOutcome {
             classes: self.classes.clone(),
             decisions,
             fallbacks,
             failure: None,
         }
-    }
-
-    /// Keeps this cycle's decisions for live sockets only.
-    fn remember(&mut self, input: &CycleInput, decisions: &[Decision]) {
-        self.previous = input
-            .snapshot
-            .connections
-            .iter()
-            .zip(decisions)
-            .map(|(c, d)| (socket_key(&c.socket), d.clone()))
-            .collect();
     }
 }

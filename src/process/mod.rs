@@ -165,6 +165,26 @@ impl ProcessTable {
         stats
     }
 
+    /// Looks up the owners of some sockets without dropping anything else: the lookup of a
+    /// cycle that sees only new sockets (the others are not gone, merely not given).
+    pub fn add(&mut self, sockets: &[Socket]) -> LookupStats {
+        let mut stats = LookupStats::default();
+        let mut unknown: Vec<u64> = sockets
+            .iter()
+            .map(|s| s.inode)
+            .filter(|i| *i != 0 && !self.owners.contains_key(i))
+            .collect();
+        unknown.sort_unstable();
+        unknown.dedup();
+        stats.unknown = unknown.len();
+        if !unknown.is_empty() {
+            stats.walked = true;
+            let live: HashSet<u64> = unknown.iter().copied().collect();
+            self.resolve(&live, &unknown, &mut stats);
+        }
+        stats
+    }
+
     /// Drops owners whose process exited (or whose pid now belongs to another process), so their
     /// sockets are looked up again.
     /// Returns whether anything was dropped.

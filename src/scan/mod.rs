@@ -143,7 +143,21 @@ pub struct Socket {
     pub bytes_down: Option<u64>,
 }
 
+/// Identifies a socket across cycles: the key of the flow table and of every per-connection
+/// record. The kernel's socket cookie, or (from `/proc/net`, which has none) the inode, which is
+/// unique while the socket lives. One integer hashes far faster than the 5-tuple.
+pub type SocketKey = u64;
+
 impl Socket {
+    /// This socket's [`SocketKey`].
+    pub fn key(&self) -> SocketKey {
+        if self.cookie != 0 {
+            self.cookie
+        } else {
+            self.inode | 1 << 63
+        }
+    }
+
     /// 4 or 6, after IPv4-mapped addresses were normalised.
     pub fn family(&self) -> u8 {
         if self.local.is_ipv4() { 4 } else { 6 }

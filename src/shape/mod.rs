@@ -17,6 +17,7 @@ pub mod model;
 pub mod netlink;
 pub mod planner;
 pub mod reconcile;
+pub mod recording;
 pub mod watch;
 
 pub use model::{DeviceTree, Direction};
@@ -211,8 +212,21 @@ pub fn teardown(interface: &str, installed: &Installed) -> Plan {
     Plan { ops }
 }
 
-/// The kernel edge of this stage.
-pub trait TcBackend {
+/// A link as the kernel reports it: its index (a new one means the interface was re-created) and
+/// its byte counters (what accounting counts for `link`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkState {
+    pub index: u32,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+}
+
+/// The kernel edge of this stage: everything the daemon asks the kernel about links and tc.
+/// [`netlink::NetlinkBackend`] talks to the kernel; [`recording::RecordingBackend`] keeps an
+/// in-memory model, so the cycle can be tested without privileges.
+pub trait TcBackend: Send {
+    /// `interface`'s index and counters, or `None` when it does not exist (yet, or any more).
+    fn link(&mut self, interface: &str) -> Result<Option<LinkState>, ShapeError>;
     /// What is installed for `interface` (and its IFB).
     fn installed(&mut self, interface: &str) -> Result<Installed, ShapeError>;
     /// Applies `plan` in order, going on past failures; returns every failure with the
@@ -220,6 +234,11 @@ pub trait TcBackend {
     fn apply(&mut self, plan: &Plan) -> Vec<(Op, ShapeError)>;
     /// The optional kernel features available.
     fn features(&mut self) -> Features;
+    /// The netlink port the kernel's notifications of this backend's own changes carry, so
+    /// [`watch`] can tell them from other programs' (`None`: not the kernel, nothing to watch).
+    fn notify_port(&self) -> Option<u32> {
+        None
+    }
 }
 
 #[cfg(test)]

@@ -238,11 +238,6 @@ impl NetlinkBackend {
         })
     }
 
-    /// The netlink port this backend sends from (see [`super::watch`]).
-    pub fn port(&self) -> u32 {
-        self.port
-    }
-
     /// Sends one request about `dev` and waits for its ack.
     fn request(
         &mut self,
@@ -684,6 +679,15 @@ fn classify_ingress(redirects: &[codec::Redirect], ifb: Option<u32>) -> Slot<Red
 }
 
 impl TcBackend for NetlinkBackend {
+    fn link(&mut self, interface: &str) -> Result<Option<super::LinkState>, ShapeError> {
+        let link = self.link_counters(interface)?;
+        Ok(link.map(|(index, tx_bytes, rx_bytes)| super::LinkState {
+            index,
+            tx_bytes,
+            rx_bytes,
+        }))
+    }
+
     fn installed(&mut self, interface: &str) -> Result<Installed, ShapeError> {
         let index = self
             .ifindex(interface)?
@@ -715,6 +719,10 @@ impl TcBackend for NetlinkBackend {
         // Links may change between plans: the next plan looks its devices up again.
         self.devices.clear();
         failures
+    }
+
+    fn notify_port(&self) -> Option<u32> {
+        Some(self.port)
     }
 
     fn features(&mut self) -> Features {

@@ -29,8 +29,9 @@ use super::model::{
     BUCKETS, Class, DeviceTree, Direction, FIRST_MINOR, Family, Filter, Key, LINK_MINOR, Leaf,
     filter_handle,
 };
-use crate::policy::{ClassSet, Decision, Each, SocketKey, socket_key};
+use crate::policy::{ClassSet, Decision, Each};
 use crate::process::{Connection, Pid};
+use crate::scan::SocketKey;
 use crate::units::{Rate, RatePair};
 
 /// The link rate assumed when none is configured: high enough never to be the bottleneck.
@@ -441,7 +442,7 @@ fn plan_direction(input: &PlanInput, handles: &mut Handles, dir: Direction) -> D
         let Some(&(inner, shared)) = class_minors.get(&*decision.class) else {
             continue;
         };
-        let key = socket_key(&conn.socket);
+        let key = conn.socket.key();
         let guaranteed = dir_rate(&def.rate, dir).unwrap_or(share).min(link);
         let member_ceil = dir_rate(&def.ceil, dir).unwrap_or(link).min(link);
         let own_limit = dir_rate(&decision.limit, dir);

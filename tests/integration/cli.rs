@@ -175,3 +175,105 @@ fn as_root_a_module_others_can_write_is_refused() {
         "the require is named too: {err}"
     );
 }
+
+/// `shaper plan` over the built-in sample, with `--config` naming a script that does not exist
+/// (so, as `run` would, it falls back to the built-in policy), on an interface that does not
+/// exist (planned against nothing installed). Returns stdout.
+fn plan(dir: &std::path::Path, script: Option<&str>, args: &[&str]) -> String {
+    let config = dir.join("shaper.ron");
+    let missing = dir.join("no-such-policy.lua");
+    std::fs::write(
+        &config,
+        format!("(script: {:?})", missing.display().to_string()),
+    )
+    .unwrap();
+    let snapshot = dir.join("sample.ron");
+    std::fs::write(&snapshot, shaper::cli::policy::sample_snapshot().to_ron()).unwrap();
+    let mut cmd = shaper();
+    cmd.arg("--config").arg(&config).arg("plan");
+    cmd.arg("--snapshot").arg(&snapshot);
+    cmd.args(["-i", "shpnone0", "--state-dir"])
+        .arg(dir.join("state"));
+    if let Some(s) = script {
+        cmd.arg("--script").arg(s);
+    }
+    let out = output(cmd.args(args));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "plan failed:\n{}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn plan_uses_rates_connection_rates_and_the_builtin_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let ifb = shaper::shape::ifb_name("shpnone0");
+    let plain = plan(dir.path(), None, &[]);
+    assert!(plain.contains("# shpnone0: "), "{plain}");
+    let limited = plan(
+        dir.path(),
+        None,
+        &["--rate", "3mbit:6mbit", "--connection-rate", "1mbit:2mbit"],
+    );
+    // The link classes carry --rate, one direction per device.
+    assert!(
+        limited.contains(
+            "tc class add dev shpnone0 parent 5a: classid 5a:1 htb rate 3mbit ceil 3mbit"
+        ),
+        "{limited}"
+    );
+    assert!(
+        limited.contains(&format!(
+            "tc class add dev {ifb} parent 5a: classid 5a:1 htb rate 6mbit ceil 6mbit"
+        )),
+        "{limited}"
+    );
+    // --connection-rate gives every sample connection its own leaf.
+    let connections = shaper::cli::policy::sample_snapshot().connections.len();
+    let leaves = |dev: &str, ceil: &str| {
+        limited
+            .lines()
+            .filter(|l| l.starts_with(&format!("tc class add dev {dev} ")) && l.contains(ceil))
+            .count()
+    };
+    assert_eq!(leaves("shpnone0", "ceil 1mbit"), connections, "{limited}");
+    assert_eq!(leaves(&ifb, "ceil 2mbit"), connections, "{limited}");
+    assert!(!plain.contains("ceil 1mbit"), "{plain}");
+}
+
+#[test]
+fn plan_reads_the_saved_usage_as_run_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_script_dir, script) = temp_file(
+        "quota.lua",
+        "classes = { slow = { ceil = \"1mbit\" } }\n\
+         function classify(conn, ctx)\n\
+         \x20 if ctx.usage(\"month\").total > 1000000 then return \"slow\" end\n\
+         end\n",
+    );
+    let script = script.to_str().unwrap();
+    // A connection's filter names its class (`flowid`); default's connections need none.
+    let filters = |text: &str| text.lines().filter(|l| l.contains(" flowid ")).count();
+    let fresh = plan(dir.path(), Some(script), &[]);
+    assert_eq!(filters(&fresh), 0, "nothing used, nothing slowed:\n{fresh}");
+    // This month's usage, saved in the state dir as the daemon saves it.
+    let month = shaper::account::period_id(shaper::account::Period::Month, &jiff::Zoned::now(), 1);
+    std::fs::create_dir_all(dir.path().join("state")).unwrap();
+    std::fs::write(
+        dir.path().join("state/usage.ron"),
+        format!(
+            "(version: 1, saved_at: 0, periods: {{ month: (id: {month:?}, usage: {{ \"link\": (down: \"2GB\") }}) }})"
+        ),
+    )
+    .unwrap();
+    let used = plan(dir.path(), Some(script), &[]);
+    let connections = shaper::cli::policy::sample_snapshot().connections.len();
+    assert_eq!(
+        filters(&used),
+        2 * connections,
+        "the quota is over, so every connection goes to slow, both ways:\n{used}"
+    );
+}

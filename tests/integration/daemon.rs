@@ -448,3 +448,65 @@ fn a_failed_usage_save_shows_in_status_until_a_save_succeeds() {
     });
     assert!(usage.is_file());
 }
+
+/// The `tc`/`ip` command lines in `text`, in order: what a plan printed or a dry run logged.
+fn operations(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("tc ") || l.starts_with("ip "))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn plan_prints_what_a_dry_run_would_apply() {
+    let pair = NetnsPair::new();
+    let dir = tempfile::tempdir().unwrap();
+    let _conn = connection(&pair);
+    let script = dir.path().join("policy.lua");
+    std::fs::write(
+        &script,
+        "classes = { bulk = { prio = 6, ceil = \"4mbit\" } }\n\
+         function classify(conn) if conn.remote_port ~= 22 then return \"bulk\", \"1mbit\" end end\n",
+    )
+    .unwrap();
+    let flags = [
+        "--script",
+        script.to_str().unwrap(),
+        "--rate",
+        "3mbit:6mbit",
+        "--connection-rate",
+        "500kbit",
+    ];
+    let plan = pair
+        .a
+        .command(env!("CARGO_BIN_EXE_shaper"))
+        .args(["plan", "-i", "veth0", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .args(flags)
+        .output()
+        .unwrap();
+    assert!(
+        plan.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plan.stderr)
+    );
+    let planned = operations(&String::from_utf8_lossy(&plan.stdout));
+    assert!(
+        planned.iter().any(|l| l.contains("ceil 1mbit")),
+        "the connection's own leaf: {planned:#?}"
+    );
+    let mut args = vec!["--dry-run"];
+    args.extend(flags);
+    let daemon = DaemonProcess::start(&pair.a, dir.path(), &args);
+    daemon.wait_for(10, "a dry run", |s| {
+        s["interfaces"][0]["state"] == "dry run"
+    });
+    let logged = daemon.log_text();
+    let would = logged
+        .split_once("would apply:")
+        .unwrap_or_else(|| panic!("no plan logged:\n{logged}"))
+        .1;
+    assert_eq!(operations(would), planned, "log:\n{logged}");
+    assert!(classes(&pair.a).is_empty(), "a dry run installs nothing");
+}

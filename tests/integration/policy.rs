@@ -33,11 +33,20 @@ impl Policy {
 }
 
 fn cycle_at(engine: &mut Engine, at: &str) -> CycleOutcome {
+    cycle_after(engine, at, None)
+}
+
+/// A cycle over the sample connections at `at`, whose earlier decisions (what the daemon's flow
+/// table would pass in) are those of `earlier`.
+fn cycle_after(engine: &mut Engine, at: &str, earlier: Option<&CycleOutcome>) -> CycleOutcome {
     engine.run(CycleInput {
         rate: None,
         connection_rate: None,
         snapshot: Arc::new(sample_snapshot()),
         stats: Vec::new(),
+        previous: earlier.map_or_else(Vec::new, |o| {
+            o.decisions.iter().cloned().map(Some).collect()
+        }),
         now: parse_at(at).unwrap(),
         interface: Some("eth0".into()),
         usage: Arc::new(StaticUsage::default()),
@@ -215,7 +224,7 @@ fn cycle_past_its_deadline_is_abandoned_and_the_vm_rebuilt() {
     let first = cycle_at(&mut engine, "2026-11-23 09:00");
     assert!(first.failure.is_none());
     assert_eq!(first.decisions[SSH].class.as_ref(), "bulk");
-    let stuck = cycle_at(&mut engine, "2026-11-23 10:00");
+    let stuck = cycle_after(&mut engine, "2026-11-23 10:00", Some(&first));
     let failure = stuck.failure.expect("the cycle is abandoned").to_string();
     assert!(failure.contains("did not finish within 100ms"), "{failure}");
     assert!(
@@ -293,7 +302,7 @@ fn a_failing_connection_keeps_its_previous_decision() {
         before.decisions[SSH].limit.up.unwrap().bits_per_sec(),
         1_000_000
     );
-    let during = cycle_at(&mut engine, "2026-11-23 10:00");
+    let during = cycle_after(&mut engine, "2026-11-23 10:00", Some(&before));
     assert_eq!(during.fallbacks, 15);
     assert_eq!(
         during.decisions, before.decisions,
@@ -319,7 +328,7 @@ fn failing_classes_function_keeps_the_previous_cycle() {
     let mut engine = policy.engine();
     let before = cycle_at(&mut engine, "2026-11-23 09:00");
     assert!(before.failure.is_none());
-    let during = cycle_at(&mut engine, "2026-11-23 10:00");
+    let during = cycle_after(&mut engine, "2026-11-23 10:00", Some(&before));
     let failure = during.failure.expect("classes fails").to_string();
     assert!(
         failure.contains("policy.lua:2:") && failure.contains("0 (served first) to 7"),
@@ -429,6 +438,7 @@ fn context_carries_time_usage_and_interface() {
         connection_rate: None,
         snapshot: Arc::new(sample_snapshot()),
         stats: Vec::new(),
+        previous: Vec::new(),
         now: parse_at("2026-11-28 23:30").unwrap(),
         interface: Some("eth0".into()),
         usage: Arc::new(StaticUsage::load(&usage).unwrap()),

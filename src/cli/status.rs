@@ -1,0 +1,133 @@
+//! `shaper status` for people: the daemon's [`StatusReport`] as text.
+
+use std::fmt::Write as _;
+
+use super::table::{or_dash, render as table};
+use crate::account::Usage;
+use crate::daemon::status::StatusReport;
+use crate::units::{Rate, Size};
+
+/// The text `shaper status` prints.
+pub fn render(report: &StatusReport) -> String {
+    let rate = |bits: f64| Rate::from_bits_per_sec(bits.max(0.0) as u64).human();
+    let bytes = |u: &Usage| format!("{}/{}", Size::human(u.up), Size::human(u.down));
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "shaper (pid {}) running {} since {}, {} cycles{}",
+        report.pid,
+        report.policy,
+        report.started,
+        report.cycles,
+        if report.dry_run { ", dry run" } else { "" }
+    );
+    for i in &report.interfaces {
+        let unplaced = if i.unplaced > 0 {
+            format!("; {} classes or filters without a tc handle", i.unplaced)
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "interface {}: {} ({} operations last cycle, {} failed in all{unplaced})",
+            i.name, i.state, i.operations, i.failures
+        );
+    }
+    if let Some(f) = &report.reload_error {
+        let _ = writeln!(
+            out,
+            "reload failed at {}, the previous policy stays in force: {}",
+            f.at, f.message
+        );
+    }
+    if let Some(f) = &report.usage_save_error {
+        let _ = writeln!(out, "usage save failed at {}: {}", f.at, f.message);
+    }
+    if report.rate.is_some() || report.connection_rate.is_some() {
+        let _ = writeln!(
+            out,
+            "limits: interface {}, each connection {}",
+            report.rate.as_deref().unwrap_or("none"),
+            report.connection_rate.as_deref().unwrap_or("none")
+        );
+    }
+    let usage: Vec<String> = report
+        .usage
+        .iter()
+        .map(|(p, u)| format!("{p} {}", bytes(u)))
+        .collect();
+    let _ = writeln!(out, "usage (up/down): {}", usage.join(", "));
+    let stages: Vec<String> = report
+        .stages_ms
+        .iter()
+        .map(|(k, v)| format!("{k} {v:.1}"))
+        .collect();
+    let _ = writeln!(out, "last cycle (ms): {}", stages.join(", "));
+    let rows: Vec<[String; 7]> = report
+        .classes
+        .iter()
+        .map(|c| {
+            [
+                c.name.clone(),
+                c.prio.to_string(),
+                c.ceil.clone(),
+                c.connections.to_string(),
+                rate(c.rate_up),
+                rate(c.rate_down),
+                bytes(&c.today),
+            ]
+        })
+        .collect();
+    out.push('\n');
+    out.push_str(&table(
+        ["CLASS", "PRIO", "CEIL", "CONNS", "UP", "DOWN", "TODAY"],
+        &rows,
+    ));
+    let rows: Vec<[String; 6]> = report
+        .processes
+        .iter()
+        .take(20)
+        .map(|p| {
+            [
+                format!("{} ({})", p.name, p.pid),
+                or_dash(p.user.as_ref()),
+                p.connections.to_string(),
+                rate(p.rate_up),
+                rate(p.rate_down),
+                bytes(&p.today),
+            ]
+        })
+        .collect();
+    out.push('\n');
+    out.push_str(&table(
+        ["PROCESS", "USER", "CONNS", "UP", "DOWN", "TODAY"],
+        &rows,
+    ));
+    if let Some(conns) = &report.connections {
+        let rows: Vec<[String; 6]> = conns
+            .iter()
+            .map(|c| {
+                [
+                    c.connection.clone(),
+                    or_dash(c.process.as_ref()),
+                    c.class.clone(),
+                    or_dash(c.limit.as_ref()),
+                    rate(c.rate_up),
+                    rate(c.rate_down),
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&table(
+            ["CONNECTION", "PROCESS", "CLASS", "LIMIT", "UP", "DOWN"],
+            &rows,
+        ));
+    }
+    if !report.errors.is_empty() {
+        out.push_str("\npolicy errors:\n");
+        for e in &report.errors {
+            let _ = writeln!(out, "  {} (x{})", e.message, e.count);
+        }
+    }
+    out
+}

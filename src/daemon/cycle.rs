@@ -1,0 +1,417 @@
+//! The cycle as one value: [`Cycle::run`] takes one cycle's inputs — sockets (all of them, or
+//! only new ones), the clock, the usage the policy reads, the rates in force — and brings the
+//! flow table up to date (lookup → policy → account); [`Cycle::tc_plan`] then turns the table
+//! into the operations for one interface, against what that interface has installed.
+//!
+//! `shaper run` (and `--dry-run`), `shaper plan` and `shaper simulate` all go through it, so what
+//! `plan` prints is what `run` would do. The fast path (shaping a connection from its first
+//! packet) calls [`Cycle::run`] with [`Sockets::New`]: only those connections are looked up and
+//! decided, every other record stays as it is, and the plan is made from the whole table.
+//!
+//! The `--connection-rate` default, the capacity (the smaller of `uplink` and `--rate`) and the
+//! built-in policy fallback live here and nowhere else.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::flows::FlowTable;
+use crate::account::{Accounting, LinkCounters, UsageView};
+use crate::config::Config;
+use crate::policy::{self, ClassSet, Decision, Each, Engine, EngineOptions, PolicyError, Script};
+use crate::process::{ProcessTable, Snapshot};
+use crate::scan::Socket;
+use crate::shape::{
+    Capacity, Desired, Exhausted, Features, Handles, Installed, Plan, PlanInput, Redirect,
+    ShapeError, Slot, TcBackend, plan, reconcile,
+};
+use crate::units::{Rate, RatePair};
+
+/// The policy used without `--script`: every connection in `default`; the limits come from
+/// `--rate`/`--connection-rate` (and their files), which the cycle applies as defaults.
+pub const BUILTIN_POLICY: &str = include_str!("../../lua/builtin-policy.lua");
+
+/// The sockets a cycle is given.
+#[derive(Debug)]
+pub enum Sockets {
+    /// Every live socket (a scan): a connection not among them is gone.
+    All(Vec<Socket>),
+    /// Only some sockets (new ones): they are looked up and decided, every other connection
+    /// keeps its record and its decision.
+    New(Vec<Socket>),
+    /// Every live connection, already joined with its owner (a recorded snapshot).
+    Recorded(Snapshot),
+}
+
+/// The whole-interface and per-connection limits in force (`--rate`, `--connection-rate` and
+/// their files).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rates {
+    pub rate: Option<RatePair>,
+    pub connection_rate: Option<RatePair>,
+}
+
+/// One cycle's inputs besides the sockets.
+pub struct Inputs<'a> {
+    /// The cycle's time, in the zone the policy sees.
+    pub now: jiff::Zoned,
+    /// `ctx.interface`.
+    pub interface: Option<String>,
+    /// What `ctx.usage` and `ctx.class` read.
+    pub usage: Arc<dyn UsageView>,
+    /// Live accounting, updated with the cycle's counters; `None` for a cycle that only plans
+    /// (`plan`, `simulate`).
+    pub accounting: Option<&'a mut Accounting>,
+    /// The interfaces' counters, for the `link` usage.
+    pub links: &'a [LinkCounters],
+    pub rates: Rates,
+}
+
+/// Stage durations of a cycle.
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    pub scan: Duration,
+    pub lookup: Duration,
+    pub policy: Duration,
+    pub account: Duration,
+    pub shape: Duration,
+}
+
+impl Timings {
+    pub fn total(&self) -> Duration {
+        self.scan + self.lookup + self.policy + self.account + self.shape
+    }
+}
+
+/// Runs `f` as the stage `name`: in a tracing span (`SHAPER_LOG=debug` prints its time when it
+/// closes), its duration stored in `slot`.
+pub fn stage<T>(name: &'static str, slot: &mut Duration, f: impl FnOnce() -> T) -> T {
+    let _span = tracing::debug_span!("stage", stage = name).entered();
+    let t = Instant::now();
+    let out = f();
+    *slot = t.elapsed();
+    out
+}
+
+/// What one run of the cycle produced besides the flow table.
+#[derive(Debug)]
+pub struct Outcome {
+    pub classes: ClassSet,
+    /// Connections decided in this run.
+    pub decided: usize,
+    /// Of those, how many got a fallback decision (error, or a failed cycle).
+    pub fallbacks: usize,
+    /// Set when the policy failed as a whole; the decisions are then the previous ones.
+    pub failure: Option<PolicyError>,
+}
+
+/// The pipeline and what it keeps between cycles: the policy engine, the lookup cache and the
+/// flow table.
+pub struct Cycle {
+    engine: Engine,
+    builtin: bool,
+    lookup: ProcessTable,
+    flows: FlowTable,
+    /// `uplink`/`downlink` from the configuration.
+    link: Capacity,
+    /// The capacity in force: `link` narrowed by `--rate`.
+    capacity: Capacity,
+}
+
+impl Cycle {
+    /// A cycle running `engine`, with link capacity `link`, looking owners up in `proc_root`.
+    pub fn new(engine: Engine, link: Capacity, proc_root: &Path) -> Cycle {
+        Cycle {
+            engine,
+            builtin: false,
+            lookup: ProcessTable::with_proc_root(proc_root),
+            flows: FlowTable::default(),
+            link,
+            capacity: link,
+        }
+    }
+
+    /// The cycle `run` and `plan` use: the configured script, or the built-in policy when no
+    /// script was named (`script_named`) and none exists at the configured path.
+    pub fn load(
+        config: &Config,
+        script_named: bool,
+        strict_permissions: bool,
+        proc_root: &Path,
+    ) -> Result<Cycle, PolicyError> {
+        let builtin = !script_named && !config.script.exists();
+        let engine = if builtin {
+            tracing::info!(
+                "no policy script at {}: using the built-in policy (limits from --rate and \
+                 --connection-rate only)",
+                config.script.display()
+            );
+            Engine::from_script(
+                Script {
+                    path: "<built-in policy>".into(),
+                    source: BUILTIN_POLICY.to_string(),
+                },
+                EngineOptions::default(),
+            )?
+        } else {
+            Engine::load(
+                &config.script,
+                EngineOptions {
+                    strict_permissions,
+                    ..EngineOptions::default()
+                },
+            )?
+        };
+        let link = Capacity {
+            up: config.uplink,
+            down: config.downlink,
+        };
+        Ok(Cycle {
+            builtin,
+            ..Cycle::new(engine, link, proc_root)
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn engine_mut(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
+
+    /// Whether the built-in policy runs (nothing to reload).
+    pub fn builtin(&self) -> bool {
+        self.builtin
+    }
+
+    pub fn flows(&self) -> &FlowTable {
+        &self.flows
+    }
+
+    /// The capacity the last run put in force.
+    pub fn capacity(&self) -> Capacity {
+        self.capacity
+    }
+
+    /// Runs lookup → policy → account for `sockets` and updates the flow table. Stage times go
+    /// to `timings`.
+    pub fn run(&mut self, sockets: Sockets, input: Inputs<'_>, timings: &mut Timings) -> Outcome {
+        let partial = matches!(sockets, Sockets::New(_));
+        let snapshot = stage("lookup", &mut timings.lookup, || match sockets {
+            Sockets::All(sockets) => {
+                self.lookup.update(&sockets);
+                self.lookup.snapshot(sockets)
+            }
+            Sockets::New(sockets) => {
+                self.lookup.add(&sockets);
+                self.lookup.snapshot(sockets)
+            }
+            Sockets::Recorded(snapshot) => snapshot,
+        });
+        let Inputs {
+            now,
+            interface,
+            usage,
+            accounting,
+            links,
+            rates,
+        } = input;
+
+        let outcome = stage("policy", &mut timings.policy, || {
+            let (previous, stats) = self.flows.known(&snapshot);
+            let snapshot = Arc::new(snapshot);
+            let mut outcome = self.engine.run(policy::CycleInput {
+                snapshot: snapshot.clone(),
+                stats,
+                previous,
+                now: now.clone(),
+                interface,
+                usage,
+                rate: rates.rate,
+                connection_rate: rates.connection_rate,
+            });
+            apply_connection_rate(&mut outcome.decisions, rates.connection_rate);
+            let decided = outcome.decisions.len();
+            if partial {
+                self.flows.merge(&snapshot, outcome.decisions);
+            } else {
+                self.flows.replace(snapshot, outcome.decisions);
+            }
+            Outcome {
+                classes: outcome.classes,
+                decided,
+                fallbacks: outcome.fallbacks,
+                failure: outcome.failure,
+            }
+        });
+
+        // Accounting counts whole cycles: a partial one has no counters for the others.
+        if let Some(accounting) = accounting.filter(|_| !partial) {
+            stage("account", &mut timings.account, || {
+                let ceilings = class_ceilings(&outcome.classes);
+                accounting.observe(&now, self.flows.observed(), &ceilings, links);
+            });
+        }
+        self.capacity = Capacity {
+            up: min_rate(self.link.up, rates.rate.and_then(|r| r.up)),
+            down: min_rate(self.link.down, rates.rate.and_then(|r| r.down)),
+        };
+        outcome
+    }
+
+    /// The operations bringing `iface` to what the flow table wants, or `None` when nothing the
+    /// plan is made from changed since the last apply. Reads the kernel (through `backend`) only
+    /// when the interface's installed state is not known.
+    pub fn tc_plan(
+        &self,
+        iface: &mut Interface,
+        backend: &mut dyn TcBackend,
+        replace: bool,
+    ) -> Result<Option<TcPlan>, ShapeError> {
+        let features = backend.features();
+        let inputs = self.plan_inputs_hash(features);
+        if iface.applied.is_some() && iface.applied_from == Some(inputs) {
+            return Ok(None);
+        }
+        let desired = plan(
+            &PlanInput {
+                classes: self.engine.classes(),
+                connections: self.flows.connections(),
+                decisions: self.flows.decisions(),
+                capacity: self.capacity,
+                features,
+            },
+            &mut iface.handles,
+        );
+        iface.note_exhausted(iface.handles.exhausted());
+        // The tree last applied is moved into the comparison, not copied: with a leaf per
+        // connection it is the daemon's largest structure.
+        let installed = match iface.applied.take() {
+            Some(applied) => Installed {
+                upload: Slot::Ours(applied.upload),
+                ingress: Slot::Ours(Redirect::ToIfb),
+                download: Some(Slot::Ours(applied.download)),
+            },
+            None => backend.installed(&iface.name)?,
+        };
+        let ops = reconcile(&iface.name, &desired, &installed, replace)?;
+        Ok(Some(TcPlan {
+            ops,
+            desired,
+            inputs,
+        }))
+    }
+
+    /// Everything the planner reads, hashed: the classes, each connection's identity, owner and
+    /// decision, the capacity and the kernel features.
+    fn plan_inputs_hash(&self, features: Features) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = rustc_hash::FxHasher::default();
+        self.engine.classes().hash(&mut h);
+        self.capacity.hash(&mut h);
+        features.hash(&mut h);
+        for (c, d) in self.flows.connections().iter().zip(self.flows.decisions()) {
+            c.socket.key().hash(&mut h);
+            c.owner.as_ref().map(|o| o.pid).hash(&mut h);
+            d.hash(&mut h);
+        }
+        h.finish()
+    }
+}
+
+/// The operations for one interface, and what they install.
+#[derive(Debug)]
+pub struct TcPlan {
+    pub ops: Plan,
+    desired: Desired,
+    inputs: u64,
+}
+
+/// One shaped interface between cycles: its index, its handle allocation, and what the last
+/// successful apply left installed.
+#[derive(Debug)]
+pub struct Interface {
+    pub(crate) name: String,
+    pub(crate) ifindex: Option<u32>,
+    handles: Handles,
+    /// What the last successful apply left installed; `None` means "read the kernel".
+    applied: Option<Desired>,
+    /// A hash of what that plan was made from: when the next cycle's inputs hash the same, the
+    /// plan would be the same, so planning is skipped.
+    applied_from: Option<u64>,
+    pub(crate) state: String,
+    pub(crate) operations: usize,
+    pub(crate) failures: u64,
+    /// Classes and filters the last plan could not give a handle (a full minor space or hash
+    /// bucket): their connections are shaped by their class's shared leaf, or by `default`.
+    pub(crate) unplaced: usize,
+}
+
+impl Interface {
+    pub fn new(name: String) -> Interface {
+        Interface {
+            name,
+            ifindex: None,
+            handles: Handles::default(),
+            applied: None,
+            applied_from: None,
+            state: "starting".into(),
+            operations: 0,
+            failures: 0,
+            unplaced: 0,
+        }
+    }
+
+    /// Reports running out of handles once, when it starts, and keeps the count for `status`.
+    /// Keeps the count of classes and filters the last plan could not place, for `status`
+    /// (the planner logs the cause once).
+    fn note_exhausted(&mut self, exhausted: Exhausted) {
+        self.unplaced = exhausted.minors + exhausted.filters;
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `plan` is installed (or, in a dry run, taken as installed).
+    pub fn installed(&mut self, plan: TcPlan) {
+        self.applied = Some(plan.desired);
+        self.applied_from = Some(plan.inputs);
+    }
+
+    /// What is installed is no longer known (a failed operation, a re-created interface): the
+    /// next plan reads the kernel.
+    pub fn forget_installed(&mut self) {
+        self.applied = None;
+    }
+}
+
+/// The classes whose ceiling applies to the class as a whole, with that ceiling: what
+/// accounting keeps class buckets for.
+fn class_ceilings(classes: &ClassSet) -> Vec<(&str, RatePair)> {
+    classes
+        .classes
+        .values()
+        .filter(|d| d.each == Each::Class)
+        .map(|d| (&*d.name, d.ceil))
+        .collect()
+}
+
+fn min_rate(a: Option<Rate>, b: Option<Rate>) -> Option<Rate> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// `--connection-rate` as the default: a direction the policy left unlimited gets it.
+fn apply_connection_rate(decisions: &mut [Decision], connection_rate: Option<RatePair>) {
+    let Some(default) = connection_rate else {
+        return;
+    };
+    for d in decisions {
+        d.limit.up = d.limit.up.or(default.up);
+        d.limit.down = d.limit.down.or(default.down);
+    }
+}

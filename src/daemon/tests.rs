@@ -1,0 +1,343 @@
+//! `Daemon::tick` on fakes: sockets from a list, tc in [`RecordingBackend`]'s model, an empty
+//! procfs, a stepped clock. No namespace, no netlink, no root.
+
+use std::sync::{Arc, Mutex};
+
+use super::{Daemon, Parts, RunOptions, Sockets};
+use crate::config::Config;
+use crate::scan::{Proto, ScanError, Socket, SocketSource, State};
+use crate::shape::recording::RecordingBackend;
+use crate::shape::{Op, Slot, ifb_name};
+use crate::units::Interval;
+
+/// bulk for ssh, with a limit that doubles at ten o'clock; everything else in default.
+const POLICY: &str = r#"
+classes = { bulk = { prio = 7 } }
+function classify(conn, ctx)
+  if conn.remote_port == 22 then
+    return "bulk", ctx.time.hour == 10 and "2mbit" or "1mbit"
+  end
+end
+"#;
+
+/// Sockets a test sets; the daemon scans them.
+#[derive(Clone, Default)]
+struct FakeSockets(Arc<Mutex<Vec<Socket>>>);
+
+impl SocketSource for FakeSockets {
+    fn scan(&mut self) -> Result<Vec<Socket>, ScanError> {
+        Ok(self.0.lock().unwrap().clone())
+    }
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+}
+
+fn socket(remote_port: u16, cookie: u64) -> Socket {
+    Socket {
+        proto: Proto::Tcp,
+        local: format!("10.0.0.1:{}", 40000 + cookie).parse().unwrap(),
+        remote: format!("10.0.0.2:{remote_port}").parse().unwrap(),
+        state: State::Established,
+        uid: 1000,
+        inode: cookie,
+        cookie,
+        bytes_up: Some(0),
+        bytes_down: Some(0),
+    }
+}
+
+struct Rig {
+    daemon: Daemon,
+    sockets: FakeSockets,
+    kernel: RecordingBackend,
+    clock: Arc<Mutex<jiff::Zoned>>,
+    _dir: tempfile::TempDir,
+}
+
+fn at(text: &str) -> jiff::Zoned {
+    let civil: jiff::civil::DateTime = text.parse().unwrap();
+    civil.to_zoned(jiff::tz::TimeZone::UTC).unwrap()
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("policy.lua");
+        std::fs::write(&script, POLICY).unwrap();
+        std::fs::create_dir(dir.path().join("proc")).unwrap();
+        let config = Config {
+            interfaces: vec!["eth0".into()],
+            script,
+            state_dir: dir.path().join("state"),
+            usage_flush_interval: Interval::from_millis(3_600_000),
+            ..Config::default()
+        };
+        let sockets = FakeSockets::default();
+        let kernel = RecordingBackend::default();
+        kernel.add_link("eth0");
+        let clock = Arc::new(Mutex::new(at("2026-11-23T09:00:00")));
+        let read_clock = clock.clone();
+        let parts = Parts {
+            sockets: Box::new(sockets.clone()),
+            tc: Box::new(kernel.clone()),
+            proc_root: dir.path().join("proc"),
+            clock: Box::new(move || read_clock.lock().unwrap().clone()),
+        };
+        let options = RunOptions {
+            script_named: true,
+            ..RunOptions::default()
+        };
+        let daemon = Daemon::with_parts(config, options, parts).unwrap();
+        Rig {
+            daemon,
+            sockets,
+            kernel,
+            clock,
+            _dir: dir,
+        }
+    }
+
+    fn set_sockets(&self, sockets: Vec<Socket>) {
+        *self.sockets.0.lock().unwrap() = sockets;
+    }
+
+    fn set_time(&self, text: &str) {
+        *self.clock.lock().unwrap() = at(text);
+    }
+
+    /// One cycle; returns the operations it applied.
+    fn tick(&mut self) -> Vec<Op> {
+        self.daemon.tick();
+        self.kernel.take_applied()
+    }
+
+    fn state(&self) -> &str {
+        &self.daemon.interfaces[0].state
+    }
+}
+
+fn count(ops: &[Op], what: fn(&Op) -> bool) -> usize {
+    ops.iter().filter(|op| what(op)).count()
+}
+
+/// The first cycle installs the tree, the IFB and the redirect; the same sockets again change
+/// nothing.
+fn started() -> Rig {
+    let mut rig = Rig::new();
+    rig.set_sockets(vec![socket(443, 1)]);
+    let ops = rig.tick();
+    assert_eq!(rig.state(), "shaping", "{ops:?}");
+    assert_eq!(count(&ops, |o| matches!(o, Op::AddRoot { .. })), 2);
+    assert_eq!(count(&ops, |o| matches!(o, Op::AddIngress { .. })), 1);
+    assert!(rig.tick().is_empty(), "an unchanged cycle sends nothing");
+    rig
+}
+
+#[test]
+fn a_new_connection_gets_its_leaf_and_filters() {
+    let mut rig = started();
+    rig.set_sockets(vec![socket(443, 1), socket(22, 2)]);
+    let ops = rig.tick();
+    // Its own 1 Mbit/s leaf both ways, with a qdisc and a filter on each device.
+    let leaves: Vec<_> = ops
+        .iter()
+        .filter_map(|o| match o {
+            Op::AddClass { dev, class, .. } if class.ceil == 1_000_000 => Some(dev.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(leaves, ["eth0", ifb_name("eth0").as_str()], "{ops:?}");
+    assert_eq!(count(&ops, |o| matches!(o, Op::AddLeaf { .. })), 2);
+    assert_eq!(count(&ops, |o| matches!(o, Op::AddFilter { .. })), 2);
+    let flow = rig
+        .daemon
+        .cycle
+        .flows()
+        .get(2)
+        .expect("a record for the new socket");
+    assert_eq!(flow.decision.class.as_ref(), "bulk");
+}
+
+#[test]
+fn a_changed_limit_changes_the_class_in_place() {
+    let mut rig = started();
+    rig.set_sockets(vec![socket(443, 1), socket(22, 2)]);
+    rig.tick();
+    rig.set_time("2026-11-23T10:00:00");
+    let ops = rig.tick();
+    assert!(!ops.is_empty());
+    assert!(
+        ops.iter().all(|o| match o {
+            Op::ChangeClass { class, .. } => class.ceil == 2_000_000,
+            Op::AddLeaf { .. } => true, // the leaf queue resized to the new ceiling
+            _ => false,
+        }),
+        "only class changes: {ops:?}"
+    );
+    assert_eq!(count(&ops, |o| matches!(o, Op::ChangeClass { .. })), 2);
+}
+
+#[test]
+fn a_connection_gone_loses_its_filter_and_leaf() {
+    let mut rig = started();
+    rig.set_sockets(vec![socket(443, 1), socket(22, 2)]);
+    rig.tick();
+    rig.set_sockets(vec![socket(443, 1)]);
+    let ops = rig.tick();
+    assert_eq!(count(&ops, |o| matches!(o, Op::DeleteFilter { .. })), 2);
+    assert_eq!(count(&ops, |o| matches!(o, Op::DeleteClass { .. })), 2);
+    let filter_first = ops
+        .iter()
+        .position(|o| matches!(o, Op::DeleteFilter { .. }))
+        < ops.iter().position(|o| matches!(o, Op::DeleteClass { .. }));
+    assert!(filter_first, "filters go before their class: {ops:?}");
+    assert!(
+        rig.daemon.cycle.flows().get(2).is_none(),
+        "its record is gone"
+    );
+    assert_eq!(rig.daemon.cycle.flows().len(), 1);
+}
+
+#[test]
+fn a_recreated_interface_is_reinstalled_in_full() {
+    let mut rig = started();
+    let reads = rig.kernel.reads();
+    rig.kernel.add_link("eth0"); // deleted and added again: a new index, nothing installed
+    let ops = rig.tick();
+    assert_eq!(rig.kernel.reads(), reads + 1, "the kernel is read again");
+    assert_eq!(
+        count(
+            &ops,
+            |o| matches!(o, Op::AddRoot { dev, .. } if dev == "eth0")
+        ),
+        1,
+        "{ops:?}"
+    );
+    assert_eq!(
+        count(&ops, |o| matches!(o, Op::AddIngress { .. })),
+        1,
+        "{ops:?}"
+    );
+    assert_eq!(rig.state(), "shaping");
+    assert!(matches!(
+        rig.kernel.installed_now("eth0").unwrap().upload,
+        Slot::Ours(_)
+    ));
+}
+
+#[test]
+fn a_failed_operation_makes_the_next_cycle_read_the_kernel() {
+    let mut rig = started();
+    let reads = rig.kernel.reads();
+    rig.kernel.fail_when(|op| {
+        matches!(op, Op::AddFilter { dev, .. } if dev == "eth0").then(|| "No buffer space".into())
+    });
+    rig.set_sockets(vec![socket(443, 1), socket(22, 2)]);
+    let ops = rig.tick();
+    assert_eq!(count(&ops, |o| matches!(o, Op::AddFilter { .. })), 2);
+    assert_eq!(rig.state(), "1 operations failed");
+    assert_eq!(rig.daemon.interfaces[0].failures, 1);
+    rig.kernel.fail_when(|_| None);
+    let ops = rig.tick();
+    assert_eq!(
+        rig.kernel.reads(),
+        reads + 1,
+        "the kernel is read, not trusted"
+    );
+    assert!(
+        matches!(ops.as_slice(), [Op::AddFilter { dev, .. }] if dev == "eth0"),
+        "only what is missing is added: {ops:?}"
+    );
+    assert_eq!(rig.state(), "shaping");
+    assert!(rig.tick().is_empty());
+}
+
+#[test]
+fn a_partial_cycle_decides_only_the_new_connections() {
+    let mut rig = started();
+    rig.set_sockets(vec![socket(443, 1), socket(22, 2)]);
+    rig.tick();
+    // At ten the policy would give ssh 2 Mbit/s; a partial cycle for a new connection must not
+    // re-decide the old ssh connection.
+    rig.set_time("2026-11-23T10:00:00");
+    let cycle = &mut rig.daemon.cycle;
+    let outcome = cycle.run(
+        Sockets::New(vec![socket(22, 3)]),
+        super::Inputs {
+            now: at("2026-11-23T10:00:00"),
+            interface: Some("eth0".into()),
+            usage: Arc::new(crate::account::StaticUsage::default()),
+            accounting: None,
+            links: &[],
+            rates: super::Rates::default(),
+        },
+        &mut super::Timings::default(),
+    );
+    assert_eq!(outcome.decided, 1);
+    let limit = |key| {
+        let flows = cycle.flows();
+        flows
+            .get(key)
+            .unwrap()
+            .decision
+            .limit
+            .up
+            .unwrap()
+            .bits_per_sec()
+    };
+    assert_eq!(limit(2), 1_000_000, "the old connection kept its decision");
+    assert_eq!(limit(3), 2_000_000, "the new one was decided now");
+    assert_eq!(cycle.flows().len(), 3);
+    // The plan is made from the whole table: the new connection's leaf and filters are added,
+    // the old ones stay as they are.
+    let iface = &mut rig.daemon.interfaces[0];
+    let plan = cycle
+        .tc_plan(iface, &mut rig.kernel.clone(), false)
+        .unwrap()
+        .expect("something changed");
+    let ops = &plan.ops.ops;
+    assert_eq!(
+        count(ops, |o| matches!(o, Op::AddFilter { .. })),
+        2,
+        "{}",
+        plan.ops
+    );
+    assert_eq!(
+        count(ops, |o| matches!(o, Op::AddClass { .. })),
+        2,
+        "{}",
+        plan.ops
+    );
+    assert!(
+        ops.iter().all(|o| matches!(
+            o,
+            Op::AddFilter { .. } | Op::AddClass { .. } | Op::AddLeaf { .. }
+        )),
+        "nothing else is touched:\n{}",
+        plan.ops
+    );
+}
+
+#[test]
+fn running_out_of_handles_is_reported() {
+    let mut rig = started();
+    // One u32 hash bucket holds 4095 filters; these all share local port 40000's bucket, and
+    // each has a limit of its own (ssh), so each needs a filter.
+    let crowd = (1..=4100u64)
+        .map(|n| Socket {
+            local: "10.0.0.1:40000".parse().unwrap(),
+            remote: format!("10.0.{}.{}:22", n / 250, n % 250 + 1)
+                .parse()
+                .unwrap(),
+            ..socket(22, 10 + n)
+        })
+        .collect();
+    rig.set_sockets(crowd);
+    rig.tick();
+    let status = super::status::StatusReport::of(&rig.daemon, false);
+    assert!(status.interfaces[0].unplaced > 0, "{:?}", status.interfaces);
+    assert_eq!(rig.state(), "shaping", "the rest is shaped");
+    let text = crate::cli::status::render(&status);
+    assert!(text.contains("without a tc handle"), "{text}");
+}
