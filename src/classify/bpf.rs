@@ -127,17 +127,17 @@ impl BpfClassifier {
         let mode = CgroupAttachMode::Single;
         program::<CgroupSock>(&mut ebpf, "sock_create")?
             .attach(&cgroup_dir, mode)
-            .map_err(|e| attach_error("sock_create", e))?;
+            .map_err(|e| program_error("sock_create", e))?;
         program::<SockOps>(&mut ebpf, "sock_ops")?
             .attach(&cgroup_dir, mode)
-            .map_err(|e| attach_error("sock_ops", e))?;
+            .map_err(|e| program_error("sock_ops", e))?;
         for (name, kind) in [
             ("skb_egress", CgroupSkbAttachType::Egress),
             ("skb_ingress", CgroupSkbAttachType::Ingress),
         ] {
             program::<CgroupSkb>(&mut ebpf, name)?
                 .attach(&cgroup_dir, kind, mode)
-                .map_err(|e| attach_error(name, e))?;
+                .map_err(|e| program_error(name, e))?;
         }
         let download = attach_download(program(&mut ebpf, "tc_ingress")?, interface)?;
         Ok(BpfClassifier {
@@ -149,7 +149,7 @@ impl BpfClassifier {
                     .ok_or_else(|| missing("map", "events"))?,
             )
             .map_err(|e| map_error("events", e))?,
-            ebpf: ebpf,
+            ebpf,
             download,
         })
     }
@@ -477,10 +477,6 @@ fn program_error(name: &'static str, e: ProgramError) -> BpfError {
             message: other.to_string(),
         },
     }
-}
-
-fn attach_error(name: &'static str, e: ProgramError) -> BpfError {
-    program_error(name, e)
 }
 
 fn ebpf_error(what: &str, e: EbpfError) -> BpfError {

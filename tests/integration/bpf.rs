@@ -246,6 +246,15 @@ fn child_main() {
                 classifier = Some(c);
                 Ok(ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" "))
             }
+            // probe PATH: `ok`, or `refused VARIANT message`.
+            "probe" => Ok(match shaper::classify::probe(Path::new(w[1])) {
+                Ok(()) => "ok".into(),
+                Err(e) => {
+                    let variant = format!("{e:?}");
+                    let variant = variant.split([' ', '{', '(']).next().unwrap_or_default();
+                    format!("refused {variant} {e}")
+                }
+            }),
             // connect-many ADDR N: N sequential TCP connections; one `t COOKIE NS` line each.
             "connect-many" => {
                 for _ in 0..idx(2) {
@@ -568,6 +577,30 @@ fn bpf_download_packets_land_in_the_ifb_class() {
         lab.class(IFB, 0x30).0 < 50,
         "little else in the default class"
     );
+
+    // TCP passive, IPv4: an accepted socket is found by its own cookie, not its listener's
+    // (whose socket storage it starts as a copy of), so its class wins over the process's.
+    let (l, _) = kid.socket("tcp4");
+    let listen: SocketAddr = kid.ask(&format!("bind {l} {}:0", NetnsPair::A_V4))[1]
+        .parse()
+        .unwrap();
+    kid.ask(&format!("listen {l}"));
+    let mut client = lab
+        .pair
+        .b
+        .run(|| std::net::TcpStream::connect(listen).unwrap());
+    let a = kid.ask(&format!("accept {l}"));
+    let (accepted, cookie): (usize, u64) = (a[0].parse().unwrap(), a[1].parse().unwrap());
+    c.set_connection(cookie, None, Some(C10)).unwrap();
+    let (_, before) = lab.class(IFB, 0x10);
+    client.write_all(&[5u8; 100_000]).unwrap();
+    kid.ask(&format!("recv {accepted} 100000"));
+    let (_, after) = lab.class(IFB, 0x10);
+    assert!(
+        after - before >= 100_000,
+        "IFB 5a:10 got {} bytes",
+        after - before
+    );
 }
 
 #[test]
@@ -738,4 +771,58 @@ fn bpf_new_socket_event_latency() {
         pct(99),
         *lat.last().unwrap() as f64 / 1000.0
     );
+}
+
+/// Programs someone else attached to the cgroup and the ingress (here: a second classifier)
+/// keep working while ours are attached and after ours are gone.
+#[test]
+fn bpf_runs_alongside_other_programs() {
+    let lab = Lab::new();
+    let cg = TestCgroup::new();
+    let mut theirs = lab.attach(&cg);
+    let ours = lab.attach(&cg);
+    let mut kid = Kid::start(&lab.pair.a, &cg, true);
+    theirs
+        .set_process_default(kid.pid(), Some(C20), Some(C20))
+        .unwrap();
+    let (sink, peer) = udp_sink(&lab.pair.b, NetnsPair::B_V4.into());
+    let (udp, _) = kid.socket("udp4");
+    let local = kid.connect(udp, peer);
+    let both_ways = |kid: &mut Kid| {
+        kid.ask(&format!("send {udp} 100 10"));
+        for _ in 0..10 {
+            sink.send_to(&[1u8; 100], local).unwrap();
+        }
+        kid.ask(&format!("recv {udp} 10"));
+    };
+    both_ways(&mut kid);
+    assert_eq!(lab.class("veth0", 0x20).0, 10, "their upload class holds");
+    assert_eq!(lab.class(IFB, 0x20).0, 10, "their download class holds");
+    drop(ours);
+    both_ways(&mut kid);
+    assert_eq!(
+        lab.class("veth0", 0x20).0,
+        20,
+        "and still does without ours"
+    );
+    assert_eq!(lab.class(IFB, 0x20).0, 20);
+}
+
+/// `probe` says why BPF cannot be used, in words naming the fix, and loads everything when it can.
+#[test]
+fn bpf_probe_names_the_reason() {
+    let lab = Lab::new();
+    let cg = TestCgroup::new();
+    shaper::classify::probe(&cg.dir).expect("root can load the programs here");
+    let not_cgroup = tempfile::tempdir().unwrap();
+    let e = shaper::classify::probe(not_cgroup.path()).unwrap_err();
+    assert!(
+        matches!(e, shaper::classify::BpfError::NotCgroup2 { .. }),
+        "{e}"
+    );
+    // Without privileges (the child runs as nobody), the kernel refuses and the reason says so.
+    let mut kid = Kid::start(&lab.pair.a, &cg, true);
+    let answer = kid.ask(&format!("probe {}", cg.dir.display()));
+    assert_eq!(answer[..2], ["refused", "Permission"], "{answer:?}");
+    assert!(answer.join(" ").contains("CAP_BPF"), "{answer:?}");
 }
