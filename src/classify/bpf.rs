@@ -86,6 +86,11 @@ unsafe impl Pod for RawClasses {}
 unsafe impl Pod for RawCounters {}
 
 /// The programs of shaper.bpf.c, attached to one cgroup and one interface, with their maps.
+///
+/// Drop it in the network namespace it was attached in: a cls_bpf download filter (kernels
+/// without tcx) is deleted over netlink by interface index. That filter is also the one thing a
+/// SIGKILL leaves behind (tc filters are not links): `shaper clear` must delete the `bpf` filter
+/// named `tc_ingress` at pref [`CLS_BPF_PREF`] on the ingress qdisc.
 pub struct BpfClassifier {
     /// Owns the programs and their links; dropping it detaches everything.
     ebpf: Ebpf,
@@ -118,6 +123,16 @@ impl BpfClassifier {
     /// directory; its descendants are covered too), download to the ingress of `interface`,
     /// looked up in the calling thread's network namespace.
     pub fn attach(cgroup: &Path, interface: &str) -> Result<BpfClassifier, BpfError> {
+        Self::attach_with(cgroup, interface, DownloadHook::Tcx)
+    }
+
+    /// [`Self::attach`], choosing the download hook: `Tcx` tries tcx, then cls_bpf; `ClsBpf`
+    /// uses cls_bpf only (what a kernel before 6.6 gets; for tests and for forcing it).
+    pub fn attach_with(
+        cgroup: &Path,
+        interface: &str,
+        hook: DownloadHook,
+    ) -> Result<BpfClassifier, BpfError> {
         let cgroup_dir = open_cgroup(cgroup)?;
         let mut ebpf = load_object()?;
         load_programs(&mut ebpf)?;
@@ -139,7 +154,7 @@ impl BpfClassifier {
                 .attach(&cgroup_dir, kind, mode)
                 .map_err(|e| program_error(name, e))?;
         }
-        let download = attach_download(program(&mut ebpf, "tc_ingress")?, interface)?;
+        let download = attach_download(program(&mut ebpf, "tc_ingress")?, interface, hook)?;
         Ok(BpfClassifier {
             conn_class: take_map(&mut ebpf, "conn_class")?,
             proc_class: take_map(&mut ebpf, "proc_class")?,
@@ -399,12 +414,22 @@ fn take_map<K: Pod, V: Pod>(
     HashMap::try_from(map).map_err(|e| map_error(name, e))
 }
 
-/// tcx first (Linux ≥ 6.6); else a cls_bpf filter on the ingress qdisc (which must exist).
-fn attach_download(prog: &mut SchedClassifier, interface: &str) -> Result<DownloadHook, BpfError> {
-    let tcx = TcAttachOptions::TcxOrder(LinkOrder::first());
-    let tcx_error = match prog.attach_with_options(interface, TcAttachType::Ingress, tcx) {
-        Ok(_) => return Ok(DownloadHook::Tcx),
-        Err(e) => e,
+/// tcx first (Linux ≥ 6.6) unless `hook` says cls_bpf; else a cls_bpf filter on the ingress
+/// qdisc (which must exist) at [`CLS_BPF_PREF`].
+fn attach_download(
+    prog: &mut SchedClassifier,
+    interface: &str,
+    hook: DownloadHook,
+) -> Result<DownloadHook, BpfError> {
+    let tcx_error = match hook {
+        DownloadHook::Tcx => {
+            let tcx = TcAttachOptions::TcxOrder(LinkOrder::first());
+            match prog.attach_with_options(interface, TcAttachType::Ingress, tcx) {
+                Ok(_) => return Ok(DownloadHook::Tcx),
+                Err(e) => format!("tcx: {e}; "),
+            }
+        }
+        DownloadHook::ClsBpf => String::new(),
     };
     let netlink = TcAttachOptions::Netlink(NlOptions {
         priority: CLS_BPF_PREF,
@@ -414,7 +439,7 @@ fn attach_download(prog: &mut SchedClassifier, interface: &str) -> Result<Downlo
         Ok(_) => Ok(DownloadHook::ClsBpf),
         Err(e) => Err(BpfError::Interface {
             interface: interface.into(),
-            message: format!("tcx: {tcx_error}; cls_bpf on the ingress qdisc: {e}"),
+            message: format!("{tcx_error}cls_bpf on the ingress qdisc: {e}"),
         }),
     }
 }

@@ -317,6 +317,11 @@ struct Lab {
 
 impl Lab {
     fn new() -> Lab {
+        Lab::with_redirect_prio(1)
+    }
+
+    /// The lab with the IFB redirect at `prio` (cls_bpf needs it after its own pref 1).
+    fn with_redirect_prio(prio: u16) -> Lab {
         let pair = NetnsPair::new();
         let a = pair.a.name().to_string();
         pair.a.ip(&["link", "add", IFB, "type", "ifb"]);
@@ -337,7 +342,7 @@ impl Lab {
         tc(
             &a,
             &format!(
-                "filter add dev veth0 parent ffff: prio 1 protocol all u32 match u32 0 0 \
+                "filter add dev veth0 parent ffff: prio {prio} protocol all u32 match u32 0 0 \
                  action mirred egress redirect dev {IFB}"
             ),
         );
@@ -825,4 +830,43 @@ fn bpf_probe_names_the_reason() {
     let answer = kid.ask(&format!("probe {}", cg.dir.display()));
     assert_eq!(answer[..2], ["refused", "Permission"], "{answer:?}");
     assert!(answer.join(" ").contains("CAP_BPF"), "{answer:?}");
+}
+
+/// Where tcx is missing (Linux < 6.6) the download program is a cls_bpf filter ahead of the
+/// redirect; forced here. It classifies the same way and goes with the classifier.
+#[test]
+fn bpf_cls_bpf_fallback_classifies_download_and_leaves_no_filter() {
+    let lab = Lab::with_redirect_prio(2);
+    let cg = TestCgroup::new();
+    let mut c = lab
+        .pair
+        .a
+        .run(|| BpfClassifier::attach_with(&cg.dir, "veth0", DownloadHook::ClsBpf))
+        .unwrap_or_else(|e| panic!("attach: {e}"));
+    assert_eq!(c.download_hook(), DownloadHook::ClsBpf);
+    let filters = || {
+        lab.pair.a.run(|| {
+            let out = Command::new("tc")
+                .args(["filter", "show", "dev", "veth0", "ingress"])
+                .output()
+                .expect("run tc");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+    };
+    assert!(filters().contains("bpf"), "{}", filters());
+    let mut kid = Kid::start(&lab.pair.a, &cg, true);
+    let (udp, cookie) = kid.socket("udp4");
+    c.set_connection(cookie, None, Some(C10)).unwrap();
+    let (sink, peer) = udp_sink(&lab.pair.b, NetnsPair::B_V4.into());
+    let local = kid.connect(udp, peer);
+    for _ in 0..12 {
+        sink.send_to(&[2u8; 300], local).unwrap();
+    }
+    kid.ask(&format!("recv {udp} 12"));
+    assert_eq!(lab.class(IFB, 0x10), (12, 12 * (300 + 8 + 20 + 14)));
+    // A cls_bpf filter is removed over netlink, in the dropping thread's namespace.
+    lab.pair.a.run(move || drop(c));
+    let left = filters();
+    assert!(!left.contains("bpf"), "cls_bpf filter left behind: {left}");
+    assert!(left.contains("mirred"), "the redirect stays: {left}");
 }
