@@ -11,6 +11,7 @@
 //! every stage. See `docs/design.md` for the cycle, the kernel layout and the policy contract.
 
 pub mod account;
+pub mod classify;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -4,6 +4,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod bpf;
 mod cli;
 mod control;
 mod daemon;

@@ -1,0 +1,336 @@
+// SPDX-License-Identifier: MIT OR GPL-2.0
+//
+// shaper's first-packet classifier: the kernel side. Loaded by src/classify/bpf.rs (aya); built
+// by bpf/build.sh into bpf/shaper.bpf.o, which is committed so `cargo build` needs no clang.
+//
+// Every packet of a socket created in the attached cgroup gets skb->priority = an HTB classid
+// (5a:minor), which htb_classify() uses before any filter runs:
+//   upload    cgroup_skb/egress on the cgroup;
+//   download  tcx (or cls_bpf) on the interface's ingress, ahead of the mirred redirect to the
+//             IFB, which looks the local socket up (the priority survives the redirect).
+// The class comes from conn_class[cookie], else proc_class[owner tgid], else stays untouched
+// (the HTB's default class). No program here ever drops a packet.
+//
+// Owners are recorded at socket creation (cgroup/sock_create runs in the creating process) in
+// socket storage cloned to accepted sockets; each new socket is reported once, on its first
+// packet either way, through the `events` ring buffer. Bytes are counted per socket cookie.
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define AF_INET 2
+#define AF_INET6 10
+#define TCP_LISTEN 10
+/* TCX_NEXT (tcx) and TC_ACT_UNSPEC (cls_bpf) are both -1: "go on with the next program". */
+#define NEXT (-1)
+#define ALLOW 1
+
+#define OWNER_KNOWN 1u
+#define OWNER_REPORTED 2u
+
+/* A connection's (or a process's) classes; 0 = no class, leave skb->priority alone. */
+struct classes {
+	__u32 up;
+	__u32 down;
+};
+
+/* Per-socket storage. Cloned from a listener to the sockets it accepts (BPF_F_CLONE). */
+struct owner {
+	__u64 cookie; /* this socket's cookie (refreshed after a clone) */
+	__u64 cgroup_id;
+	__u32 tgid;
+	__u32 uid;
+	__u32 flags; /* OWNER_* */
+	__u32 _pad;
+	char comm[16];
+};
+
+struct counters {
+	__u64 up;
+	__u64 down;
+};
+
+/* One new socket, reported once. Addresses in network order, ports in host order. */
+struct event {
+	__u64 cookie;
+	__u64 cgroup_id;
+	__u64 ktime_ns; /* CLOCK_MONOTONIC when the event was written */
+	__u32 tgid;
+	__u32 uid;
+	char comm[16];
+	__u32 local_ip[4];
+	__u32 remote_ip[4];
+	__u16 local_port;
+	__u16 remote_port;
+	__u16 family;
+	__u8 protocol;
+	__u8 ingress; /* 1: the socket's first packet was inbound */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct classes);
+} conn_class SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, struct classes);
+} proc_class SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC | BPF_F_CLONE);
+	__type(key, int);
+	__type(value, struct owner);
+} owners SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 131072);
+	__type(key, __u64);
+	__type(value, struct counters);
+} sock_bytes SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+} events SEC(".maps");
+
+static __always_inline int is_tcp_or_udp(__u32 protocol)
+{
+	return protocol == IPPROTO_TCP || protocol == IPPROTO_UDP;
+}
+
+/* The class for one direction: the connection's, else its owner's "new connections" class. */
+static __always_inline __u32 class_of(__u64 cookie, struct owner *o, int down)
+{
+	struct classes *c = bpf_map_lookup_elem(&conn_class, &cookie);
+	__u32 id = 0;
+
+	if (c)
+		id = down ? c->down : c->up;
+	if (!id && o && (o->flags & OWNER_KNOWN)) {
+		__u32 tgid = o->tgid;
+
+		c = bpf_map_lookup_elem(&proc_class, &tgid);
+		if (c)
+			id = down ? c->down : c->up;
+	}
+	return id;
+}
+
+static __always_inline void count(__u64 cookie, __u32 len, int down)
+{
+	struct counters *c = bpf_map_lookup_elem(&sock_bytes, &cookie);
+
+	if (!c) {
+		struct counters zero = {};
+
+		bpf_map_update_elem(&sock_bytes, &cookie, &zero, BPF_NOEXIST);
+		c = bpf_map_lookup_elem(&sock_bytes, &cookie);
+		if (!c)
+			return;
+	}
+	if (down)
+		__sync_fetch_and_add(&c->down, len);
+	else
+		__sync_fetch_and_add(&c->up, len);
+}
+
+/* Reports a socket the first time one of its packets is seen, if its owner is known. */
+static __always_inline void report_once(struct bpf_sock *sk, struct owner *o, __u64 cookie,
+					__u8 ingress)
+{
+	if (!(o->flags & OWNER_KNOWN) || (o->flags & OWNER_REPORTED) || sk->state == TCP_LISTEN)
+		return;
+	if (__sync_fetch_and_or(&o->flags, OWNER_REPORTED) & OWNER_REPORTED)
+		return;
+	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e)
+		return;
+	e->cookie = cookie;
+	e->cgroup_id = o->cgroup_id;
+	e->tgid = o->tgid;
+	e->uid = o->uid;
+	__builtin_memcpy(e->comm, o->comm, sizeof(e->comm));
+	e->family = sk->family;
+	e->protocol = sk->protocol;
+	e->ingress = ingress;
+	e->local_port = sk->src_port;
+	e->remote_port = bpf_ntohs(sk->dst_port);
+	if (sk->family == AF_INET6) {
+		e->local_ip[0] = sk->src_ip6[0];
+		e->local_ip[1] = sk->src_ip6[1];
+		e->local_ip[2] = sk->src_ip6[2];
+		e->local_ip[3] = sk->src_ip6[3];
+		e->remote_ip[0] = sk->dst_ip6[0];
+		e->remote_ip[1] = sk->dst_ip6[1];
+		e->remote_ip[2] = sk->dst_ip6[2];
+		e->remote_ip[3] = sk->dst_ip6[3];
+	} else {
+		e->local_ip[0] = sk->src_ip4;
+		e->local_ip[1] = 0;
+		e->local_ip[2] = 0;
+		e->local_ip[3] = 0;
+		e->remote_ip[0] = sk->dst_ip4;
+		e->remote_ip[1] = 0;
+		e->remote_ip[2] = 0;
+		e->remote_ip[3] = 0;
+	}
+	e->ktime_ns = bpf_ktime_get_ns();
+	bpf_ringbuf_submit(e, 0);
+}
+
+SEC("cgroup/sock_create")
+int sock_create(struct bpf_sock *sk)
+{
+	if (!is_tcp_or_udp(sk->protocol))
+		return ALLOW;
+	struct owner *o = bpf_sk_storage_get(&owners, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!o)
+		return ALLOW;
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+
+	o->cookie = bpf_get_socket_cookie(sk);
+	o->cgroup_id = bpf_get_current_cgroup_id();
+	o->tgid = pid_tgid >> 32;
+	o->uid = (__u32)bpf_get_current_uid_gid();
+	o->flags = OWNER_KNOWN;
+	bpf_get_current_comm(o->comm, sizeof(o->comm));
+	return ALLOW;
+}
+
+/* Both cgroup_skb programs: count, report, and (egress) classify. Sockets that predate the
+ * programs get storage without an owner, so the download side can still find their cookie. */
+static __always_inline int on_skb(struct __sk_buff *skb, int down)
+{
+	struct bpf_sock *sk = skb->sk;
+
+	if (!sk)
+		return ALLOW;
+	sk = bpf_sk_fullsock(sk);
+	if (!sk || !is_tcp_or_udp(sk->protocol))
+		return ALLOW;
+	__u64 cookie = bpf_get_socket_cookie(skb);
+	struct owner *o = bpf_sk_storage_get(&owners, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+
+	count(cookie, skb->len, down);
+	if (o) {
+		if (o->cookie != cookie && sk->state != TCP_LISTEN)
+			o->cookie = cookie;
+		report_once(sk, o, cookie, down);
+	}
+	if (!down) {
+		__u32 id = class_of(cookie, o, 0);
+
+		if (id)
+			skb->priority = id;
+	}
+	return ALLOW;
+}
+
+SEC("cgroup_skb/egress")
+int skb_egress(struct __sk_buff *skb)
+{
+	return on_skb(skb, 0);
+}
+
+SEC("cgroup_skb/ingress")
+int skb_ingress(struct __sk_buff *skb)
+{
+	return on_skb(skb, 1);
+}
+
+/* An accepted socket's storage is a copy of its listener's: give it its own cookie before its
+ * first inbound data packet is classified on the interface. */
+SEC("sockops")
+int sock_ops(struct bpf_sock_ops *skops)
+{
+	if (skops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+		return 1;
+	struct bpf_sock *sk = skops->sk;
+
+	if (!sk)
+		return 1;
+	struct owner *o = bpf_sk_storage_get(&owners, sk, 0, 0);
+
+	if (o)
+		o->cookie = bpf_get_socket_cookie(skops);
+	return 1;
+}
+
+/* Download: find the local socket of an inbound packet and set the IFB's class. Headers are read
+ * relative to the network header, so Ethernet and raw-IP devices (WireGuard, PPP) both work. */
+SEC("classifier")
+int tc_ingress(struct __sk_buff *skb)
+{
+	struct bpf_sock_tuple t = {};
+	__be16 ports[2];
+	__u32 size, l4;
+	__u8 proto;
+
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr ip;
+
+		if (bpf_skb_load_bytes_relative(skb, 0, &ip, sizeof(ip), BPF_HDR_START_NET))
+			return NEXT;
+		if (ip.frag_off & bpf_htons(0x1fff))
+			return NEXT;
+		proto = ip.protocol;
+		l4 = ip.ihl * 4;
+		t.ipv4.saddr = ip.saddr;
+		t.ipv4.daddr = ip.daddr;
+		size = sizeof(t.ipv4);
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr ip6;
+
+		if (bpf_skb_load_bytes_relative(skb, 0, &ip6, sizeof(ip6), BPF_HDR_START_NET))
+			return NEXT;
+		proto = ip6.nexthdr;
+		l4 = sizeof(ip6);
+		__builtin_memcpy(t.ipv6.saddr, &ip6.saddr, 16);
+		__builtin_memcpy(t.ipv6.daddr, &ip6.daddr, 16);
+		size = sizeof(t.ipv6);
+	} else {
+		return NEXT;
+	}
+	if (!is_tcp_or_udp(proto))
+		return NEXT;
+	if (bpf_skb_load_bytes_relative(skb, l4 & 0xff, ports, sizeof(ports), BPF_HDR_START_NET))
+		return NEXT;
+	/* The packet's own tuple: source = the remote end, destination = the local socket. */
+	if (size == sizeof(t.ipv4)) {
+		t.ipv4.sport = ports[0];
+		t.ipv4.dport = ports[1];
+	} else {
+		t.ipv6.sport = ports[0];
+		t.ipv6.dport = ports[1];
+	}
+	struct bpf_sock *sk = proto == IPPROTO_TCP
+		? bpf_sk_lookup_tcp(skb, &t, size, BPF_F_CURRENT_NETNS, 0)
+		: bpf_sk_lookup_udp(skb, &t, size, BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return NEXT;
+	struct owner *o = bpf_sk_storage_get(&owners, sk, 0, 0);
+	__u32 id = 0;
+
+	if (o)
+		id = class_of(o->cookie, o, 1);
+	bpf_sk_release(sk);
+	if (id)
+		skb->priority = id;
+	return NEXT;
+}
+
+char LICENSE[] SEC("license") = "Dual MIT/GPL";

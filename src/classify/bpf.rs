@@ -1,0 +1,561 @@
+//! Loading, attaching and talking to the programs of `bpf/shaper.bpf.c` with aya.
+//!
+//! Everything is attached through links held by the [`aya::Ebpf`] inside [`BpfClassifier`]:
+//! dropping it (or the process dying, even by SIGKILL) detaches every program, and nothing is
+//! pinned, so no state outlives the daemon. Cgroup links run alongside other programs on the
+//! cgroup (the kernel gives links `BPF_F_ALLOW_MULTI` semantics) and the download program is the
+//! first tcx program on the interface's ingress, so programs others attached keep running too.
+
+use std::fs::File;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Duration;
+
+use aya::maps::{HashMap, MapData, MapError, RingBuf};
+use aya::programs::tc::{NlOptions, TcAttachOptions};
+use aya::programs::{
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, LinkOrder, ProgramError,
+    SchedClassifier, SockOps, TcAttachType,
+};
+use aya::{Ebpf, EbpfError, EbpfLoader, Pod};
+
+use super::{BpfError, ByteCounters, NewSocket};
+use crate::scan::{Proto, normalize_addr};
+
+/// The compiled programs (`bpf/build.sh` rebuilds it from `bpf/shaper.bpf.c`).
+static OBJECT: &[u8] = aya::include_bytes_aligned!("../../bpf/shaper.bpf.o");
+
+/// `CGROUP2_SUPER_MAGIC` from statfs(2).
+const CGROUP2_MAGIC: i64 = 0x6367_7270;
+
+/// The cls_bpf filter's pref when tcx is missing (Linux < 6.6): it must come before the mirred
+/// redirect to the IFB, which therefore has to sit at a higher pref.
+pub const CLS_BPF_PREF: u16 = 1;
+
+/// How the download program is attached to the interface's ingress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DownloadHook {
+    /// A tcx link (Linux ≥ 6.6), first in the chain, ahead of the legacy ingress qdisc.
+    Tcx,
+    /// A cls_bpf direct-action filter on the ingress qdisc at [`CLS_BPF_PREF`].
+    ClsBpf,
+}
+
+/// `struct classes` in shaper.bpf.c: full classids (`major << 16 | minor`), 0 = none.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct RawClasses {
+    up: u32,
+    down: u32,
+}
+
+/// `struct counters` in shaper.bpf.c.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct RawCounters {
+    up: u64,
+    down: u64,
+}
+
+/// `struct event` in shaper.bpf.c.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct RawEvent {
+    cookie: u64,
+    cgroup_id: u64,
+    ktime_ns: u64,
+    tgid: u32,
+    uid: u32,
+    comm: [u8; 16],
+    local_ip: [u32; 4],
+    remote_ip: [u32; 4],
+    local_port: u16,
+    remote_port: u16,
+    family: u16,
+    protocol: u8,
+    ingress: u8,
+}
+
+// SAFETY: plain `repr(C)` integers and byte arrays without padding holes the kernel relies on;
+// every bit pattern is a valid value.
+unsafe impl Pod for RawClasses {}
+// SAFETY: as above.
+unsafe impl Pod for RawCounters {}
+
+/// The programs of shaper.bpf.c, attached to one cgroup and one interface, with their maps.
+///
+/// Drop it in the network namespace it was attached in: a cls_bpf download filter (kernels
+/// without tcx) is deleted over netlink by interface index. That filter is also the one thing a
+/// SIGKILL leaves behind (tc filters are not links): `shaper clear` must delete the `bpf` filter
+/// named `tc_ingress` at pref [`CLS_BPF_PREF`] on the ingress qdisc.
+pub struct BpfClassifier {
+    /// Owns the programs and their links; dropping it detaches everything.
+    ebpf: Ebpf,
+    conn_class: HashMap<MapData, u64, RawClasses>,
+    proc_class: HashMap<MapData, u32, RawClasses>,
+    sock_bytes: HashMap<MapData, u64, RawCounters>,
+    events: RingBuf<MapData>,
+    download: DownloadHook,
+}
+
+impl std::fmt::Debug for BpfClassifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BpfClassifier")
+            .field("download", &self.download)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Checks that BPF can be used here: `cgroup` is a cgroup v2 directory and every program loads
+/// (capabilities, kernel features, verifier). Attaches nothing. The error is the one line the
+/// daemon logs when it falls back to u32.
+pub fn probe(cgroup: &Path) -> Result<(), BpfError> {
+    open_cgroup(cgroup)?;
+    let mut ebpf = load_object()?;
+    load_programs(&mut ebpf)
+}
+
+impl BpfClassifier {
+    /// Loads the programs and attaches them: upload, owners and reports to `cgroup` (a cgroup v2
+    /// directory; its descendants are covered too), download to the ingress of `interface`,
+    /// looked up in the calling thread's network namespace.
+    pub fn attach(cgroup: &Path, interface: &str) -> Result<BpfClassifier, BpfError> {
+        Self::attach_with(cgroup, interface, DownloadHook::Tcx)
+    }
+
+    /// [`Self::attach`], choosing the download hook: `Tcx` tries tcx, then cls_bpf; `ClsBpf`
+    /// uses cls_bpf only (what a kernel before 6.6 gets; for tests and for forcing it).
+    pub fn attach_with(
+        cgroup: &Path,
+        interface: &str,
+        hook: DownloadHook,
+    ) -> Result<BpfClassifier, BpfError> {
+        let cgroup_dir = open_cgroup(cgroup)?;
+        let mut ebpf = load_object()?;
+        load_programs(&mut ebpf)?;
+        // The owner recorder first, so a socket created while attaching has its owner when its
+        // first packet meets the egress program. Cgroup links take no flags (aya's `Single` is
+        // 0) and always behave as BPF_F_ALLOW_MULTI: they run alongside other programs.
+        let mode = CgroupAttachMode::Single;
+        program::<CgroupSock>(&mut ebpf, "sock_create")?
+            .attach(&cgroup_dir, mode)
+            .map_err(|e| program_error("sock_create", e))?;
+        program::<SockOps>(&mut ebpf, "sock_ops")?
+            .attach(&cgroup_dir, mode)
+            .map_err(|e| program_error("sock_ops", e))?;
+        for (name, kind) in [
+            ("skb_egress", CgroupSkbAttachType::Egress),
+            ("skb_ingress", CgroupSkbAttachType::Ingress),
+        ] {
+            program::<CgroupSkb>(&mut ebpf, name)?
+                .attach(&cgroup_dir, kind, mode)
+                .map_err(|e| program_error(name, e))?;
+        }
+        let download = attach_download(program(&mut ebpf, "tc_ingress")?, interface, hook)?;
+        Ok(BpfClassifier {
+            conn_class: take_map(&mut ebpf, "conn_class")?,
+            proc_class: take_map(&mut ebpf, "proc_class")?,
+            sock_bytes: take_map(&mut ebpf, "sock_bytes")?,
+            events: RingBuf::try_from(
+                ebpf.take_map("events")
+                    .ok_or_else(|| missing("map", "events"))?,
+            )
+            .map_err(|e| map_error("events", e))?,
+            ebpf,
+            download,
+        })
+    }
+
+    /// How the download program is attached.
+    pub fn download_hook(&self) -> DownloadHook {
+        self.download
+    }
+
+    /// The kernel's ids of our programs (as `bpftool prog` lists them): for status, and for
+    /// checking that none is left once the classifier is gone.
+    pub fn program_ids(&self) -> Vec<u32> {
+        self.ebpf
+            .programs()
+            .filter_map(|(_, p)| p.info().ok())
+            .map(|i| i.id())
+            .collect()
+    }
+
+    /// Puts the connection with socket cookie `cookie` into classes `up` (on the interface) and
+    /// `down` (on the IFB): full classids, `major << 16 | minor`. `None` in a direction: its
+    /// process's class for new connections, else the qdisc's default class.
+    pub fn set_connection(
+        &mut self,
+        cookie: u64,
+        up: Option<u32>,
+        down: Option<u32>,
+    ) -> Result<(), BpfError> {
+        let value = raw_classes(up, down);
+        self.conn_class
+            .insert(cookie, value, 0)
+            .map_err(|e| map_error("conn_class", e))
+    }
+
+    /// Forgets a connection: its classes and its byte counters. Unknown cookies are fine.
+    pub fn remove_connection(&mut self, cookie: u64) -> Result<(), BpfError> {
+        ignore_missing(self.conn_class.remove(&cookie)).map_err(|e| map_error("conn_class", e))?;
+        ignore_missing(self.sock_bytes.remove(&cookie)).map_err(|e| map_error("sock_bytes", e))
+    }
+
+    /// The classes for connections of process `tgid` that have no classes of their own yet
+    /// (new ones, from their first packet, before userspace has seen them).
+    pub fn set_process_default(
+        &mut self,
+        tgid: u32,
+        up: Option<u32>,
+        down: Option<u32>,
+    ) -> Result<(), BpfError> {
+        let value = raw_classes(up, down);
+        self.proc_class
+            .insert(tgid, value, 0)
+            .map_err(|e| map_error("proc_class", e))
+    }
+
+    /// Forgets a process's classes for new connections (e.g. when it exits).
+    pub fn remove_process(&mut self, tgid: u32) -> Result<(), BpfError> {
+        ignore_missing(self.proc_class.remove(&tgid)).map_err(|e| map_error("proc_class", e))
+    }
+
+    /// The ring buffer's descriptor: readable when new sockets are waiting (for an event loop,
+    /// e.g. tokio's `AsyncFd`); then call [`Self::drain_new_sockets`].
+    pub fn events_fd(&self) -> BorrowedFd<'_> {
+        self.events.as_fd()
+    }
+
+    /// Waits up to `timeout` for new sockets, then returns every one waiting.
+    pub fn poll_new_sockets(&mut self, timeout: Duration) -> Vec<NewSocket> {
+        let mut pfd = libc::pollfd {
+            fd: self.events.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd; the fd lives as long as `self`. An error or a timeout just
+        // means nothing to read, which the drain below finds out by itself.
+        unsafe { libc::poll(&mut pfd, 1, ms) };
+        self.drain_new_sockets()
+    }
+
+    /// Every new socket waiting in the ring buffer, without blocking.
+    pub fn drain_new_sockets(&mut self) -> Vec<NewSocket> {
+        let mut out = Vec::new();
+        while let Some(item) = self.events.next() {
+            if let Some(s) = parse_event(&item) {
+                out.push(s);
+            }
+        }
+        out
+    }
+
+    /// Bytes the socket with this cookie sent and received since the programs were attached.
+    pub fn counters(&self, cookie: u64) -> Option<ByteCounters> {
+        self.sock_bytes.get(&cookie, 0).ok().map(to_counters)
+    }
+
+    /// Every socket's byte counters, by cookie. Entries of closed sockets stay until
+    /// [`Self::remove_connection`] (or, past 131,072 sockets, until the least recently used go).
+    pub fn all_counters(&self) -> Vec<(u64, ByteCounters)> {
+        self.sock_bytes
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(cookie, c)| (cookie, to_counters(c)))
+            .collect()
+    }
+}
+
+fn raw_classes(up: Option<u32>, down: Option<u32>) -> RawClasses {
+    RawClasses {
+        up: up.unwrap_or(0),
+        down: down.unwrap_or(0),
+    }
+}
+
+fn to_counters(c: RawCounters) -> ByteCounters {
+    ByteCounters {
+        up: c.up,
+        down: c.down,
+    }
+}
+
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound | MapError::ElementNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+fn parse_event(bytes: &[u8]) -> Option<NewSocket> {
+    if bytes.len() < size_of::<RawEvent>() {
+        return None;
+    }
+    // SAFETY: long enough, and every bit pattern is a valid RawEvent.
+    let e: RawEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let proto = match i32::from(e.protocol) {
+        libc::IPPROTO_TCP => Proto::Tcp,
+        libc::IPPROTO_UDP => Proto::Udp,
+        _ => return None,
+    };
+    let ip = |words: [u32; 4]| -> Option<IpAddr> {
+        let mut b = [0u8; 16];
+        for (chunk, w) in b.chunks_exact_mut(4).zip(words) {
+            chunk.copy_from_slice(&w.to_ne_bytes());
+        }
+        match i32::from(e.family) {
+            libc::AF_INET => Some(Ipv4Addr::new(b[0], b[1], b[2], b[3]).into()),
+            libc::AF_INET6 => Some(Ipv6Addr::from(b).into()),
+            _ => None,
+        }
+    };
+    let comm_len = e.comm.iter().position(|&c| c == 0).unwrap_or(e.comm.len());
+    Some(NewSocket {
+        cookie: e.cookie,
+        tgid: e.tgid,
+        uid: e.uid,
+        comm: String::from_utf8_lossy(&e.comm[..comm_len]).into_owned(),
+        cgroup_id: e.cgroup_id,
+        proto,
+        local: normalize_addr(SocketAddr::new(ip(e.local_ip)?, e.local_port)),
+        remote: normalize_addr(SocketAddr::new(ip(e.remote_ip)?, e.remote_port)),
+        first_inbound: e.ingress != 0,
+        reported_at: Duration::from_nanos(e.ktime_ns),
+    })
+}
+
+/// Opens a cgroup v2 directory, refusing anything else (a v1 hierarchy, a plain directory).
+fn open_cgroup(path: &Path) -> Result<File, BpfError> {
+    let dir = File::open(path).map_err(|source| BpfError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    let is_dir = dir.metadata().map(|m| m.is_dir()).unwrap_or(false);
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd and a zeroed out-parameter of the right type.
+    let ok = unsafe { libc::fstatfs(dir.as_raw_fd(), &mut st) } == 0;
+    if !is_dir || !ok || st.f_type as i64 != CGROUP2_MAGIC {
+        return Err(BpfError::NotCgroup2 {
+            path: path.to_owned(),
+        });
+    }
+    Ok(dir)
+}
+
+/// The cgroup v2 mount point from /proc/mounts (`/sys/fs/cgroup` on most distributions,
+/// `/sys/fs/cgroup/unified` in hybrid mode).
+pub fn cgroup2_root() -> Result<std::path::PathBuf, BpfError> {
+    let mounts = std::fs::read_to_string("/proc/mounts").map_err(|source| BpfError::Open {
+        path: "/proc/mounts".into(),
+        source,
+    })?;
+    mounts
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 2 && f[2] == "cgroup2")
+        .map(|f| f[1].into())
+        .ok_or(BpfError::NoCgroup2Mount)
+}
+
+/// The id the kernel gives a cgroup v2 directory (what `bpf_get_current_cgroup_id` returns).
+pub fn cgroup_id(path: &Path) -> io::Result<u64> {
+    Ok(std::fs::metadata(path)?.ino())
+}
+
+fn load_object() -> Result<Ebpf, BpfError> {
+    EbpfLoader::new()
+        .load(OBJECT)
+        .map_err(|e| ebpf_error("loading bpf/shaper.bpf.o", e))
+}
+
+/// Loads every program (the verifier runs here), attaching none.
+fn load_programs(ebpf: &mut Ebpf) -> Result<(), BpfError> {
+    let loaded = |name, r: Result<(), ProgramError>| r.map_err(|e| program_error(name, e));
+    loaded(
+        "sock_create",
+        program::<CgroupSock>(ebpf, "sock_create")?.load(),
+    )?;
+    loaded("sock_ops", program::<SockOps>(ebpf, "sock_ops")?.load())?;
+    loaded(
+        "skb_egress",
+        program::<CgroupSkb>(ebpf, "skb_egress")?.load(),
+    )?;
+    loaded(
+        "skb_ingress",
+        program::<CgroupSkb>(ebpf, "skb_ingress")?.load(),
+    )?;
+    loaded(
+        "tc_ingress",
+        program::<SchedClassifier>(ebpf, "tc_ingress")?.load(),
+    )
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, BpfError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| missing("program", name))?
+        .try_into()
+        .map_err(|e| program_error(name, e))
+}
+
+fn take_map<K: Pod, V: Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, BpfError> {
+    let map = ebpf.take_map(name).ok_or_else(|| missing("map", name))?;
+    HashMap::try_from(map).map_err(|e| map_error(name, e))
+}
+
+/// tcx first (Linux ≥ 6.6) unless `hook` says cls_bpf; else a cls_bpf filter on the ingress
+/// qdisc (which must exist) at [`CLS_BPF_PREF`].
+fn attach_download(
+    prog: &mut SchedClassifier,
+    interface: &str,
+    hook: DownloadHook,
+) -> Result<DownloadHook, BpfError> {
+    let tcx_error = match hook {
+        DownloadHook::Tcx => {
+            let tcx = TcAttachOptions::TcxOrder(LinkOrder::first());
+            match prog.attach_with_options(interface, TcAttachType::Ingress, tcx) {
+                Ok(_) => return Ok(DownloadHook::Tcx),
+                Err(e) => format!("tcx: {e}; "),
+            }
+        }
+        DownloadHook::ClsBpf => String::new(),
+    };
+    let netlink = TcAttachOptions::Netlink(NlOptions {
+        priority: CLS_BPF_PREF,
+        ..NlOptions::default()
+    });
+    match prog.attach_with_options(interface, TcAttachType::Ingress, netlink) {
+        Ok(_) => Ok(DownloadHook::ClsBpf),
+        Err(e) => Err(BpfError::Interface {
+            interface: interface.into(),
+            message: format!("{tcx_error}cls_bpf on the ingress qdisc: {e}"),
+        }),
+    }
+}
+
+fn missing(kind: &str, name: &str) -> BpfError {
+    BpfError::Bpf {
+        what: format!("{kind} {name}"),
+        message: "missing from bpf/shaper.bpf.o (rebuild it with bpf/build.sh)".into(),
+    }
+}
+
+/// Sorts an io error from the bpf syscall into the cause a user can act on.
+fn syscall_error(what: String, source: io::Error) -> BpfError {
+    match source.raw_os_error() {
+        Some(libc::EPERM | libc::EACCES) => BpfError::Permission { what, source },
+        Some(libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP) => {
+            BpfError::KernelTooOld { what, source }
+        }
+        _ => BpfError::Bpf {
+            what,
+            message: source.to_string(),
+        },
+    }
+}
+
+fn map_error(name: &str, e: MapError) -> BpfError {
+    let what = format!("map {name}");
+    match e {
+        MapError::CreateError { io_error, .. } => syscall_error(what, io_error),
+        MapError::SyscallError(s) => syscall_error(format!("{what} ({})", s.call), s.io_error),
+        other => BpfError::Bpf {
+            what,
+            message: other.to_string(),
+        },
+    }
+}
+
+fn program_error(name: &'static str, e: ProgramError) -> BpfError {
+    match e {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } if io_error.raw_os_error() != Some(libc::EPERM) => {
+            let log = verifier_log.to_string();
+            let lines: Vec<&str> = log.lines().collect();
+            BpfError::Verifier {
+                program: name,
+                source: io_error,
+                log: lines[lines.len().saturating_sub(12)..].join(" | "),
+            }
+        }
+        ProgramError::LoadError { io_error, .. } => {
+            syscall_error(format!("loading program {name}"), io_error)
+        }
+        ProgramError::SyscallError(s) => {
+            syscall_error(format!("program {name} ({})", s.call), s.io_error)
+        }
+        other => BpfError::Bpf {
+            what: format!("program {name}"),
+            message: other.to_string(),
+        },
+    }
+}
+
+fn ebpf_error(what: &str, e: EbpfError) -> BpfError {
+    match e {
+        EbpfError::MapError(m) => map_error(what, m),
+        EbpfError::ProgramError(p) => program_error("(loading)", p),
+        other => BpfError::Bpf {
+            what: what.into(),
+            message: other.to_string(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_layout_matches_the_c_struct() {
+        // struct event in shaper.bpf.c: 3 u64, 2 u32, comm[16], 2×4 u32, 3 u16, 2 u8.
+        assert_eq!(size_of::<RawEvent>(), 88);
+    }
+
+    #[test]
+    fn events_parse_into_sockets() {
+        let mut e = RawEvent {
+            cookie: 7,
+            cgroup_id: 9,
+            ktime_ns: 1_000,
+            tgid: 42,
+            uid: 1000,
+            comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+            local_ip: [u32::from_ne_bytes([10, 0, 0, 1]), 0, 0, 0],
+            remote_ip: [u32::from_ne_bytes([10, 0, 0, 2]), 0, 0, 0],
+            local_port: 40000,
+            remote_port: 443,
+            family: libc::AF_INET as u16,
+            protocol: libc::IPPROTO_TCP as u8,
+            ingress: 0,
+        };
+        // SAFETY: reading a repr(C) value as bytes.
+        let bytes = |e: &RawEvent| unsafe {
+            std::slice::from_raw_parts((e as *const RawEvent).cast::<u8>(), size_of::<RawEvent>())
+                .to_vec()
+        };
+        let s = parse_event(&bytes(&e)).expect("a TCP/IPv4 event parses");
+        assert_eq!(
+            (s.cookie, s.tgid, s.uid, s.comm.as_str(), s.proto),
+            (7, 42, 1000, "curl", Proto::Tcp)
+        );
+        assert_eq!(s.local, "10.0.0.1:40000".parse().unwrap());
+        assert_eq!(s.remote, "10.0.0.2:443".parse().unwrap());
+        e.protocol = 1; // ICMP: not ours
+        assert_eq!(parse_event(&bytes(&e)), None);
+        assert_eq!(parse_event(&bytes(&e)[..10]), None);
+    }
+}

@@ -1,0 +1,95 @@
+//! First-packet classification in the kernel: BPF programs that put every packet of a socket into
+//! its HTB class by setting `skb->priority`, so a connection is shaped from its first packet
+//! instead of from the next scan.
+//!
+//! [`BpfClassifier`] owns the programs (loaded from `bpf/shaper.bpf.o`, built from
+//! `bpf/shaper.bpf.c`), their links and their maps. The daemon tells it which class each
+//! connection (by socket cookie) and each process (by tgid, for connections it has not seen yet)
+//! goes to, and reads the sockets the kernel reports as new ([`NewSocket`]) and the per-socket
+//! byte counters. Where BPF cannot be used, [`probe`] says why in one line, and the daemon keeps
+//! the scan + u32 path. See docs/design.md, "First-packet classifier".
+
+mod bpf;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use bpf::{BpfClassifier, CLS_BPF_PREF, DownloadHook, cgroup_id, cgroup2_root, probe};
+
+use crate::scan::Proto;
+
+/// A socket created in the attached cgroup, reported once, on its first packet either way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewSocket {
+    /// The kernel's socket cookie, the key of [`BpfClassifier::set_connection`] (sock_diag
+    /// reports the same value).
+    pub cookie: u64,
+    /// The process that created the socket (for an accepted socket: the listener's creator).
+    pub tgid: u32,
+    pub uid: u32,
+    pub comm: String,
+    /// The creating process's cgroup v2 id (the inode number of its cgroup directory).
+    pub cgroup_id: u64,
+    pub proto: Proto,
+    /// IPv4-mapped addresses are reported as IPv4 (as the scan does).
+    pub local: SocketAddr,
+    /// `0.0.0.0:0` / `[::]:0` for an unconnected UDP socket.
+    pub remote: SocketAddr,
+    /// The socket's first packet was inbound (an unconnected UDP server's first datagram).
+    pub first_inbound: bool,
+    /// When the kernel wrote the event, on CLOCK_MONOTONIC (for latency figures).
+    pub reported_at: Duration,
+}
+
+/// Bytes a socket sent and received, IP headers included (GSO packets counted whole), since the
+/// programs were attached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ByteCounters {
+    pub up: u64,
+    pub down: u64,
+}
+
+/// Why the BPF classifier cannot be used. Each message names the cause and the fix; the daemon
+/// logs it once and falls back to the scan + u32 path.
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error(
+        "{path}: not a cgroup v2 directory; give the cgroup v2 mount (fstype cgroup2 in \
+         /proc/mounts) or a directory under it"
+    )]
+    NotCgroup2 { path: PathBuf },
+    #[error("no cgroup v2 hierarchy is mounted (no cgroup2 line in /proc/mounts)")]
+    NoCgroup2Mount,
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the kernel refused BPF ({what}: {source}); run as root or grant CAP_BPF, \
+         CAP_NET_ADMIN and CAP_PERFMON (and check kernel.unprivileged_bpf_disabled / lockdown)"
+    )]
+    Permission {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "the kernel lacks what the classifier needs ({what}: {source}); it needs Linux ≥ 5.8 \
+         with CONFIG_BPF_SYSCALL, CONFIG_CGROUP_BPF and BTF"
+    )]
+    KernelTooOld {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("the verifier rejected program {program}: {source}; verifier log (end): {log}")]
+    Verifier {
+        program: &'static str,
+        source: std::io::Error,
+        log: String,
+    },
+    #[error("cannot attach the download program to the ingress of {interface}: {message}")]
+    Interface { interface: String, message: String },
+    #[error("BPF {what}: {message}")]
+    Bpf { what: String, message: String },
+}
