@@ -17,11 +17,14 @@ if [ "${1:-}" = "--check" ]; then
     trap 'rm -f "$out"' EXIT
 fi
 arch_include=/usr/include/$(uname -m)-linux-gnu
+# From inside the folder, so the compilation directory recorded in BTF is the mapped one too and
+# the object does not depend on where the checkout (or the caller) is.
+cd "$dir"
 # -g: BTF, which socket-storage maps and the ring buffer need; -mcpu=v3: atomic fetch-or.
 "$clang" -target bpf -mcpu=v3 -O2 -g -Wall -Werror \
     -fdebug-prefix-map="$dir"=. -fno-ident \
     -I"$arch_include" \
-    -c "$dir/shaper.bpf.c" -o "$out"
+    -c shaper.bpf.c -o "$out"
 # Keep BTF (.BTF, .BTF.ext), drop DWARF: smaller, and no build paths or file names in it.
 "$strip" --strip-debug "$out"
 if [ "${1:-}" = "--check" ]; then
