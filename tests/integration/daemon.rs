@@ -510,3 +510,109 @@ fn plan_prints_what_a_dry_run_would_apply() {
     assert_eq!(operations(would), planned, "log:\n{logged}");
     assert!(classes(&pair.a).is_empty(), "a dry run installs nothing");
 }
+
+/// The daemon's thread count and resident memory (KiB), from /proc.
+fn footprint(daemon: &DaemonProcess) -> (usize, u64) {
+    let pid = daemon.child.as_ref().expect("running").id();
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    (threads, rss)
+}
+
+/// Whether a TCP connection from `a` to `b` opens within `secs` (outbound passes the upload
+/// tree; its answers pass the ingress redirect).
+fn outbound_opens_within(pair: &NetnsPair, secs: u64) -> bool {
+    let listener = pair
+        .b
+        .run(|| TcpListener::bind((NetnsPair::B_V4, 0)).unwrap());
+    let addr = listener.local_addr().unwrap();
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(secs) {
+        let opened = pair.a.run(|| {
+            TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(500)).is_ok()
+        });
+        if opened {
+            return true;
+        }
+    }
+    false
+}
+
+#[test]
+fn under_each_fault_traffic_flows_and_the_daemon_stays_bounded() {
+    let pair = NetnsPair::new();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("policy.lua");
+    let good = "classes = { bulk = { prio = 7, ceil = \"3mbit\" } }\n\
+                function classify(conn) return \"bulk\" end\n";
+    std::fs::write(&script, good).unwrap();
+    let _conn = connection(&pair);
+    let daemon = DaemonProcess::start(&pair.a, dir.path(), &["--script", script.to_str().unwrap()]);
+    daemon.wait_for(10, "shaping", |s| {
+        shaping(s) && classes(&pair.a).contains("ceil 3Mbit")
+    });
+    let (threads, rss) = footprint(&daemon);
+    let check = |fault: &str| {
+        assert!(
+            pair.inbound_opens_within(std::time::Duration::from_secs(3)),
+            "{fault}: inbound TCP\nlog:\n{}",
+            daemon.log_text()
+        );
+        assert!(
+            outbound_opens_within(&pair, 3),
+            "{fault}: outbound TCP\nlog:\n{}",
+            daemon.log_text()
+        );
+        let (t, r) = footprint(&daemon);
+        eprintln!("{fault}: {t} threads (from {threads}), {r} KiB resident (from {rss})");
+        assert!(t <= threads + 4, "{fault}: {t} threads, {threads} at start");
+        assert!(
+            r <= rss + 32 * 1024,
+            "{fault}: {r} KiB resident, {rss} at start"
+        );
+    };
+
+    pair.a.ip(&["link", "del", "shp-veth0"]);
+    check("IFB deleted");
+
+    let out = pair
+        .a
+        .command("tc")
+        .args(["qdisc", "del", "dev", "veth0", "root"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    check("root qdisc deleted by hand");
+
+    std::fs::write(&script, "function classify(conn) while true do end end\n").unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    check("a policy that never returns");
+    std::fs::write(&script, "function classify(conn)\n  return nil, \n").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    check("a policy with a syntax error");
+    std::fs::write(&script, good).unwrap();
+
+    let socket = dir.path().join("run/shaper.sock");
+    let idle: Vec<_> = (0..100)
+        .map(|_| std::os::unix::net::UnixStream::connect(&socket).unwrap())
+        .collect();
+    let mut long = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    let _ = std::io::Write::write_all(&mut long, &vec![b'x'; 8 << 20]);
+    check("100 idle control clients and an 8 MB request line");
+    let started = std::time::Instant::now();
+    let out = daemon.control(&["status"]);
+    assert!(out.status.success(), "status answers beside idle clients");
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    drop(idle);
+
+    daemon.wait_for(10, "shaping again", |s| {
+        shaping(s) && classes(&pair.a).contains("ceil 3Mbit")
+    });
+}
