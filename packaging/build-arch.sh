@@ -3,7 +3,7 @@
 # PKGBUILD's source tarball, its sha256 written into a copy of the PKGBUILD (`makepkg -g`), then
 # `makepkg` (which refuses root) as a throw-away user, with the same Rust toolchain as the caller.
 # Checks the built package's file list. Run as root on a throw-away machine (CI); needs the
-# `makepkg` package (Debian) and network access for `cargo fetch` in prepare().
+# `makepkg` and `libarchive-tools` packages (Debian) and network access for `cargo fetch`.
 # Usage: build-arch.sh [OUTPUT_DIR]   (default: target/arch)
 set -euo pipefail
 cd "$(dirname "$0")/.."
