@@ -76,7 +76,15 @@ fn runtime_dir(
 
 pub fn status(cli: &super::Cli, args: &StatusArgs) -> anyhow::Result<ExitCode> {
     let dir = runtime_dir(cli, &args.runtime_dir)?;
-    let response = service::request(&dir, &Request::Status { all: args.all })?;
+    let response = match service::request(&dir, &Request::Status { all: args.all }) {
+        Ok(response) => response,
+        // The LSB convention for a status query: 3 = not running.
+        Err(e) if e.is::<service::NotRunning>() => {
+            eprintln!("shaper: {e}");
+            return Ok(ExitCode::from(3));
+        }
+        Err(e) => return Err(e),
+    };
     let Some(status) = response.status else {
         anyhow::bail!("{}", response.error.unwrap_or_else(|| "no status".into()));
     };

@@ -388,6 +388,13 @@ fn cycle_loop(daemon: &mut Daemon, interval: Duration, inbox: &mpsc::Receiver<Co
 
 /// Sends one request to a running daemon. As root, only through a runtime dir no one else can
 /// write (anyone who could might have put their own socket there).
+/// No daemon answers on the control socket.
+#[derive(Debug, thiserror::Error)]
+#[error("shaper is not running: nothing listens on {} (start it with `shaper run` or `systemctl start shaper`)", socket.display())]
+pub struct NotRunning {
+    pub socket: PathBuf,
+}
+
 pub fn request(runtime_dir: &Path, request: &Request) -> anyhow::Result<Response> {
     if rustix::process::geteuid().is_root() {
         match crate::trust::check_private_dir(runtime_dir) {
@@ -396,12 +403,26 @@ pub fn request(runtime_dir: &Path, request: &Request) -> anyhow::Result<Response
         }
     }
     let path = runtime_dir.join(SOCKET_NAME);
-    let mut stream = std::os::unix::net::UnixStream::connect(&path).with_context(|| {
-        format!(
-            "cannot reach shaper at {} (is `shaper run` running, and may you read its socket?)",
-            path.display()
-        )
-    })?;
+    let mut stream = match std::os::unix::net::UnixStream::connect(&path) {
+        Ok(stream) => stream,
+        // No socket, or nobody listening on it: no daemon runs (`status` exits 3 for this).
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Err(NotRunning { socket: path }.into());
+        }
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "cannot reach shaper at {} (may you read its socket?)",
+                    path.display()
+                )
+            });
+        }
+    };
     stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
     stream.set_write_timeout(Some(ANSWER_TIMEOUT))?;
     let mut text = serde_json::to_string(request)?;

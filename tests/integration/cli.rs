@@ -277,3 +277,28 @@ fn plan_reads_the_saved_usage_as_run_does() {
         "the quota is over, so every connection goes to slow, both ways:\n{used}"
     );
 }
+
+#[test]
+fn status_exits_3_when_no_daemon_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shaper"))
+        .args(["status", "--runtime-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "the LSB code for not running");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("shaper is not running") && stderr.contains("shaper run"),
+        "{stderr}"
+    );
+    // A stale socket with nobody listening (a killed daemon's) is not running either.
+    let socket = std::os::unix::net::UnixListener::bind(dir.path().join("shaper.sock")).unwrap();
+    drop(socket);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shaper"))
+        .args(["status", "--runtime-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+}
