@@ -22,7 +22,7 @@ use crate::policy::{self, ClassSet, Decision, Each, Engine, EngineOptions, Polic
 use crate::process::{ProcessTable, Snapshot};
 use crate::scan::Socket;
 use crate::shape::{
-    Capacity, Desired, Exhausted, Features, Handles, Installed, Plan, PlanInput, Redirect,
+    Capacity, Desired, Exhausted, Features, Handles, Installed, Op, Plan, PlanInput, Redirect,
     ShapeError, Slot, TcBackend, plan, reconcile,
 };
 use crate::units::{Rate, RatePair};
@@ -253,10 +253,13 @@ impl Cycle {
                 accounting.observe(&now, self.flows.observed(), &ceilings, links);
             });
         }
-        self.capacity = Capacity {
-            up: min_rate(self.link.up, rates.rate.and_then(|r| r.up)),
-            down: min_rate(self.link.down, rates.rate.and_then(|r| r.down)),
-        };
+        // The rates in force are read once per whole cycle: a partial one keeps its capacity.
+        if !partial {
+            self.capacity = Capacity {
+                up: min_rate(self.link.up, rates.rate.and_then(|r| r.up)),
+                down: min_rate(self.link.down, rates.rate.and_then(|r| r.down)),
+            };
+        }
         outcome
     }
 
@@ -295,7 +298,24 @@ impl Cycle {
             },
             None => backend.installed(&iface.name)?,
         };
-        let ops = reconcile(&iface.name, &desired, &installed, replace)?;
+        let ops = match reconcile(&iface.name, &desired, &installed, replace) {
+            Ok(ops) => ops,
+            Err(refused) => {
+                if installed.ingress == Slot::Ours(Redirect::Dangling) {
+                    // Nothing else may be done here (a foreign qdisc), but shaper's own
+                    // redirect to a missing IFB drops every inbound packet: it goes regardless.
+                    let unblock = Plan {
+                        ops: vec![Op::DeleteIngress {
+                            dev: iface.name.clone(),
+                        }],
+                    };
+                    for (op, e) in backend.apply(&unblock) {
+                        tracing::error!("{}: {op}: {e}", iface.name);
+                    }
+                }
+                return Err(refused);
+            }
+        };
         Ok(Some(TcPlan {
             ops,
             desired,
@@ -312,7 +332,10 @@ impl Cycle {
         self.capacity.hash(&mut h);
         features.hash(&mut h);
         for (c, d) in self.flows.connections().iter().zip(self.flows.decisions()) {
+            // The addresses too: an unconnected UDP socket that connects keeps its key but
+            // needs another filter.
             c.socket.key().hash(&mut h);
+            (c.socket.proto, c.socket.local, c.socket.remote).hash(&mut h);
             c.owner.as_ref().map(|o| o.pid).hash(&mut h);
             d.hash(&mut h);
         }
@@ -363,7 +386,6 @@ impl Interface {
         }
     }
 
-    /// Reports running out of handles once, when it starts, and keeps the count for `status`.
     /// Keeps the count of classes and filters the last plan could not place, for `status`
     /// (the planner logs the cause once).
     fn note_exhausted(&mut self, exhausted: Exhausted) {

@@ -72,10 +72,25 @@ fn claim(interface: &str) -> Result<OwnedFd, LockError> {
     match bind(&socket, &addr) {
         Ok(()) => {}
         Err(rustix::io::Errno::ADDRINUSE) => {
-            return Err(LockError::Held {
-                interface: interface.to_string(),
-                holder: holder(&addr).map_or_else(String::new, |pid| format!(" (pid {pid})")),
-            });
+            let holder = holder(&addr);
+            match holder {
+                // Abstract names have no permissions: any local user can bind this one. A holder
+                // of another user is no shaper that could shape this interface (that takes
+                // CAP_NET_ADMIN, as this daemon's user has), so it must not stop this one.
+                Some((pid, uid)) if uid != rustix::process::geteuid().as_raw() => {
+                    tracing::warn!(
+                        "{interface}: the claim {name:?} is held by pid {pid} of uid {uid}, not a \
+                         shaper of this user; going on without the one-daemon-per-interface guard"
+                    );
+                    return Ok(socket);
+                }
+                _ => {
+                    return Err(LockError::Held {
+                        interface: interface.to_string(),
+                        holder: holder.map_or_else(String::new, |(pid, _)| format!(" (pid {pid})")),
+                    });
+                }
+            }
         }
         Err(e) => return Err(io(e.into())),
     }
@@ -84,9 +99,10 @@ fn claim(interface: &str) -> Result<OwnedFd, LockError> {
     Ok(socket)
 }
 
-/// The pid of the process holding `addr`, if it can be learnt. The connection is non-blocking:
-/// the holder never accepts, so once its backlog is full a blocking connect would wait forever.
-fn holder(addr: &SocketAddrUnix) -> Option<i32> {
+/// The pid and uid of the process holding `addr`, if they can be learnt. The connection is
+/// non-blocking: the holder never accepts, so once its backlog is full a blocking connect would
+/// wait forever.
+fn holder(addr: &SocketAddrUnix) -> Option<(i32, u32)> {
     let socket = socket_with(
         AddressFamily::UNIX,
         SocketType::STREAM,
@@ -96,7 +112,7 @@ fn holder(addr: &SocketAddrUnix) -> Option<i32> {
     .ok()?;
     connect(&socket, addr).ok()?;
     let cred = socket_peercred(&socket).ok()?;
-    Some(cred.pid.as_raw_nonzero().get())
+    Some((cred.pid.as_raw_nonzero().get(), cred.uid.as_raw()))
 }
 
 #[cfg(test)]
@@ -122,5 +138,40 @@ mod tests {
         drop(InterfaceLock::acquire(&[format!("{name}b")]).unwrap());
         drop(first);
         drop(InterfaceLock::acquire(&[name]).unwrap());
+    }
+
+    #[test]
+    fn a_claim_squatted_by_another_user_does_not_stop_the_daemon() {
+        use std::os::unix::process::CommandExt;
+        if !rustix::process::geteuid().is_root() {
+            return; // the squatter must be another user than the daemon's
+        }
+        let name = format!("squat{}", std::process::id() % 100_000);
+        let script = format!(
+            "import socket, sys, time\n\
+             s = socket.socket(socket.AF_UNIX)\n\
+             s.bind('\\0{}')\n\
+             s.listen(1)\n\
+             print('bound', flush=True)\n\
+             time.sleep(30)\n",
+            lock_name(&name)
+        );
+        let mut squatter = std::process::Command::new("python3")
+            .args(["-c", &script])
+            .uid(65534)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(squatter.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "bound");
+        let claimed = InterfaceLock::acquire(std::slice::from_ref(&name));
+        let _ = squatter.kill();
+        let _ = squatter.wait();
+        assert!(claimed.is_ok(), "{:?}", claimed.err());
     }
 }

@@ -331,15 +331,16 @@ impl Daemon {
                 iface.operations = 0;
                 return;
             }
-            Err(e @ crate::shape::ShapeError::Foreign { .. }) => {
-                if iface.state != format!("refused: {e}") {
-                    tracing::error!("{e}");
-                }
-                iface.state = format!("refused: {e}");
-                return;
-            }
             Err(e) => {
-                iface.state = format!("error: {e}");
+                let state = match e {
+                    crate::shape::ShapeError::Foreign { .. } => format!("refused: {e}"),
+                    _ => format!("error: {e}"),
+                };
+                // Once per distinct failure, not every cycle.
+                if iface.state != state {
+                    tracing::error!("{}: {e}", iface.name);
+                }
+                iface.state = state;
                 return;
             }
         };

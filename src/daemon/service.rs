@@ -386,8 +386,6 @@ fn cycle_loop(daemon: &mut Daemon, interval: Duration, inbox: &mpsc::Receiver<Co
     }
 }
 
-/// Sends one request to a running daemon. As root, only through a runtime dir no one else can
-/// write (anyone who could might have put their own socket there).
 /// No daemon answers on the control socket.
 #[derive(Debug, thiserror::Error)]
 #[error("shaper is not running: nothing listens on {} (start it with `shaper run` or `systemctl start shaper`)", socket.display())]
@@ -395,6 +393,8 @@ pub struct NotRunning {
     pub socket: PathBuf,
 }
 
+/// Sends one request to a running daemon. As root, only through a runtime dir no one else can
+/// write (anyone who could might have put their own socket there).
 pub fn request(runtime_dir: &Path, request: &Request) -> anyhow::Result<Response> {
     if rustix::process::geteuid().is_root() {
         match crate::trust::check_private_dir(runtime_dir) {

@@ -7,7 +7,7 @@ use super::{Daemon, Parts, RunOptions, Sockets};
 use crate::config::Config;
 use crate::scan::{Proto, ScanError, Socket, SocketSource, State};
 use crate::shape::recording::RecordingBackend;
-use crate::shape::{Op, Slot, ifb_name};
+use crate::shape::{Op, Redirect, Slot, ifb_name};
 use crate::units::Interval;
 
 /// bulk for ssh, with a limit that doubles at ten o'clock; everything else in default.
@@ -340,4 +340,26 @@ fn running_out_of_handles_is_reported() {
     assert_eq!(rig.state(), "shaping", "the rest is shaped");
     let text = crate::cli::status::render(&status);
     assert!(text.contains("without a tc handle"), "{text}");
+}
+
+#[test]
+fn a_dangling_redirect_goes_even_where_a_foreign_root_is_refused() {
+    let mut rig = Rig::new();
+    // A killed run's redirect to its deleted IFB, and someone's root qdisc since.
+    rig.kernel.place(
+        "eth0",
+        Slot::Foreign("htb 1:".into()),
+        Slot::Ours(Redirect::Dangling),
+    );
+    rig.set_sockets(vec![socket(443, 1)]);
+    let ops = rig.tick();
+    assert!(rig.state().starts_with("refused"), "{}", rig.state());
+    assert_eq!(
+        ops,
+        [Op::DeleteIngress { dev: "eth0".into() }],
+        "only the redirect that drops inbound traffic goes"
+    );
+    let installed = rig.kernel.installed_now("eth0").unwrap();
+    assert_eq!(installed.ingress, Slot::Free);
+    assert_eq!(installed.upload, Slot::Foreign("htb 1:".into()));
 }

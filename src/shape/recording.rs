@@ -79,6 +79,14 @@ impl RecordingBackend {
         self
     }
 
+    /// Puts `root` and `ingress` on `name`, as another program (or an earlier run) left them.
+    pub fn place(&self, name: &str, root: Slot<DeviceTree>, ingress: Slot<Redirect>) {
+        if let Some(d) = self.model().devices.get_mut(name) {
+            d.root = root;
+            d.ingress = ingress;
+        }
+    }
+
     /// Removes `name` (and, with it, what was installed on it).
     pub fn remove_link(&self, name: &str) {
         self.model().devices.remove(name);

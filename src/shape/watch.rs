@@ -12,7 +12,8 @@
 //!   packet to no device. The watcher removes that redirect at once, from its own thread, so
 //!   inbound traffic flows unshaped instead of being dropped until the next cycle rebuilds it.
 //!
-//! Nothing is polled: a quiet interface costs no netlink message and no CPU.
+//! The kernel is not polled: a quiet interface costs no netlink message. (The thread wakes
+//! every 200 ms only to see whether it should stop.)
 
 use std::collections::BTreeSet;
 use std::io;
