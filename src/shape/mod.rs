@@ -138,6 +138,7 @@ pub fn reconcile(
         &desired.upload,
         upload,
     ));
+    let mut ingress = installed.ingress.clone();
     let download = match &installed.download {
         None => {
             ops.push(Op::AddIfb { name: ifb.clone() });
@@ -145,9 +146,14 @@ pub fn reconcile(
         }
         Some(Slot::Ours(tree)) => Some(tree),
         Some(Slot::Free) => None,
-        // The IFB is shaper's by name; whatever is on it is replaced.
+        // The IFB is shaper's by name: when someone else's qdisc is on it, or it is down, a
+        // new one replaces it, and the redirect to the old one has to go with it.
         Some(Slot::Foreign(_)) => {
-            ops.push(Op::DeleteRoot { dev: ifb.clone() });
+            ops.push(Op::DeleteIfb { name: ifb.clone() });
+            ops.push(Op::AddIfb { name: ifb.clone() });
+            if ingress == Slot::Ours(Redirect::ToIfb) {
+                ingress = Slot::Ours(Redirect::Dangling);
+            }
             None
         }
     };
@@ -157,7 +163,7 @@ pub fn reconcile(
         &desired.download,
         download,
     ));
-    match &installed.ingress {
+    match &ingress {
         Slot::Ours(Redirect::ToIfb) => {}
         Slot::Ours(Redirect::Dangling) => {
             // First of all: until it goes, no inbound packet arrives.

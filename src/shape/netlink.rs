@@ -19,7 +19,7 @@ use netlink_packet_core::{
     NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::RouteNetlinkMessage;
-use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::tc::{TcHandle, TcMessage};
 use netlink_sys::AsyncSocket;
 use rtnetlink::{Handle, LinkIfb};
@@ -439,7 +439,7 @@ impl NetlinkBackend {
         &mut self,
         dev: &str,
         ifindex: u32,
-        ifb: Option<u32>,
+        ifb: Option<IfbLink>,
     ) -> Result<Slot<Redirect>, NetlinkError> {
         let qdiscs = self.qdiscs(dev, ifindex)?;
         let Some(q) = qdiscs.iter().find(|q| q.header.parent == TcHandle::INGRESS) else {
@@ -662,15 +662,24 @@ impl NetlinkBackend {
 }
 
 /// Whose the redirects on an ingress qdisc are, given the IFB's current index.
-fn classify_ingress(redirects: &[codec::Redirect], ifb: Option<u32>) -> Slot<Redirect> {
-    if redirects
-        .iter()
-        .any(|r| ifb.is_some_and(|ifb| r.to_ifindex == ifb))
-    {
+/// The IFB as found: its index, and whether it is up.
+#[derive(Debug, Clone, Copy)]
+struct IfbLink {
+    index: u32,
+    up: bool,
+}
+
+/// Whose the redirects on an ingress qdisc are, given the IFB. A redirect works only to an IFB
+/// that exists and is up; to one that is down, or gone (the kernel then reports target 0), it
+/// drops what it redirects.
+fn classify_ingress(redirects: &[codec::Redirect], ifb: Option<IfbLink>) -> Slot<Redirect> {
+    let to_ifb = |r: &codec::Redirect| ifb.is_some_and(|l| r.to_ifindex == l.index);
+    let ifb_up = ifb.is_some_and(|l| l.up);
+    if ifb_up && redirects.iter().any(to_ifb) {
         Slot::Ours(Redirect::ToIfb)
     } else if redirects
         .iter()
-        .any(|r| r.marked || (ifb.is_none() && r.to_ifindex == 0))
+        .any(|r| r.marked || to_ifb(r) || (ifb.is_none() && r.to_ifindex == 0))
     {
         Slot::Ours(Redirect::Dangling)
     } else {
@@ -693,11 +702,16 @@ impl TcBackend for NetlinkBackend {
             .ifindex(interface)?
             .ok_or_else(|| ShapeError::NoSuchInterface(interface.into()))?;
         let ifb_name = ifb_name(interface);
-        let ifb = self.ifindex(&ifb_name)?;
+        let ifb = self.link(&ifb_name)?.map(|l| IfbLink {
+            index: l.header.index,
+            up: l.header.flags.contains(LinkFlags::Up),
+        });
         let upload = self.root(interface, index)?;
         let ingress = self.ingress(interface, index, ifb)?;
         let download = match ifb {
-            Some(i) => Some(self.root(&ifb_name, i)?),
+            // Down, it is replaced by a new one (see `reconcile`).
+            Some(IfbLink { up: false, .. }) => Some(Slot::Foreign(format!("{ifb_name} is down"))),
+            Some(l) => Some(self.root(&ifb_name, l.index)?),
             None => None,
         };
         Ok(Installed {

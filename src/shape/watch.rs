@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::RouteNetlinkMessage;
-use netlink_packet_route::link::LinkAttribute;
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
 use super::netlink::NetlinkBackend;
@@ -110,9 +110,11 @@ enum Event {
     Tc {
         ifindex: u32,
     },
-    /// A device was deleted.
+    /// A device was deleted, or set down (`down`): for an IFB, either leaves its redirect
+    /// dropping every packet.
     LinkGone {
         name: String,
+        down: bool,
     },
     Other,
 }
@@ -157,12 +159,14 @@ impl Listener {
                     lock(&self.shared.changed).insert(iface);
                 }
             }
-            Event::LinkGone { name } => {
+            // The backend's own links (an IFB it creates) may be announced before they are up.
+            Event::LinkGone { down: true, .. } if port == self.own_port => {}
+            Event::LinkGone { name, .. } => {
                 let Some(iface) = self.shaped_by(&name) else {
                     return;
                 };
                 if name != iface {
-                    // The IFB: its interface's redirect now leads nowhere.
+                    // The IFB: its interface's redirect now drops what it redirects.
                     self.remove_dangling_redirect(&iface);
                 }
                 lock(&self.shared.changed).insert(iface);
@@ -201,12 +205,12 @@ impl Listener {
         };
         match backend.apply(&plan).first() {
             None => tracing::warn!(
-                "{iface}: its IFB {} was deleted by another program; inbound traffic flows \
-                 unshaped until it is rebuilt",
+                "{iface}: its IFB {} was deleted or set down by another program; inbound \
+                 traffic flows unshaped until it is rebuilt",
                 ifb_name(iface)
             ),
             Some((_, e)) => tracing::error!(
-                "{iface}: its IFB was deleted and the redirect to it could not be removed ({e}); \
+                "{iface}: its IFB went and the redirect to it could not be removed ({e}); \
                  inbound traffic is dropped until `shaper clear -i {iface}`"
             ),
         }
@@ -256,16 +260,20 @@ fn event_of(message: RouteNetlinkMessage) -> Event {
         | R::DelTrafficFilter(m) => Event::Tc {
             ifindex: m.header.index as u32,
         },
-        R::DelLink(l) => l
-            .attributes
-            .into_iter()
-            .find_map(|a| match a {
-                LinkAttribute::IfName(name) => Some(Event::LinkGone { name }),
-                _ => None,
-            })
-            .unwrap_or(Event::Other),
+        R::DelLink(l) => link_gone(l, false),
+        R::NewLink(l) if !l.header.flags.contains(LinkFlags::Up) => link_gone(l, true),
         _ => Event::Other,
     }
+}
+
+fn link_gone(link: LinkMessage, down: bool) -> Event {
+    link.attributes
+        .into_iter()
+        .find_map(|a| match a {
+            LinkAttribute::IfName(name) => Some(Event::LinkGone { name, down }),
+            _ => None,
+        })
+        .unwrap_or(Event::Other)
 }
 
 /// A device's name from its index, in the calling thread's network namespace.
@@ -324,7 +332,8 @@ mod tests {
                 (
                     0,
                     Event::LinkGone {
-                        name: "shp-eth0".into()
+                        name: "shp-eth0".into(),
+                        down: false
                     }
                 ),
             ]

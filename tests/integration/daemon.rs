@@ -249,19 +249,20 @@ fn ingress_filters(ns: &Netns) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-#[test]
-fn a_deleted_ifb_leaves_inbound_traffic_flowing_and_is_rebuilt() {
+/// Breaks the IFB with `ip FAULT` while a daemon runs: inbound traffic must flow again at once
+/// (not at the next cycle), and the next cycle must rebuild the IFB, up, with the redirect.
+fn ifb_fault_leaves_inbound_flowing_and_is_repaired(fault: &[&str]) {
     let pair = NetnsPair::new();
     let dir = tempfile::tempdir().unwrap();
     // A long cycle: the redirect must go at once, not when the next cycle comes.
     let daemon = DaemonProcess::start(&pair.a, dir.path(), &["--interval", "3s"]);
     daemon.wait_for(10, "shaping", shaping);
     assert!(pair.inbound_opens(), "inbound TCP before the fault");
-    pair.a.ip(&["link", "del", "shp-veth0"]);
+    pair.a.ip(fault);
     // Well before the next cycle (3 s).
     assert!(
         pair.inbound_opens_within(std::time::Duration::from_secs(2)),
-        "inbound TCP still dropped after the IFB went; ingress: {}\nlog:\n{}",
+        "inbound TCP still dropped after `ip {fault:?}`; ingress: {}\nlog:\n{}",
         ingress_filters(&pair.a),
         daemon.log_text()
     );
@@ -270,9 +271,14 @@ fn a_deleted_ifb_leaves_inbound_traffic_flowing_and_is_rebuilt() {
         "the watcher, not a cycle, removed the redirect:\n{}",
         daemon.log_text()
     );
-    // The next cycle rebuilds the IFB, its tree and the redirect.
+    // The next cycle rebuilds the IFB (up), its tree and the redirect.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !ingress_filters(&pair.a).contains("Redirect to device shp-veth0") {
+    let ifb_up = || {
+        pair.a
+            .ip(&["-o", "link", "show", "shp-veth0"])
+            .contains(",UP")
+    };
+    while !(ingress_filters(&pair.a).contains("Redirect to device shp-veth0") && ifb_up()) {
         assert!(
             std::time::Instant::now() < deadline,
             "not rebuilt: {}\nlog:\n{}",
@@ -286,6 +292,16 @@ fn a_deleted_ifb_leaves_inbound_traffic_flowing_and_is_rebuilt() {
         pair.inbound_opens_within(std::time::Duration::from_secs(3)),
         "inbound TCP after the rebuild"
     );
+}
+
+#[test]
+fn a_deleted_ifb_leaves_inbound_traffic_flowing_and_is_rebuilt() {
+    ifb_fault_leaves_inbound_flowing_and_is_repaired(&["link", "del", "shp-veth0"]);
+}
+
+#[test]
+fn an_ifb_set_down_leaves_inbound_traffic_flowing_and_is_rebuilt() {
+    ifb_fault_leaves_inbound_flowing_and_is_repaired(&["link", "set", "shp-veth0", "down"]);
 }
 
 #[test]

@@ -156,6 +156,7 @@ fn a_redirect_whose_ifb_is_gone_is_removed_by_reconcile_and_by_clear() {
 fn a_redirect_from_before_the_cookie_is_still_recognised_when_its_ifb_is_gone() {
     let pair = NetnsPair::new();
     pair.a.ip(&["link", "add", "shp-veth0", "type", "ifb"]);
+    pair.a.ip(&["link", "set", "shp-veth0", "up"]);
     tc(&pair.a, &["qdisc", "add", "dev", "veth0", "ingress"]);
     tc(
         &pair.a,
