@@ -23,7 +23,7 @@ use crate::process::{ProcessTable, Snapshot};
 use crate::scan::Socket;
 use crate::shape::{
     Capacity, Desired, Exhausted, Features, Handles, Installed, Plan, PlanInput, Redirect,
-    ShapeError, Slot, TcBackend, plan, reconcile,
+    ShapeError, Slot, Targets, TcBackend, plan, reconcile,
 };
 use crate::units::{Rate, RatePair};
 
@@ -116,6 +116,8 @@ pub struct Cycle {
     link: Capacity,
     /// The capacity in force: `link` narrowed by `--rate`.
     capacity: Capacity,
+    /// The BPF classifier puts connections in their leaves: plan no per-connection filters.
+    by_priority: bool,
 }
 
 impl Cycle {
@@ -128,6 +130,7 @@ impl Cycle {
             flows: FlowTable::default(),
             link,
             capacity: link,
+            by_priority: false,
         }
     }
 
@@ -187,6 +190,12 @@ impl Cycle {
 
     pub fn flows(&self) -> &FlowTable {
         &self.flows
+    }
+
+    /// Whether the BPF classifier puts connections in their leaves (then plans have no
+    /// per-connection u32 filters; see [`PlanInput::by_priority`]).
+    pub fn set_by_priority(&mut self, by_priority: bool) {
+        self.by_priority = by_priority;
     }
 
     /// The capacity the last run put in force.
@@ -281,6 +290,7 @@ impl Cycle {
                 decisions: self.flows.decisions(),
                 capacity: self.capacity,
                 features,
+                by_priority: self.by_priority,
             },
             &mut iface.handles,
         );
@@ -311,6 +321,7 @@ impl Cycle {
         self.engine.classes().hash(&mut h);
         self.capacity.hash(&mut h);
         features.hash(&mut h);
+        self.by_priority.hash(&mut h);
         for (c, d) in self.flows.connections().iter().zip(self.flows.decisions()) {
             c.socket.key().hash(&mut h);
             c.owner.as_ref().map(|o| o.pid).hash(&mut h);
@@ -326,6 +337,14 @@ pub struct TcPlan {
     pub ops: Plan,
     desired: Desired,
     inputs: u64,
+}
+
+impl TcPlan {
+    /// Where each connection goes once the plan is applied (for the BPF classifier's maps),
+    /// taken out: the installed state does not keep it.
+    pub fn take_targets(&mut self) -> rustc_hash::FxHashMap<crate::scan::SocketKey, Targets> {
+        std::mem::take(&mut self.desired.targets)
+    }
 }
 
 /// One shaped interface between cycles: its index, its handle allocation, and what the last

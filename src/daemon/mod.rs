@@ -3,6 +3,7 @@
 //! service around it ([`service`]: pid file, control socket, signals, systemd notifications).
 //! The machine is reached only through [`Parts`], so `tick` runs on fakes in the tests.
 
+pub mod bpf;
 pub mod cycle;
 pub mod flows;
 pub mod iflock;
@@ -137,6 +138,9 @@ pub struct Daemon {
     usage_save_error: Option<Failure>,
     last_flush: Instant,
     script_mtimes: Vec<(PathBuf, Option<SystemTime>)>,
+    /// The first-packet classifier, when attached: the plans then have no per-connection
+    /// filters and its maps are written after each apply.
+    bpf: Option<bpf::BpfState>,
 }
 
 fn mtime(path: &Path) -> Option<SystemTime> {
@@ -146,8 +150,21 @@ fn mtime(path: &Path) -> Option<SystemTime> {
 impl Daemon {
     /// Loads the policy (failing on a broken script), the saved usage, and opens the kernel
     /// interfaces, in the calling thread's network namespace.
+    /// Unless in a dry run, attaches the BPF classifier as `classifier` says (see
+    /// [`bpf::BpfState::start`]).
     pub fn new(config: Config, options: RunOptions) -> anyhow::Result<Daemon> {
-        Daemon::with_parts(config, options, Parts::system()?)
+        let mut daemon = Daemon::with_parts(config, options, Parts::system()?)?;
+        if !daemon.options.dry_run {
+            let names: Vec<String> = daemon.interfaces.iter().map(|i| i.name.clone()).collect();
+            daemon.bpf = bpf::BpfState::start(&daemon.config, &names)?;
+            daemon.cycle.set_by_priority(daemon.bpf.is_some());
+        }
+        Ok(daemon)
+    }
+
+    /// `"bpf"` when the first-packet classifier is attached, else `"u32"`.
+    pub fn classifier(&self) -> &'static str {
+        if self.bpf.is_some() { "bpf" } else { "u32" }
     }
 
     /// As [`Daemon::new`], on the given edges.
@@ -202,6 +219,7 @@ impl Daemon {
             usage_save_error: None,
             last_flush: Instant::now(),
             script_mtimes,
+            bpf: None,
         })
     }
 
@@ -322,7 +340,7 @@ impl Daemon {
         if iface.ifindex.is_none() {
             return;
         }
-        let plan = match self
+        let mut plan = match self
             .cycle
             .tc_plan(iface, self.tc.as_mut(), self.options.replace)
         {
@@ -354,8 +372,12 @@ impl Daemon {
         }
         let failures = self.tc.apply(&plan.ops);
         if failures.is_empty() {
+            let targets = plan.take_targets();
             iface.installed(plan);
             iface.state = "shaping".into();
+            if let Some(bpf) = &mut self.bpf {
+                bpf.sync(self.cycle.flows(), &targets);
+            }
         } else {
             iface.failures += failures.len() as u64;
             for (op, e) in failures.iter().take(3) {
@@ -412,6 +434,8 @@ impl Daemon {
     pub fn shutdown(&mut self) {
         // Stopped first: the teardown's own deletions need no repair.
         self.watch = None;
+        // Detached before the tree goes: packets are unclassified, then unshaped.
+        self.bpf = None;
         self.flush(&(self.clock)());
         if self.options.dry_run {
             return;
