@@ -83,9 +83,7 @@ pub struct Config {
 }
 
 /// How connections reach their HTB class (config `classifier`, flag `--classifier`).
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ClassifierChoice {
     /// The BPF classifier if it attaches, else u32 filters (the reason is logged once).
