@@ -8,9 +8,10 @@ use std::path::PathBuf;
 use rustc_hash::FxHashMap;
 
 use super::flows::FlowTable;
-use crate::classify::{BpfClassifier, BpfError, cgroup2_root};
+use crate::classify::{BpfClassifier, BpfError, NewSocket, cgroup2_root};
 use crate::config::{ClassifierChoice, Config};
-use crate::scan::SocketKey;
+use crate::process::Pid;
+use crate::scan::{Proto, Socket, SocketKey, State};
 use crate::shape::model::MAJOR;
 use crate::shape::{Target, Targets};
 
@@ -186,6 +187,29 @@ fn reconcile_map<K: Copy + Eq + std::hash::Hash>(
         }
     }
     new
+}
+
+/// A socket the classifier reported as new, with its creator, as the cycle takes it: keyed by
+/// its cookie like the scan's, so the next scan's record replaces this one. It has no inode
+/// yet (the owner comes from the tgid) and no byte counts.
+pub fn created_socket(new: &NewSocket) -> (Socket, Pid) {
+    let connected = new.remote.port() != 0;
+    let socket = Socket {
+        proto: new.proto,
+        local: new.local,
+        remote: new.remote,
+        state: if connected || new.proto == Proto::Tcp {
+            State::Established
+        } else {
+            State::Close
+        },
+        uid: new.uid,
+        inode: 0,
+        cookie: new.cookie,
+        bytes_up: None,
+        bytes_down: None,
+    };
+    (socket, new.tgid)
 }
 
 /// The full classid of shaper's class `minor`.

@@ -19,7 +19,7 @@ use super::flows::FlowTable;
 use crate::account::{Accounting, LinkCounters, UsageView};
 use crate::config::Config;
 use crate::policy::{self, ClassSet, Decision, Each, Engine, EngineOptions, PolicyError, Script};
-use crate::process::{ProcessTable, Snapshot};
+use crate::process::{Pid, ProcessTable, Snapshot};
 use crate::scan::Socket;
 use crate::shape::{
     Capacity, Desired, Exhausted, Features, Handles, Installed, Plan, PlanInput, Redirect,
@@ -41,6 +41,9 @@ pub enum Sockets {
     New(Vec<Socket>),
     /// Every live connection, already joined with its owner (a recorded snapshot).
     Recorded(Snapshot),
+    /// New sockets with the process that created them (the BPF classifier's reports): decided
+    /// like [`Sockets::New`], the owner read from `/proc/<tgid>` without a descriptor walk.
+    Created(Vec<(Socket, Pid)>),
 }
 
 /// The whole-interface and per-connection limits in force (`--rate`, `--connection-rate` and
@@ -206,7 +209,7 @@ impl Cycle {
     /// Runs lookup → policy → account for `sockets` and updates the flow table. Stage times go
     /// to `timings`.
     pub fn run(&mut self, sockets: Sockets, input: Inputs<'_>, timings: &mut Timings) -> Outcome {
-        let partial = matches!(sockets, Sockets::New(_));
+        let partial = matches!(sockets, Sockets::New(_) | Sockets::Created(_));
         let snapshot = stage("lookup", &mut timings.lookup, || match sockets {
             Sockets::All(sockets) => {
                 self.lookup.update(&sockets);
@@ -217,6 +220,7 @@ impl Cycle {
                 self.lookup.snapshot(sockets)
             }
             Sockets::Recorded(snapshot) => snapshot,
+            Sockets::Created(sockets) => self.lookup.snapshot_created(sockets),
         });
         let Inputs {
             now,

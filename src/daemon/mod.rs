@@ -293,6 +293,56 @@ impl Daemon {
         }
     }
 
+    /// Whether the BPF classifier reports new sockets, for [`Daemon::fast_path`].
+    pub fn has_fast_path(&self) -> bool {
+        self.bpf.is_some()
+    }
+
+    /// Between cycles: waits up to `timeout` for sockets the classifier reports as new and
+    /// shapes them at once — lookup (by the creating tgid, no descriptor walk) and policy for
+    /// those alone, then plan, apply and map writes — instead of at the next scan. Returns
+    /// without waiting when there is no classifier.
+    pub fn fast_path(&mut self, timeout: std::time::Duration) {
+        let Some(bpf) = &mut self.bpf else {
+            return;
+        };
+        let new = bpf.classifier_mut().poll_new_sockets(timeout);
+        if new.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let count = new.len();
+        let sockets = new.iter().map(bpf::created_socket).collect();
+        let links = Vec::new();
+        let mut fast_timings = Timings::default();
+        let outcome = self.cycle.run(
+            Sockets::Created(sockets),
+            Inputs {
+                now: (self.clock)(),
+                interface: self.interfaces.first().map(|i| i.name.clone()),
+                usage: std::sync::Arc::new(self.accounting.view()),
+                accounting: None,
+                links: &links,
+                rates: Rates {
+                    rate: self.rate.last,
+                    connection_rate: self.connection_rate.last,
+                },
+            },
+            // The status shows whole cycles' stage times.
+            &mut fast_timings,
+        );
+        if let Some(e) = &outcome.failure {
+            tracing::debug!("fast path: policy failed ({e}); the next cycle decides again");
+        }
+        for i in 0..self.interfaces.len() {
+            self.shape_interface(i);
+        }
+        tracing::debug!(
+            "fast path: {count} new sockets shaped in {:?} ({fast_timings:?})",
+            started.elapsed()
+        );
+    }
+
     /// Interface byte counters, noting interfaces that appeared, vanished or were re-created.
     fn link_counters(&mut self) -> Vec<LinkCounters> {
         let mut out = Vec::new();
