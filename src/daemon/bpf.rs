@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use rustc_hash::FxHashMap;
 
 use super::flows::FlowTable;
-use crate::classify::{BpfClassifier, BpfError, NewSocket, cgroup2_root};
+use crate::classify::{BpfClassifier, BpfError, DownloadHook, NewSocket, cgroup2_root};
 use crate::config::{ClassifierChoice, Config};
 use crate::process::Pid;
 use crate::scan::{Proto, Socket, SocketKey, State};
@@ -86,6 +86,13 @@ impl BpfState {
             None => cgroup2_root().map_err(|e| e.to_string())?,
         };
         let classifier = BpfClassifier::attach(&cgroup, interface).map_err(|e| e.to_string())?;
+        if classifier.download_hook() == DownloadHook::ClsBpf {
+            // Dropping it detaches everything, the cls_bpf filter included.
+            return Err(format!(
+                "{interface} has no tcx hook (Linux < 6.6), and a cls_bpf download filter would \
+                 take the pref of shaper's redirect to the IFB"
+            ));
+        }
         Ok(BpfState {
             classifier,
             cgroup,

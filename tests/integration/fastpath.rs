@@ -143,8 +143,8 @@ end
 "#;
 
 /// iperf3 started after the daemon, moving 256 KB right after it connects (its data connection
-/// opens a few round trips after its control connection): on a 100 Mbit/s link the transfer
-/// would be over in about 20 ms, long before a cycle, so only the fast path puts its bytes in
+/// opens a few round trips after its control connection): on a 10 Mbit/s link the transfer
+/// would be over in about 200 ms, long before a cycle, so only the fast path puts its bytes in
 /// its class. Returns the bytes counted in the class's leaf and in the whole tree.
 fn short_transfer(pair: &NetnsPair, cgroup: &TestCgroup, reverse: bool) -> (u64, u64, u64) {
     static PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(5211);
@@ -190,9 +190,9 @@ fn a_process_started_after_the_daemon_is_shaped_from_its_first_packets() {
             "--script",
             script.to_str().unwrap(),
             "--uplink",
-            "100mbit",
+            "10mbit",
             "--downlink",
-            "100mbit",
+            "10mbit",
             "--interval",
             "5s",
         ],
@@ -225,4 +225,52 @@ fn a_process_started_after_the_daemon_is_shaped_from_its_first_packets() {
             daemon.log_text()
         );
     }
+}
+
+#[test]
+fn without_a_usable_cgroup_auto_falls_back_to_u32_and_bpf_refuses_to_start() {
+    let pair = NetnsPair::new();
+    let dir = tempfile::tempdir().unwrap();
+    // A plain directory, not a cgroup: nothing can be attached to it.
+    let not_cgroup = dir.path().join("not-a-cgroup");
+    std::fs::create_dir(&not_cgroup).unwrap();
+    let not_cgroup = not_cgroup.to_str().unwrap().to_string();
+
+    let mut refused = DaemonProcess::spawn(
+        &pair.a,
+        dir.path(),
+        &["--classifier", "bpf", "--cgroup", &not_cgroup],
+    );
+    let exit = refused.child.take().unwrap().wait().unwrap();
+    let log = refused.log_text();
+    assert!(!exit.success(), "{log}");
+    assert!(
+        log.contains("classifier = bpf") && log.contains("not a cgroup v2 directory"),
+        "{log}"
+    );
+
+    let _conn_listener = pair
+        .b
+        .run(|| std::net::TcpListener::bind((NetnsPair::B_V4, 0)).unwrap());
+    let daemon = DaemonProcess::start(
+        &pair.a,
+        dir.path(),
+        &[
+            "--classifier",
+            "auto",
+            "--cgroup",
+            &not_cgroup,
+            "--connection-rate",
+            "1mbit",
+        ],
+    );
+    daemon.wait_for(10, "shaping", |s| s["interfaces"][0]["state"] == "shaping");
+    assert_eq!(daemon.status()["classifier"], "u32");
+    let log = daemon.log_text();
+    let reasons: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("the BPF classifier is not available"))
+        .collect();
+    assert_eq!(reasons.len(), 1, "one line naming the reason:\n{log}");
+    assert!(reasons[0].contains("not a cgroup v2 directory"), "{log}");
 }
