@@ -169,13 +169,13 @@ impl BpfState {
 /// Writes what changed from `old` to `new` and removes what is gone; returns what the map now
 /// holds as far as we know: a failed write is left out (retried next time), a failed removal
 /// kept (retried too).
-fn reconcile_map<K: Copy + Eq + std::hash::Hash>(
+fn reconcile_map<C, K: Copy + Eq + std::hash::Hash>(
     old: FxHashMap<K, Classids>,
     mut new: FxHashMap<K, Classids>,
-    classifier: &mut BpfClassifier,
+    classifier: &mut C,
     failed: &mut usize,
-    set: fn(&mut BpfClassifier, K, Classids) -> Result<(), BpfError>,
-    remove: fn(&mut BpfClassifier, K) -> Result<(), BpfError>,
+    set: fn(&mut C, K, Classids) -> Result<(), BpfError>,
+    remove: fn(&mut C, K) -> Result<(), BpfError>,
 ) -> FxHashMap<K, Classids> {
     let mut unwritten = Vec::new();
     for (&key, &value) in &new {
@@ -222,4 +222,115 @@ pub fn created_socket(new: &NewSocket) -> (Socket, Pid) {
 /// The full classid of shaper's class `minor`.
 pub fn classid(minor: u16) -> u32 {
     u32::from(MAJOR) << 16 | u32::from(minor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A map that records what it is told and fails the keys it is told to.
+    #[derive(Default)]
+    struct Recorder {
+        writes: Vec<u64>,
+        removals: Vec<u64>,
+        failing_writes: Vec<u64>,
+        failing_removals: Vec<u64>,
+    }
+
+    fn refused() -> BpfError {
+        BpfError::Bpf {
+            what: "map conn_class".into(),
+            message: "refused".into(),
+        }
+    }
+
+    fn set(r: &mut Recorder, key: u64, _: Classids) -> Result<(), BpfError> {
+        r.writes.push(key);
+        if r.failing_writes.contains(&key) {
+            Err(refused())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn remove(r: &mut Recorder, key: u64) -> Result<(), BpfError> {
+        r.removals.push(key);
+        if r.failing_removals.contains(&key) {
+            Err(refused())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn map(entries: &[(u64, u16)]) -> FxHashMap<u64, Classids> {
+        entries
+            .iter()
+            .map(|&(k, m)| (k, (Some(classid(m)), Some(classid(m)))))
+            .collect()
+    }
+
+    #[test]
+    fn only_changes_are_written_and_failures_are_retried() {
+        let mut r = Recorder::default();
+        let mut failed = 0;
+        let held = reconcile_map(
+            map(&[]),
+            map(&[(1, 16), (2, 17)]),
+            &mut r,
+            &mut failed,
+            set,
+            remove,
+        );
+        assert_eq!((held.len(), failed), (2, 0));
+        r.writes.sort();
+        assert_eq!(r.writes, [1, 2]);
+
+        // 1 unchanged, 2 moved (and its write fails), 3 new, and then 1 is gone (its removal
+        // fails) while 2 stays.
+        let mut r = Recorder {
+            failing_writes: vec![2],
+            ..Recorder::default()
+        };
+        let held = reconcile_map(
+            held,
+            map(&[(1, 16), (2, 18), (3, 19)]),
+            &mut r,
+            &mut failed,
+            set,
+            remove,
+        );
+        r.writes.sort();
+        assert_eq!(r.writes, [2, 3], "the unchanged entry is not rewritten");
+        assert_eq!(failed, 1);
+        assert!(
+            !held.contains_key(&2),
+            "a failed write is not taken as held: retried next time"
+        );
+        assert_eq!(
+            r.removals,
+            [2],
+            "the old value of a failed write is removed: default class"
+        );
+
+        let mut r = Recorder {
+            failing_removals: vec![1],
+            ..Recorder::default()
+        };
+        let mut failed = 0;
+        let held = reconcile_map(held, map(&[(2, 18)]), &mut r, &mut failed, set, remove);
+        assert_eq!(r.writes, [2], "the write that failed is made again");
+        r.removals.sort();
+        assert_eq!(r.removals, [1, 3]);
+        assert_eq!(failed, 1);
+        assert!(
+            held.contains_key(&1),
+            "a failed removal stays held: retried next time"
+        );
+        assert!(!held.contains_key(&3));
+    }
+
+    #[test]
+    fn classids_are_under_shapers_major() {
+        assert_eq!(classid(0x10), 0x5a_0010);
+    }
 }
