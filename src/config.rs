@@ -74,6 +74,25 @@ pub struct Config {
     /// Log filter when neither `-v`/`-q` nor `SHAPER_LOG` says otherwise: `error`, `warn`, `info`,
     /// `debug`, `trace`, or an env-filter directive such as `shaper::shape=debug,info`.
     pub log_level: String,
+    /// How connections reach their class: `auto` (the BPF first-packet classifier where the
+    /// kernel allows it, else u32 filters), `bpf` (refuse to start without it) or `u32`.
+    pub classifier: ClassifierChoice,
+    /// The cgroup v2 directory the BPF classifier is attached to: sockets of processes in it (and
+    /// below it) are classified from their first packet. Unset = the cgroup v2 mount's root.
+    pub cgroup: Option<PathBuf>,
+}
+
+/// How connections reach their HTB class (config `classifier`, flag `--classifier`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ClassifierChoice {
+    /// The BPF classifier if it attaches, else u32 filters (the reason is logged once).
+    #[default]
+    Auto,
+    /// The BPF classifier; the daemon refuses to start without it.
+    Bpf,
+    /// u32 filters made from each cycle's scan (no BPF).
+    U32,
 }
 
 impl Default for Config {
@@ -93,6 +112,8 @@ impl Default for Config {
             usage_flush_interval: Interval::from_millis(10_000),
             month_start_day: 1,
             log_level: "info".to_string(),
+            classifier: ClassifierChoice::Auto,
+            cgroup: None,
         }
     }
 }
@@ -198,6 +219,7 @@ impl Config {
                 .as_deref()
                 .map(|p| ("connection_rate_file", p)),
         );
+        paths.extend(self.cgroup.as_deref().map(|p| ("cgroup", p)));
         paths
     }
 
@@ -500,6 +522,7 @@ mod tests {
             ("(script: \"./policy.lua\")", "script"),
             ("(rate_file: \"rate\")", "rate_file"),
             ("(connection_rate_file: \"\")", "connection_rate_file"),
+            ("(cgroup: \"shaper\")", "cgroup"),
         ] {
             let msg = parse(text).unwrap_err();
             assert!(
@@ -549,6 +572,8 @@ mod tests {
             uplink: Some("20mbit".parse().unwrap()),
             connection_rate: Some("1mbit:unlimited".parse().unwrap()),
             interfaces: vec!["eth0".into()],
+            classifier: ClassifierChoice::U32,
+            cgroup: Some("/sys/fs/cgroup/user.slice".into()),
             ..Config::default()
         };
         assert_eq!(parse(&c.to_ron()).unwrap(), c);

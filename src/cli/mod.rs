@@ -18,7 +18,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::config::{ClassifierChoice, Config, DEFAULT_CONFIG_PATH};
 use crate::units::{Interval, Rate, RatePair};
 
 /// Per-connection bandwidth shaping for Linux, driven by a Lua policy.
@@ -146,6 +146,14 @@ pub struct ConfigArgs {
     /// Log filter: error, warn, info, debug, trace or an env-filter directive [default: info]
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
+    /// How connections reach their class: auto (BPF where possible, else u32), bpf or u32
+    /// [default: auto]
+    #[arg(long, value_name = "HOW")]
+    pub classifier: Option<ClassifierChoice>,
+    /// cgroup v2 directory whose sockets the BPF classifier shapes from their first packet
+    /// [default: the cgroup v2 mount's root]
+    #[arg(long, value_name = "DIR", value_parser = path_arg)]
+    pub cgroup: Option<PathBuf>,
 }
 
 /// A path flag: relative paths are taken from the current directory now, because the daemon
@@ -187,6 +195,8 @@ impl ConfigArgs {
         set(&mut config.usage_flush_interval, &self.usage_flush_interval);
         set(&mut config.month_start_day, &self.month_start_day);
         set(&mut config.log_level, &self.log_level);
+        set(&mut config.classifier, &self.classifier);
+        set_some(&mut config.cgroup, &self.cgroup);
     }
 }
 

@@ -14,11 +14,12 @@ pub fn render(report: &StatusReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "shaper (pid {}) running {} since {}, {} cycles{}",
+        "shaper (pid {}) running {} since {}, {} cycles, classifier {}{}",
         report.pid,
         report.policy,
         report.started,
         report.cycles,
+        report.classifier,
         if report.dry_run { ", dry run" } else { "" }
     );
     for i in &report.interfaces {

@@ -19,11 +19,11 @@ use super::flows::FlowTable;
 use crate::account::{Accounting, LinkCounters, UsageView};
 use crate::config::Config;
 use crate::policy::{self, ClassSet, Decision, Each, Engine, EngineOptions, PolicyError, Script};
-use crate::process::{ProcessTable, Snapshot};
+use crate::process::{Pid, ProcessTable, Snapshot};
 use crate::scan::Socket;
 use crate::shape::{
     Capacity, Desired, Exhausted, Features, Handles, Installed, Op, Plan, PlanInput, Redirect,
-    ShapeError, Slot, TcBackend, plan, reconcile,
+    ShapeError, Slot, Targets, TcBackend, plan, reconcile,
 };
 use crate::units::{Rate, RatePair};
 
@@ -41,6 +41,9 @@ pub enum Sockets {
     New(Vec<Socket>),
     /// Every live connection, already joined with its owner (a recorded snapshot).
     Recorded(Snapshot),
+    /// New sockets with the process that created them (the BPF classifier's reports): decided
+    /// like [`Sockets::New`], the owner read from `/proc/<tgid>` without a descriptor walk.
+    Created(Vec<(Socket, Pid)>),
 }
 
 /// The whole-interface and per-connection limits in force (`--rate`, `--connection-rate` and
@@ -116,6 +119,8 @@ pub struct Cycle {
     link: Capacity,
     /// The capacity in force: `link` narrowed by `--rate`.
     capacity: Capacity,
+    /// The BPF classifier puts connections in their leaves: plan no per-connection filters.
+    by_priority: bool,
 }
 
 impl Cycle {
@@ -128,6 +133,7 @@ impl Cycle {
             flows: FlowTable::default(),
             link,
             capacity: link,
+            by_priority: false,
         }
     }
 
@@ -189,6 +195,12 @@ impl Cycle {
         &self.flows
     }
 
+    /// Whether the BPF classifier puts connections in their leaves (then plans have no
+    /// per-connection u32 filters; see [`PlanInput::by_priority`]).
+    pub fn set_by_priority(&mut self, by_priority: bool) {
+        self.by_priority = by_priority;
+    }
+
     /// The capacity the last run put in force.
     pub fn capacity(&self) -> Capacity {
         self.capacity
@@ -197,7 +209,7 @@ impl Cycle {
     /// Runs lookup → policy → account for `sockets` and updates the flow table. Stage times go
     /// to `timings`.
     pub fn run(&mut self, sockets: Sockets, input: Inputs<'_>, timings: &mut Timings) -> Outcome {
-        let partial = matches!(sockets, Sockets::New(_));
+        let partial = matches!(sockets, Sockets::New(_) | Sockets::Created(_));
         let snapshot = stage("lookup", &mut timings.lookup, || match sockets {
             Sockets::All(sockets) => {
                 self.lookup.update(&sockets);
@@ -208,6 +220,7 @@ impl Cycle {
                 self.lookup.snapshot(sockets)
             }
             Sockets::Recorded(snapshot) => snapshot,
+            Sockets::Created(sockets) => self.lookup.snapshot_created(sockets),
         });
         let Inputs {
             now,
@@ -284,6 +297,7 @@ impl Cycle {
                 decisions: self.flows.decisions(),
                 capacity: self.capacity,
                 features,
+                by_priority: self.by_priority,
             },
             &mut iface.handles,
         );
@@ -331,6 +345,7 @@ impl Cycle {
         self.engine.classes().hash(&mut h);
         self.capacity.hash(&mut h);
         features.hash(&mut h);
+        self.by_priority.hash(&mut h);
         for (c, d) in self.flows.connections().iter().zip(self.flows.decisions()) {
             // The addresses too: an unconnected UDP socket that connects keeps its key but
             // needs another filter.
@@ -349,6 +364,14 @@ pub struct TcPlan {
     pub ops: Plan,
     desired: Desired,
     inputs: u64,
+}
+
+impl TcPlan {
+    /// Where each connection goes once the plan is applied (for the BPF classifier's maps),
+    /// taken out: the installed state does not keep it.
+    pub fn take_targets(&mut self) -> rustc_hash::FxHashMap<crate::scan::SocketKey, Targets> {
+        std::mem::take(&mut self.desired.targets)
+    }
 }
 
 /// One shaped interface between cycles: its index, its handle allocation, and what the last

@@ -3,6 +3,7 @@
 //! service around it ([`service`]: pid file, control socket, signals, systemd notifications).
 //! The machine is reached only through [`Parts`], so `tick` runs on fakes in the tests.
 
+pub mod bpf;
 pub mod cycle;
 pub mod flows;
 pub mod iflock;
@@ -137,6 +138,9 @@ pub struct Daemon {
     usage_save_error: Option<Failure>,
     last_flush: Instant,
     script_mtimes: Vec<(PathBuf, Option<SystemTime>)>,
+    /// The first-packet classifier, when attached: the plans then have no per-connection
+    /// filters and its maps are written after each apply.
+    bpf: Option<bpf::BpfState>,
 }
 
 fn mtime(path: &Path) -> Option<SystemTime> {
@@ -146,8 +150,21 @@ fn mtime(path: &Path) -> Option<SystemTime> {
 impl Daemon {
     /// Loads the policy (failing on a broken script), the saved usage, and opens the kernel
     /// interfaces, in the calling thread's network namespace.
+    /// Unless in a dry run, attaches the BPF classifier as `classifier` says (see
+    /// [`bpf::BpfState::start`]).
     pub fn new(config: Config, options: RunOptions) -> anyhow::Result<Daemon> {
-        Daemon::with_parts(config, options, Parts::system()?)
+        let mut daemon = Daemon::with_parts(config, options, Parts::system()?)?;
+        if !daemon.options.dry_run {
+            let names: Vec<String> = daemon.interfaces.iter().map(|i| i.name.clone()).collect();
+            daemon.bpf = bpf::BpfState::start(&daemon.config, &names)?;
+            daemon.cycle.set_by_priority(daemon.bpf.is_some());
+        }
+        Ok(daemon)
+    }
+
+    /// `"bpf"` when the first-packet classifier is attached, else `"u32"`.
+    pub fn classifier(&self) -> &'static str {
+        if self.bpf.is_some() { "bpf" } else { "u32" }
     }
 
     /// As [`Daemon::new`], on the given edges.
@@ -202,6 +219,7 @@ impl Daemon {
             usage_save_error: None,
             last_flush: Instant::now(),
             script_mtimes,
+            bpf: None,
         })
     }
 
@@ -275,6 +293,56 @@ impl Daemon {
         }
     }
 
+    /// Whether the BPF classifier reports new sockets, for [`Daemon::fast_path`].
+    pub fn has_fast_path(&self) -> bool {
+        self.bpf.is_some()
+    }
+
+    /// Between cycles: waits up to `timeout` for sockets the classifier reports as new and
+    /// shapes them at once — lookup (by the creating tgid, no descriptor walk) and policy for
+    /// those alone, then plan, apply and map writes — instead of at the next scan. Returns
+    /// without waiting when there is no classifier.
+    pub fn fast_path(&mut self, timeout: std::time::Duration) {
+        let Some(bpf) = &mut self.bpf else {
+            return;
+        };
+        let new = bpf.classifier_mut().poll_new_sockets(timeout);
+        if new.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let count = new.len();
+        let sockets = new.iter().map(bpf::created_socket).collect();
+        let links = Vec::new();
+        let mut fast_timings = Timings::default();
+        let outcome = self.cycle.run(
+            Sockets::Created(sockets),
+            Inputs {
+                now: (self.clock)(),
+                interface: self.interfaces.first().map(|i| i.name.clone()),
+                usage: std::sync::Arc::new(self.accounting.view()),
+                accounting: None,
+                links: &links,
+                rates: Rates {
+                    rate: self.rate.last,
+                    connection_rate: self.connection_rate.last,
+                },
+            },
+            // The status shows whole cycles' stage times.
+            &mut fast_timings,
+        );
+        if let Some(e) = &outcome.failure {
+            tracing::debug!("fast path: policy failed ({e}); the next cycle decides again");
+        }
+        for i in 0..self.interfaces.len() {
+            self.shape_interface(i);
+        }
+        tracing::debug!(
+            "fast path: {count} new sockets shaped in {:?} ({fast_timings:?})",
+            started.elapsed()
+        );
+    }
+
     /// Interface byte counters, noting interfaces that appeared, vanished or were re-created.
     fn link_counters(&mut self) -> Vec<LinkCounters> {
         let mut out = Vec::new();
@@ -322,7 +390,7 @@ impl Daemon {
         if iface.ifindex.is_none() {
             return;
         }
-        let plan = match self
+        let mut plan = match self
             .cycle
             .tc_plan(iface, self.tc.as_mut(), self.options.replace)
         {
@@ -355,8 +423,12 @@ impl Daemon {
         }
         let failures = self.tc.apply(&plan.ops);
         if failures.is_empty() {
+            let targets = plan.take_targets();
             iface.installed(plan);
             iface.state = "shaping".into();
+            if let Some(bpf) = &mut self.bpf {
+                bpf.sync(self.cycle.flows(), &targets);
+            }
         } else {
             iface.failures += failures.len() as u64;
             for (op, e) in failures.iter().take(3) {
@@ -413,6 +485,8 @@ impl Daemon {
     pub fn shutdown(&mut self) {
         // Stopped first: the teardown's own deletions need no repair.
         self.watch = None;
+        // Detached before the tree goes: packets are unclassified, then unshaped.
+        self.bpf = None;
         self.flush(&(self.clock)());
         if self.options.dry_run {
             return;

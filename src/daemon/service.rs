@@ -24,7 +24,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -44,6 +44,9 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 pub const MAX_CLIENTS: usize = 128;
 /// How long a client may take to send its request, and to take the answer.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// With the BPF classifier, how long the cycle thread waits for new sockets before it looks
+/// for commands again (the most a command waits).
+const FAST_PATH_SLICE: Duration = Duration::from_millis(20);
 /// How long `shaper status`/`reload`/`stop` wait for the daemon's answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -348,7 +351,20 @@ fn cycle_loop(daemon: &mut Daemon, interval: Duration, inbox: &mpsc::Receiver<Co
             }
         }
         let wait = next.saturating_duration_since(Instant::now());
-        let command = match inbox.recv_timeout(wait) {
+        let received = if daemon.has_fast_path() {
+            // New sockets are shaped as they are reported; commands wait at most a slice.
+            match inbox.try_recv() {
+                Ok(c) => Ok(c),
+                Err(TryRecvError::Empty) => {
+                    daemon.fast_path(wait.min(FAST_PATH_SLICE));
+                    continue;
+                }
+                Err(TryRecvError::Disconnected) => Err(RecvTimeoutError::Disconnected),
+            }
+        } else {
+            inbox.recv_timeout(wait)
+        };
+        let command = match received {
             Ok(c) => c,
             Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => {

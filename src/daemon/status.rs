@@ -62,6 +62,9 @@ pub struct StatusReport {
     pub started: String,
     pub cycles: u64,
     pub dry_run: bool,
+    /// How connections reach their class: `"bpf"` (the first-packet classifier) or `"u32"`.
+    #[serde(default)]
+    pub classifier: String,
     pub rate: Option<String>,
     pub connection_rate: Option<String>,
     pub interfaces: Vec<InterfaceStatus>,
@@ -153,6 +156,7 @@ impl StatusReport {
             started: daemon.started.to_string(),
             cycles: daemon.cycles,
             dry_run: daemon.options.dry_run,
+            classifier: daemon.classifier().to_string(),
             rate: daemon.rate.last.map(|r| r.to_string()),
             connection_rate: daemon.connection_rate.last.map(|r| r.to_string()),
             interfaces: daemon

@@ -335,11 +335,37 @@ impl ProcessTable {
 
     /// Joins sockets with their owners into a [`Snapshot`] (for `shaper snapshot` and tests).
     pub fn snapshot(&self, sockets: Vec<Socket>) -> Snapshot {
+        self.join(sockets.into_iter().map(|socket| {
+            let owner = self.owner(socket.inode).cloned();
+            (socket, owner)
+        }))
+    }
+
+    /// Sockets reported with the process that created them (the BPF classifier's new sockets,
+    /// which carry no inode yet): the owner is read from `/proc/<tgid>` alone, with no
+    /// descriptor walk. A process that has exited leaves its socket without an owner.
+    pub fn snapshot_created(&mut self, sockets: Vec<(Socket, Pid)>) -> Snapshot {
+        let mut verified = HashSet::default();
+        let mut stats = LookupStats::default();
+        let owned: Vec<(Socket, Option<Owner>)> = sockets
+            .into_iter()
+            .map(|(socket, tgid)| {
+                let owner = self
+                    .load(tgid, &mut verified, &mut stats, 0)
+                    .map(|p| Owner {
+                        pid: p.pid,
+                        others: Vec::new(),
+                    });
+                (socket, owner)
+            })
+            .collect();
+        self.join(owned.into_iter())
+    }
+
+    fn join(&self, sockets: impl Iterator<Item = (Socket, Option<Owner>)>) -> Snapshot {
         let mut processes = BTreeMap::new();
         let connections = sockets
-            .into_iter()
-            .map(|socket| {
-                let owner = self.owner(socket.inode).cloned();
+            .map(|(socket, owner)| {
                 if let Some(o) = &owner {
                     for pid in std::iter::once(o.pid).chain(o.others.iter().copied()) {
                         // Each process is copied once, however many connections it has.

@@ -21,7 +21,9 @@ pub mod recording;
 pub mod watch;
 
 pub use model::{DeviceTree, Direction};
-pub use planner::{Capacity, Desired, Exhausted, Features, Handles, PlanInput, plan};
+pub use planner::{
+    Capacity, Desired, Exhausted, Features, Handles, PlanInput, Target, Targets, plan,
+};
 pub use reconcile::{Op, Plan, reconcile_device};
 
 /// The IFB shaper creates for an interface's download traffic: `shp-` and up to 11 characters

@@ -244,6 +244,25 @@ impl Handles {
 pub struct Desired {
     pub upload: DeviceTree,
     pub download: DeviceTree,
+    /// Where each connection's packets go, per direction (`None`: its class got no minor, so
+    /// the default class): what the BPF classifier's maps are filled from.
+    pub targets: FxHashMap<SocketKey, Targets>,
+}
+
+/// One direction's leaves for a connection: its own leaf, and the leaf its owner's next
+/// connections should start in before they are seen (a per-connection leaf is the connection's
+/// own, so for those this is the class's process leaf or shared leaf).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    pub leaf: u16,
+    pub process: u16,
+}
+
+/// A connection's [`Target`] on the interface (upload) and on its IFB (download).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Targets {
+    pub up: Option<Target>,
+    pub down: Option<Target>,
 }
 
 /// Everything the planner reads.
@@ -254,6 +273,9 @@ pub struct PlanInput<'a> {
     pub decisions: &'a [Decision],
     pub capacity: Capacity,
     pub features: Features,
+    /// Connections are put in their leaves by the BPF classifier (`skb->priority`), which HTB
+    /// honours before any filter: no per-connection u32 filters are planned.
+    pub by_priority: bool,
 }
 
 fn dir_rate(pair: &RatePair, dir: Direction) -> Option<u64> {
@@ -376,15 +398,23 @@ pub fn filter_keys(socket: &crate::scan::Socket, dir: Direction) -> (Family, Vec
 /// The desired trees for one interface.
 pub fn plan(input: &PlanInput, handles: &mut Handles) -> Desired {
     handles.begin();
-    let desired = Desired {
-        upload: plan_direction(input, handles, Direction::Upload),
-        download: plan_direction(input, handles, Direction::Download),
-    };
+    let mut targets = FxHashMap::default();
+    let upload = plan_direction(input, handles, Direction::Upload, &mut targets);
+    let download = plan_direction(input, handles, Direction::Download, &mut targets);
     handles.end();
-    desired
+    Desired {
+        upload,
+        download,
+        targets,
+    }
 }
 
-fn plan_direction(input: &PlanInput, handles: &mut Handles, dir: Direction) -> DeviceTree {
+fn plan_direction(
+    input: &PlanInput,
+    handles: &mut Handles,
+    dir: Direction,
+    targets: &mut FxHashMap<SocketKey, Targets>,
+) -> DeviceTree {
     let link = match dir {
         Direction::Upload => input.capacity.up,
         Direction::Download => input.capacity.down,
@@ -469,6 +499,7 @@ fn plan_direction(input: &PlanInput, handles: &mut Handles, dir: Direction) -> D
             }
             Each::Connection | Each::Class => {}
         }
+        let process_target = target;
         let conn_ceil = match (def.each, own_limit) {
             (Each::Connection, limit) => Some(limit.map_or(member_ceil, |l| l.min(member_ceil))),
             (Each::Process, Some(limit)) => Some(limit.min(member_ceil)),
@@ -491,7 +522,16 @@ fn plan_direction(input: &PlanInput, handles: &mut Handles, dir: Direction) -> D
             tree.leaves.insert(leaf, leaf_for(input.features, ceil));
             target = leaf;
         }
-        if target == tree.default_minor {
+        let side = targets.entry(key).or_default();
+        let chosen = Some(Target {
+            leaf: target,
+            process: process_target,
+        });
+        match dir {
+            Direction::Upload => side.up = chosen,
+            Direction::Download => side.down = chosen,
+        }
+        if input.by_priority || target == tree.default_minor {
             continue;
         }
         let (family, keys) = filter_keys(&conn.socket, dir);

@@ -84,6 +84,10 @@ impl Case {
     }
 
     fn desired(&self, handles: &mut Handles) -> super::Desired {
+        self.desired_with(handles, false)
+    }
+
+    fn desired_with(&self, handles: &mut Handles, by_priority: bool) -> super::Desired {
         plan(
             &PlanInput {
                 classes: &self.classes,
@@ -94,6 +98,7 @@ impl Case {
                     down: None,
                 },
                 features: Features { fq_codel: false },
+                by_priority,
             },
             handles,
         )
@@ -219,6 +224,46 @@ fn a_closed_connection_loses_its_filter_before_its_class() {
         ],
         "{text}"
     );
+}
+
+#[test]
+fn classified_by_priority_the_plan_has_the_same_leaves_and_no_filters() {
+    let case = Case::basic();
+    let by_filter = case.desired(&mut Handles::default());
+    let by_priority = case.desired_with(&mut Handles::default(), true);
+    assert_eq!(by_priority.upload.classes, by_filter.upload.classes);
+    assert_eq!(by_priority.download.leaves, by_filter.download.leaves);
+    assert!(by_priority.upload.filters.is_empty() && by_priority.download.filters.is_empty());
+    assert_eq!(by_priority.targets, by_filter.targets);
+
+    // Each connection's leaf is the one its u32 filter names in the filter plan.
+    for (tree, dir) in [
+        (&by_filter.upload, Direction::Upload),
+        (&by_filter.download, Direction::Download),
+    ] {
+        for c in &case.connections {
+            let targets = by_priority.targets[&c.socket.key()];
+            let target = match dir {
+                Direction::Upload => targets.up,
+                Direction::Download => targets.down,
+            }
+            .unwrap();
+            let keys = filter_keys(&c.socket, dir).1;
+            let filtered = tree
+                .filters
+                .values()
+                .find(|f| f.keys == keys)
+                .map_or(tree.default_minor, |f| f.class);
+            assert_eq!(target.leaf, filtered, "{}", c.socket);
+        }
+    }
+    // A connection with a leaf of its own (the 1mbit limit): its process's next connections
+    // start in the class's shared leaf, not in that leaf.
+    let limited = by_priority.targets[&2].up.unwrap();
+    assert_ne!(limited.leaf, limited.process);
+    assert_eq!(limited.process, by_priority.upload.default_minor);
+    let bulk = by_priority.targets[&1].up.unwrap();
+    assert_eq!(bulk.leaf, bulk.process);
 }
 
 #[test]

@@ -12,13 +12,14 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use shaper::classify::{BpfClassifier, DownloadHook, NewSocket, cgroup2_root};
+use shaper::classify::{BpfClassifier, DownloadHook, NewSocket};
 use shaper::scan::Proto;
 
+use crate::support::cgroup::TestCgroup;
 use crate::support::netns::{Netns, NetnsPair};
 
 const ENV: &str = "SHAPER_TEST_BPF_CHILD";
@@ -27,33 +28,6 @@ const NOBODY: u32 = 65534;
 const IFB: &str = "ifbt0";
 /// `SO_COOKIE` (asm-generic/socket.h; the same on every architecture shaper builds for).
 const SO_COOKIE: i32 = 57;
-
-/// A cgroup v2 directory under the mount, removed on drop (after its processes are gone).
-struct TestCgroup {
-    dir: PathBuf,
-}
-
-impl TestCgroup {
-    fn new() -> TestCgroup {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let root = cgroup2_root().expect("these tests need a cgroup v2 hierarchy");
-        let dir = root.join(format!("shaper-bpftest-{}-{n}", std::process::id()));
-        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
-        TestCgroup { dir }
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        for _ in 0..100 {
-            if std::fs::remove_dir(&self.dir).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
 
 /// A child process in the test's cgroup and namespace `a`; killed and reaped on drop.
 struct Kid {

@@ -9,6 +9,7 @@ mod cli;
 mod control;
 mod daemon;
 mod examples;
+mod fastpath;
 mod netns_kit;
 mod policy;
 mod probe;

@@ -338,3 +338,142 @@ fn a_quota_slows_down_and_survives_sigkill() {
     };
     assert_within("after the restart", again, 1e6, 0.85, 1.01);
 }
+
+// ---- the first-packet classifier ---------------------------------------------------------
+
+use std::io::{Read, Write};
+
+use support::cgroup::TestCgroup;
+
+/// Set in the child that makes the transfers: `ADDR COUNT BYTES up|down`.
+const TRANSFERS_ENV: &str = "SHAPER_RATES_TRANSFERS";
+
+/// Not a test: the body of the child process `sequential_transfers` starts (this binary,
+/// re-executed in the test's cgroup and namespace). It makes COUNT connections one after
+/// another, each moving BYTES one way, and prints the seconds they took in all.
+#[test]
+#[ignore = "run by sequential_transfers in a child process"]
+fn transfers_child() {
+    let Ok(spec) = std::env::var(TRANSFERS_ENV) else {
+        return;
+    };
+    let f: Vec<&str> = spec.split_whitespace().collect();
+    let (addr, count, bytes, up): (std::net::SocketAddr, usize, usize, bool) = (
+        f[0].parse().unwrap(),
+        f[1].parse().unwrap(),
+        f[2].parse().unwrap(),
+        f[3] == "up",
+    );
+    let payload = vec![0x5a_u8; bytes];
+    let mut total = Duration::ZERO;
+    for _ in 0..count {
+        let started = std::time::Instant::now();
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        let mut sink = Vec::new();
+        if up {
+            s.write_all(&payload).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+        }
+        // Up: the server closes once it has read everything; down: once it has sent it.
+        s.read_to_end(&mut sink).unwrap();
+        total += started.elapsed();
+    }
+    println!("TRANSFERS {}", total.as_secs_f64());
+}
+
+/// COUNT sequential transfers of BYTES by one process started after the daemon, in `cgroup`:
+/// the average rate, bits per second, over the time the transfers took.
+fn sequential_transfers(
+    pair: &NetnsPair,
+    cgroup: &TestCgroup,
+    port: u16,
+    count: usize,
+    bytes: usize,
+    up: bool,
+) -> f64 {
+    let listener = pair
+        .b
+        .run(|| std::net::TcpListener::bind((NetnsPair::B_V4, port)).unwrap());
+    let server = std::thread::spawn(move || {
+        let payload = vec![0xa5_u8; bytes];
+        for _ in 0..count {
+            let (mut s, _) = listener.accept().unwrap();
+            if up {
+                let mut sink = Vec::new();
+                s.read_to_end(&mut sink).unwrap();
+                assert_eq!(sink.len(), bytes);
+            } else {
+                s.write_all(&payload).unwrap();
+            }
+        }
+    });
+    let exe = std::env::current_exe().unwrap();
+    let mut cmd = pair.a.command(exe);
+    cmd.args(["--exact", "transfers_child", "--ignored", "--nocapture"])
+        .env(
+            TRANSFERS_ENV,
+            format!(
+                "{}:{port} {count} {bytes} {}",
+                NetnsPair::B_V4,
+                if up { "up" } else { "down" }
+            ),
+        )
+        .stderr(std::process::Stdio::null());
+    let procs = cgroup.enter(&mut cmd);
+    let out = cmd.output().unwrap();
+    drop(procs);
+    server.join().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let secs: f64 = text
+        .lines()
+        .find_map(|l| l.split("TRANSFERS ").nth(1))
+        .unwrap_or_else(|| panic!("the child printed no result: {text}"))
+        .trim()
+        .parse()
+        .unwrap();
+    (count * bytes * 8) as f64 / secs
+}
+
+/// Issue 11's acceptance: a process started after the daemon, limited to 2 Mbit/s up and
+/// 4 Mbit/s down on a 100 Mbit/s link, makes 40 sequential 256 KB transfers each way; with the
+/// first-packet classifier they average at most 1.15× the limit (with a cycle's scan alone,
+/// each transfer would mostly be over before its connection is found).
+#[test]
+fn short_transfers_of_a_new_process_stay_within_its_limit() {
+    let _serial = rate_lock();
+    let pair = NetnsPair::new();
+    let cgroup = TestCgroup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("policy.lua");
+    std::fs::write(
+        &script,
+        "classes = { slow = { ceil = { up = \"2mbit\", down = \"4mbit\" } }, default = {} }\n\
+         function classify(conn)\n\
+         \x20 if conn.remote_port == 5601 or conn.remote_port == 5602 then return \"slow\" end\n\
+         \x20 return \"default\"\n\
+         end\n",
+    )
+    .unwrap();
+    let cgroup_dir = cgroup.dir.to_str().unwrap().to_string();
+    let daemon = DaemonProcess::start(
+        &pair.a,
+        dir.path(),
+        &[
+            "--classifier",
+            "bpf",
+            "--cgroup",
+            &cgroup_dir,
+            "--script",
+            script.to_str().unwrap(),
+            "--uplink",
+            "100mbit",
+            "--downlink",
+            "100mbit",
+        ],
+    );
+    daemon.wait_for(10, "shaping", |s| s["interfaces"][0]["state"] == "shaping");
+    let up = sequential_transfers(&pair, &cgroup, 5601, 40, 256 * 1024, true);
+    let down = sequential_transfers(&pair, &cgroup, 5602, 40, 256 * 1024, false);
+    assert_within("40 short uploads of a new process", up, 2e6, 0.5, 1.15);
+    assert_within("40 short downloads of a new process", down, 4e6, 0.5, 1.15);
+}

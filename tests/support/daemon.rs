@@ -14,7 +14,8 @@ pub struct DaemonProcess {
 }
 
 impl DaemonProcess {
-    /// Starts `shaper run -i veth0 --interval 200ms ARGS` (ARGS may set another interval) in `ns`, using `dir` for its runtime
+    /// Starts `shaper run -i veth0 --interval 200ms --classifier u32 ARGS` (ARGS may set another
+    /// interval or classifier) in `ns`, using `dir` for its runtime
     /// and state, and waits until it answers on its socket.
     pub fn start(ns: &Netns, dir: &Path, args: &[&str]) -> DaemonProcess {
         let mut d = DaemonProcess::spawn(ns, dir, args);
@@ -51,6 +52,12 @@ impl DaemonProcess {
                 &[][..]
             } else {
                 &["--interval", "200ms"][..]
+            })
+            // The BPF classifier attaches to a cgroup: only to one a test made and names.
+            .args(if args.contains(&"--classifier") {
+                &[][..]
+            } else {
+                &["--classifier", "u32"][..]
             })
             .arg("--runtime-dir")
             .arg(dir.join("run"))

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod cgroup;
 pub mod crowd;
 pub mod daemon;
 pub mod netns;

@@ -97,6 +97,7 @@ impl Shaper {
                 decisions: &decisions,
                 capacity: Capacity::default(),
                 features,
+                by_priority: false,
             },
             &mut self.handles,
         )

@@ -1,0 +1,336 @@
+//! The daemon's side of the first-packet classifier ([`crate::classify`]): attaching it at start
+//! (or saying in one line why the u32 path stays), and keeping its maps equal to the plan last
+//! applied — each connection's leaves by socket cookie, and each process's leaves for the
+//! connections it opens before a cycle has seen them.
+
+use std::path::PathBuf;
+
+use rustc_hash::FxHashMap;
+
+use super::flows::FlowTable;
+use crate::classify::{BpfClassifier, BpfError, DownloadHook, NewSocket, cgroup2_root};
+use crate::config::{ClassifierChoice, Config};
+use crate::process::Pid;
+use crate::scan::{Proto, Socket, SocketKey, State};
+use crate::shape::model::MAJOR;
+use crate::shape::{Target, Targets};
+
+/// Full classids (`5a:minor`) per direction; `None` = the default class.
+type Classids = (Option<u32>, Option<u32>);
+
+/// The attached classifier and what its maps hold.
+pub struct BpfState {
+    classifier: BpfClassifier,
+    cgroup: PathBuf,
+    /// By socket cookie, as written to `conn_class`.
+    connections: FxHashMap<u64, Classids>,
+    /// By tgid, as written to `proc_class`.
+    processes: FxHashMap<u32, Classids>,
+    /// Map writes that failed since the last report (logged once per sync).
+    failed: usize,
+}
+
+impl std::fmt::Debug for BpfState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BpfState")
+            .field("cgroup", &self.cgroup)
+            .field("connections", &self.connections.len())
+            .field("processes", &self.processes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl BpfState {
+    /// Attaches the classifier as `config.classifier` says, for `interfaces` (the daemon's, in
+    /// the calling thread's namespace). `auto`: on any failure, logs one line with the reason
+    /// and returns `None` (the scan + u32 path). `bpf`: the failure is an error. `u32`: `None`.
+    pub fn start(config: &Config, interfaces: &[String]) -> anyhow::Result<Option<BpfState>> {
+        if config.classifier == ClassifierChoice::U32 {
+            tracing::info!("classifier: u32 filters (classifier = u32)");
+            return Ok(None);
+        }
+        match BpfState::attach(config, interfaces) {
+            Ok(state) => {
+                tracing::info!(
+                    "classifier: BPF on cgroup {} and {}'s ingress ({:?}): connections are shaped \
+                     from their first packet",
+                    state.cgroup.display(),
+                    interfaces[0],
+                    state.classifier.download_hook()
+                );
+                Ok(Some(state))
+            }
+            Err(reason) if config.classifier == ClassifierChoice::Auto => {
+                tracing::warn!(
+                    "classifier: u32 filters; the BPF classifier is not available: {reason}"
+                );
+                Ok(None)
+            }
+            Err(reason) => Err(anyhow::anyhow!(
+                "classifier = bpf, but the BPF classifier cannot be used: {reason} (use \
+                 --classifier auto to fall back to u32 filters)"
+            )),
+        }
+    }
+
+    fn attach(config: &Config, interfaces: &[String]) -> Result<BpfState, String> {
+        let [interface] = interfaces else {
+            return Err(format!(
+                "it shapes one interface per daemon and {} are configured; run one shaper per \
+                 interface",
+                interfaces.len()
+            ));
+        };
+        let cgroup = match &config.cgroup {
+            Some(path) => path.clone(),
+            None => cgroup2_root().map_err(|e| e.to_string())?,
+        };
+        let classifier = BpfClassifier::attach(&cgroup, interface).map_err(|e| e.to_string())?;
+        if classifier.download_hook() == DownloadHook::ClsBpf {
+            // Dropping it detaches everything, the cls_bpf filter included.
+            return Err(format!(
+                "{interface} has no tcx hook (Linux < 6.6), and a cls_bpf download filter would \
+                 take the pref of shaper's redirect to the IFB"
+            ));
+        }
+        Ok(BpfState {
+            classifier,
+            cgroup,
+            connections: FxHashMap::default(),
+            processes: FxHashMap::default(),
+            failed: 0,
+        })
+    }
+
+    pub fn classifier_mut(&mut self) -> &mut BpfClassifier {
+        &mut self.classifier
+    }
+
+    /// Brings the maps to `targets` (the plan just applied) for the connections of `flows`:
+    /// changed entries are written, entries of connections and processes that are gone
+    /// removed. A connection without a cookie (a `/proc/net` scan) is left to the default
+    /// class, as is everything when a write fails: never a dropped packet.
+    pub fn sync(&mut self, flows: &FlowTable, targets: &FxHashMap<SocketKey, Targets>) {
+        let classids = |t: &Targets, pick: fn(&Target) -> u16| -> Classids {
+            let full = |t: &Option<Target>| t.as_ref().map(|t| classid(pick(t)));
+            (full(&t.up), full(&t.down))
+        };
+        let mut connections = FxHashMap::default();
+        // Per owner: its newest connection (cookies grow) and that one's process leaves.
+        let mut processes: FxHashMap<u32, (u64, Classids)> = FxHashMap::default();
+        for c in flows.connections() {
+            let cookie = c.socket.cookie;
+            let Some(t) = targets.get(&c.socket.key()).filter(|_| cookie != 0) else {
+                continue;
+            };
+            connections.insert(cookie, classids(t, |t| t.leaf));
+            if let Some(owner) = &c.owner {
+                let newest = processes.entry(owner.pid).or_insert((0, (None, None)));
+                if cookie >= newest.0 {
+                    *newest = (cookie, classids(t, |t| t.process));
+                }
+            }
+        }
+        let processes: FxHashMap<u32, Classids> =
+            processes.into_iter().map(|(p, (_, c))| (p, c)).collect();
+
+        let mut failed = 0;
+        self.connections = reconcile_map(
+            std::mem::take(&mut self.connections),
+            connections,
+            &mut self.classifier,
+            &mut failed,
+            |b, cookie, (up, down)| b.set_connection(cookie, up, down),
+            BpfClassifier::remove_connection,
+        );
+        self.processes = reconcile_map(
+            std::mem::take(&mut self.processes),
+            processes,
+            &mut self.classifier,
+            &mut failed,
+            |b, tgid, (up, down)| b.set_process_default(tgid, up, down),
+            BpfClassifier::remove_process,
+        );
+        if failed > 0 && self.failed == 0 {
+            tracing::warn!(
+                "classifier maps: {failed} writes failed; those connections use the default \
+                 class until a later cycle writes them"
+            );
+        }
+        self.failed = failed;
+    }
+
+    /// Connections and processes the maps hold (for status and tests).
+    pub fn entries(&self) -> (usize, usize) {
+        (self.connections.len(), self.processes.len())
+    }
+}
+
+/// Writes what changed from `old` to `new` and removes what is gone; returns what the map now
+/// holds as far as we know: a failed write is left out (retried next time), a failed removal
+/// kept (retried too).
+fn reconcile_map<C, K: Copy + Eq + std::hash::Hash>(
+    old: FxHashMap<K, Classids>,
+    mut new: FxHashMap<K, Classids>,
+    classifier: &mut C,
+    failed: &mut usize,
+    set: fn(&mut C, K, Classids) -> Result<(), BpfError>,
+    remove: fn(&mut C, K) -> Result<(), BpfError>,
+) -> FxHashMap<K, Classids> {
+    let mut unwritten = Vec::new();
+    for (&key, &value) in &new {
+        if old.get(&key) != Some(&value) && set(classifier, key, value).is_err() {
+            unwritten.push(key);
+        }
+    }
+    *failed += unwritten.len();
+    for key in unwritten {
+        new.remove(&key);
+    }
+    for (key, value) in old {
+        if !new.contains_key(&key) && remove(classifier, key).is_err() {
+            *failed += 1;
+            new.insert(key, value);
+        }
+    }
+    new
+}
+
+/// A socket the classifier reported as new, with its creator, as the cycle takes it: keyed by
+/// its cookie like the scan's, so the next scan's record replaces this one. It has no inode
+/// yet (the owner comes from the tgid) and no byte counts.
+pub fn created_socket(new: &NewSocket) -> (Socket, Pid) {
+    let connected = new.remote.port() != 0;
+    let socket = Socket {
+        proto: new.proto,
+        local: new.local,
+        remote: new.remote,
+        state: if connected || new.proto == Proto::Tcp {
+            State::Established
+        } else {
+            State::Close
+        },
+        uid: new.uid,
+        inode: 0,
+        cookie: new.cookie,
+        bytes_up: None,
+        bytes_down: None,
+    };
+    (socket, new.tgid)
+}
+
+/// The full classid of shaper's class `minor`.
+pub fn classid(minor: u16) -> u32 {
+    u32::from(MAJOR) << 16 | u32::from(minor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A map that records what it is told and fails the keys it is told to.
+    #[derive(Default)]
+    struct Recorder {
+        writes: Vec<u64>,
+        removals: Vec<u64>,
+        failing_writes: Vec<u64>,
+        failing_removals: Vec<u64>,
+    }
+
+    fn refused() -> BpfError {
+        BpfError::Bpf {
+            what: "map conn_class".into(),
+            message: "refused".into(),
+        }
+    }
+
+    fn set(r: &mut Recorder, key: u64, _: Classids) -> Result<(), BpfError> {
+        r.writes.push(key);
+        if r.failing_writes.contains(&key) {
+            Err(refused())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn remove(r: &mut Recorder, key: u64) -> Result<(), BpfError> {
+        r.removals.push(key);
+        if r.failing_removals.contains(&key) {
+            Err(refused())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn map(entries: &[(u64, u16)]) -> FxHashMap<u64, Classids> {
+        entries
+            .iter()
+            .map(|&(k, m)| (k, (Some(classid(m)), Some(classid(m)))))
+            .collect()
+    }
+
+    #[test]
+    fn only_changes_are_written_and_failures_are_retried() {
+        let mut r = Recorder::default();
+        let mut failed = 0;
+        let held = reconcile_map(
+            map(&[]),
+            map(&[(1, 16), (2, 17)]),
+            &mut r,
+            &mut failed,
+            set,
+            remove,
+        );
+        assert_eq!((held.len(), failed), (2, 0));
+        r.writes.sort();
+        assert_eq!(r.writes, [1, 2]);
+
+        // 1 unchanged, 2 moved (and its write fails), 3 new, and then 1 is gone (its removal
+        // fails) while 2 stays.
+        let mut r = Recorder {
+            failing_writes: vec![2],
+            ..Recorder::default()
+        };
+        let held = reconcile_map(
+            held,
+            map(&[(1, 16), (2, 18), (3, 19)]),
+            &mut r,
+            &mut failed,
+            set,
+            remove,
+        );
+        r.writes.sort();
+        assert_eq!(r.writes, [2, 3], "the unchanged entry is not rewritten");
+        assert_eq!(failed, 1);
+        assert!(
+            !held.contains_key(&2),
+            "a failed write is not taken as held: retried next time"
+        );
+        assert_eq!(
+            r.removals,
+            [2],
+            "the old value of a failed write is removed: default class"
+        );
+
+        let mut r = Recorder {
+            failing_removals: vec![1],
+            ..Recorder::default()
+        };
+        let mut failed = 0;
+        let held = reconcile_map(held, map(&[(2, 18)]), &mut r, &mut failed, set, remove);
+        assert_eq!(r.writes, [2], "the write that failed is made again");
+        r.removals.sort();
+        assert_eq!(r.removals, [1, 3]);
+        assert_eq!(failed, 1);
+        assert!(
+            held.contains_key(&1),
+            "a failed removal stays held: retried next time"
+        );
+        assert!(!held.contains_key(&3));
+    }
+
+    #[test]
+    fn classids_are_under_shapers_major() {
+        assert_eq!(classid(0x10), 0x5a_0010);
+    }
+}
