@@ -125,38 +125,79 @@ fn two_classes_get_their_own_limits_at_once() {
     assert_within("fast class", fast.bits_per_second, 6e6, 0.90, 1.01);
 }
 
+/// Bytes each HTB class of `veth0` in `ns` has sent, by minor (from `tc -s class show`: this
+/// iproute2 prints no JSON for classes).
+fn class_bytes(ns: &support::netns::Netns) -> std::collections::BTreeMap<u16, u64> {
+    let out = ns
+        .command("tc")
+        .args(["-s", "class", "show", "dev", "veth0"])
+        .output()
+        .expect("tc");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut bytes = std::collections::BTreeMap::new();
+    let mut minor = None;
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next(), words.next()) {
+            (Some("class"), Some("htb"), Some(handle)) => {
+                minor = handle
+                    .strip_prefix("5a:")
+                    .and_then(|m| u16::from_str_radix(m, 16).ok());
+            }
+            (Some("Sent"), Some(n), Some("bytes")) => {
+                if let (Some(m), Ok(n)) = (minor.take(), n.parse()) {
+                    bytes.insert(m, n);
+                }
+            }
+            _ => {}
+        }
+    }
+    bytes
+}
+
+/// Unclassified traffic next to limited connections goes to `default`, whose leaf counts it
+/// all, and none of it to the limited class. (Its speed is the shape benchmark's business: a
+/// Gbit/s comparison on a shared machine measures the machine, and failed a clean CI run.)
 #[test]
-fn unclassified_traffic_keeps_its_speed() {
+fn unclassified_traffic_goes_to_default() {
     let _serial = rate_lock();
     let pair = NetnsPair::new();
     let mut shaper = Shaper::new(&pair.a);
     let classes = class_set(vec![class("bulk", "1mbit", Each::Class)]);
     // Other connections are limited; the measured one is not classified at all.
     let others = [(flow(Proto::Tcp, 4, 40999, 443, 7), decision("bulk", ""))];
+    shaper.shape(&classes, &others);
+    let tree = shaper.desired(&classes, &others).upload;
+    let bulk = *tree
+        .classes
+        .iter()
+        .find(|(_, c)| c.label == "bulk")
+        .expect("the bulk class")
+        .0;
+    let before = class_bytes(&pair.a);
+    let _server = Server::start(&pair.b, 5204);
     let mut run = Run::tcp(NetnsPair::b_addr(4), 5204, 40301);
-    run.seconds = 3;
-    // Alternating runs, best of each: a burst of load elsewhere on the machine hits both alike.
-    let (mut unshaped, mut shaped) = (0f64, 0f64);
-    for _ in 0..2 {
-        shaper.clear();
-        let _server = Server::start(&pair.b, 5204);
-        unshaped = unshaped.max(run.start(&pair.a).finish().bits_per_second);
-        shaper.shape(&classes, &others);
-        let _server = Server::start(&pair.b, 5204);
-        shaped = shaped.max(run.start(&pair.a).finish().bits_per_second);
-    }
+    run.seconds = 2;
+    let result = run.start(&pair.a).finish();
+    let sent = result.json["end"]["sum_sent"]["bytes"].as_u64().unwrap();
+    let after = class_bytes(&pair.a);
+    let grew = |minor: u16| after.get(&minor).unwrap_or(&0) - before.get(&minor).unwrap_or(&0);
     eprintln!(
-        "measured unclassified: {:.0} Mbit/s shaped vs {:.0} Mbit/s unshaped ({:.0}%)",
-        shaped / 1e6,
-        unshaped / 1e6,
-        100.0 * shaped / unshaped
+        "measured unclassified: {} bytes sent at {:.0} Mbit/s; default leaf 5a:{:x} counted {}, \
+         bulk 5a:{bulk:x} {}",
+        sent,
+        result.bits_per_second / 1e6,
+        tree.default_minor,
+        grew(tree.default_minor),
+        grew(bulk)
     );
+    assert!(sent > 1_000_000, "a real transfer: {sent} bytes");
     assert!(
-        shaped >= 0.8 * unshaped,
-        "unclassified traffic: {:.0} Mbit/s through shaper's tree vs {:.0} Mbit/s without",
-        shaped / 1e6,
-        unshaped / 1e6
+        grew(tree.default_minor) >= sent,
+        "the default leaf counts every byte (headers included): {} of {sent}",
+        grew(tree.default_minor)
     );
+    assert_eq!(grew(bulk), 0, "nothing went to the limited class");
 }
 
 #[test]
