@@ -272,21 +272,13 @@ fn ifb_fault_leaves_inbound_flowing_and_is_repaired(fault: &[&str]) {
         daemon.log_text()
     );
     // The next cycle rebuilds the IFB (up), its tree and the redirect.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let ifb_up = || {
-        pair.a
-            .ip(&["-o", "link", "show", "shp-veth0"])
-            .contains(",UP")
-    };
-    while !(ingress_filters(&pair.a).contains("Redirect to device shp-veth0") && ifb_up()) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not rebuilt: {}\nlog:\n{}",
-            ingress_filters(&pair.a),
-            daemon.log_text()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    daemon.wait_for(10, "the IFB (up) and the redirect rebuilt", |_| {
+        ingress_filters(&pair.a).contains("Redirect to device shp-veth0")
+            && pair
+                .a
+                .ip(&["-o", "link", "show", "shp-veth0"])
+                .contains(",UP")
+    });
     daemon.wait_for(10, "shaping again", shaping);
     assert!(
         pair.inbound_opens_within(std::time::Duration::from_secs(3)),
@@ -322,16 +314,9 @@ fn a_tree_changed_by_hand_is_repaired_within_a_cycle() {
     assert!(out.status.success());
     assert!(!classes(&pair.a).contains("5a:"), "the tree is gone");
     // 200 ms cycles: repaired well within a second, without any connection changing.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    while !classes(&pair.a).contains("ceil 1Mbit") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not repaired: {}\nlog:\n{}",
-            classes(&pair.a),
-            daemon.log_text()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    daemon.wait_for(2, "the tree repaired", |_| {
+        classes(&pair.a).contains("ceil 1Mbit")
+    });
     assert!(
         daemon.log_text().contains("changed by another program"),
         "{}",

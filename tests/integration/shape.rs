@@ -27,6 +27,20 @@ fn tc(ns: &Netns, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `shaper clear -i veth0` in `ns`, which must succeed.
+fn shaper_clear(ns: &Netns) {
+    let out = ns
+        .command(env!("CARGO_BIN_EXE_shaper"))
+        .args(["clear", "--interface", "veth0"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn mixed_flows() -> Vec<(Socket, Decision)> {
     let mut unconnected = flow(Proto::Udp, 4, 5353, 0, 4);
     unconnected.remote = "0.0.0.0:0".parse().unwrap();
@@ -101,17 +115,7 @@ fn clear_leaves_the_namespace_as_it_was() {
     assert_eq!(kernel_view(&pair.a), before);
     // Through the command line too.
     shaper.shape(&classes, &mixed_flows());
-    let out = pair
-        .a
-        .command(env!("CARGO_BIN_EXE_shaper"))
-        .args(["clear", "--interface", "veth0"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    shaper_clear(&pair.a);
     assert_eq!(kernel_view(&pair.a), before);
 }
 
@@ -137,17 +141,7 @@ fn a_redirect_whose_ifb_is_gone_is_removed_by_reconcile_and_by_clear() {
     assert!(pair.inbound_opens_within(Duration::from_secs(3)));
     // `shaper clear` (no daemon) removes it in the same state.
     pair.a.ip(&["link", "del", "shp-veth0"]);
-    let out = pair
-        .a
-        .command(env!("CARGO_BIN_EXE_shaper"))
-        .args(["clear", "--interface", "veth0"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    shaper_clear(&pair.a);
     assert_eq!(kernel_view(&pair.a), before);
     assert!(pair.inbound_opens_within(Duration::from_secs(3)));
 }
