@@ -22,6 +22,18 @@ pub fn render(report: &StatusReport) -> String {
         report.classifier,
         if report.dry_run { ", dry run" } else { "" }
     );
+    if let Some(f) = &report.fast_path {
+        let us = |v: Option<u64>| v.map_or("-".to_string(), |v| format!("{v} µs"));
+        let _ = writeln!(
+            out,
+            "fast path: {} new sockets, report to decision p50 {}, p99 {}, CPU {} per socket",
+            f.sockets,
+            us(f.p50_us),
+            us(f.p99_us),
+            f.cpu_us_per_socket
+                .map_or("-".to_string(), |c| format!("{c:.0} µs"))
+        );
+    }
     for i in &report.interfaces {
         let unplaced = if i.unplaced > 0 {
             format!("; {} classes or filters without a tc handle", i.unplaced)

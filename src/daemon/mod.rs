@@ -7,6 +7,7 @@ pub mod bpf;
 pub mod cycle;
 pub mod flows;
 pub mod iflock;
+pub mod latency;
 pub mod service;
 pub mod status;
 
@@ -141,6 +142,8 @@ pub struct Daemon {
     /// The first-packet classifier, when attached: the plans then have no per-connection
     /// filters and its maps are written after each apply.
     bpf: Option<bpf::BpfState>,
+    /// What the fast path costs (for `status`).
+    fast_path_stats: latency::FastPathStats,
 }
 
 fn mtime(path: &Path) -> Option<SystemTime> {
@@ -220,6 +223,7 @@ impl Daemon {
             last_flush: Instant::now(),
             script_mtimes,
             bpf: None,
+            fast_path_stats: latency::FastPathStats::default(),
         })
     }
 
@@ -311,6 +315,7 @@ impl Daemon {
             return;
         }
         let started = Instant::now();
+        let cpu_started = latency::thread_cpu();
         let count = new.len();
         let sockets = new.iter().map(bpf::created_socket).collect();
         let links = Vec::new();
@@ -337,6 +342,14 @@ impl Daemon {
         for i in 0..self.interfaces.len() {
             self.shape_interface(i);
         }
+        // The decisions are in the maps now: each socket waited from its report until here.
+        let done = latency::monotonic();
+        for socket in &new {
+            self.fast_path_stats
+                .record(done.saturating_sub(socket.reported_at));
+        }
+        self.fast_path_stats
+            .add_round(count, latency::thread_cpu().saturating_sub(cpu_started));
         tracing::debug!(
             "fast path: {count} new sockets shaped in {:?} ({fast_timings:?})",
             started.elapsed()

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::latency::FastPathStatus;
 use super::{Daemon, Failure};
 use crate::account::{Period, Usage, UsageKey};
 use crate::policy::ErrorEntry;
@@ -65,6 +66,9 @@ pub struct StatusReport {
     /// How connections reach their class: `"bpf"` (the first-packet classifier) or `"u32"`.
     #[serde(default)]
     pub classifier: String,
+    /// What the first-packet fast path costs (`None` with the u32 classifier, which has none).
+    #[serde(default)]
+    pub fast_path: Option<FastPathStatus>,
     pub rate: Option<String>,
     pub connection_rate: Option<String>,
     pub interfaces: Vec<InterfaceStatus>,
@@ -157,6 +161,9 @@ impl StatusReport {
             cycles: daemon.cycles,
             dry_run: daemon.options.dry_run,
             classifier: daemon.classifier().to_string(),
+            fast_path: daemon
+                .has_fast_path()
+                .then(|| daemon.fast_path_stats.status()),
             rate: daemon.rate.last.map(|r| r.to_string()),
             connection_rate: daemon.connection_rate.last.map(|r| r.to_string()),
             interfaces: daemon

@@ -91,8 +91,16 @@ fn connections_land_in_their_leaves(classifier: &str) {
         "{}",
         daemon.log_text()
     );
+    // Only the BPF classifier has a fast path to report on.
+    assert_eq!(
+        daemon.status()["fast_path"].is_null(),
+        classifier == "u32",
+        "{}",
+        daemon.status()
+    );
     let text = String::from_utf8_lossy(&daemon.control(&["status"]).stdout).into_owned();
     assert!(text.contains(&format!("classifier {classifier}")), "{text}");
+    assert_eq!(text.contains("fast path: "), classifier == "bpf", "{text}");
 
     for (reverse, dev, ceil, cport) in [
         (false, "veth0", "2Mbit", 40123),
@@ -225,6 +233,13 @@ fn a_process_started_after_the_daemon_is_shaped_from_its_first_packets() {
             daemon.log_text()
         );
     }
+    // The status counts what the fast path did: its sockets (iperf3's control and data
+    // connections, three runs), and how long each waited for its decision.
+    let fast = daemon.status()["fast_path"].clone();
+    assert!(fast["sockets"].as_u64().unwrap() >= 3, "{fast}");
+    let (p50, p99) = (fast["p50_us"].as_u64(), fast["p99_us"].as_u64());
+    assert!(p50.is_some() && p50 <= p99, "{fast}");
+    assert!(fast["cpu_us_per_socket"].as_f64().unwrap() > 0.0, "{fast}");
 }
 
 #[test]
