@@ -14,16 +14,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use support::crowd::{self, Crowd};
-use support::daemon::DaemonProcess;
+use support::daemon::{DaemonProcess, cpu_ticks};
 use support::netns::NetnsPair;
 
 const CYCLES: u64 = 15;
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
 
 fn peak_rss_mib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

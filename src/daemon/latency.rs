@@ -57,7 +57,10 @@ pub fn thread_cpu() -> Duration {
 }
 
 fn timespec(t: rustix::time::Timespec) -> Duration {
-    Duration::new(t.tv_sec.max(0) as u64, t.tv_nsec.clamp(0, 999_999_999) as u32)
+    Duration::new(
+        t.tv_sec.max(0) as u64,
+        t.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
 }
 
 impl FastPathStats {
@@ -130,7 +133,10 @@ mod tests {
         assert_eq!(s.percentile(0.0), Some(1));
         let mut one = FastPathStats::default();
         one.record(us(7));
-        assert_eq!((one.percentile(50.0), one.percentile(99.0)), (Some(7), Some(7)));
+        assert_eq!(
+            (one.percentile(50.0), one.percentile(99.0)),
+            (Some(7), Some(7))
+        );
     }
 
     #[test]

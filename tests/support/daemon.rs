@@ -7,6 +7,13 @@ use std::time::{Duration, Instant};
 
 use super::netns::Netns;
 
+/// CPU time (user + system) process `pid` has used, in USER_HZ ticks (10 ms), from /proc.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
 pub struct DaemonProcess {
     pub child: Option<Child>,
     pub dir: PathBuf,

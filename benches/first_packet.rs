@@ -1,0 +1,206 @@
+//! The first-packet fast path under a stream of new connections (run as root): `shaper run
+//! --classifier bpf` attached to a cgroup this bench creates, in a namespace pair, with a policy
+//! giving every connection to port 5301 a class. A child process inside the cgroup opens and
+//! closes TCP connections to a listener in the peer namespace at 100/s for 5 s, then at 1,000/s
+//! for 5 s.
+//!
+//! `cargo bench --bench first_packet` prints, after each phase, the daemon's `fast_path` figures
+//! from `status --json`: the p50/p99 time from the kernel reporting a socket to its decision
+//! being in the classifier's maps (target: p99 ≤ 5 ms at 1,000/s), and the fast path's CPU time
+//! per new connection; then, with the load stopped, the CPU time per steady cycle.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use support::cgroup::TestCgroup;
+use support::daemon::DaemonProcess;
+use support::netns::NetnsPair;
+
+const PORT: u16 = 5301;
+const PHASE_SECS: u64 = 5;
+const STEADY_CYCLES: u64 = 10;
+
+const POLICY: &str = r#"
+classes = { new = { ceil = "100mbit" }, default = {} }
+function classify(conn)
+  if conn.remote_port == 5301 then return "new" end
+  return "default"
+end
+"#;
+
+/// If started as the connecting child (`--connect ADDR RATE SECS`), opens and closes `RATE`
+/// connections a second for `SECS` seconds (stopping by itself a few seconds late at most), and
+/// returns `true`: the caller's `main` must then return.
+fn connect_if_requested() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    let Some(at) = args.iter().position(|a| a == "--connect") else {
+        return false;
+    };
+    let addr: SocketAddr = args[at + 1].parse().unwrap();
+    let rate: u64 = args[at + 2].parse().unwrap();
+    let secs: u64 = args[at + 3].parse().unwrap();
+    let total = rate * secs;
+    let start = Instant::now();
+    let give_up = start + Duration::from_secs(secs + 5);
+    let (mut opened, mut failed) = (0u64, 0u64);
+    for i in 0..total {
+        let due = start + Duration::from_micros(i * 1_000_000 / rate);
+        let now = Instant::now();
+        if now > give_up {
+            break;
+        }
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            Ok(s) => {
+                opened += 1;
+                drop(s);
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    println!(
+        "{opened} opened, {failed} failed in {:.2} s",
+        start.elapsed().as_secs_f64()
+    );
+    true
+}
+
+/// A listener in `b` that accepts (and closes) until dropped, so its backlog never fills.
+struct Acceptor {
+    stop: std::sync::Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Acceptor {
+    fn start(pair: &NetnsPair) -> Acceptor {
+        let listener = pair
+            .b
+            .run(|| TcpListener::bind((NetnsPair::B_V4, PORT)).expect("bind the listener"));
+        // accept(2) honours SO_RCVTIMEO: the thread sees `stop` within 100 ms.
+        socket2::SockRef::from(&listener)
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                let _ = listener.accept();
+            }
+        });
+        Acceptor {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Acceptor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The daemon's `fast_path` figures: sockets, p50 µs, p99 µs, CPU µs per socket (cumulative).
+fn fast_path(daemon: &DaemonProcess) -> (u64, u64, u64, f64) {
+    let s = daemon.status();
+    let f = &s["fast_path"];
+    assert!(f.is_object(), "no fast_path in the status: {s}");
+    (
+        f["sockets"].as_u64().unwrap(),
+        f["p50_us"].as_u64().unwrap_or(0),
+        f["p99_us"].as_u64().unwrap_or(0),
+        f["cpu_us_per_socket"].as_f64().unwrap_or(0.0),
+    )
+}
+
+fn phase(pair: &NetnsPair, cgroup: &TestCgroup, daemon: &DaemonProcess, rate: u64) {
+    let pid = daemon.child.as_ref().unwrap().id();
+    let (s0, _, _, c0) = fast_path(daemon);
+    let ticks0 = support::daemon::cpu_ticks(pid);
+    let mut cmd = pair.a.command(std::env::current_exe().unwrap());
+    cmd.args(["--connect", &format!("{}:{PORT}", NetnsPair::B_V4)])
+        .args([rate.to_string(), PHASE_SECS.to_string()])
+        .stdout(Stdio::piped());
+    let procs = cgroup.enter(&mut cmd);
+    let child = cmd.spawn().expect("start the connecting child");
+    drop(procs);
+    let out = child.wait_with_output().unwrap();
+    let summary = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    // The last sockets' decisions: the fast path is at most a poll slice behind.
+    std::thread::sleep(Duration::from_millis(500));
+    let (s1, p50, p99, c1) = fast_path(daemon);
+    let ticks1 = support::daemon::cpu_ticks(pid);
+    let sockets = s1 - s0;
+    let cpu_us = if sockets > 0 {
+        (c1 * s1 as f64 - c0 * s0 as f64) / sockets as f64
+    } else {
+        0.0
+    };
+    // Everything the daemon did meanwhile (its cycles too), per connection.
+    let process_us = (ticks1 - ticks0) as f64 * 10_000.0 / sockets.max(1) as f64;
+    println!(
+        "  {rate:>5}/s for {PHASE_SECS} s ({summary}): {sockets} sockets, report to decision \
+         p50 {:.2} ms, p99 {:.2} ms; fast-path CPU {cpu_us:.0} µs/connection \
+         (whole daemon {process_us:.0} µs/connection)",
+        p50 as f64 / 1000.0,
+        p99 as f64 / 1000.0,
+    );
+}
+
+fn main() {
+    if connect_if_requested() {
+        return;
+    }
+    let pair = NetnsPair::new();
+    let cgroup = TestCgroup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("policy.lua");
+    std::fs::write(&script, POLICY).unwrap();
+    let _acceptor = Acceptor::start(&pair);
+    let cgroup_dir = cgroup.dir.to_str().unwrap().to_string();
+    let daemon = DaemonProcess::start(
+        &pair.a,
+        dir.path(),
+        &[
+            "--classifier",
+            "bpf",
+            "--cgroup",
+            &cgroup_dir,
+            "--script",
+            script.to_str().unwrap(),
+            "--interval",
+            "1s",
+        ],
+    );
+    daemon.wait_for(10, "shaping", |s| s["interfaces"][0]["state"] == "shaping");
+    println!(
+        "first-packet benchmark: shaper run --classifier bpf (1 s cycle), new TCP connections \
+         from a process in its cgroup; p50/p99 over the phase's last 4,096 sockets"
+    );
+    for rate in [100, 1_000] {
+        phase(&pair, &cgroup, &daemon, rate);
+    }
+    let pid = daemon.child.as_ref().unwrap().id();
+    let c0 = daemon.status()["cycles"].as_u64().unwrap();
+    let t0 = support::daemon::cpu_ticks(pid);
+    daemon.wait_for(STEADY_CYCLES + 5, "steady cycles", |s| {
+        s["cycles"].as_u64().unwrap() >= c0 + STEADY_CYCLES
+    });
+    let c1 = daemon.status()["cycles"].as_u64().unwrap();
+    let t1 = support::daemon::cpu_ticks(pid);
+    println!(
+        "  load stopped: CPU {:.2} ms per steady cycle over {} cycles",
+        (t1 - t0) as f64 * 10.0 / (c1 - c0) as f64,
+        c1 - c0
+    );
+}
