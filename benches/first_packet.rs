@@ -7,7 +7,9 @@
 //! `cargo bench --bench first_packet` prints, after each phase, the daemon's `fast_path` figures
 //! from `status --json`: the p50/p99 time from the kernel reporting a socket to its decision
 //! being in the classifier's maps (target: p99 ≤ 5 ms at 1,000/s), and the fast path's CPU time
-//! per new connection; then, with the load stopped, the CPU time per steady cycle.
+//! per new connection; then, with the load stopped, the CPU time per steady cycle; then the
+//! 64-byte UDP throughput of a socket the classifier puts in its class, with only the bench's
+//! own connections in the connection map and with 10,000 more.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -18,17 +20,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use support::cgroup::TestCgroup;
+use support::crowd::{self, Crowd};
 use support::daemon::DaemonProcess;
 use support::netns::NetnsPair;
+use support::traffic::{Run, Server};
 
 const PORT: u16 = 5301;
 const PHASE_SECS: u64 = 5;
 const STEADY_CYCLES: u64 = 10;
+/// Connections in the connection map for the crowded throughput figure.
+const CROWD: usize = 10_000;
 
 const POLICY: &str = r#"
 classes = { new = { ceil = "100mbit" }, default = {} }
 function classify(conn)
-  if conn.remote_port == 5301 then return "new" end
+  if conn.remote_port == 5301 or conn.remote_port == 5302 then return "new" end
   return "default"
 end
 "#;
@@ -157,8 +163,53 @@ fn phase(pair: &NetnsPair, cgroup: &TestCgroup, daemon: &DaemonProcess, rate: u6
     );
 }
 
+/// Receiver goodput of 64-byte UDP from a client in `cgroup` to port 5302 (class `new`), best
+/// of two 4 s runs.
+fn udp_small_packets(pair: &NetnsPair, cgroup: &TestCgroup) -> f64 {
+    let mut run = Run::tcp(NetnsPair::b_addr(4), 5302, 40000);
+    run.seconds = 4;
+    run.omit = 1;
+    run.udp_rate = Some("0");
+    run.length = Some(64);
+    (0..2)
+        .map(|_| {
+            // The server serves one client.
+            let _server = Server::start(&pair.b, 5302);
+            run.start_in(&pair.a, cgroup).finish().bits_per_second
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Connections the daemon's last cycle counted in its classes.
+fn tracked(daemon: &DaemonProcess) -> u64 {
+    daemon.status()["classes"]
+        .as_array()
+        .map(|c| c.iter().filter_map(|c| c["connections"].as_u64()).sum())
+        .unwrap_or(0)
+}
+
+fn map_size(pair: &NetnsPair, cgroup: &TestCgroup, daemon: &DaemonProcess) {
+    let alone = udp_small_packets(pair, cgroup);
+    let tracked_alone = tracked(daemon);
+    let _crowd = Crowd::open(pair, CROWD);
+    let c0 = daemon.status()["cycles"].as_u64().unwrap();
+    // Two whole cycles after the crowd opened: its connections are in the map.
+    daemon.wait_for(120, "cycles with the crowd", |s| {
+        s["cycles"].as_u64().unwrap() >= c0 + 3
+    });
+    let crowded = udp_small_packets(pair, cgroup);
+    println!(
+        "  64-byte UDP through a classified socket: {:.1} Mbit/s with {tracked_alone} \
+         connections tracked, {:.1} Mbit/s with {} ({:.1} %)",
+        alone / 1e6,
+        crowded / 1e6,
+        tracked(daemon),
+        100.0 * crowded / alone
+    );
+}
+
 fn main() {
-    if connect_if_requested() {
+    if connect_if_requested() || crowd::serve_if_requested() {
         return;
     }
     let pair = NetnsPair::new();
@@ -203,4 +254,5 @@ fn main() {
         (t1 - t0) as f64 * 10.0 / (c1 - c0) as f64,
         c1 - c0
     );
+    map_size(&pair, &cgroup, &daemon);
 }

@@ -4,10 +4,11 @@
 //! [`rate_lock`] for the whole test.
 
 use std::net::IpAddr;
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
+use super::cgroup::TestCgroup;
 use super::netns::Netns;
 
 /// Serialises rate-measuring tests within the test binary.
@@ -88,6 +89,25 @@ impl Run {
 
     /// Starts the client in `ns`; [`Measurement::finish`] waits for it.
     pub fn start(&self, ns: &Netns) -> Measurement {
+        self.spawn(self.command(ns))
+    }
+
+    /// As [`Run::start`], with the client inside `cgroup` (whose sockets the BPF classifier
+    /// sees).
+    pub fn start_in(&self, ns: &Netns, cgroup: &TestCgroup) -> Measurement {
+        let mut cmd = self.command(ns);
+        let _procs = cgroup.enter(&mut cmd);
+        self.spawn(cmd)
+    }
+
+    fn spawn(&self, mut cmd: Command) -> Measurement {
+        Measurement {
+            child: cmd.spawn().expect("start iperf3 client"),
+            udp: self.udp_rate.is_some(),
+        }
+    }
+
+    fn command(&self, ns: &Netns) -> Command {
         let mut cmd = ns.command("iperf3");
         cmd.args(["-c", &self.server.to_string(), "-p", &self.port.to_string()])
             .args(["--cport", &self.cport.to_string()])
@@ -109,10 +129,7 @@ impl Run {
         if let Some(len) = self.length {
             cmd.args(["-l", &len.to_string()]);
         }
-        Measurement {
-            child: cmd.spawn().expect("start iperf3 client"),
-            udp: self.udp_rate.is_some(),
-        }
+        cmd
     }
 }
 
