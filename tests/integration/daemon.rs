@@ -266,11 +266,16 @@ fn ifb_fault_leaves_inbound_flowing_and_is_repaired(fault: &[&str]) {
         ingress_filters(&pair.a),
         daemon.log_text()
     );
-    assert!(
-        daemon.log_text().contains("inbound traffic flows unshaped"),
-        "the watcher, not a cycle, removed the redirect:\n{}",
-        daemon.log_text()
-    );
+    // The watcher logs right after its deletion, which the connection above may beat.
+    let logged = std::time::Instant::now();
+    while !daemon.log_text().contains("inbound traffic flows unshaped") {
+        assert!(
+            logged.elapsed() < std::time::Duration::from_secs(1),
+            "the watcher, not a cycle, removed the redirect:\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     // The next cycle rebuilds the IFB (up), its tree and the redirect.
     daemon.wait_for(10, "the IFB (up) and the redirect rebuilt", |_| {
         ingress_filters(&pair.a).contains("Redirect to device shp-veth0")
