@@ -218,20 +218,11 @@ fn main() {
     let script = dir.path().join("policy.lua");
     std::fs::write(&script, POLICY).unwrap();
     let _acceptor = Acceptor::start(&pair);
-    let cgroup_dir = cgroup.dir.to_str().unwrap().to_string();
-    let daemon = DaemonProcess::start(
+    let daemon = DaemonProcess::start_bpf(
         &pair.a,
         dir.path(),
-        &[
-            "--classifier",
-            "bpf",
-            "--cgroup",
-            &cgroup_dir,
-            "--script",
-            script.to_str().unwrap(),
-            "--interval",
-            "1s",
-        ],
+        &cgroup,
+        &["--script", script.to_str().unwrap(), "--interval", "1s"],
     );
     daemon.wait_for(10, "shaping", |s| s["interfaces"][0]["state"] == "shaping");
     println!(

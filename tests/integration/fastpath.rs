@@ -185,16 +185,12 @@ fn a_process_started_after_the_daemon_is_shaped_from_its_first_packets() {
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("policy.lua");
     std::fs::write(&script, SLOW_IPERF).unwrap();
-    let cgroup_dir = cgroup.dir.to_str().unwrap().to_string();
     // A long interval: any shaping within the transfer is the fast path's.
-    let daemon = DaemonProcess::start(
+    let daemon = DaemonProcess::start_bpf(
         &pair.a,
         dir.path(),
+        &cgroup,
         &[
-            "--classifier",
-            "bpf",
-            "--cgroup",
-            &cgroup_dir,
             "--script",
             script.to_str().unwrap(),
             "--uplink",

@@ -323,16 +323,8 @@ fn a_quota_slows_down_and_survives_sigkill() {
     // (seen as 70 % of the limit, a retransmission stall, in one full run of three). What is
     // measured here is the quota, so the connections are shaped from their first packet.
     let cgroup = TestCgroup::new();
-    let cgroup_dir = cgroup.dir.to_str().unwrap().to_string();
-    let args = [
-        "--script",
-        script.to_str().unwrap(),
-        "--classifier",
-        "bpf",
-        "--cgroup",
-        &cgroup_dir,
-    ];
-    let mut daemon = DaemonProcess::start(&pair.a, dir.path(), &args);
+    let args = ["--script", script.to_str().unwrap()];
+    let mut daemon = DaemonProcess::start_bpf(&pair.a, dir.path(), &cgroup, &args);
     daemon.wait_for(10, "shaping", |s| s["interfaces"][0]["state"] == "shaping");
     // 30 MB unshaped: past the quota.
     let _server = Server::start(&pair.b, 5501);
@@ -373,7 +365,7 @@ fn a_quota_slows_down_and_survives_sigkill() {
     let counted = day(&daemon.status());
     let exit = daemon.signal(libc::SIGKILL);
     assert!(!exit.success());
-    let restarted = DaemonProcess::start(&pair.a, dir.path(), &args);
+    let restarted = DaemonProcess::start_bpf(&pair.a, dir.path(), &cgroup, &args);
     restarted.wait_for(10, "shaping again", |s| {
         s["interfaces"][0]["state"] == "shaping"
     });
@@ -508,15 +500,11 @@ fn short_transfers_of_a_new_process_stay_within_its_limit() {
          end\n",
     )
     .unwrap();
-    let cgroup_dir = cgroup.dir.to_str().unwrap().to_string();
-    let daemon = DaemonProcess::start(
+    let daemon = DaemonProcess::start_bpf(
         &pair.a,
         dir.path(),
+        &cgroup,
         &[
-            "--classifier",
-            "bpf",
-            "--cgroup",
-            &cgroup_dir,
             "--script",
             script.to_str().unwrap(),
             "--uplink",

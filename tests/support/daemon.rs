@@ -42,6 +42,20 @@ impl DaemonProcess {
         d
     }
 
+    /// As [`DaemonProcess::start`], with the BPF classifier on `cgroup` (`--classifier bpf
+    /// --cgroup DIR` added to `args`).
+    pub fn start_bpf(
+        ns: &Netns,
+        dir: &Path,
+        cgroup: &super::cgroup::TestCgroup,
+        args: &[&str],
+    ) -> DaemonProcess {
+        let cgroup = cgroup.dir.to_str().expect("a UTF-8 cgroup path");
+        let mut all = vec!["--classifier", "bpf", "--cgroup", cgroup];
+        all.extend_from_slice(args);
+        DaemonProcess::start(ns, dir, &all)
+    }
+
     /// Starts without waiting (for tests of refusals).
     pub fn spawn(ns: &Netns, dir: &Path, args: &[&str]) -> DaemonProcess {
         let log = dir.join(format!(
