@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
@@ -224,12 +224,6 @@ impl BpfClassifier {
         ignore_missing(self.proc_class.remove(&tgid)).map_err(|e| map_error("proc_class", e))
     }
 
-    /// The ring buffer's descriptor: readable when new sockets are waiting (for an event loop,
-    /// e.g. tokio's `AsyncFd`); then call [`Self::drain_new_sockets`].
-    pub fn events_fd(&self) -> BorrowedFd<'_> {
-        self.events.as_fd()
-    }
-
     /// Waits up to `timeout` for new sockets, then returns every one waiting.
     pub fn poll_new_sockets(&mut self, timeout: Duration) -> Vec<NewSocket> {
         let mut pfd = libc::pollfd {
@@ -260,15 +254,6 @@ impl BpfClassifier {
         self.sock_bytes.get(&cookie, 0).ok().map(to_counters)
     }
 
-    /// Every socket's byte counters, by cookie. Entries of closed sockets stay until
-    /// [`Self::remove_connection`] (or, past 131,072 sockets, until the least recently used go).
-    pub fn all_counters(&self) -> Vec<(u64, ByteCounters)> {
-        self.sock_bytes
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(cookie, c)| (cookie, to_counters(c)))
-            .collect()
-    }
 }
 
 fn raw_classes(up: Option<u32>, down: Option<u32>) -> RawClasses {

@@ -46,10 +46,6 @@ impl FlowTable {
         self.decisions.is_empty()
     }
 
-    pub fn snapshot(&self) -> &Arc<Snapshot> {
-        &self.snapshot
-    }
-
     pub fn connections(&self) -> &[Connection] {
         &self.snapshot.connections
     }

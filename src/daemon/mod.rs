@@ -67,7 +67,7 @@ pub struct RunOptions {
     /// Replace a root or ingress qdisc shaper did not install.
     pub replace: bool,
     /// Refuse policy files root does not own or others can write (see
-    /// [`crate::policy::check_permissions`]).
+    /// [`crate::policy::read_source`]).
     pub strict_permissions: bool,
 }
 

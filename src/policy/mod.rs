@@ -67,11 +67,6 @@ pub fn read_source(path: &Path, strict: bool) -> Result<String, PolicyError> {
     })
 }
 
-/// Whether a root daemon may run the file at `path` (see [`read_source`]).
-pub fn check_permissions(path: &Path) -> Result<(), PolicyError> {
-    read_source(path, true).map(drop)
-}
-
 impl Script {
     /// Reads a script, checking its permissions and its folders' when `strict`.
     pub fn read_checked(path: &Path, strict: bool) -> Result<Script, PolicyError> {

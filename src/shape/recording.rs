@@ -87,11 +87,6 @@ impl RecordingBackend {
         }
     }
 
-    /// Removes `name` (and, with it, what was installed on it).
-    pub fn remove_link(&self, name: &str) {
-        self.model().devices.remove(name);
-    }
-
     /// Adds to `name`'s byte counters.
     pub fn count(&self, name: &str, tx: u64, rx: u64) {
         if let Some(d) = self.model().devices.get_mut(name) {
