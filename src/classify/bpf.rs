@@ -253,7 +253,6 @@ impl BpfClassifier {
     pub fn counters(&self, cookie: u64) -> Option<ByteCounters> {
         self.sock_bytes.get(&cookie, 0).ok().map(to_counters)
     }
-
 }
 
 fn raw_classes(up: Option<u32>, down: Option<u32>) -> RawClasses {
