@@ -66,6 +66,8 @@ pub fn decision(class: &str, limit: &str) -> Decision {
 pub struct Shaper {
     pub backend: NetlinkBackend,
     pub handles: Handles,
+    /// The link's capacity (default: none configured).
+    pub capacity: Capacity,
 }
 
 impl Shaper {
@@ -73,6 +75,7 @@ impl Shaper {
         Shaper {
             backend: ns.run(|| NetlinkBackend::new().expect("netlink in the namespace")),
             handles: Handles::default(),
+            capacity: Capacity::default(),
         }
     }
 
@@ -95,7 +98,7 @@ impl Shaper {
                 classes,
                 connections: &connections,
                 decisions: &decisions,
-                capacity: Capacity::default(),
+                capacity: self.capacity,
                 features,
                 by_priority: false,
             },

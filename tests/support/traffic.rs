@@ -71,6 +71,8 @@ pub struct Run {
     pub udp_rate: Option<&'static str>,
     /// UDP payload size.
     pub length: Option<u32>,
+    /// Parallel flows (`-P`), on consecutive local ports from `cport`.
+    pub parallel: u16,
 }
 
 impl Run {
@@ -84,6 +86,7 @@ impl Run {
             reverse: false,
             udp_rate: None,
             length: None,
+            parallel: 1,
         }
     }
 
@@ -125,6 +128,9 @@ impl Run {
         }
         if let Some(rate) = self.udp_rate {
             cmd.args(["-u", "-b", rate]);
+        }
+        if self.parallel > 1 {
+            cmd.args(["-P", &self.parallel.to_string()]);
         }
         if let Some(len) = self.length {
             cmd.args(["-l", &len.to_string()]);
