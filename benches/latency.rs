@@ -81,7 +81,7 @@ fn main() {
         shaper.capacity = Capacity {
             up: Some(link),
             down: Some(link),
-            ..Capacity::default()
+            framing: Default::default(),
         };
         let mut top = class("top", "", Each::Class);
         top.prio = 0;

@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::units::{Interval, Rate, RatePair};
 
+/// The largest `overhead` and `mpu`, bytes: sqm-scripts' range, and more than any real link's
+/// framing (ATM with PPPoE over LLC/SNAP and VLAN is about 50).
+pub const MAX_FRAMING_BYTES: u16 = 256;
+
 /// Where the configuration is read from when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/shaper/shaper.ron";
 
@@ -55,6 +59,15 @@ pub struct Config {
     pub uplink: Option<Rate>,
     /// The link's download capacity, with the same advice as `uplink`.
     pub downlink: Option<Rate>,
+    /// Bytes the line below the interface adds to every packet, 0 to 256 (sqm-scripts'
+    /// `overhead`): e.g. 34 for VDSL2 with PPPoE, 18 for DOCSIS, 44 for ADSL with PPPoE over
+    /// LLC/SNAP (with `linklayer: atm`). Counted in every class's rate, together with the
+    /// Ethernet header the kernel already counts.
+    pub overhead: u16,
+    /// The smallest size, in bytes, a packet is counted as (0 to 256; DOCSIS: 64).
+    pub mpu: u16,
+    /// `ethernet` (packets sent whole) or `atm` (ADSL: 48-byte payloads in 53-byte cells).
+    pub linklayer: LinkLayer,
     /// A limit for the whole interface, `UP[:DOWN]` (nbdkit's `rate=`); unset = unlimited.
     pub rate: Option<RatePair>,
     /// A limit for each connection, `UP[:DOWN]` (nbdkit's `connection-rate=`); unset = unlimited.
@@ -95,6 +108,28 @@ pub enum ClassifierChoice {
     U32,
 }
 
+/// The link layer under the shaped interface (config `linklayer`, flag `--linklayer`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkLayer {
+    /// Packets are sent whole (Ethernet, VDSL2, DOCSIS, fibre).
+    #[default]
+    Ethernet,
+    /// Packets are cut into 53-byte ATM cells carrying 48 bytes each (ADSL, ADSL2+).
+    Atm,
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -103,6 +138,9 @@ impl Default for Config {
             script: PathBuf::from("/etc/shaper/policy.lua"),
             uplink: None,
             downlink: None,
+            overhead: 0,
+            mpu: 0,
+            linklayer: LinkLayer::Ethernet,
             rate: None,
             connection_rate: None,
             rate_file: None,
@@ -180,6 +218,16 @@ impl Config {
                 self.usage_flush_interval.to_string(),
                 "use a positive interval such as \"10s\"",
             ));
+        }
+        for (key, value) in [("overhead", self.overhead), ("mpu", self.mpu)] {
+            if value > MAX_FRAMING_BYTES {
+                return Err(invalid(
+                    key,
+                    value.to_string(),
+                    "use 0 to 256 bytes (sqm-scripts' range); common overheads are 18 (DOCSIS), \
+                     34 (VDSL2/PPPoE) and 44 (ADSL/PPPoE)",
+                ));
+            }
         }
         for (key, path) in self.paths() {
             if let Err(reason) = check_absolute(path) {

@@ -119,6 +119,16 @@ pub struct ConfigArgs {
     /// Download capacity of the link, e.g. 100mbit
     #[arg(long, value_name = "RATE")]
     pub downlink: Option<Rate>,
+    /// Bytes the line adds to every packet, 0-256, e.g. 34 (VDSL2/PPPoE), 18 (DOCSIS),
+    /// 44 (ADSL/PPPoE with --linklayer atm) [default: 0]
+    #[arg(long, value_name = "BYTES")]
+    pub overhead: Option<u16>,
+    /// Smallest size a packet is counted as, 0-256, e.g. 64 for DOCSIS [default: 0]
+    #[arg(long, value_name = "BYTES")]
+    pub mpu: Option<u16>,
+    /// Link layer under the interface: ethernet, or atm for ADSL [default: ethernet]
+    #[arg(long, value_name = "LAYER")]
+    pub linklayer: Option<crate::config::LinkLayer>,
     /// Limit for the whole interface, UP[:DOWN], e.g. 2mbit:8mbit
     #[arg(long, value_name = "UP[:DOWN]")]
     pub rate: Option<RatePair>,
@@ -186,6 +196,9 @@ impl ConfigArgs {
         set(&mut config.script, &self.script);
         set_some(&mut config.uplink, &self.uplink);
         set_some(&mut config.downlink, &self.downlink);
+        set(&mut config.overhead, &self.overhead);
+        set(&mut config.mpu, &self.mpu);
+        set(&mut config.linklayer, &self.linklayer);
         set_some(&mut config.rate, &self.rate);
         set_some(&mut config.connection_rate, &self.connection_rate);
         set_some(&mut config.rate_file, &self.rate_file);

@@ -22,7 +22,7 @@ use crate::policy::{self, ClassSet, Decision, Each, Engine, EngineOptions, Polic
 use crate::process::{Pid, ProcessTable, Snapshot};
 use crate::scan::Socket;
 use crate::shape::{
-    Capacity, Desired, Exhausted, Features, Handles, Installed, Op, Plan, PlanInput, Redirect,
+    Capacity, Desired, Exhausted, Features, Framing, Handles, Installed, Op, Plan, PlanInput, Redirect,
     ShapeError, Slot, Targets, TcBackend, plan, reconcile,
 };
 use crate::units::{Rate, RatePair};
@@ -171,6 +171,11 @@ impl Cycle {
         let link = Capacity {
             up: config.uplink,
             down: config.downlink,
+            framing: Framing {
+                overhead: config.overhead,
+                mpu: config.mpu,
+                link_layer: config.linklayer,
+            },
         };
         Ok(Cycle {
             builtin,
@@ -271,6 +276,7 @@ impl Cycle {
             self.capacity = Capacity {
                 up: min_rate(self.link.up, rates.rate.and_then(|r| r.up)),
                 down: min_rate(self.link.down, rates.rate.and_then(|r| r.down)),
+                framing: self.link.framing,
             };
         }
         outcome
@@ -286,7 +292,8 @@ impl Cycle {
         replace: bool,
     ) -> Result<Option<TcPlan>, ShapeError> {
         let features = backend.features();
-        let inputs = self.plan_inputs_hash(features);
+        let mtu = crate::shape::device_mtu(&iface.name);
+        let inputs = self.plan_inputs_hash(features, mtu);
         if iface.applied.is_some() && iface.applied_from == Some(inputs) {
             return Ok(None);
         }
@@ -297,6 +304,7 @@ impl Cycle {
                 decisions: self.flows.decisions(),
                 capacity: self.capacity,
                 features,
+                mtu,
                 by_priority: self.by_priority,
             },
             &mut iface.handles,
@@ -339,12 +347,13 @@ impl Cycle {
 
     /// Everything the planner reads, hashed: the classes, each connection's identity, owner and
     /// decision, the capacity and the kernel features.
-    fn plan_inputs_hash(&self, features: Features) -> u64 {
+    fn plan_inputs_hash(&self, features: Features, mtu: u32) -> u64 {
         use std::hash::{Hash, Hasher};
         let mut h = rustc_hash::FxHasher::default();
         self.engine.classes().hash(&mut h);
         self.capacity.hash(&mut h);
         features.hash(&mut h);
+        mtu.hash(&mut h);
         self.by_priority.hash(&mut h);
         for (c, d) in self.flows.connections().iter().zip(self.flows.decisions()) {
             // The addresses too: an unconnected UDP socket that connects keeps its key but

@@ -18,7 +18,9 @@ use netlink_packet_route::tc::{
     TcU32Selector, TcU32SelectorFlags,
 };
 
-use super::model::{BUCKETS, Class, Direction, Family, Filter, Key, Leaf, MAJOR};
+use super::model::{
+    BUCKETS, Class, Direction, Family, Filter, Framing, Key, Leaf, LinkLayer, MAJOR,
+};
 
 // include/uapi/linux/pkt_sched.h
 const TCA_HTB_PARMS: u16 = 1;
@@ -33,6 +35,12 @@ const TC_HTB_PROTOVER: u32 = 3;
 /// iproute2's default `r2q`; unused for rates since every class sets its quantum.
 const HTB_R2Q: u32 = 10;
 const TC_LINKLAYER_ETHERNET: u8 = 1;
+const TC_LINKLAYER_ATM: u8 = 2;
+const TCA_TBF_PARMS: u16 = 1;
+#[cfg(test)]
+const TCA_TBF_RTAB: u16 = 2;
+const TCA_TBF_RATE64: u16 = 4;
+const TCA_TBF_BURST: u16 = 6;
 /// `TCA_OPTIONS` (include/uapi/linux/rtnetlink.h), for qdiscs whose options are a bare struct.
 const TCA_OPTIONS: u16 = 2;
 /// psched ticks are 64 ns (`PSCHED_SHIFT`).
@@ -138,6 +146,18 @@ kernel_struct! {
 }
 
 kernel_struct! {
+    /// `struct tc_tbf_qopt`: a token bucket's parameters (`TCA_TBF_PARMS`). `buffer` is the
+    /// bucket's size as a transmission time in psched ticks; `mtu` is the peak rate's bucket.
+    TcTbfQopt {
+        rate: TcRateSpec,
+        peakrate: TcRateSpec,
+        limit: u32,
+        buffer: u32,
+        mtu: u32,
+    }
+}
+
+kernel_struct! {
     /// `struct tc_fifo_qopt`: pfifo's options, a bare struct in `TCA_OPTIONS`.
     TcFifoQopt {
         limit: u32,
@@ -171,11 +191,36 @@ impl TcRateSpec {
     /// `bytes_per_sec` on Ethernet, where the kernel then needs no rate table. Saturated at 32
     /// bits, as tc does; the exact value then goes in `TCA_HTB_RATE64`/`CEIL64`.
     fn ethernet(bytes_per_sec: u64) -> TcRateSpec {
+        TcRateSpec::framed(bytes_per_sec, Framing::default())
+    }
+
+    /// `bytes_per_sec` with the link layer's per-packet costs, which the kernel adds to every
+    /// packet's length itself (`psched_l2t_ns`), as `tc … linklayer atm overhead 44 mpu 64`
+    /// sends them.
+    fn framed(bytes_per_sec: u64, framing: Framing) -> TcRateSpec {
         TcRateSpec {
-            linklayer: TC_LINKLAYER_ETHERNET,
+            linklayer: match framing.link_layer {
+                LinkLayer::Ethernet => TC_LINKLAYER_ETHERNET,
+                LinkLayer::Atm => TC_LINKLAYER_ATM,
+            },
+            overhead: framing.overhead,
             cell_align: -1, // as tc sets it
+            mpu: framing.mpu,
             rate: bytes_per_sec.min(u64::from(u32::MAX)) as u32,
             ..TcRateSpec::default()
+        }
+    }
+
+    /// The link-layer costs the kernel reports back.
+    fn framing(&self) -> Framing {
+        Framing {
+            overhead: self.overhead,
+            mpu: self.mpu,
+            link_layer: if self.linklayer & 0x0f == TC_LINKLAYER_ATM {
+                LinkLayer::Atm
+            } else {
+                LinkLayer::Ethernet
+            },
         }
     }
 }
@@ -194,8 +239,8 @@ impl HtbClassOptions {
         let wide = |bytes: u64| (bytes > u64::from(u32::MAX)).then_some(bytes);
         HtbClassOptions {
             parms: TcHtbOpt {
-                rate: TcRateSpec::ethernet(rate),
-                ceil: TcRateSpec::ethernet(ceil),
+                rate: TcRateSpec::framed(rate, class.framing),
+                ceil: TcRateSpec::framed(ceil, class.framing),
                 buffer: xmit_ticks(rate, class.burst),
                 cbuffer: xmit_ticks(ceil, class.cburst),
                 quantum: class.quantum,
@@ -240,6 +285,7 @@ impl HtbClassOptions {
             cburst: ticks_to_bytes(self.parms.cbuffer, ceil),
             quantum: self.parms.quantum,
             prio: self.parms.prio as u8,
+            framing: self.parms.rate.framing(),
             label: String::new(),
         }
     }
@@ -321,18 +367,50 @@ pub fn class_delete(ifindex: u32, minor: u16) -> TcMessage {
     message(ifindex, class_handle(minor), root_handle())
 }
 
-/// `tc qdisc replace dev IF parent 5a:MINOR fq_codel|pfifo limit N` (handle chosen by the kernel)
+/// Bytes a token bucket at `TBF_RATE` sends per 64 ns tick, the unit it stores its bucket in.
+pub fn tbf_bytes_per_tick() -> u32 {
+    ticks_to_bytes(1, super::planner::TBF_RATE / 8)
+}
+
+/// `tc qdisc replace dev IF parent 5a:MINOR fq_codel|pfifo limit N|bfifo limit N|tbf rate R
+/// burst B limit L` (handle chosen by the kernel)
 pub fn leaf_qdisc(ifindex: u32, parent_minor: u16, leaf: Leaf) -> TcMessage {
     let mut m = message(ifindex, TcHandle::UNSPEC, class_handle(parent_minor));
+    // FIFOs take a bare struct, not attributes.
+    let fifo = |m: &mut TcMessage, kind: &str, limit: u32| {
+        m.attributes.push(TcAttribute::Kind(kind.into()));
+        m.attributes.push(TcAttribute::Other(DefaultNla::new(
+            TCA_OPTIONS,
+            encode(TcFifoQopt { limit }),
+        )));
+    };
     match leaf {
         Leaf::FqCodel => m.attributes.push(TcAttribute::Kind("fq_codel".into())),
-        Leaf::Pfifo { limit } => {
-            m.attributes.push(TcAttribute::Kind("pfifo".into()));
-            // A bare struct, not attributes.
-            m.attributes.push(TcAttribute::Other(DefaultNla::new(
-                TCA_OPTIONS,
-                encode(TcFifoQopt { limit }),
-            )));
+        Leaf::Pfifo { limit } => fifo(&mut m, "pfifo", limit),
+        Leaf::Bfifo { limit } => fifo(&mut m, "bfifo", limit),
+        Leaf::Tbf { rate, burst, limit } => {
+            let bytes = rate / 8;
+            m.attributes.push(TcAttribute::Kind("tbf".into()));
+            let mut options = Vec::with_capacity(3);
+            if bytes > u64::from(u32::MAX) {
+                options.push(struct_option(TCA_TBF_RATE64, bytes));
+            }
+            options.push(struct_option(
+                TCA_TBF_PARMS,
+                TcTbfQopt {
+                    rate: TcRateSpec::ethernet(bytes),
+                    limit,
+                    buffer: xmit_ticks(bytes, burst),
+                    ..TcTbfQopt::default()
+                },
+            ));
+            // The bucket in bytes, which the kernel takes over `buffer` as the largest packet
+            // it sends whole (larger GSO packets are segmented). Half a tick more, so the
+            // kernel's own rounding of its transmission time still gives `buffer`'s ticks
+            // when it reports them back.
+            let half_tick = ticks_to_bytes(1, bytes) / 2;
+            options.push(struct_option(TCA_TBF_BURST, burst + half_tick));
+            m.attributes.push(TcAttribute::Options(options));
         }
     }
     m
@@ -576,11 +654,26 @@ pub fn parse_leaf(m: &TcMessage) -> Option<(u16, Leaf)> {
     if m.header.parent.major != MAJOR || m.header.parent.minor == 0 {
         return None;
     }
+    let fifo_limit = || Some(decode::<TcFifoQopt>(&struct_options(m)?)?.limit);
     let leaf = match kind_of(m)? {
         "fq_codel" => Leaf::FqCodel,
         "pfifo" => Leaf::Pfifo {
-            limit: decode::<TcFifoQopt>(&struct_options(m)?)?.limit,
+            limit: fifo_limit()?,
         },
+        "bfifo" => Leaf::Bfifo {
+            limit: fifo_limit()?,
+        },
+        "tbf" => {
+            let options = raw_options(m);
+            let parms: TcTbfQopt = find_option(&options, TCA_TBF_PARMS)?;
+            let bytes = find_option::<u64>(&options, TCA_TBF_RATE64)
+                .unwrap_or(u64::from(parms.rate.rate));
+            Leaf::Tbf {
+                rate: bytes * 8,
+                burst: ticks_to_bytes(parms.buffer, bytes),
+                limit: parms.limit,
+            }
+        }
         _ => return None,
     };
     Some((m.header.parent.minor, leaf))

@@ -20,7 +20,7 @@ pub mod reconcile;
 pub mod recording;
 pub mod watch;
 
-pub use model::{DeviceTree, Direction};
+pub use model::{DeviceTree, Direction, Framing};
 pub use planner::{
     Capacity, Desired, Exhausted, Features, Handles, PlanInput, Target, Targets, plan,
 };
@@ -251,3 +251,12 @@ pub trait TcBackend: Send {
 
 #[cfg(test)]
 mod tests;
+
+/// The MTU of the interface `name` in this network namespace, from sysfs; [`UNKNOWN_MTU`] when
+/// it cannot be read (then no leaf drops a packet for its size, and none is segmented).
+pub fn device_mtu(name: &str) -> u32 {
+    std::fs::read_to_string(format!("/sys/class/net/{name}/mtu"))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(planner::UNKNOWN_MTU)
+}

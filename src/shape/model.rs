@@ -91,6 +91,8 @@ pub struct Class {
     /// Bytes served per round among classes of the same priority.
     pub quantum: u32,
     pub prio: u8,
+    /// How the link below counts each packet's bytes (overhead, minimum size, ATM cells).
+    pub framing: Framing,
     /// What the class is, for people: `bulk`, `bulk/shared`, `bulk/pid 1234`, `tcp …`.
     #[serde(skip)]
     pub label: String,
@@ -106,15 +108,44 @@ impl Class {
             && self.cburst == other.cburst
             && self.quantum == other.quantum
             && self.prio == other.prio
+            && self.framing == other.framing
     }
 }
+
+/// Link-layer compensation, as sqm-scripts offers it: what each packet costs on the line below
+/// the shaped interface (a DSL modem's PPPoE and ATM framing, a cable modem's DOCSIS header), so
+/// a limit just under the line's rate keeps the queue in shaper rather than in the modem. Applied
+/// to every HTB rate (the kernel's `tc_ratespec`: `overhead`, `mpu`, `linklayer`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
+pub struct Framing {
+    /// Bytes added to every packet (beyond the Ethernet header the kernel already counts).
+    pub overhead: u16,
+    /// The smallest size a packet is counted as, overhead included.
+    pub mpu: u16,
+    pub link_layer: LinkLayer,
+}
+
+pub use crate::config::LinkLayer;
 
 /// The qdisc under a leaf class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Leaf {
     FqCodel,
-    /// A FIFO of this many packets.
+    /// A FIFO of this many packets (what shaper installed before queues were sized in bytes;
+    /// read back from older trees and replaced).
     Pfifo {
+        limit: u32,
+    },
+    /// A FIFO of this many bytes.
+    Bfifo {
+        limit: u32,
+    },
+    /// A token bucket that never limits (`rate`, bits per second, far above the class's ceiling)
+    /// but whose bucket of `burst` bytes, one packet, makes it split every larger GSO/GRO
+    /// packet into its segments; the segments queue in a FIFO of `limit` bytes.
+    Tbf {
+        rate: u64,
+        burst: u32,
         limit: u32,
     },
 }

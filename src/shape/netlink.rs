@@ -621,9 +621,9 @@ impl NetlinkBackend {
                 ) {
                     Err(e) if *leaf == Leaf::FqCodel => {
                         // Detected wrongly (or the module vanished): fall back for good.
-                        tracing::warn!("fq_codel failed on {dev} ({e}); using pfifo leaves");
+                        tracing::warn!("fq_codel failed on {dev} ({e}); using byte FIFO leaves");
                         self.features = Some(Features { fq_codel: false });
-                        let fallback = Leaf::Pfifo { limit: 100 };
+                        let fallback = Leaf::Bfifo { limit: 1 << 20 };
                         Ok(self.request(
                             dev,
                             R::NewQueueDiscipline(codec::leaf_qdisc(i, *parent, fallback)),

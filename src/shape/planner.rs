@@ -26,8 +26,8 @@ use std::sync::Arc;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::model::{
-    BUCKETS, Class, DeviceTree, Direction, FIRST_MINOR, Family, Filter, Key, LINK_MINOR, Leaf,
-    filter_handle,
+    BUCKETS, Class, DeviceTree, Direction, FIRST_MINOR, Family, Filter, Framing, Key, LINK_MINOR,
+    Leaf, filter_handle,
 };
 use crate::policy::{ClassSet, Decision, Each};
 use crate::process::{Connection, Pid};
@@ -51,7 +51,35 @@ const MAX_NODE: u32 = 0xfff;
 pub struct Capacity {
     pub up: Option<Rate>,
     pub down: Option<Rate>,
+    /// How the line counts packets, applied to every class's rates.
+    pub framing: Framing,
 }
+
+/// Flow buckets per class where the kernel has no fq_codel: the class's connections without a
+/// leaf of their own are spread over this many sibling leaves, which HTB serves round-robin, so
+/// a sparse flow waits for at most one packet of each bulk flow instead of a whole queue.
+/// Eight keep the first seven connections of a class apart (bucket 0 also takes traffic no
+/// filter matched) for nine minors a class.
+pub const FLOW_BUCKETS: usize = 8;
+/// How long a leaf's queue may be at its ceiling, milliseconds: enough for TCP to keep a class
+/// busy, short enough not to be felt.
+pub const QUEUE_MS: u64 = 25;
+/// A leaf's queue holds at least this many full-size packets, so TCP keeps its goodput at the
+/// lowest rates (at 1 Mbit/s, four packets are 50 ms).
+const QUEUE_MIN_PACKETS: u32 = 4;
+/// The largest leaf queue, bytes (33 ms at 1 Gbit/s).
+const QUEUE_MAX_BYTES: u64 = 4 << 20;
+/// The token-bucket leaf's rate, bits per second: ten times the fastest ceiling it is used for,
+/// so it never limits, and 80 bytes per 64 ns tick, so its one-packet bucket is exact.
+pub const TBF_RATE: u64 = 10_000_000_000;
+/// Leaves up to this ceiling get the segmenting token bucket; above it a 64 KB GSO packet lasts
+/// under 0.6 ms and a byte FIFO is enough.
+pub const TBF_MAX_CEIL: u64 = 1_000_000_000;
+/// Bytes a packet may carry beyond the device's MTU: the Ethernet header, VLAN tags, and room.
+const HEADER_ROOM: u32 = 64;
+/// The MTU assumed when the device's is unknown: the largest IPv4 packet, so no packet is ever
+/// too large for the token bucket (which drops what it cannot segment).
+pub const UNKNOWN_MTU: u32 = 65535;
 
 /// The kernel features the plan may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -63,7 +91,10 @@ pub struct Features {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Slot {
     Class(Arc<str>),
+    /// The class's shared leaf; also its flow bucket 0.
     Shared(Arc<str>),
+    /// Flow bucket 1.. of a class.
+    Bucket(Arc<str>, u8),
     Process(Arc<str>, Pid),
     Connection(SocketKey),
 }
@@ -82,6 +113,12 @@ pub struct Handles {
     released_nodes: Vec<(Family, u32, u32)>,
     used_minors: FxHashSet<u16>,
     used_nodes: FxHashSet<SocketKey>,
+    /// The flow bucket of each connection sharing its class's leaves, and the class: a
+    /// connection keeps its bucket while it stays in the class.
+    buckets: FxHashMap<SocketKey, (Arc<str>, u8)>,
+    /// Connections per bucket of each class, for placing new ones in the least loaded.
+    bucket_load: FxHashMap<Arc<str>, [u32; FLOW_BUCKETS]>,
+    used_buckets: FxHashSet<SocketKey>,
     /// Allocations the current plan was refused because a handle space ran out.
     exhausted: Exhausted,
     /// Whether running out is logged already (once, until a plan fits again).
@@ -134,6 +171,9 @@ impl Default for Handles {
             released_nodes: Vec::new(),
             used_minors: FxHashSet::default(),
             used_nodes: FxHashSet::default(),
+            buckets: FxHashMap::default(),
+            bucket_load: FxHashMap::default(),
+            used_buckets: FxHashSet::default(),
             exhausted: Exhausted::default(),
             warned: false,
         }
@@ -151,6 +191,7 @@ impl Handles {
         }
         self.used_minors.clear();
         self.used_nodes.clear();
+        self.used_buckets.clear();
         self.exhausted = Exhausted::default();
     }
 
@@ -178,6 +219,52 @@ impl Handles {
         };
         self.used_minors.insert(minor);
         Some(minor)
+    }
+
+    /// The flow bucket of a connection in `class`: the one it had, or the least loaded one
+    /// (bucket 0 counts one more, for the traffic no filter matched).
+    fn bucket(&mut self, key: SocketKey, class: &Arc<str>) -> u8 {
+        self.used_buckets.insert(key);
+        match self.buckets.get(&key) {
+            Some((c, b)) if c == class => return *b,
+            Some(_) => self.unload(key),
+            None => {}
+        }
+        let load = self.bucket_load.entry(class.clone()).or_insert_with(|| {
+            let mut load = [0; FLOW_BUCKETS];
+            load[0] = 1;
+            load
+        });
+        let (bucket, _) = load
+            .iter()
+            .enumerate()
+            .min_by_key(|&(_, n)| *n)
+            .expect("FLOW_BUCKETS > 0");
+        load[bucket] += 1;
+        self.buckets.insert(key, (class.clone(), bucket as u8));
+        bucket as u8
+    }
+
+    /// Frees the buckets of connections that are gone, before new ones are placed.
+    fn forget_closed(&mut self, connections: &[Connection]) {
+        let open: FxHashSet<SocketKey> = connections.iter().map(|c| c.socket.key()).collect();
+        let gone: Vec<SocketKey> = self
+            .buckets
+            .keys()
+            .filter(|k| !open.contains(*k))
+            .copied()
+            .collect();
+        for key in gone {
+            self.unload(key);
+        }
+    }
+
+    fn unload(&mut self, key: SocketKey) {
+        if let Some((class, bucket)) = self.buckets.remove(&key)
+            && let Some(load) = self.bucket_load.get_mut(&class)
+        {
+            load[usize::from(bucket)] -= 1;
+        }
     }
 
     fn node(&mut self, key: SocketKey, family: Family, bucket: u32) -> Option<u32> {
@@ -227,6 +314,15 @@ impl Handles {
             }
             keep
         });
+        let gone: Vec<SocketKey> = self
+            .buckets
+            .keys()
+            .filter(|k| !self.used_buckets.contains(*k))
+            .copied()
+            .collect();
+        for key in gone {
+            self.unload(key);
+        }
         let used_nodes = &self.used_nodes;
         let released_nodes = &mut self.released_nodes;
         self.nodes.retain(|k, v| {
@@ -273,6 +369,9 @@ pub struct PlanInput<'a> {
     pub decisions: &'a [Decision],
     pub capacity: Capacity,
     pub features: Features,
+    /// The shaped interface's MTU (the IFB receives its packets): the token-bucket leaves
+    /// segment anything larger. [`UNKNOWN_MTU`] when it could not be read.
+    pub mtu: u32,
     /// Connections are put in their leaves by the BPF classifier (`skb->priority`), which HTB
     /// honours before any filter: no per-connection u32 filters are planned.
     pub by_priority: bool,
@@ -307,19 +406,57 @@ pub fn htb_class(parent: u16, rate: u64, ceil: u64, prio: u8, label: String) -> 
         cburst: burst(ceil),
         quantum: (rate / 8 / 10).clamp(1600, 200_000) as u32,
         prio,
+        framing: Framing::default(),
         label,
     }
 }
 
-/// The leaf qdisc for a class: fq_codel where the kernel has it, else a FIFO holding about a
-/// quarter second at the class's ceiling (a long FIFO at a low rate is seconds of delay).
-pub fn leaf_for(features: Features, ceil: u64) -> Leaf {
+/// A flow bucket: an HTB leaf like [`htb_class`]'s, but with bursts of 2 ms at its rates and at
+/// least two packets. Its leaf segments GSO packets, so the 64 KiB floor is not needed; and a
+/// bucket that saved a large burst while its flow backed off would then be served ahead of
+/// the others (measured: 4 flows sharing a class got 0.74 : 0.38 : 0.38 : 0.40 with 64 KiB
+/// bursts, 0.49 : 0.47 : 0.47 : 0.47 with these).
+pub fn bucket_class(parent: u16, rate: u64, ceil: u64, prio: u8, mtu: u32, label: String) -> Class {
+    let class = htb_class(parent, rate, ceil, prio, label);
+    let burst = |bits: u64| {
+        let bytes = (bits / 8 / 500).clamp(u64::from(2 * max_packet(mtu)), 256 * 1024) as u32;
+        super::codec::representable_burst(bits, bytes)
+    };
+    Class {
+        burst: burst(class.rate),
+        cburst: burst(class.ceil),
+        ..class
+    }
+}
+
+/// The largest packet a device with this MTU hands its qdiscs, rounded up to whole ticks of
+/// [`TBF_RATE`] (80 bytes), as the token bucket stores it.
+pub fn max_packet(mtu: u32) -> u32 {
+    let per_tick = super::codec::tbf_bytes_per_tick();
+    mtu.saturating_add(HEADER_ROOM).div_ceil(per_tick) * per_tick
+}
+
+/// The leaf qdisc for a class: fq_codel where the kernel has it; else a queue of [`QUEUE_MS`]
+/// at the class's ceiling, in bytes (a queue counted in packets holds 64 KB GSO packets: one is
+/// 260 ms at 2 Mbit/s). Up to [`TBF_MAX_CEIL`] it is a token bucket that splits GSO/GRO
+/// packets into their segments, so the next flow waits behind one segment, not 64 KB.
+pub fn leaf_for(features: Features, ceil: u64, mtu: u32) -> Leaf {
     if features.fq_codel {
-        Leaf::FqCodel
-    } else {
-        Leaf::Pfifo {
-            limit: (ceil / 8 / 4 / 1514).clamp(16, 1000) as u32,
+        return Leaf::FqCodel;
+    }
+    let packet = max_packet(mtu);
+    let limit = (ceil / 8 * QUEUE_MS / 1000).clamp(
+        u64::from(QUEUE_MIN_PACKETS * packet),
+        QUEUE_MAX_BYTES.max(u64::from(QUEUE_MIN_PACKETS * packet)),
+    ) as u32;
+    if ceil <= TBF_MAX_CEIL {
+        Leaf::Tbf {
+            rate: TBF_RATE,
+            burst: packet,
+            limit,
         }
+    } else {
+        Leaf::Bfifo { limit }
     }
 }
 
@@ -398,6 +535,9 @@ pub fn filter_keys(socket: &crate::scan::Socket, dir: Direction) -> (Family, Vec
 /// The desired trees for one interface.
 pub fn plan(input: &PlanInput, handles: &mut Handles) -> Desired {
     handles.begin();
+    if !input.features.fq_codel {
+        handles.forget_closed(input.connections);
+    }
     let mut targets = FxHashMap::default();
     let upload = plan_direction(input, handles, Direction::Upload, &mut targets);
     let download = plan_direction(input, handles, Direction::Download, &mut targets);
@@ -420,12 +560,23 @@ fn plan_direction(
         Direction::Download => input.capacity.down,
     }
     .map_or(UNLIMITED, Rate::bits_per_sec);
+    let framing = input.capacity.framing;
+    let framed = |class: Class| Class { framing, ..class };
+    let mtu = input.mtu;
+    // Flow buckets replace fq_codel's own flow queues where the kernel has none.
+    let buckets = if input.features.fq_codel {
+        1
+    } else {
+        FLOW_BUCKETS
+    };
     let mut tree = DeviceTree::default();
-    tree.classes
-        .insert(LINK_MINOR, htb_class(0, link, link, 0, "link".into()));
+    tree.classes.insert(
+        LINK_MINOR,
+        framed(htb_class(0, link, link, 0, "link".into())),
+    );
     let share = (link / 100).max(MIN_RATE);
-    // Per policy class: (inner minor, shared leaf minor).
-    let mut class_minors: FxHashMap<&str, (u16, u16)> = FxHashMap::default();
+    // Per policy class: its inner minor and its flow buckets' (the first is the shared leaf).
+    let mut class_minors: FxHashMap<&str, (u16, Vec<u16>)> = FxHashMap::default();
     for (name, def) in &input.classes.classes {
         let (Some(inner), Some(shared)) = (
             handles.minor(Slot::Class(name.clone())),
@@ -433,6 +584,10 @@ fn plan_direction(
         ) else {
             continue;
         };
+        let mut bucket_minors = vec![shared];
+        bucket_minors.extend(
+            (1..buckets).map_while(|i| handles.minor(Slot::Bucket(name.clone(), i as u8))),
+        );
         let guaranteed = dir_rate(&def.rate, dir).unwrap_or(share).min(link);
         let class_ceil = match def.each {
             Each::Class => dir_rate(&def.ceil, dir).unwrap_or(link).min(link),
@@ -440,38 +595,56 @@ fn plan_direction(
         };
         tree.classes.insert(
             inner,
-            htb_class(
+            framed(htb_class(
                 LINK_MINOR,
                 guaranteed,
                 class_ceil,
                 def.prio,
                 name.to_string(),
-            ),
+            )),
         );
-        tree.classes.insert(
-            shared,
-            htb_class(
-                inner,
-                guaranteed,
-                class_ceil,
-                def.prio,
-                format!("{name}/shared"),
-            ),
-        );
-        tree.leaves
-            .insert(shared, leaf_for(input.features, class_ceil));
-        class_minors.insert(name, (inner, shared));
+        if bucket_minors.len() == 1 {
+            tree.classes.insert(
+                shared,
+                framed(htb_class(
+                    inner,
+                    guaranteed,
+                    class_ceil,
+                    def.prio,
+                    format!("{name}/shared"),
+                )),
+            );
+        } else {
+            let rate = guaranteed / bucket_minors.len() as u64;
+            for (i, &minor) in bucket_minors.iter().enumerate() {
+                let label = if i == 0 {
+                    format!("{name}/shared")
+                } else {
+                    format!("{name}/bucket {i}")
+                };
+                tree.classes.insert(
+                    minor,
+                    framed(bucket_class(inner, rate, class_ceil, def.prio, mtu, label)),
+                );
+            }
+        }
+        for &minor in &bucket_minors {
+            tree.leaves
+                .insert(minor, leaf_for(input.features, class_ceil, mtu));
+        }
+        class_minors.insert(name, (inner, bucket_minors));
     }
     let default = input.classes.default_name();
-    tree.default_minor = class_minors.get(&*default).map_or(LINK_MINOR, |m| m.1);
+    tree.default_minor = class_minors.get(&*default).map_or(LINK_MINOR, |m| m.1[0]);
 
     for (conn, decision) in input.connections.iter().zip(input.decisions) {
         let Some(def) = input.classes.get(&decision.class) else {
             continue;
         };
-        let Some(&(inner, shared)) = class_minors.get(&*decision.class) else {
+        let Some((inner, bucket_minors)) = class_minors.get(&*decision.class) else {
             continue;
         };
+        let (inner, shared) = (*inner, bucket_minors[0]);
         let key = conn.socket.key();
         let guaranteed = dir_rate(&def.rate, dir).unwrap_or(share).min(link);
         let member_ceil = dir_rate(&def.ceil, dir).unwrap_or(link).min(link);
@@ -483,17 +656,17 @@ fn plan_direction(
                     && let Some(leaf) = handles.minor(Slot::Process(decision.class.clone(), pid))
                 {
                     tree.classes.entry(leaf).or_insert_with(|| {
-                        htb_class(
+                        framed(htb_class(
                             inner,
                             guaranteed,
                             member_ceil,
                             def.prio,
                             format!("{}/pid {pid}", decision.class),
-                        )
+                        ))
                     });
                     tree.leaves
                         .entry(leaf)
-                        .or_insert(leaf_for(input.features, member_ceil));
+                        .or_insert(leaf_for(input.features, member_ceil, mtu));
                     target = leaf;
                 }
             }
@@ -511,16 +684,22 @@ fn plan_direction(
         {
             tree.classes.insert(
                 leaf,
-                htb_class(
+                framed(htb_class(
                     inner,
                     guaranteed.min(ceil),
                     ceil,
                     def.prio,
                     conn.socket.to_string(),
-                ),
+                )),
             );
-            tree.leaves.insert(leaf, leaf_for(input.features, ceil));
+            tree.leaves.insert(leaf, leaf_for(input.features, ceil, mtu));
             target = leaf;
+        } else if target == shared && bucket_minors.len() > 1 {
+            let bucket = handles.bucket(key, &decision.class);
+            target = bucket_minors
+                .get(usize::from(bucket))
+                .copied()
+                .unwrap_or(shared);
         }
         let side = targets.entry(key).or_default();
         let chosen = Some(Target {

@@ -8,7 +8,8 @@ use std::fmt;
 use serde::Serialize;
 
 use super::model::{
-    BUCKETS, Class, ClassId, DeviceTree, Direction, Family, Filter, FilterHandle, Leaf, MAJOR,
+    BUCKETS, Class, ClassId, DeviceTree, Direction, Family, Filter, FilterHandle, Leaf, LinkLayer,
+    MAJOR,
     rate_text,
 };
 
@@ -75,7 +76,7 @@ pub enum Op {
 }
 
 fn class_args(class: &Class) -> String {
-    format!(
+    let mut args = format!(
         "htb rate {} ceil {} burst {}b cburst {}b quantum {} prio {}",
         rate_text(class.rate),
         rate_text(class.ceil),
@@ -83,7 +84,18 @@ fn class_args(class: &Class) -> String {
         class.cburst,
         class.quantum,
         class.prio
-    )
+    );
+    let framing = class.framing;
+    if framing.link_layer == LinkLayer::Atm {
+        args.push_str(" linklayer atm");
+    }
+    if framing.overhead > 0 {
+        args.push_str(&format!(" overhead {}", framing.overhead));
+    }
+    if framing.mpu > 0 {
+        args.push_str(&format!(" mpu {}", framing.mpu));
+    }
+    args
 }
 
 /// Bytes as tc writes an action cookie.
@@ -180,6 +192,12 @@ impl fmt::Display for Op {
                 match leaf {
                     Leaf::FqCodel => write!(f, "fq_codel"),
                     Leaf::Pfifo { limit } => write!(f, "pfifo limit {limit}"),
+                    Leaf::Bfifo { limit } => write!(f, "bfifo limit {limit}"),
+                    Leaf::Tbf { rate, burst, limit } => write!(
+                        f,
+                        "tbf rate {} burst {burst} limit {limit}",
+                        rate_text(*rate)
+                    ),
                 }
             }
             Op::AddFilter {

@@ -64,6 +64,9 @@ struct Case {
     classes: ClassSet,
     connections: Vec<Connection>,
     decisions: Vec<Decision>,
+    /// The kernel has fq_codel: one leaf per class (without it, flow buckets).
+    fq_codel: bool,
+    framing: super::Framing,
 }
 
 impl Case {
@@ -80,6 +83,8 @@ impl Case {
                 decision("default", "1mbit"),
                 decision("default", ""),
             ],
+            fq_codel: true,
+            framing: super::Framing::default(),
         }
     }
 
@@ -96,8 +101,12 @@ impl Case {
                 capacity: Capacity {
                     up: Some("20mbit".parse().unwrap()),
                     down: None,
+                    framing: self.framing,
                 },
-                features: Features { fq_codel: false },
+                features: Features {
+                    fq_codel: self.fq_codel,
+                },
+                mtu: 1500,
                 by_priority,
             },
             handles,
@@ -138,9 +147,9 @@ tc class add dev eth0 parent 5a:1 classid 5a:12 htb rate 200kbit ceil 20mbit bur
 tc class add dev eth0 parent 5a:10 classid 5a:11 htb rate 200kbit ceil 2mbit burst 65536b cburst 65536b quantum 2500 prio 7  # bulk/shared
 tc class add dev eth0 parent 5a:12 classid 5a:13 htb rate 200kbit ceil 20mbit burst 65536b cburst 65536b quantum 2500 prio 4  # default/shared
 tc class add dev eth0 parent 5a:12 classid 5a:14 htb rate 200kbit ceil 1mbit burst 65536b cburst 65536b quantum 2500 prio 4  # tcp 10.0.0.1:40002 -> 10.0.0.2:22 established
-tc qdisc replace dev eth0 parent 5a:11 pfifo limit 41
-tc qdisc replace dev eth0 parent 5a:13 pfifo limit 412
-tc qdisc replace dev eth0 parent 5a:14 pfifo limit 20
+tc qdisc replace dev eth0 parent 5a:11 fq_codel
+tc qdisc replace dev eth0 parent 5a:13 fq_codel
+tc qdisc replace dev eth0 parent 5a:14 fq_codel
 tc filter add dev eth0 parent 5a: prio 10 protocol ip handle 10:41:1 u32 ht 10:41: match u32 0x00060000 0x00ff0000 at 8 match u32 0x0a000001 0xffffffff at 12 match u32 0x0a000002 0xffffffff at 16 match u32 0x9c4101bb 0xffffffff at 20 flowid 5a:11
 tc filter add dev eth0 parent 5a: prio 10 protocol ip handle 10:42:1 u32 ht 10:42: match u32 0x00060000 0x00ff0000 at 8 match u32 0x0a000001 0xffffffff at 12 match u32 0x0a000002 0xffffffff at 16 match u32 0x9c420016 0xffffffff at 20 flowid 5a:14"
     );
@@ -186,16 +195,23 @@ fn a_changed_limit_is_a_class_change_in_place() {
     let after = case.desired(&mut handles);
     let plan = reconcile("eth0", &after, &installed_from(&before), false).unwrap();
     let text = plan.to_string();
-    assert_eq!(plan.ops.len(), 3, "{text}");
+    assert_eq!(plan.ops.len(), 2, "{text}");
     assert!(text.contains(
         "tc class change dev eth0 parent 5a:1 classid 5a:10 htb rate 200kbit ceil 3mbit"
     ));
     assert!(text.contains(
         "tc class change dev eth0 parent 5a:10 classid 5a:11 htb rate 200kbit ceil 3mbit"
     ));
+    // Without fq_codel the byte queues follow the ceiling: 25 ms at 3 Mbit/s, four packets.
+    case.fq_codel = false;
+    let before = case.desired(&mut handles);
+    case.classes = classes("4mbit:8mbit", Each::Class);
+    let after = case.desired(&mut handles);
+    let plan = reconcile("eth0", &after, &installed_from(&before), false).unwrap();
     assert!(
-        text.contains("tc qdisc replace dev eth0 parent 5a:11 pfifo limit 61"),
-        "the FIFO follows the ceiling (a quarter second)"
+        plan.to_string()
+            .contains("tc qdisc replace dev eth0 parent 5a:11 tbf rate 10gbit burst 1600 limit 12500"),
+        "{plan}"
     );
     assert!(
         !text.contains("shp-eth0"),
@@ -281,6 +297,7 @@ fn each_process_gives_one_leaf_per_process() {
             decision("bulk", ""),
             decision("bulk", ""),
         ],
+        ..Case::basic()
     };
     let d = case.desired(&mut handles);
     let leaves: Vec<_> = d
@@ -507,4 +524,122 @@ fn running_out_of_filter_handles_is_reported() {
     case.decisions.truncate(4095);
     case.desired(&mut handles);
     assert_eq!(handles.exhausted(), Exhausted::default());
+}
+
+/// Without fq_codel, a class's connections are spread over flow buckets, HTB leaves under the
+/// class served round-robin: the first seven of a class each get a bucket of their own (bucket 0
+/// also takes what no filter matched), keep it while they last, and a new connection takes the
+/// least loaded one.
+#[test]
+fn without_fq_codel_connections_get_flow_buckets_of_their_own() {
+    use super::planner::FLOW_BUCKETS;
+    let mut case = Case::basic();
+    case.fq_codel = false;
+    case.connections = (0..7)
+        .map(|i| conn(&format!("10.0.0.1:{}", 41000 + i), "10.0.0.2:443", i, 100))
+        .collect();
+    case.decisions = vec![decision("bulk", ""); 7];
+    let mut handles = Handles::default();
+    let first = case.desired(&mut handles);
+    let tree = &first.upload;
+    let inner = *tree.classes.iter().find(|(_, c)| c.label == "bulk").unwrap().0;
+    let buckets: Vec<u16> = tree
+        .classes
+        .iter()
+        .filter(|(_, c)| c.parent == inner)
+        .map(|(m, _)| *m)
+        .collect();
+    assert_eq!(buckets.len(), FLOW_BUCKETS);
+    for minor in &buckets {
+        let bucket = &tree.classes[minor];
+        assert_eq!((bucket.rate, bucket.ceil), (200_000 / 8 / 8 * 8, 2_000_000));
+        assert_eq!(bucket.burst, 3200, "two packets: 2 ms at 25 kbit/s is less");
+        assert!(
+            matches!(
+                tree.leaves[minor],
+                super::model::Leaf::Tbf {
+                    burst: 1600,
+                    limit: 6400,
+                    ..
+                }
+            ),
+            "{:?}",
+            tree.leaves[minor]
+        );
+    }
+    let shared = buckets[0];
+    let mut used: Vec<u16> = case
+        .connections
+        .iter()
+        .map(|c| first.targets[&c.socket.key()].up.unwrap().leaf)
+        .collect();
+    assert!(!used.contains(&shared), "bucket 0 is left to unmatched traffic");
+    used.sort();
+    used.dedup();
+    assert_eq!(used.len(), 7, "seven connections, seven buckets");
+    for c in &case.connections {
+        let t = first.targets[&c.socket.key()];
+        assert_eq!(t.up.unwrap().leaf, t.down.unwrap().leaf, "same bucket both ways");
+        assert_eq!(t.up.unwrap().process, shared, "new connections start in the shared leaf");
+    }
+    // One closes; a new one takes its bucket; the others keep theirs.
+    let closed = case.connections.remove(2);
+    case.decisions.remove(2);
+    case.connections
+        .push(conn("10.0.0.1:42000", "10.0.0.2:443", 99, 100));
+    case.decisions.push(decision("bulk", ""));
+    let second = case.desired(&mut handles);
+    for c in &case.connections[..6] {
+        let key = c.socket.key();
+        assert_eq!(first.targets[&key], second.targets[&key], "{}", c.socket);
+    }
+    assert_eq!(
+        second.targets[&99].up.unwrap().leaf,
+        first.targets[&closed.socket.key()].up.unwrap().leaf
+    );
+    let plan = reconcile("eth0", &second, &installed_from(&first), false).unwrap();
+    assert!(plan.ops.iter().all(|op| matches!(op, super::Op::AddFilter { .. } | super::Op::DeleteFilter { .. })), "{plan}");
+}
+
+/// Leaf queues hold 25 ms at the ceiling, in bytes, at least four packets and at most 4 MiB;
+/// up to 1 Gbit/s a token bucket that never limits splits GSO packets into MTU-sized segments.
+#[test]
+fn leaf_queues_are_bytes_sized_in_time() {
+    use super::model::Leaf;
+    use super::planner::leaf_for;
+    let no_fq = Features { fq_codel: false };
+    let tbf = |burst, limit| Leaf::Tbf {
+        rate: 10_000_000_000,
+        burst,
+        limit,
+    };
+    assert_eq!(leaf_for(no_fq, 1_000_000, 1500), tbf(1600, 6400));
+    assert_eq!(leaf_for(no_fq, 20_000_000, 1500), tbf(1600, 62_500));
+    assert_eq!(leaf_for(no_fq, 20_000_000, 9000), tbf(9120, 62_500), "jumbo frames fit");
+    assert_eq!(leaf_for(no_fq, 1_000_000_000, 1500), tbf(1600, 3_125_000));
+    assert_eq!(leaf_for(no_fq, 10_000_000_000, 1500), Leaf::Bfifo { limit: 4 << 20 });
+    assert_eq!(leaf_for(Features { fq_codel: true }, 1_000_000, 1500), Leaf::FqCodel);
+}
+
+/// `overhead`, `mpu` and `linklayer` reach every HTB class on both devices, and `shaper plan`
+/// prints them as tc would take them.
+#[test]
+fn link_layer_framing_applies_to_every_class() {
+    let mut case = Case::basic();
+    case.framing = super::Framing {
+        overhead: 44,
+        mpu: 64,
+        link_layer: super::model::LinkLayer::Atm,
+    };
+    let desired = case.desired(&mut Handles::default());
+    for tree in [&desired.upload, &desired.download] {
+        assert!(tree.classes.values().all(|c| c.framing == case.framing));
+    }
+    let text = reconcile("eth0", &desired, &Installed::nothing(), false)
+        .unwrap()
+        .to_string();
+    assert!(
+        text.contains("htb rate 20mbit ceil 20mbit burst 65536b cburst 65536b quantum 200000 prio 0 linklayer atm overhead 44 mpu 64  # link"),
+        "{text}"
+    );
 }

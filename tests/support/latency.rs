@@ -53,7 +53,7 @@ impl RrProbe {
         });
         stream.set_nodelay(true).unwrap();
         stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
+            .set_read_timeout(Some(Duration::from_secs(30)))
             .unwrap();
         RrProbe { stream }
     }

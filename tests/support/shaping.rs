@@ -100,6 +100,7 @@ impl Shaper {
                 decisions: &decisions,
                 capacity: self.capacity,
                 features,
+                mtu: 1500,
                 by_priority: false,
             },
             &mut self.handles,

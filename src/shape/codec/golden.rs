@@ -127,6 +127,7 @@ fn class(parent: u16, rate: u64, ceil: u64, burst: u32, quantum: u32, prio: u8) 
         cburst: burst,
         quantum,
         prio,
+        framing: Framing::default(),
         label: String::new(),
     }
 }
@@ -192,6 +193,93 @@ fn pfifo_leaf() {
     let ours = leaf_qdisc(D0, 0x10, leaf);
     let tc = assert_sends_what_tc_sends("pfifo", &ours, Options::Bare, nothing);
     assert_eq!(parse_leaf(&tc), Some((0x10, leaf)));
+}
+
+#[test]
+fn htb_class_on_an_atm_line() {
+    // tc class add dev d0 parent 5a: classid 5a:12 htb rate 2mbit ceil 4mbit burst 65536
+    //     cburst 65536 quantum 1600 prio 3 linklayer atm overhead 44 mpu 64
+    let atm = Class {
+        framing: Framing {
+            overhead: 44,
+            mpu: 64,
+            link_layer: LinkLayer::Atm,
+        },
+        ..class(0, 2_000_000, 4_000_000, 65_536, 1600, 3)
+    };
+    let ours = htb_class(D0, 0x12, &atm);
+    let tc = assert_sends_what_tc_sends("htb_class_atm", &ours, Options::Nested, without_rate_tables);
+    assert_eq!(parse_htb_class(&tc), Some((0x12, atm)));
+    // tc class add dev d0 parent 5a: classid 5a:13 htb rate 2mbit ceil 4mbit burst 65536
+    //     cburst 65536 quantum 1600 prio 3 overhead 18 mpu 64
+    let docsis = Class {
+        framing: Framing {
+            overhead: 18,
+            mpu: 64,
+            link_layer: LinkLayer::Ethernet,
+        },
+        ..class(0, 2_000_000, 4_000_000, 65_536, 1600, 3)
+    };
+    let ours = htb_class(D0, 0x13, &docsis);
+    let tc = assert_sends_what_tc_sends(
+        "htb_class_overhead",
+        &ours,
+        Options::Nested,
+        without_rate_tables,
+    );
+    assert_eq!(parse_htb_class(&tc), Some((0x13, docsis)));
+}
+
+#[test]
+fn bfifo_leaf() {
+    // tc qdisc replace dev d0 parent 5a:10 bfifo limit 75000
+    let leaf = Leaf::Bfifo { limit: 75_000 };
+    let ours = leaf_qdisc(D0, 0x10, leaf);
+    let tc = assert_sends_what_tc_sends("bfifo", &ours, Options::Bare, nothing);
+    assert_eq!(parse_leaf(&tc), Some((0x10, leaf)));
+}
+
+#[test]
+fn tbf_leaf() {
+    // tc qdisc replace dev d0 parent 5a:10 tbf rate 10gbit burst 1600 limit 9000
+    let leaf = Leaf::Tbf {
+        rate: 10_000_000_000,
+        burst: 1600,
+        limit: 9000,
+    };
+    let ours = leaf_qdisc(D0, 0x10, leaf);
+    let tc = assert_sends_what_tc_sends("tbf", &ours, Options::Nested, |tc| {
+        // The rate table and its cell_log, for kernels before 3.8 (as for HTB); and the bucket
+        // as a transmission time, which the kernel recomputes from TCA_TBF_BURST: tc truncates
+        // it to whole microseconds first (15 ticks for 1280 ns), shaper sends the exact 20.
+        // shaper's TCA_TBF_BURST is half a 64 ns tick (40 bytes) larger, so the kernel's
+        // rounding of that time reports the 20 ticks back.
+        tc.without_option(TCA_TBF_RTAB);
+        for (kind, value) in tc.options.iter_mut().flatten() {
+            match *kind {
+                TCA_TBF_PARMS => {
+                    let mut parms: TcTbfQopt = decode(value).expect("tc_tbf_qopt");
+                    assert_eq!(parms.buffer, 15);
+                    parms.buffer = 20;
+                    parms.rate.cell_log = 0;
+                    *value = encode(parms);
+                }
+                TCA_TBF_BURST => *value = encode(1640u32),
+                _ => {}
+            }
+        }
+    });
+    assert_eq!(
+        parse_leaf(&tc),
+        Some((
+            0x10,
+            Leaf::Tbf {
+                rate: 10_000_000_000,
+                burst: 1200, // tc's 15 ticks
+                limit: 9000
+            }
+        ))
+    );
 }
 
 #[test]
