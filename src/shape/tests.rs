@@ -202,15 +202,15 @@ fn a_changed_limit_is_a_class_change_in_place() {
     assert!(text.contains(
         "tc class change dev eth0 parent 5a:10 classid 5a:11 htb rate 200kbit ceil 3mbit"
     ));
-    // Without fq_codel the byte queues follow the ceiling: 25 ms at 3 Mbit/s, four packets.
+    // Without fq_codel the byte queues follow the ceiling: 25 ms at 10 Mbit/s.
     case.fq_codel = false;
     let before = case.desired(&mut handles);
-    case.classes = classes("4mbit:8mbit", Each::Class);
+    case.classes = classes("10mbit:8mbit", Each::Class);
     let after = case.desired(&mut handles);
     let plan = reconcile("eth0", &after, &installed_from(&before), false).unwrap();
     assert!(
         plan.to_string()
-            .contains("tc qdisc replace dev eth0 parent 5a:11 tbf rate 10gbit burst 1600 limit 12500"),
+            .contains("tc qdisc replace dev eth0 parent 5a:11 tbf rate 10gbit burst 1600 limit 31250"),
         "{plan}"
     );
     assert!(
@@ -559,7 +559,7 @@ fn without_fq_codel_connections_get_flow_buckets_of_their_own() {
                 tree.leaves[minor],
                 super::model::Leaf::Tbf {
                     burst: 1600,
-                    limit: 6400,
+                    limit: 12_800,
                     ..
                 }
             ),
@@ -601,7 +601,7 @@ fn without_fq_codel_connections_get_flow_buckets_of_their_own() {
     assert!(plan.ops.iter().all(|op| matches!(op, super::Op::AddFilter { .. } | super::Op::DeleteFilter { .. })), "{plan}");
 }
 
-/// Leaf queues hold 25 ms at the ceiling, in bytes, at least four packets and at most 4 MiB;
+/// Leaf queues hold 25 ms at the ceiling, in bytes, at least eight packets and at most 4 MiB;
 /// up to 1 Gbit/s a token bucket that never limits splits GSO packets into MTU-sized segments.
 #[test]
 fn leaf_queues_are_bytes_sized_in_time() {
@@ -613,9 +613,9 @@ fn leaf_queues_are_bytes_sized_in_time() {
         burst,
         limit,
     };
-    assert_eq!(leaf_for(no_fq, 1_000_000, 1500), tbf(1600, 6400));
+    assert_eq!(leaf_for(no_fq, 1_000_000, 1500), tbf(1600, 12_800));
     assert_eq!(leaf_for(no_fq, 20_000_000, 1500), tbf(1600, 62_500));
-    assert_eq!(leaf_for(no_fq, 20_000_000, 9000), tbf(9120, 62_500), "jumbo frames fit");
+    assert_eq!(leaf_for(no_fq, 20_000_000, 9000), tbf(9120, 72_960), "jumbo frames fit");
     assert_eq!(leaf_for(no_fq, 1_000_000_000, 1500), tbf(1600, 3_125_000));
     assert_eq!(leaf_for(no_fq, 10_000_000_000, 1500), Leaf::Bfifo { limit: 4 << 20 });
     assert_eq!(leaf_for(Features { fq_codel: true }, 1_000_000, 1500), Leaf::FqCodel);
@@ -642,4 +642,23 @@ fn link_layer_framing_applies_to_every_class() {
         text.contains("htb rate 20mbit ceil 20mbit burst 65536b cburst 65536b quantum 200000 prio 0 linklayer atm overhead 44 mpu 64  # link"),
         "{text}"
     );
+}
+
+/// A class guaranteed less than eight minimum rates gets fewer buckets: their rates must add up
+/// to no more than the class's, or HTB would let them exceed its ceiling together.
+#[test]
+fn a_slow_class_gets_no_more_buckets_than_its_rate_can_feed() {
+    let mut case = Case::basic();
+    case.fq_codel = false;
+    case.classes = classes("24kbit:8mbit", Each::Class);
+    let desired = case.desired(&mut Handles::default());
+    let tree = &desired.upload;
+    let inner = *tree.classes.iter().find(|(_, c)| c.label == "bulk").unwrap().0;
+    let rates: Vec<u64> = tree
+        .classes
+        .values()
+        .filter(|c| c.parent == inner)
+        .map(|c| c.rate)
+        .collect();
+    assert_eq!(rates, vec![8000; 3], "24 kbit/s feeds three buckets of the 8 kbit/s minimum");
 }
