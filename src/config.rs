@@ -582,6 +582,23 @@ mod tests {
     }
 
     #[test]
+    fn link_layer_keys_parse_and_are_bounded() {
+        let c = Config::parse(
+            "(overhead: 44, mpu: 64, linklayer: atm)",
+            Path::new("/etc/shaper/shaper.ron"),
+        )
+        .unwrap();
+        assert_eq!((c.overhead, c.mpu, c.linklayer), (44, 64, LinkLayer::Atm));
+        assert_eq!(Config::default().linklayer, LinkLayer::Ethernet);
+        for (text, key) in [("(overhead: 300)", "overhead = 300"), ("(mpu: 257)", "mpu = 257")] {
+            let msg = parse(text).unwrap_err();
+            assert!(msg.contains(key) && msg.contains("0 to 256"), "{text}: {msg}");
+        }
+        let msg = parse("(linklayer: adsl)").unwrap_err();
+        assert!(msg.contains("adsl"), "{msg}");
+    }
+
+    #[test]
     fn one_unit_rule_for_bare_numbers() {
         let msg = parse("(\n  interval: 5,\n)").unwrap_err();
         assert!(
