@@ -110,16 +110,7 @@ pub enum ClassifierChoice {
 
 /// The link layer under the shaped interface (config `linklayer`, flag `--linklayer`).
 #[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    Hash,
-    Serialize,
-    Deserialize,
-    clap::ValueEnum,
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum LinkLayer {
@@ -590,9 +581,15 @@ mod tests {
         .unwrap();
         assert_eq!((c.overhead, c.mpu, c.linklayer), (44, 64, LinkLayer::Atm));
         assert_eq!(Config::default().linklayer, LinkLayer::Ethernet);
-        for (text, key) in [("(overhead: 300)", "overhead = 300"), ("(mpu: 257)", "mpu = 257")] {
+        for (text, key) in [
+            ("(overhead: 300)", "overhead = 300"),
+            ("(mpu: 257)", "mpu = 257"),
+        ] {
             let msg = parse(text).unwrap_err();
-            assert!(msg.contains(key) && msg.contains("0 to 256"), "{text}: {msg}");
+            assert!(
+                msg.contains(key) && msg.contains("0 to 256"),
+                "{text}: {msg}"
+            );
         }
         let msg = parse("(linklayer: adsl)").unwrap_err();
         assert!(msg.contains("adsl"), "{msg}");

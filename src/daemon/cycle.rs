@@ -22,8 +22,8 @@ use crate::policy::{self, ClassSet, Decision, Each, Engine, EngineOptions, Polic
 use crate::process::{Pid, ProcessTable, Snapshot};
 use crate::scan::Socket;
 use crate::shape::{
-    Capacity, Desired, Exhausted, Features, Framing, Handles, Installed, Op, Plan, PlanInput, Redirect,
-    ShapeError, Slot, Targets, TcBackend, plan, reconcile,
+    Capacity, Desired, Exhausted, Features, Framing, Handles, Installed, Op, Plan, PlanInput,
+    Redirect, ShapeError, Slot, Targets, TcBackend, plan, reconcile,
 };
 use crate::units::{Rate, RatePair};
 

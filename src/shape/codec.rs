@@ -666,8 +666,8 @@ pub fn parse_leaf(m: &TcMessage) -> Option<(u16, Leaf)> {
         "tbf" => {
             let options = raw_options(m);
             let parms: TcTbfQopt = find_option(&options, TCA_TBF_PARMS)?;
-            let bytes = find_option::<u64>(&options, TCA_TBF_RATE64)
-                .unwrap_or(u64::from(parms.rate.rate));
+            let bytes =
+                find_option::<u64>(&options, TCA_TBF_RATE64).unwrap_or(u64::from(parms.rate.rate));
             Leaf::Tbf {
                 rate: bytes * 8,
                 burst: ticks_to_bytes(parms.buffer, bytes),

@@ -595,9 +595,8 @@ fn plan_direction(
         // rate send whatever its parent's state, so more would lift the class's ceiling.
         let buckets = (guaranteed.min(class_ceil) / MIN_RATE).clamp(1, buckets as u64) as usize;
         let mut bucket_minors = vec![shared];
-        bucket_minors.extend(
-            (1..buckets).map_while(|i| handles.minor(Slot::Bucket(name.clone(), i as u8))),
-        );
+        bucket_minors
+            .extend((1..buckets).map_while(|i| handles.minor(Slot::Bucket(name.clone(), i as u8))));
         tree.classes.insert(
             inner,
             framed(htb_class(
@@ -697,7 +696,8 @@ fn plan_direction(
                     conn.socket.to_string(),
                 )),
             );
-            tree.leaves.insert(leaf, leaf_for(input.features, ceil, mtu));
+            tree.leaves
+                .insert(leaf, leaf_for(input.features, ceil, mtu));
             target = leaf;
         } else if target == shared && bucket_minors.len() > 1 {
             let bucket = handles.bucket(key, &decision.class);

@@ -9,8 +9,7 @@ use serde::Serialize;
 
 use super::model::{
     BUCKETS, Class, ClassId, DeviceTree, Direction, Family, Filter, FilterHandle, Leaf, LinkLayer,
-    MAJOR,
-    rate_text,
+    MAJOR, rate_text,
 };
 
 /// One change to the kernel. `dev` is an interface name.

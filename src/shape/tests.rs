@@ -209,8 +209,9 @@ fn a_changed_limit_is_a_class_change_in_place() {
     let after = case.desired(&mut handles);
     let plan = reconcile("eth0", &after, &installed_from(&before), false).unwrap();
     assert!(
-        plan.to_string()
-            .contains("tc qdisc replace dev eth0 parent 5a:11 tbf rate 10gbit burst 1600 limit 31250"),
+        plan.to_string().contains(
+            "tc qdisc replace dev eth0 parent 5a:11 tbf rate 10gbit burst 1600 limit 31250"
+        ),
         "{plan}"
     );
     assert!(
@@ -542,7 +543,12 @@ fn without_fq_codel_connections_get_flow_buckets_of_their_own() {
     let mut handles = Handles::default();
     let first = case.desired(&mut handles);
     let tree = &first.upload;
-    let inner = *tree.classes.iter().find(|(_, c)| c.label == "bulk").unwrap().0;
+    let inner = *tree
+        .classes
+        .iter()
+        .find(|(_, c)| c.label == "bulk")
+        .unwrap()
+        .0;
     let buckets: Vec<u16> = tree
         .classes
         .iter()
@@ -573,14 +579,25 @@ fn without_fq_codel_connections_get_flow_buckets_of_their_own() {
         .iter()
         .map(|c| first.targets[&c.socket.key()].up.unwrap().leaf)
         .collect();
-    assert!(!used.contains(&shared), "bucket 0 is left to unmatched traffic");
+    assert!(
+        !used.contains(&shared),
+        "bucket 0 is left to unmatched traffic"
+    );
     used.sort();
     used.dedup();
     assert_eq!(used.len(), 7, "seven connections, seven buckets");
     for c in &case.connections {
         let t = first.targets[&c.socket.key()];
-        assert_eq!(t.up.unwrap().leaf, t.down.unwrap().leaf, "same bucket both ways");
-        assert_eq!(t.up.unwrap().process, shared, "new connections start in the shared leaf");
+        assert_eq!(
+            t.up.unwrap().leaf,
+            t.down.unwrap().leaf,
+            "same bucket both ways"
+        );
+        assert_eq!(
+            t.up.unwrap().process,
+            shared,
+            "new connections start in the shared leaf"
+        );
     }
     // One closes; a new one takes its bucket; the others keep theirs.
     let closed = case.connections.remove(2);
@@ -598,7 +615,13 @@ fn without_fq_codel_connections_get_flow_buckets_of_their_own() {
         first.targets[&closed.socket.key()].up.unwrap().leaf
     );
     let plan = reconcile("eth0", &second, &installed_from(&first), false).unwrap();
-    assert!(plan.ops.iter().all(|op| matches!(op, super::Op::AddFilter { .. } | super::Op::DeleteFilter { .. })), "{plan}");
+    assert!(
+        plan.ops.iter().all(|op| matches!(
+            op,
+            super::Op::AddFilter { .. } | super::Op::DeleteFilter { .. }
+        )),
+        "{plan}"
+    );
 }
 
 /// Leaf queues hold 25 ms at the ceiling, in bytes, at least eight packets and at most 4 MiB;
@@ -615,10 +638,20 @@ fn leaf_queues_are_bytes_sized_in_time() {
     };
     assert_eq!(leaf_for(no_fq, 1_000_000, 1500), tbf(1600, 12_800));
     assert_eq!(leaf_for(no_fq, 20_000_000, 1500), tbf(1600, 62_500));
-    assert_eq!(leaf_for(no_fq, 20_000_000, 9000), tbf(9120, 72_960), "jumbo frames fit");
+    assert_eq!(
+        leaf_for(no_fq, 20_000_000, 9000),
+        tbf(9120, 72_960),
+        "jumbo frames fit"
+    );
     assert_eq!(leaf_for(no_fq, 1_000_000_000, 1500), tbf(1600, 3_125_000));
-    assert_eq!(leaf_for(no_fq, 10_000_000_000, 1500), Leaf::Bfifo { limit: 4 << 20 });
-    assert_eq!(leaf_for(Features { fq_codel: true }, 1_000_000, 1500), Leaf::FqCodel);
+    assert_eq!(
+        leaf_for(no_fq, 10_000_000_000, 1500),
+        Leaf::Bfifo { limit: 4 << 20 }
+    );
+    assert_eq!(
+        leaf_for(Features { fq_codel: true }, 1_000_000, 1500),
+        Leaf::FqCodel
+    );
 }
 
 /// `overhead`, `mpu` and `linklayer` reach every HTB class on both devices, and `shaper plan`
@@ -653,12 +686,21 @@ fn a_slow_class_gets_no_more_buckets_than_its_rate_can_feed() {
     case.classes = classes("24kbit:8mbit", Each::Class);
     let desired = case.desired(&mut Handles::default());
     let tree = &desired.upload;
-    let inner = *tree.classes.iter().find(|(_, c)| c.label == "bulk").unwrap().0;
+    let inner = *tree
+        .classes
+        .iter()
+        .find(|(_, c)| c.label == "bulk")
+        .unwrap()
+        .0;
     let rates: Vec<u64> = tree
         .classes
         .values()
         .filter(|c| c.parent == inner)
         .map(|c| c.rate)
         .collect();
-    assert_eq!(rates, vec![8000; 3], "24 kbit/s feeds three buckets of the 8 kbit/s minimum");
+    assert_eq!(
+        rates,
+        vec![8000; 3],
+        "24 kbit/s feeds three buckets of the 8 kbit/s minimum"
+    );
 }

@@ -530,7 +530,15 @@ fn shared_class(flows: u16, download: bool) -> LoadResult {
     let mut shaper = Shaper::new(&pair.a);
     let classes = class_set(vec![class("bulk", "2mbit:4mbit", Each::Class)]);
     let bulk = decision("bulk", "");
-    let r = probe_under_load(&pair, &mut shaper, &classes, bulk.clone(), bulk, flows, download);
+    let r = probe_under_load(
+        &pair,
+        &mut shaper,
+        &classes,
+        bulk.clone(),
+        bulk,
+        flows,
+        download,
+    );
     eprintln!(
         "measured {} {flows} flow(s): probe idle {}, loaded {}; goodput {:.3} Mbit/s; flows {:?}",
         if download { "download" } else { "upload" },
@@ -628,7 +636,13 @@ fn goodput_holds_from_1_to_100_mbit() {
     let _serial = rate_lock();
     for mbit in [1u32, 10, 100] {
         let up = limited_run(4, Proto::Tcp, false, &format!("{mbit}mbit:unlimited"));
-        assert_within(&format!("{mbit} Mbit/s up"), up, f64::from(mbit) * 1e6, 0.93, 1.01);
+        assert_within(
+            &format!("{mbit} Mbit/s up"),
+            up,
+            f64::from(mbit) * 1e6,
+            0.93,
+            1.01,
+        );
         let down = limited_run(4, Proto::Tcp, true, &format!("unlimited:{mbit}mbit"));
         assert_within(
             &format!("{mbit} Mbit/s down"),

@@ -29,7 +29,9 @@ impl RrProbe {
     /// Starts an echo server in `b` and connects to it from `a`'s port [`PROBE_LOCAL_PORT`].
     pub fn connect(pair: &NetnsPair) -> RrProbe {
         let server = SocketAddr::new(NetnsPair::b_addr(4), PROBE_PORT);
-        let listener = pair.b.run(|| TcpListener::bind(server).expect("bind the probe server"));
+        let listener = pair
+            .b
+            .run(|| TcpListener::bind(server).expect("bind the probe server"));
         std::thread::spawn(move || {
             let Ok((mut s, _)) = listener.accept() else {
                 return;
@@ -135,7 +137,13 @@ pub fn probe_under_load(
     let mut planned: Vec<(Socket, Decision)> = vec![(RrProbe::socket(), probe_class)];
     for i in 0..flows {
         planned.push((
-            flow(Proto::Tcp, 4, BULK_LOCAL_PORT + i, BULK_PORT, 1000 + u64::from(i)),
+            flow(
+                Proto::Tcp,
+                4,
+                BULK_LOCAL_PORT + i,
+                BULK_PORT,
+                1000 + u64::from(i),
+            ),
             bulk_class.clone(),
         ));
     }

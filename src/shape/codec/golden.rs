@@ -208,7 +208,8 @@ fn htb_class_on_an_atm_line() {
         ..class(0, 2_000_000, 4_000_000, 65_536, 1600, 3)
     };
     let ours = htb_class(D0, 0x12, &atm);
-    let tc = assert_sends_what_tc_sends("htb_class_atm", &ours, Options::Nested, without_rate_tables);
+    let tc =
+        assert_sends_what_tc_sends("htb_class_atm", &ours, Options::Nested, without_rate_tables);
     assert_eq!(parse_htb_class(&tc), Some((0x12, atm)));
     // tc class add dev d0 parent 5a: classid 5a:13 htb rate 2mbit ceil 4mbit burst 65536
     //     cburst 65536 quantum 1600 prio 3 overhead 18 mpu 64
