@@ -255,8 +255,18 @@ fn plan_reads_the_saved_usage_as_run_does() {
          end\n",
     );
     let script = script.to_str().unwrap();
-    // A connection's filter names its class (`flowid`); default's connections need none.
-    let filters = |text: &str| text.lines().filter(|l| l.contains(" flowid ")).count();
+    // Filters naming one of slow's leaves (`flowid`): its shared leaf or a flow bucket
+    // (default's connections may have filters too, to default's buckets).
+    let filters = |text: &str| {
+        let slow: Vec<String> = text
+            .lines()
+            .filter(|l| l.starts_with("tc class add") && l.contains("  # slow/"))
+            .filter_map(|l| l.split_whitespace().nth(8).map(|id| format!("flowid {id}")))
+            .collect();
+        text.lines()
+            .filter(|l| slow.iter().any(|id| l.ends_with(id.as_str())))
+            .count()
+    };
     let fresh = plan(dir.path(), Some(script), &[]);
     assert_eq!(filters(&fresh), 0, "nothing used, nothing slowed:\n{fresh}");
     // This month's usage, saved in the state dir as the daemon saves it.
