@@ -210,7 +210,7 @@ fn a_changed_limit_is_a_class_change_in_place() {
     let plan = reconcile("eth0", &after, &installed_from(&before), false).unwrap();
     assert!(
         plan.to_string().contains(
-            "tc qdisc replace dev eth0 parent 5a:11 tbf rate 10gbit burst 1600 limit 31250"
+            "tc qdisc replace dev eth0 parent 5a:11 tbf rate 100gbit burst 1600 limit 31250"
         ),
         "{plan}"
     );
@@ -632,7 +632,7 @@ fn leaf_queues_are_bytes_sized_in_time() {
     use super::planner::leaf_for;
     let no_fq = Features { fq_codel: false };
     let tbf = |burst, limit| Leaf::Tbf {
-        rate: 10_000_000_000,
+        rate: 100_000_000_000,
         burst,
         limit,
     };
@@ -640,7 +640,7 @@ fn leaf_queues_are_bytes_sized_in_time() {
     assert_eq!(leaf_for(no_fq, 20_000_000, 1500), tbf(1600, 62_500));
     assert_eq!(
         leaf_for(no_fq, 20_000_000, 9000),
-        tbf(9120, 72_960),
+        tbf(9600, 76_800),
         "jumbo frames fit"
     );
     assert_eq!(leaf_for(no_fq, 1_000_000_000, 1500), tbf(1600, 3_125_000));
