@@ -437,9 +437,15 @@ impl Daemon {
         let failures = self.tc.apply(&plan.ops);
         if failures.is_empty() {
             let targets = plan.take_targets();
+            let ingress_added = plan
+                .ops
+                .ops
+                .iter()
+                .any(|op| matches!(op, crate::shape::Op::AddIngress { .. }));
             iface.installed(plan);
             iface.state = "shaping".into();
             if let Some(bpf) = &mut self.bpf {
+                bpf.ingress_applied(ingress_added);
                 bpf.sync(self.cycle.flows(), &targets);
             }
         } else {

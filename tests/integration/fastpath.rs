@@ -417,3 +417,94 @@ fn a_killed_bpf_daemon_leaves_nothing_attached_and_a_restart_shapes_again() {
         "after SIGKILL and clear"
     );
 }
+
+/// The cls_bpf download filters on veth0's ingress (`tc filter show` lines of kind `bpf`).
+fn cls_bpf_filters(ns: &Netns) -> Vec<String> {
+    tc(ns, &["filter", "show", "dev", "veth0", "ingress"])
+        .lines()
+        .filter(|l| l.contains(" bpf ") && l.contains(" tc_ingress "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Where tcx is missing (Linux < 6.6; forced here) the download program is a cls_bpf filter at
+/// pref 1, ahead of the redirect at pref 2: downloads land in their class; the filter comes
+/// back when the ingress qdisc is rebuilt (after the IFB is deleted); a restart after SIGKILL
+/// replaces the killed run's filter (one, not two); SIGTERM removes it.
+#[test]
+fn without_tcx_the_download_program_is_a_cls_bpf_filter_ahead_of_the_redirect() {
+    let pair = NetnsPair::new();
+    let cgroup = TestCgroup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("policy.lua");
+    std::fs::write(&script, SLOW_IPERF).unwrap();
+    let cgroup_dir = cgroup.dir.to_str().unwrap();
+    let args = [
+        "--classifier",
+        "bpf",
+        "--cgroup",
+        cgroup_dir,
+        "--script",
+        script.to_str().unwrap(),
+        "--uplink",
+        "10mbit",
+        "--downlink",
+        "10mbit",
+    ];
+    let env = [(shaper::daemon::bpf::DOWNLOAD_HOOK_ENV, "cls_bpf")];
+    let start = || {
+        let daemon = DaemonProcess::start_with_env(&pair.a, dir.path(), &args, &env);
+        daemon.wait_for(10, "shaping", |s| s["interfaces"][0]["state"] == "shaping");
+        daemon
+    };
+    let one_filter_ahead = |what: &str, daemon: &DaemonProcess| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let filters = tc(&pair.a, &["filter", "show", "dev", "veth0", "ingress"]);
+            let bpf = cls_bpf_filters(&pair.a);
+            if bpf.len() == 1 && bpf[0].contains("pref 1 ") && filters.contains("pref 2 u32") {
+                return bpf[0].clone();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: expected one cls_bpf filter at pref 1 ahead of the redirect:\n{filters}\n\
+                 log:\n{}",
+                daemon.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let downloads_are_classified = |what: &str| {
+        short_transfer(&pair, &cgroup, true); // warms the daemon's caches (see above)
+        let (leaf, link, sent) = short_transfer(&pair, &cgroup, true);
+        assert!(
+            leaf >= 16 * 1024,
+            "{what}: {leaf} of {sent} bytes in the download leaf ({link} in the tree)"
+        );
+    };
+
+    let mut first = start();
+    one_filter_ahead("at start", &first);
+    downloads_are_classified("at start");
+    pair.a.ip(&["link", "del", IFB]);
+    // The watcher removes the dangling redirect (with the ingress qdisc, and the filter in it);
+    // the next cycle rebuilds both.
+    one_filter_ahead("after the IFB was deleted", &first);
+    downloads_are_classified("after the IFB was deleted");
+
+    first.signal(libc::SIGKILL);
+    let killed = one_filter_ahead("after SIGKILL (a tc filter is not a link)", &first);
+    let mut second = start();
+    let replaced = one_filter_ahead("after the restart", &second);
+    assert_ne!(
+        killed, replaced,
+        "the restart replaced the killed run's filter"
+    );
+    downloads_are_classified("after the restart");
+    second.signal(libc::SIGTERM);
+    assert_eq!(
+        cls_bpf_filters(&pair.a),
+        Vec::<String>::new(),
+        "after SIGTERM"
+    );
+}
