@@ -580,3 +580,52 @@ fn an_iperf3_started_after_the_daemon_holds_its_limit_from_the_start() {
         assert_within(&format!("8 s iperf3 {what}"), measured, limit, 0.5, 1.1);
     }
 }
+
+/// Issue 11's acceptance: on the BPF path, a running connection whose class changes (here by a
+/// reloaded policy) moves to the new class within a cycle, without being reset: the kernel
+/// reads its class from the connection map on every packet.
+#[test]
+fn with_bpf_a_running_connection_moves_to_its_new_class_without_a_reset() {
+    let _serial = rate_lock();
+    let pair = NetnsPair::new();
+    let cgroup = TestCgroup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = |class: &str| {
+        format!(
+            "classes = {{ slow = {{ ceil = \"4mbit\" }}, fast = {{ ceil = \"12mbit\" }}, \
+             default = {{}} }}\n\
+             function classify(conn)\n\
+             \x20 if conn.remote_port == 5701 then return \"{class}\" end\n\
+             \x20 return \"default\"\n\
+             end\n"
+        )
+    };
+    let script = dir.path().join("policy.lua");
+    std::fs::write(&script, policy("slow")).unwrap();
+    let daemon = DaemonProcess::start_bpf(
+        &pair.a,
+        dir.path(),
+        &cgroup,
+        &["--script", script.to_str().unwrap(), "--interval", "1s"],
+    );
+    daemon.wait_for(10, "shaping", |s| s["interfaces"][0]["state"] == "shaping");
+    let _server = Server::start(&pair.b, 5701);
+    // Download (-R), so the client's per-second figures are the receiver's.
+    let mut run = Run::tcp(NetnsPair::b_addr(4), 5701, 40701);
+    run.reverse = true;
+    run.seconds = 10;
+    let measurement = run.start_in(&pair.a, &cgroup);
+    std::thread::sleep(Duration::from_millis(4_000));
+    std::fs::write(&script, policy("fast")).unwrap();
+    let reload = daemon.control(&["reload"]);
+    assert!(reload.status.success(), "{reload:?}");
+    let result = measurement.finish(); // panics if iperf3 lost its connection
+    eprintln!("intervals: {:?}", result.intervals);
+    let i = &result.intervals;
+    assert!(i.len() >= 8, "{i:?}");
+    // Per-second figures move in packet-sized steps: compare two-second averages.
+    let early = (i[1] + i[2]) / 2.0;
+    let late = (i[i.len() - 2] + i[i.len() - 1]) / 2.0;
+    assert_within("in the first class", early, 4e6, 0.90, 1.05);
+    assert_within("moved to the second class", late, 12e6, 0.90, 1.05);
+}
