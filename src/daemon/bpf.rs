@@ -112,6 +112,22 @@ impl BpfState {
         &mut self.classifier
     }
 
+    /// Gives each scanned socket that has no byte counts from the scan (sock_diag has them for
+    /// TCP only) the classifier's per-socket counters, so UDP is counted per connection,
+    /// process and class like TCP. They count IP headers and start when the programs were
+    /// attached (or when the socket sent its first packet after that).
+    pub fn fill_counters(&self, sockets: &mut [Socket]) {
+        for s in sockets
+            .iter_mut()
+            .filter(|s| s.cookie != 0 && s.bytes_up.is_none() && s.bytes_down.is_none())
+        {
+            if let Some(c) = self.classifier.counters(s.cookie) {
+                s.bytes_up = Some(c.up);
+                s.bytes_down = Some(c.down);
+            }
+        }
+    }
+
     /// After a plan was applied: where the download program is a cls_bpf filter (no tcx), it
     /// lives in the ingress qdisc, so it is attached once the qdisc is there and again whenever
     /// the plan re-added the qdisc (`ingress_added`). A failure leaves downloads in the default

@@ -250,13 +250,16 @@ impl Daemon {
         self.cycles += 1;
         let now = (self.clock)();
         let scanner = &mut self.sockets;
-        let sockets = match stage("scan", &mut self.timings.scan, || scanner.scan()) {
+        let mut sockets = match stage("scan", &mut self.timings.scan, || scanner.scan()) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!("scan failed: {e}; shaping stays as it is");
                 return;
             }
         };
+        if let Some(bpf) = &self.bpf {
+            bpf.fill_counters(&mut sockets);
+        }
         let links = self.link_counters();
         let rates = Rates {
             rate: self.rate.current(),

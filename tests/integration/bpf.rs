@@ -30,14 +30,14 @@ const IFB: &str = "ifbt0";
 const SO_COOKIE: i32 = 57;
 
 /// A child process in the test's cgroup and namespace `a`; killed and reaped on drop.
-struct Kid {
+pub(crate) struct Kid {
     child: Child,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
 }
 
 impl Kid {
-    fn start(ns: &Netns, cgroup: &TestCgroup, as_nobody: bool) -> Kid {
+    pub(crate) fn start(ns: &Netns, cgroup: &TestCgroup, as_nobody: bool) -> Kid {
         let exe = std::env::current_exe().expect("test binary path");
         let procs = std::fs::OpenOptions::new()
             .write(true)
@@ -85,7 +85,7 @@ impl Kid {
         kid
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
@@ -101,7 +101,7 @@ impl Kid {
     }
 
     /// Sends one request; returns the answer's words.
-    fn ask(&mut self, request: &str) -> Vec<String> {
+    pub(crate) fn ask(&mut self, request: &str) -> Vec<String> {
         writeln!(self.stdin, "{request}").expect("write child");
         self.stdin.flush().unwrap();
         let answer = self.read_line();
@@ -113,13 +113,13 @@ impl Kid {
     }
 
     /// Creates a socket (`tcp4`, `tcp6`, `udp4`, `udp6`); returns its index and cookie.
-    fn socket(&mut self, kind: &str) -> (usize, u64) {
+    pub(crate) fn socket(&mut self, kind: &str) -> (usize, u64) {
         let a = self.ask(&format!("socket {kind}"));
         (a[0].parse().unwrap(), a[1].parse().unwrap())
     }
 
     /// Connects socket `i`; returns its local address.
-    fn connect(&mut self, i: usize, to: SocketAddr) -> SocketAddr {
+    pub(crate) fn connect(&mut self, i: usize, to: SocketAddr) -> SocketAddr {
         self.ask(&format!("connect {i} {to}"))[1].parse().unwrap()
     }
 }

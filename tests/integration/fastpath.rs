@@ -508,3 +508,57 @@ fn without_tcx_the_download_program_is_a_cls_bpf_filter_ahead_of_the_redirect() 
         "after SIGTERM"
     );
 }
+
+/// A size in status JSON: bytes, as a number or as text with a unit.
+fn bytes_of(v: &serde_json::Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| {
+        v.as_str()
+            .and_then(|t| t.parse::<shaper::units::Size>().ok())
+            .map_or(0, |s| s.bytes())
+    })
+}
+
+/// sock_diag has no byte counts for UDP; on the BPF path the classifier's per-socket counters
+/// give them, so UDP is counted per process and class like TCP.
+#[test]
+fn with_bpf_udp_is_counted_per_process_and_class() {
+    let pair = NetnsPair::new();
+    let cgroup = TestCgroup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("policy.lua");
+    std::fs::write(
+        &script,
+        "classes = { voice = {}, default = {} }\n\
+         function classify(conn)\n\
+         \x20 if conn.proto == \"udp\" and conn.remote_port == 5801 then return \"voice\" end\n\
+         \x20 return \"default\"\n\
+         end\n",
+    )
+    .unwrap();
+    let daemon = DaemonProcess::start_bpf(
+        &pair.a,
+        dir.path(),
+        &cgroup,
+        &["--script", script.to_str().unwrap()],
+    );
+    daemon.wait_for(10, "shaping", |s| s["interfaces"][0]["state"] == "shaping");
+    let sink = pair
+        .b
+        .run(|| std::net::UdpSocket::bind((NetnsPair::B_V4, 5801)).unwrap());
+    let mut kid = crate::bpf::Kid::start(&pair.a, &cgroup, true);
+    let (udp, _) = kid.socket("udp4");
+    kid.connect(udp, sink.local_addr().unwrap());
+    kid.ask(&format!("send {udp} 1000 1000")); // 1 MB, 1028 bytes a datagram on the wire
+    let pid = u64::from(kid.pid());
+    daemon.wait_for(5, "the datagrams counted", |s| {
+        let process = s["processes"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["pid"] == pid))
+            .map_or(0, |p| bytes_of(&p["today"]["up"]));
+        let class = s["classes"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["name"] == "voice"))
+            .map_or(0, |c| bytes_of(&c["today"]["up"]));
+        process >= 1_000_000 && class >= 1_000_000
+    });
+}
