@@ -154,6 +154,10 @@ pub struct ConfigArgs {
     /// [default: the cgroup v2 mount's root]
     #[arg(long, value_name = "DIR", value_parser = path_arg)]
     pub cgroup: Option<PathBuf>,
+    /// Group whose members may run `shaper status` and `shaper top` without root (the control
+    /// socket becomes 0660 with this group; `reload` and `stop` stay root's)
+    #[arg(long, value_name = "GROUP")]
+    pub status_group: Option<String>,
 }
 
 /// A path flag: relative paths are taken from the current directory now, because the daemon
@@ -197,6 +201,7 @@ impl ConfigArgs {
         set(&mut config.log_level, &self.log_level);
         set(&mut config.classifier, &self.classifier);
         set_some(&mut config.cgroup, &self.cgroup);
+        set_some(&mut config.status_group, &self.status_group);
     }
 }
 
