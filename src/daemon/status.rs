@@ -212,6 +212,9 @@ pub struct StatusReport {
     pub policy: String,
     pub started: String,
     pub cycles: u64,
+    /// The cycle interval, milliseconds (how often the figures change).
+    #[serde(default)]
+    pub interval_ms: u64,
     pub dry_run: bool,
     /// How connections reach their class: `"bpf"` (the first-packet classifier) or `"u32"`.
     #[serde(default)]
@@ -386,6 +389,7 @@ impl StatusReport {
             policy: daemon.engine().script().path.display().to_string(),
             started: daemon.started.to_string(),
             cycles: daemon.cycles,
+            interval_ms: daemon.config.interval.duration().as_millis() as u64,
             dry_run: daemon.options.dry_run,
             classifier: daemon.classifier().to_string(),
             fast_path: daemon
