@@ -185,43 +185,43 @@ impl Item {
 /// Each view's columns: header and width (the first column takes what is left).
 fn columns(view: View) -> &'static [(&'static str, u16)] {
     match view {
+        // Who runs a process is in the user view: here the name gets the room.
         View::Process => &[
             ("PROCESS", 0),
-            ("USER", 7),
             ("CLASS", 7),
             ("CONN", 4),
-            ("UP", 8),
-            ("DOWN", 8),
-            ("LIMIT", 12),
-            ("TODAY", 7),
-            ("MONTH", 7),
+            ("UP", 10),
+            ("DOWN", 10),
+            ("LIMIT", 11),
+            ("TODAY", 8),
+            ("MONTH", 8),
         ],
         View::Class => &[
             ("CLASS", 0),
             ("PRIO", 4),
-            ("EACH", 10),
+            ("EACH", 7),
             ("CONN", 4),
-            ("UP", 8),
-            ("DOWN", 8),
-            ("CEIL", 12),
-            ("TODAY", 7),
-            ("MONTH", 7),
+            ("UP", 10),
+            ("DOWN", 10),
+            ("CEIL", 11),
+            ("TODAY", 8),
+            ("MONTH", 8),
         ],
         View::User => &[
             ("USER", 0),
             ("PROCS", 5),
             ("CONN", 4),
-            ("UP", 8),
-            ("DOWN", 8),
-            ("TODAY", 7),
-            ("MONTH", 7),
+            ("UP", 10),
+            ("DOWN", 10),
+            ("TODAY", 8),
+            ("MONTH", 8),
         ],
         View::Connection => &[
             ("CONNECTION", 0),
             ("PROCESS", 14),
             ("CLASS", 7),
-            ("UP", 8),
-            ("DOWN", 8),
+            ("UP", 10),
+            ("DOWN", 10),
             ("LIMIT", 12),
         ],
     }
@@ -236,7 +236,6 @@ fn items(status: &StatusReport, state: &ViewState) -> Vec<Item> {
             .map(|p| {
                 Item::new()
                     .text(format!("{} {}", p.name, p.pid))
-                    .text(p.user.clone().unwrap_or_else(|| "-".into()))
                     .text(p.classes.join(","))
                     .number(p.connections.to_string(), p.connections)
                     .rates(p.rate_up, p.rate_down)
@@ -593,9 +592,11 @@ mod tests {
         let lines = screen(&status, &state, 80, 24);
         assert!(row_of(&lines, "alpha") < row_of(&lines, "zulu"));
         assert!(lines[23].contains("sort (PROCESS)"));
-        // s: the next column (USER): alice before bob.
+        // s: the next column (CLASS): fast before slow.
         press(&mut state, KeyCode::Char('s'));
-        assert!(screen(&status, &state, 80, 24)[23].contains("sort (USER)"));
+        let lines = screen(&status, &state, 80, 24);
+        assert!(lines[23].contains("sort (CLASS)"));
+        assert!(row_of(&lines, "zulu") < row_of(&lines, "alpha"));
         // tab: classes, each sorted on its own.
         press(&mut state, KeyCode::Tab);
         let lines = screen(&status, &state, 80, 24);
@@ -610,7 +611,7 @@ mod tests {
         press(&mut state, KeyCode::Tab);
         assert_eq!(state.view, View::Process);
         assert!(
-            screen(&status, &state, 80, 24)[23].contains("sort (USER)"),
+            screen(&status, &state, 80, 24)[23].contains("sort (CLASS)"),
             "kept per view"
         );
     }

@@ -16,4 +16,5 @@ mod probe;
 mod scan;
 mod shape;
 mod status;
+mod top;
 mod trust;
