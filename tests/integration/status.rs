@@ -70,7 +70,10 @@ pub struct TestGroup {
 
 impl TestGroup {
     pub fn new() -> TestGroup {
-        let name = format!("shpst{}", std::process::id());
+        // Tests run in parallel in one process: a counter keeps their groups apart.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("shpst{}-{n}", std::process::id());
         let out = crate::support::output(std::process::Command::new("groupadd").arg(&name));
         assert!(out.status.success(), "groupadd {name}: {out:?}");
         let gid = nix_gid(&name);

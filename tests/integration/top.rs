@@ -1,6 +1,7 @@
 //! `shaper top` in a real terminal (tmux, 80×24) against a daemon in a namespace with two
 //! processes moving traffic (issue 13's acceptance).
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -126,8 +127,19 @@ fn top_shows_two_processes_sorts_switches_views_and_restores_the_terminal() {
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("policy.lua");
     std::fs::write(&script, POLICY).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let group = crate::status::TestGroup::new();
     // Shaping from the start, so the rates shown are the shaped ones.
-    let daemon = DaemonProcess::start(&pair.a, dir.path(), &["--script", script.to_str().unwrap()]);
+    let daemon = DaemonProcess::start(
+        &pair.a,
+        dir.path(),
+        &[
+            "--script",
+            script.to_str().unwrap(),
+            "--status-group",
+            &group.name,
+        ],
+    );
     let mut clients = Vec::new();
     let mut servers = Vec::new();
     for (name, port) in [("alpha", 5301u16), ("zulu", 5302)] {
@@ -206,8 +218,13 @@ fn top_shows_two_processes_sorts_switches_views_and_restores_the_terminal() {
     tmux.wait("the shell again", |s| s.contains("top-exit-0"));
     assert!(!tmux.alternate_screen());
 
-    // The daemon stopping ends top too, with a message and exit status 3.
-    tmux.keys(&[&command, "Enter"]);
+    // A member of the status group runs it without root; the daemon stopping ends it, with a
+    // message and exit status 3.
+    let as_member = format!(
+        "setpriv --reuid=65534 --regid=65534 --groups={} {command}",
+        group.gid
+    );
+    tmux.keys(&[&as_member, "Enter"]);
     tmux.wait("top again", |s| s.contains("s sort (DOWN)"));
     assert!(daemon.control(&["stop"]).status.success());
     let screen = tmux.wait("top ended", |s| s.contains("top-exit-3"));
