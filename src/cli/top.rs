@@ -366,7 +366,7 @@ fn header(status: &StatusReport) -> Vec<Line<'static>> {
     lines
 }
 
-/// Draws the whole screen for `status` (or `message` alone when there is none yet).
+/// Draws the whole screen: a pure function of the report, the view state and the frame size.
 pub fn render(frame: &mut Frame, status: &StatusReport, state: &ViewState) {
     let [head, tabs, body, foot] = Layout::vertical([
         Constraint::Length(4),
