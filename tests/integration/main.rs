@@ -15,4 +15,6 @@ mod policy;
 mod probe;
 mod scan;
 mod shape;
+mod status;
+mod top;
 mod trust;

@@ -345,12 +345,7 @@ fn a_quota_slows_down_and_survives_sigkill() {
     assert!(out.status.success());
     let day = |s: &serde_json::Value| {
         let u = &s["usage"]["day"];
-        u["up"]
-            .as_str()
-            .map_or(0, |t| t.parse::<shaper::units::Size>().unwrap().bytes())
-            + u["down"]
-                .as_str()
-                .map_or(0, |t| t.parse::<shaper::units::Size>().unwrap().bytes())
+        u["up"].as_u64().unwrap() + u["down"].as_u64().unwrap()
     };
     daemon.wait_for(5, "the transfer counted", |s| day(s) > 30_000_000);
     let slowed = {
