@@ -165,12 +165,19 @@ pub(crate) fn process_value(lua: &Lua, pid: Pid) -> mlua::Result<Value> {
     Ok(Value::Table(t))
 }
 
-/// `raw.usage(period, key)` → up, down (bytes).
-pub(crate) fn usage(lua: &Lua, (period, key): (String, String)) -> mlua::Result<(u64, u64)> {
+/// `raw.usage(period, key, ago)` → up, down (bytes): the current period, or the one `ago`
+/// periods before it (1 = yesterday for `"day"`).
+pub(crate) fn usage(
+    lua: &Lua,
+    (period, key, ago): (String, String, Option<u32>),
+) -> mlua::Result<(u64, u64)> {
     let period: Period = period.parse().map_err(mlua::Error::runtime)?;
     let key: UsageKey = key.parse().map_err(mlua::Error::runtime)?;
     with_input(lua, |input| {
-        let u = input.usage.usage(period, &key);
+        let u = match ago.unwrap_or(0) {
+            0 => input.usage.usage(period, &key),
+            ago => input.usage.usage_ago(period, &key, ago, &input.now),
+        };
         (u.up.bytes(), u.down.bytes())
     })
 }
