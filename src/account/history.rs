@@ -133,6 +133,32 @@ pub fn periods_ago(period: Period, now: &jiff::Zoned, ago: u32) -> Option<jiff::
     now.checked_sub(span).ok()
 }
 
+/// When the period `id` (as [`super::period_id`] writes it) starts, in local civil time.
+pub fn period_start(period: Period, id: &str) -> Option<jiff::civil::DateTime> {
+    match period {
+        Period::Hour => {
+            let (date, hour) = id.split_once('T')?;
+            let date: jiff::civil::Date = date.parse().ok()?;
+            Some(date.at(hour.parse().ok()?, 0, 0, 0))
+        }
+        Period::Day => id
+            .parse::<jiff::civil::Date>()
+            .ok()
+            .map(|d| d.at(0, 0, 0, 0)),
+        Period::Week => {
+            let date: jiff::civil::Date = id.strip_prefix("week of ")?.parse().ok()?;
+            Some(date.at(0, 0, 0, 0))
+        }
+        Period::Month => {
+            let (month, day) = id.split_once(" from day ")?;
+            let date: jiff::civil::Date = format!("{month}-{:02}", day.parse::<i8>().ok()?)
+                .parse()
+                .ok()?;
+            Some(date.at(0, 0, 0, 0))
+        }
+    }
+}
+
 /// The history file beside the usage file.
 pub fn history_path(usage_path: &Path) -> PathBuf {
     usage_path.with_file_name("history.ron")
@@ -299,6 +325,19 @@ mod tests {
         assert!(last.contains_key(&UsageKey::Process("p59".into())));
         assert!(!last.contains_key(&UsageKey::Process("p29".into())));
         h.archive(Period::Week, "week of 2026-11-16".into(), last.clone());
+        let start = |p, id| period_start(p, id).map(|d| d.to_string());
+        assert_eq!(
+            start(Period::Hour, "2026-11-22T10").as_deref(),
+            Some("2026-11-22T10:00:00")
+        );
+        assert_eq!(
+            start(Period::Month, "2026-10 from day 15").as_deref(),
+            Some("2026-10-15T00:00:00")
+        );
+        assert_eq!(
+            start(Period::Day, "2026-11-22").as_deref(),
+            Some("2026-11-22T00:00:00")
+        );
         assert!(
             !h.periods().contains_key(&Period::Week),
             "weeks are not kept"

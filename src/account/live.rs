@@ -419,6 +419,22 @@ impl Accounting {
     pub fn history(&self) -> &History {
         &self.history
     }
+
+    /// Every kept period of `period`'s length, oldest first: the history's, then the current
+    /// one (if it started).
+    pub fn periods(&self, period: Period) -> Vec<(&str, &BTreeMap<UsageKey, Usage>)> {
+        let mut out: Vec<_> = self
+            .history
+            .periods()
+            .get(&period)
+            .into_iter()
+            .flat_map(|past| past.iter().map(|(id, usage)| (id.as_str(), usage)))
+            .collect();
+        if let Some(book) = self.books.get(&period).filter(|b| !b.id.is_empty()) {
+            out.push((&book.id, &book.usage));
+        }
+        out
+    }
 }
 
 /// Why a state file (`usage.ron`, `history.ron`) could not be used.

@@ -11,6 +11,7 @@ pub mod shape;
 pub mod snapshot;
 pub mod status;
 pub mod table;
+pub mod usage;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,6 +63,11 @@ pub enum Command {
     Run(Box<daemon::RunArgs>),
     /// Show what the running daemon is doing: interfaces, usage, classes, processes
     Status(daemon::StatusArgs),
+    /// Show the usage history: bytes per hour, day or month, by link, process, user or class
+    ///
+    /// Reads history.ron and usage.ron in the state dir (no daemon needed). Finished periods
+    /// keep the top names of each kind, the rest under "(other)".
+    Usage(usage::UsageArgs),
     /// Make the running daemon re-read its policy script (checked before it replaces the old)
     Reload(daemon::ControlArgs),
     /// Stop the running daemon; it removes everything it installed
@@ -234,6 +240,10 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => {
             logging::init(cli.verbose, cli.quiet, None);
             daemon::status(cli, args)
+        }
+        Command::Usage(args) => {
+            logging::init(cli.verbose, cli.quiet, None);
+            usage::run(cli, args)
         }
         Command::Reload(args) => {
             logging::init(cli.verbose, cli.quiet, None);
