@@ -80,6 +80,10 @@ pub struct Config {
     /// The cgroup v2 directory the BPF classifier is attached to: sockets of processes in it (and
     /// below it) are classified from their first packet. Unset = the cgroup v2 mount's root.
     pub cgroup: Option<PathBuf>,
+    /// Serve Prometheus metrics over HTTP (`GET /metrics`) on this address, e.g.
+    /// `"127.0.0.1:9639"`; unset = not served (`shaper metrics` prints them either way). The
+    /// metrics name processes and users: keep the address local or firewalled.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// How connections reach their HTB class (config `classifier`, flag `--classifier`).
@@ -114,6 +118,7 @@ impl Default for Config {
             log_level: "info".to_string(),
             classifier: ClassifierChoice::Auto,
             cgroup: None,
+            metrics_listen: None,
         }
     }
 }

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::history::{History, history_path};
+use super::history::{History, OTHER, history_path};
 use super::{Bucket, ClassStats, ConnStats, Period, StaticUsage, Usage, UsageKey};
 use crate::process::Process;
 use crate::scan::Socket;
@@ -111,6 +111,48 @@ pub struct Accounting {
     class_buckets: BTreeMap<String, [Option<Bucket>; 2]>,
     last: Option<jiff::Timestamp>,
     history: History,
+    totals: Totals,
+}
+
+/// Names per kind the since-start totals keep (see [`Totals`]).
+pub const TOTAL_NAMES: usize = 500;
+
+/// Bytes per key since the daemon started, for the metrics' counters. At most [`TOTAL_NAMES`]
+/// names per kind: later names count under `(other)`, so a series never loses what it counted
+/// and the metrics' label sets stay bounded.
+#[derive(Debug, Default)]
+pub struct Totals {
+    usage: BTreeMap<UsageKey, Usage>,
+    names: [usize; 3],
+}
+
+impl Totals {
+    fn add(&mut self, key: &UsageKey, up: u64, down: u64) {
+        if up == 0 && down == 0 {
+            return;
+        }
+        if !self.usage.contains_key(key) {
+            let (kind, other) = match key {
+                UsageKey::Link => (None, UsageKey::Link),
+                UsageKey::Process(_) => (Some(0), UsageKey::Process(OTHER.into())),
+                UsageKey::User(_) => (Some(1), UsageKey::User(OTHER.into())),
+                UsageKey::Class(_) => (Some(2), UsageKey::Class(OTHER.into())),
+            };
+            if let Some(kind) = kind {
+                if self.names[kind] >= TOTAL_NAMES {
+                    add(&mut self.usage, &other, up, down);
+                    return;
+                }
+                self.names[kind] += 1;
+            }
+        }
+        add(&mut self.usage, key, up, down);
+    }
+
+    /// Every key's bytes since start.
+    pub fn usage(&self) -> &BTreeMap<UsageKey, Usage> {
+        &self.usage
+    }
 }
 
 /// The id of the period containing `now`.
@@ -164,6 +206,7 @@ impl Accounting {
             class_buckets: BTreeMap::new(),
             last: None,
             history: History::default(),
+            totals: Totals::default(),
         }
     }
 
@@ -218,6 +261,7 @@ impl Accounting {
             for book in self.books.values_mut() {
                 add(&mut book.usage, &UsageKey::Link, up, down);
             }
+            self.totals.add(&UsageKey::Link, up, down);
         }
 
         let mut classes: BTreeMap<String, ClassStats> = BTreeMap::new();
@@ -289,6 +333,9 @@ impl Accounting {
                 for k in &keys {
                     add(&mut book.usage, k, delta_up, delta_down);
                 }
+            }
+            for k in &keys {
+                self.totals.add(k, delta_up, delta_down);
             }
             *c.track = Some(track);
         }
@@ -413,6 +460,11 @@ impl Accounting {
                 self.history.archive_if_absent(period, book.id, book.usage);
             }
         }
+    }
+
+    /// Bytes since the daemon started.
+    pub fn totals(&self) -> &Totals {
+        &self.totals
     }
 
     /// Finished periods.

@@ -68,6 +68,12 @@ pub enum Command {
     /// Reads history.ron and usage.ron in the state dir (no daemon needed). Finished periods
     /// keep the top names of each kind, the rest under "(other)".
     Usage(usage::UsageArgs),
+    /// Print the running daemon's Prometheus metrics (OpenMetrics text)
+    ///
+    /// Bytes per link, class, user and process name, rates, limits, cycle timings and policy
+    /// errors. Set metrics_listen (or --metrics-listen on run) to have Prometheus scrape them
+    /// over HTTP instead.
+    Metrics(daemon::ControlArgs),
     /// Make the running daemon re-read its policy script (checked before it replaces the old)
     Reload(daemon::ControlArgs),
     /// Stop the running daemon; it removes everything it installed
@@ -160,6 +166,10 @@ pub struct ConfigArgs {
     /// [default: the cgroup v2 mount's root]
     #[arg(long, value_name = "DIR", value_parser = path_arg)]
     pub cgroup: Option<PathBuf>,
+    /// Serve Prometheus metrics on ADDR (GET /metrics), e.g. 127.0.0.1:9639 [default: not
+    /// served]
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// A path flag: relative paths are taken from the current directory now, because the daemon
@@ -203,6 +213,7 @@ impl ConfigArgs {
         set(&mut config.log_level, &self.log_level);
         set(&mut config.classifier, &self.classifier);
         set_some(&mut config.cgroup, &self.cgroup);
+        set_some(&mut config.metrics_listen, &self.metrics_listen);
     }
 }
 
@@ -244,6 +255,10 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Usage(args) => {
             logging::init(cli.verbose, cli.quiet, None);
             usage::run(cli, args)
+        }
+        Command::Metrics(args) => {
+            logging::init(cli.verbose, cli.quiet, None);
+            daemon::metrics(cli, args)
         }
         Command::Reload(args) => {
             logging::init(cli.verbose, cli.quiet, None);

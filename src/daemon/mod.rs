@@ -8,6 +8,7 @@ pub mod cycle;
 pub mod flows;
 pub mod iflock;
 pub mod latency;
+pub mod metrics;
 pub mod service;
 pub mod status;
 
