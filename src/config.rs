@@ -84,6 +84,11 @@ pub struct Config {
     /// `"127.0.0.1:9639"`; unset = not served (`shaper metrics` prints them either way). The
     /// metrics name processes and users: keep the address local or firewalled.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// A program run for each event a policy raises (`shaper.notify`), with the event in its
+    /// environment: `SHAPER_EVENT` (the name), `SHAPER_MESSAGE`, `SHAPER_PERIOD` and
+    /// `SHAPER_TIME` (RFC 3339). Run directly (no shell), as the daemon's user, never waited
+    /// for by the cycle; killed after 30 s. Unset = events are logged, counted and shown only.
+    pub notify_command: Option<PathBuf>,
 }
 
 /// How connections reach their HTB class (config `classifier`, flag `--classifier`).
@@ -119,6 +124,7 @@ impl Default for Config {
             classifier: ClassifierChoice::Auto,
             cgroup: None,
             metrics_listen: None,
+            notify_command: None,
         }
     }
 }

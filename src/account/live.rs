@@ -360,6 +360,13 @@ impl Accounting {
         self.classes = classes;
     }
 
+    /// The figures the policy reads at `now`: periods that ended by `now` are rolled over
+    /// first, so the first cycle of a month does not see the month before as current.
+    pub fn view_at(&mut self, now: &jiff::Zoned) -> StaticUsage {
+        self.roll(now);
+        self.view()
+    }
+
     /// The figures the policy reads (`ctx.usage`, `ctx.class`), as an immutable copy.
     pub fn view(&self) -> StaticUsage {
         StaticUsage {
@@ -532,7 +539,7 @@ fn read_stored(path: &Path) -> Result<Vec<(Period, Book)>, StateError> {
 /// The temporary file is created new (`O_EXCL`, which never follows a symlink) after a stale
 /// one is unlinked, so a link planted under its name cannot make root overwrite another file;
 /// it is removed again if anything fails, so no empty `usage.ron.tmp` stays behind.
-pub(super) fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+pub(crate) fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::DirBuilder::new()

@@ -9,6 +9,7 @@ pub mod history;
 mod live;
 
 pub use history::{Past, periods_ago};
+pub(crate) use live::write_atomically;
 pub use live::{Accounting, ConnTrack, LinkCounters, Observed, StateError, period_id};
 
 use std::collections::BTreeMap;

@@ -170,6 +170,10 @@ pub struct ConfigArgs {
     /// served]
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Program run for each policy event (shaper.notify), with SHAPER_EVENT, SHAPER_MESSAGE,
+    /// SHAPER_PERIOD and SHAPER_TIME in its environment [default: none]
+    #[arg(long, value_name = "PROGRAM", value_parser = path_arg)]
+    pub notify_command: Option<PathBuf>,
 }
 
 /// A path flag: relative paths are taken from the current directory now, because the daemon
@@ -214,6 +218,7 @@ impl ConfigArgs {
         set(&mut config.classifier, &self.classifier);
         set_some(&mut config.cgroup, &self.cgroup);
         set_some(&mut config.metrics_listen, &self.metrics_listen);
+        set_some(&mut config.notify_command, &self.notify_command);
     }
 }
 

@@ -195,6 +195,16 @@ pub fn render(daemon: &Daemon) -> String {
             .map(|e| e.count)
             .sum(),
     );
+    let events = counters(
+        &mut registry,
+        "events",
+        "Policy events (shaper.notify) passed since the daemon started, per name",
+    );
+    for (name, count) in daemon.events.counts() {
+        events
+            .get_or_create(&vec![("name", name.clone())])
+            .inc_by(*count);
+    }
     let mut out = String::new();
     encode(&mut out, &registry).expect("writing to a String cannot fail");
     out

@@ -5,6 +5,7 @@
 
 pub mod bpf;
 pub mod cycle;
+pub mod events;
 pub mod flows;
 pub mod iflock;
 pub mod latency;
@@ -145,6 +146,8 @@ pub struct Daemon {
     bpf: Option<bpf::BpfState>,
     /// What the fast path costs (for `status`).
     fast_path_stats: latency::FastPathStats,
+    /// Events the policy raised (`shaper.notify`).
+    events: events::Events,
 }
 
 fn mtime(path: &Path) -> Option<SystemTime> {
@@ -195,6 +198,11 @@ impl Daemon {
         };
         let interfaces = names.into_iter().map(Interface::new).collect();
         let script_mtimes = watched_files(cycle.engine());
+        let events = events::Events::load(
+            events::events_path(&config.state_dir),
+            config.notify_command.clone(),
+            config.month_start_day,
+        );
         Ok(Daemon {
             rate: RateSource::new(
                 config.rate,
@@ -225,6 +233,7 @@ impl Daemon {
             script_mtimes,
             bpf: None,
             fast_path_stats: latency::FastPathStats::default(),
+            events,
         })
     }
 
@@ -277,13 +286,16 @@ impl Daemon {
             Inputs {
                 now: now.clone(),
                 interface: self.interfaces.first().map(|i| i.name.clone()),
-                usage: std::sync::Arc::new(self.accounting.view()),
+                usage: std::sync::Arc::new(self.accounting.view_at(&now)),
                 accounting: Some(&mut self.accounting),
                 links: &links,
                 rates,
             },
             &mut self.timings,
         );
+        let mut outcome = outcome;
+        self.events
+            .raise(std::mem::take(&mut outcome.notices), &now);
         self.last = Some(outcome);
         let mut shape_time = std::time::Duration::ZERO;
         stage("shape", &mut shape_time, || {
@@ -321,12 +333,13 @@ impl Daemon {
         let sockets = new.iter().map(bpf::created_socket).collect();
         let links = Vec::new();
         let mut fast_timings = Timings::default();
-        let outcome = self.cycle.run(
+        let now = (self.clock)();
+        let mut outcome = self.cycle.run(
             Sockets::Created(sockets),
             Inputs {
-                now: (self.clock)(),
+                now: now.clone(),
                 interface: self.interfaces.first().map(|i| i.name.clone()),
-                usage: std::sync::Arc::new(self.accounting.view()),
+                usage: std::sync::Arc::new(self.accounting.view_at(&now)),
                 accounting: None,
                 links: &links,
                 rates: Rates {
@@ -340,6 +353,8 @@ impl Daemon {
         if let Some(e) = &outcome.failure {
             tracing::debug!("fast path: policy failed ({e}); the next cycle decides again");
         }
+        self.events
+            .raise(std::mem::take(&mut outcome.notices), &now);
         for i in 0..self.interfaces.len() {
             self.shape_interface(i);
         }
