@@ -60,12 +60,15 @@ pub struct History {
     dirty: bool,
 }
 
+/// One period as stored: per key, (up, down) bytes.
+type StoredFigures = BTreeMap<UsageKey, (u64, u64)>;
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Stored {
     version: u32,
-    /// Per period length, per period id, per key: (up, down) bytes.
-    periods: BTreeMap<Period, BTreeMap<String, BTreeMap<UsageKey, (u64, u64)>>>,
+    /// Per period length, per period id.
+    periods: BTreeMap<Period, BTreeMap<String, StoredFigures>>,
 }
 
 fn retention(period: Period) -> Option<(usize, usize)> {
