@@ -231,6 +231,11 @@ impl Config {
                 .map(|p| ("connection_rate_file", p)),
         );
         paths.extend(self.cgroup.as_deref().map(|p| ("cgroup", p)));
+        paths.extend(
+            self.notify_command
+                .as_deref()
+                .map(|p| ("notify_command", p)),
+        );
         paths
     }
 
@@ -523,6 +528,22 @@ mod tests {
             msg.contains("log_level") && msg.contains("shaper=loud"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn metrics_and_notify_keys_are_checked() {
+        let c =
+            parse(r#"(metrics_listen: "127.0.0.1:9639", notify_command: "/usr/local/bin/hook")"#)
+                .unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9639".parse().unwrap()));
+        assert_eq!(
+            c.notify_command.as_deref(),
+            Some(Path::new("/usr/local/bin/hook"))
+        );
+        let msg = parse(r#"(metrics_listen: "localhost")"#).unwrap_err();
+        assert!(msg.contains("shaper.ron:1:"), "{msg}");
+        let msg = parse(r#"(notify_command: "hook.sh")"#).unwrap_err();
+        assert!(msg.contains("notify_command = \"hook.sh\""), "{msg}");
     }
 
     #[test]
