@@ -398,10 +398,12 @@ impl Accounting {
     /// since ([`write_atomically`], both).
     pub fn save(&mut self, path: &Path, now: &jiff::Zoned) -> std::io::Result<()> {
         // History first: a period it holds is never archived again from an older usage file.
+        // A failed history write is retried at the next save and does not keep usage unsaved.
         let history = history_path(path);
-        self.history
+        let history_saved = self
+            .history
             .save(&history)
-            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", history.display())))?;
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", history.display())));
         let stored = Stored {
             version: STATE_VERSION,
             saved_at: now.timestamp().as_second(),
@@ -409,7 +411,8 @@ impl Accounting {
         };
         let text = ron::ser::to_string_pretty(&stored, ron::ser::PrettyConfig::new())
             .map_err(std::io::Error::other)?;
-        write_atomically(path, &text)
+        write_atomically(path, &text)?;
+        history_saved
     }
 
     /// Loads saved counters: those of periods still current at `now` resume, older ones go to
@@ -1108,6 +1111,36 @@ mod tests {
         assert!(
             saved.as_secs() < 5 && read.as_secs() < 5,
             "{saved:?} {read:?}"
+        );
+    }
+
+    /// A history that cannot be written is reported, retried, and keeps no usage unsaved.
+    #[test]
+    fn a_failed_history_write_still_saves_usage_and_is_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.ron");
+        let history = dir.path().join("history.ron");
+        std::fs::create_dir_all(history.join("in-the-way")).unwrap();
+        let mut c = curl();
+        let mut a = Accounting::new(1);
+        c.cycle(&mut a, &at("2026-11-22T23:59:00", "UTC"), [0; 4]);
+        c.cycle(&mut a, &at("2026-11-22T23:59:30", "UTC"), [0, 0, 10, 0]);
+        let next = at("2026-11-23T00:00:30", "UTC");
+        c.cycle(&mut a, &next, [0, 0, 30, 0]);
+        let e = a.save(&path, &next).unwrap_err();
+        assert!(e.to_string().contains("history.ron"), "{e}");
+        let resumed = Accounting::load(&path, &next, 1);
+        assert_eq!(resumed.usage(Period::Day, &UsageKey::Link).total(), 20);
+        std::fs::remove_dir_all(&history).unwrap();
+        a.save(&path, &next).unwrap();
+        let resumed = Accounting::load(&path, &next, 1);
+        assert_eq!(
+            resumed
+                .view()
+                .usage_ago(Period::Day, &UsageKey::Link, 1, &next)
+                .total(),
+            10,
+            "written at the next save"
         );
     }
 }
