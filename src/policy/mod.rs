@@ -144,7 +144,7 @@ pub struct CycleOutcome {
 
 /// An event a policy raised with `shaper.notify(name, message [, period])`: the daemon passes
 /// it on at most once per name and message per `period`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Notice {
     pub name: String,
     pub message: String,
