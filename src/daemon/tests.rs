@@ -104,6 +104,24 @@ impl Rig {
         }
     }
 
+    /// A new daemon on the same configuration, state dir, sockets, kernel and clock, as after
+    /// a restart; the old one is dropped without a flush (as by SIGKILL) unless the test
+    /// flushed it.
+    fn restart(&mut self) {
+        let read_clock = self.clock.clone();
+        let parts = Parts {
+            sockets: Box::new(self.sockets.clone()),
+            tc: Box::new(self.kernel.clone()),
+            proc_root: self._dir.path().join("proc"),
+            clock: Box::new(move || read_clock.lock().unwrap().clone()),
+        };
+        let options = RunOptions {
+            script_named: true,
+            ..RunOptions::default()
+        };
+        self.daemon = Daemon::with_parts(self.daemon.config.clone(), options, parts).unwrap();
+    }
+
     fn set_sockets(&self, sockets: Vec<Socket>) {
         *self.sockets.0.lock().unwrap() = sockets;
     }
@@ -473,4 +491,56 @@ fn events_passed_are_remembered_across_a_restart() {
     assert!(again.counts().is_empty());
     again.raise(vec![notice()], &at("2026-12-01T09:00:00"));
     assert_eq!(again.recent().len(), 2, "raised in December");
+}
+
+/// The policy reads yesterday's link usage (`ctx.usage("day", "link", 1)`) after midnight, from
+/// the running daemon's history and after a restart that lost everything since the last flush.
+#[test]
+fn the_policy_reads_yesterday_after_midnight_and_after_a_kill() {
+    let policy = r#"
+classes = { bulk = {} }
+function classify(conn, ctx)
+  if ctx.usage("day", "link", 1).total == 5000 then return "bulk" end
+end
+"#;
+    let mut rig = Rig::build(policy, |_| {});
+    rig.set_sockets(vec![socket(443, 1)]);
+    let class = |rig: &Rig| {
+        rig.daemon
+            .cycle
+            .flows()
+            .get(1)
+            .unwrap()
+            .decision
+            .class
+            .to_string()
+    };
+    rig.set_time("2026-11-23T23:59:00");
+    rig.tick();
+    rig.kernel.count("eth0", 5000, 0);
+    rig.set_time("2026-11-23T23:59:30");
+    rig.tick();
+    assert_eq!(class(&rig), "default");
+    rig.daemon.flush(&at("2026-11-23T23:59:30"));
+    rig.set_time("2026-11-24T00:00:30");
+    rig.tick();
+    assert_eq!(
+        class(&rig),
+        "bulk",
+        "yesterday, from the running daemon's history"
+    );
+    // Killed before the next flush: the 23rd is still the current day in usage.ron.
+    rig.restart();
+    rig.tick();
+    assert_eq!(
+        class(&rig),
+        "bulk",
+        "yesterday, archived from usage.ron at start"
+    );
+    // Flushed and restarted cleanly: from history.ron.
+    rig.daemon.flush(&at("2026-11-24T00:00:30"));
+    std::fs::remove_file(rig._dir.path().join("state/usage.ron")).unwrap();
+    rig.restart();
+    rig.tick();
+    assert_eq!(class(&rig), "bulk", "yesterday, from history.ron");
 }
