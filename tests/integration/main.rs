@@ -10,6 +10,7 @@ mod control;
 mod daemon;
 mod examples;
 mod fastpath;
+mod metrics;
 mod netns_kit;
 mod policy;
 mod probe;
