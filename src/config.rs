@@ -93,6 +93,19 @@ pub struct Config {
     /// The cgroup v2 directory the BPF classifier is attached to: sockets of processes in it (and
     /// below it) are classified from their first packet. Unset = the cgroup v2 mount's root.
     pub cgroup: Option<PathBuf>,
+    /// A group whose members may read `shaper status` and `shaper top` without root: the
+    /// control socket is then mode 0660 with this group. `reload` and `stop` stay root's.
+    /// Unset = the socket is root's alone (0600).
+    pub status_group: Option<String>,
+    /// Serve Prometheus metrics over HTTP (`GET /metrics`) on this address, e.g.
+    /// `"127.0.0.1:9639"`; unset = not served (`shaper metrics` prints them either way). The
+    /// metrics name processes and users: keep the address local or firewalled.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// A program run for each event a policy raises (`shaper.notify`), with the event in its
+    /// environment: `SHAPER_EVENT` (the name), `SHAPER_MESSAGE`, `SHAPER_PERIOD` and
+    /// `SHAPER_TIME` (RFC 3339). Run directly (no shell), as the daemon's user, never waited
+    /// for by the cycle; killed after 30 s. Unset = events are logged, counted and shown only.
+    pub notify_command: Option<PathBuf>,
 }
 
 /// How connections reach their HTB class (config `classifier`, flag `--classifier`).
@@ -143,6 +156,9 @@ impl Default for Config {
             log_level: "info".to_string(),
             classifier: ClassifierChoice::Auto,
             cgroup: None,
+            status_group: None,
+            metrics_listen: None,
+            notify_command: None,
         }
     }
 }
@@ -234,6 +250,11 @@ impl Config {
                 return Err(invalid("interfaces", format!("{name:?}"), &reason));
             }
         }
+        if let Some(group) = &self.status_group
+            && let Err(reason) = check_group_name(group)
+        {
+            return Err(invalid("status_group", format!("{group:?}"), &reason));
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log_level) {
             return Err(invalid(
                 "log_level",
@@ -259,6 +280,11 @@ impl Config {
                 .map(|p| ("connection_rate_file", p)),
         );
         paths.extend(self.cgroup.as_deref().map(|p| ("cgroup", p)));
+        paths.extend(
+            self.notify_command
+                .as_deref()
+                .map(|p| ("notify_command", p)),
+        );
         paths
     }
 
@@ -439,6 +465,21 @@ pub fn check_interface_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A group name as `groupadd` accepts it (what the daemon looks up at start).
+fn check_group_name(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= 32
+        && !name.starts_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if valid {
+        Ok(())
+    } else {
+        Err("use an existing group's name (letters, digits, '_', '-', '.'), e.g. \"shaper\"".into())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -546,11 +587,32 @@ mod tests {
             msg.contains("a-very-long-interface-name") && msg.contains("15"),
             "{msg}"
         );
+        let msg = parse("(status_group: \"wheel; rm\")").unwrap_err();
+        assert!(
+            msg.contains("status_group = \"wheel; rm\"") && msg.contains("existing group"),
+            "{msg}"
+        );
         let msg = parse("(log_level: \"shaper=loud\")").unwrap_err();
         assert!(
             msg.contains("log_level") && msg.contains("shaper=loud"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn metrics_and_notify_keys_are_checked() {
+        let c =
+            parse(r#"(metrics_listen: "127.0.0.1:9639", notify_command: "/usr/local/bin/hook")"#)
+                .unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9639".parse().unwrap()));
+        assert_eq!(
+            c.notify_command.as_deref(),
+            Some(Path::new("/usr/local/bin/hook"))
+        );
+        let msg = parse(r#"(metrics_listen: "localhost")"#).unwrap_err();
+        assert!(msg.contains("shaper.ron:1:"), "{msg}");
+        let msg = parse(r#"(notify_command: "hook.sh")"#).unwrap_err();
+        assert!(msg.contains("notify_command = \"hook.sh\""), "{msg}");
     }
 
     #[test]
@@ -636,6 +698,7 @@ mod tests {
             interfaces: vec!["eth0".into()],
             classifier: ClassifierChoice::U32,
             cgroup: Some("/sys/fs/cgroup/user.slice".into()),
+            status_group: Some("shaper".into()),
             ..Config::default()
         };
         assert_eq!(parse(&c.to_ron()).unwrap(), c);

@@ -64,7 +64,8 @@ pub fn run(cli: &super::Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
     )
 }
 
-fn runtime_dir(
+/// The runtime dir given, else the configured one.
+pub(super) fn runtime_dir(
     cli: &super::Cli,
     given: &Option<std::path::PathBuf>,
 ) -> anyhow::Result<std::path::PathBuf> {
@@ -109,5 +110,23 @@ pub fn control(cli: &super::Cli, args: &ControlArgs, request: Request) -> anyhow
     } else {
         eprintln!("shaper: {}", response.error.unwrap_or_default());
         Ok(ExitCode::FAILURE)
+    }
+}
+
+/// `shaper metrics`: the running daemon's Prometheus metrics (OpenMetrics text).
+pub fn metrics(cli: &super::Cli, args: &ControlArgs) -> anyhow::Result<ExitCode> {
+    let dir = runtime_dir(cli, &args.runtime_dir)?;
+    let response = service::request(&dir, &Request::Metrics)?;
+    match response.metrics {
+        Some(text) => {
+            print!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+        None => anyhow::bail!(
+            "{}",
+            response
+                .error
+                .unwrap_or_else(|| "this shaper daemon does not serve metrics; restart it".into())
+        ),
     }
 }

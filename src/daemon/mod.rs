@@ -5,9 +5,11 @@
 
 pub mod bpf;
 pub mod cycle;
+pub mod events;
 pub mod flows;
 pub mod iflock;
 pub mod latency;
+pub mod metrics;
 pub mod service;
 pub mod status;
 
@@ -144,6 +146,8 @@ pub struct Daemon {
     bpf: Option<bpf::BpfState>,
     /// What the fast path costs (for `status`).
     fast_path_stats: latency::FastPathStats,
+    /// Events the policy raised (`shaper.notify`).
+    events: events::Events,
 }
 
 fn mtime(path: &Path) -> Option<SystemTime> {
@@ -194,6 +198,11 @@ impl Daemon {
         };
         let interfaces = names.into_iter().map(Interface::new).collect();
         let script_mtimes = watched_files(cycle.engine());
+        let events = events::Events::load(
+            events::events_path(&config.state_dir),
+            config.notify_command.clone(),
+            config.month_start_day,
+        );
         Ok(Daemon {
             rate: RateSource::new(
                 config.rate,
@@ -224,6 +233,7 @@ impl Daemon {
             script_mtimes,
             bpf: None,
             fast_path_stats: latency::FastPathStats::default(),
+            events,
         })
     }
 
@@ -250,13 +260,16 @@ impl Daemon {
         self.cycles += 1;
         let now = (self.clock)();
         let scanner = &mut self.sockets;
-        let sockets = match stage("scan", &mut self.timings.scan, || scanner.scan()) {
+        let mut sockets = match stage("scan", &mut self.timings.scan, || scanner.scan()) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!("scan failed: {e}; shaping stays as it is");
                 return;
             }
         };
+        if let Some(bpf) = &self.bpf {
+            bpf.fill_counters(&mut sockets);
+        }
         let links = self.link_counters();
         let rates = Rates {
             rate: self.rate.current(),
@@ -276,13 +289,16 @@ impl Daemon {
             Inputs {
                 now: now.clone(),
                 interface: self.interfaces.first().map(|i| i.name.clone()),
-                usage: std::sync::Arc::new(self.accounting.view()),
+                usage: std::sync::Arc::new(self.accounting.view_at(&now)),
                 accounting: Some(&mut self.accounting),
                 links: &links,
                 rates,
             },
             &mut self.timings,
         );
+        let mut outcome = outcome;
+        self.events
+            .raise(std::mem::take(&mut outcome.notices), &now);
         self.last = Some(outcome);
         let mut shape_time = std::time::Duration::ZERO;
         stage("shape", &mut shape_time, || {
@@ -320,12 +336,13 @@ impl Daemon {
         let sockets = new.iter().map(bpf::created_socket).collect();
         let links = Vec::new();
         let mut fast_timings = Timings::default();
-        let outcome = self.cycle.run(
+        let now = (self.clock)();
+        let mut outcome = self.cycle.run(
             Sockets::Created(sockets),
             Inputs {
-                now: (self.clock)(),
+                now: now.clone(),
                 interface: self.interfaces.first().map(|i| i.name.clone()),
-                usage: std::sync::Arc::new(self.accounting.view()),
+                usage: std::sync::Arc::new(self.accounting.view_at(&now)),
                 accounting: None,
                 links: &links,
                 rates: Rates {
@@ -339,6 +356,8 @@ impl Daemon {
         if let Some(e) = &outcome.failure {
             tracing::debug!("fast path: policy failed ({e}); the next cycle decides again");
         }
+        self.events
+            .raise(std::mem::take(&mut outcome.notices), &now);
         for i in 0..self.interfaces.len() {
             self.shape_interface(i);
         }
@@ -437,9 +456,15 @@ impl Daemon {
         let failures = self.tc.apply(&plan.ops);
         if failures.is_empty() {
             let targets = plan.take_targets();
+            let ingress_added = plan
+                .ops
+                .ops
+                .iter()
+                .any(|op| matches!(op, crate::shape::Op::AddIngress { .. }));
             iface.installed(plan);
             iface.state = "shaping".into();
             if let Some(bpf) = &mut self.bpf {
+                bpf.ingress_applied(ingress_added);
                 bpf.sync(self.cycle.flows(), &targets);
             }
         } else {

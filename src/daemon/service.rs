@@ -4,10 +4,10 @@
 //!
 //! The cycle runs on its own thread, which owns the [`Daemon`]; the main thread runs a small
 //! tokio runtime for the socket and the signals and passes commands to the cycle thread, which
-//! handles them between cycles. The control socket is mode 0600 (root only); to let a group
-//! read `status`, change the socket's group and mode after start, e.g. with systemd's
-//! `ExecStartPost=chgrp shaper /run/shaper/shaper.sock` and `chmod 0660`. Only root (or the
-//! daemon's own user) may `reload` or `stop` it, whoever can open the socket.
+//! handles them between cycles. The control socket is mode 0600 (root only), or 0660 with the
+//! configured `status_group` so its members can run `status` and `top` without root. Whoever
+//! opens the socket, only root (or the daemon's own user) may `reload` or `stop` it: the peer's
+//! uid is read with SO_PEERCRED, and others are refused with a message naming the group.
 //!
 //! No client can hold the daemon up: each is served by a task of its own, must send its request
 //! within [`CLIENT_TIMEOUT`] and in at most [`MAX_REQUEST`] bytes, and at most [`MAX_CLIENTS`]
@@ -60,6 +60,8 @@ pub enum Request {
     },
     Reload,
     Stop,
+    /// The Prometheus metrics ([`super::metrics::render`]).
+    Metrics,
 }
 
 /// The answer (one JSON line).
@@ -70,6 +72,9 @@ pub struct Response {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<StatusReport>,
+    /// The metrics text, for [`Request::Metrics`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
 }
 
 impl Response {
@@ -78,6 +83,7 @@ impl Response {
             ok: true,
             error: None,
             status: None,
+            metrics: None,
         }
     }
     fn error(e: impl ToString) -> Response {
@@ -85,6 +91,7 @@ impl Response {
             ok: false,
             error: Some(e.to_string()),
             status: None,
+            metrics: None,
         }
     }
 }
@@ -158,6 +165,31 @@ impl Drop for PidLock {
     }
 }
 
+/// The group that may read status through the socket (config `status_group`).
+#[derive(Debug, Clone)]
+struct StatusGroup {
+    name: Arc<str>,
+    gid: u32,
+}
+
+impl StatusGroup {
+    /// Looks the group up now, so a misspelt name fails the start rather than every client.
+    fn resolve(name: &str) -> anyhow::Result<StatusGroup> {
+        let group = nix::unistd::Group::from_name(name)
+            .with_context(|| format!("status_group = {name:?}: cannot look the group up"))?
+            .with_context(|| {
+                format!(
+                    "status_group = {name:?}: no such group; create it (`groupadd {name}`) or \
+                     unset status_group"
+                )
+            })?;
+        Ok(StatusGroup {
+            name: name.into(),
+            gid: group.gid.as_raw(),
+        })
+    }
+}
+
 /// Runs the daemon until it is stopped. Fails before anything is installed if the script does
 /// not load or another daemon holds the runtime dir.
 pub fn run(mut config: Config, options: RunOptions) -> anyhow::Result<ExitCode> {
@@ -170,6 +202,11 @@ pub fn run(mut config: Config, options: RunOptions) -> anyhow::Result<ExitCode> 
         crate::trust::private_dir(dir, strict).with_context(|| format!("the {what}"))?;
     }
     let _pid = PidLock::acquire(&runtime_dir)?;
+    let status_group = config
+        .status_group
+        .as_deref()
+        .map(StatusGroup::resolve)
+        .transpose()?;
     // One daemon per interface whatever the runtime dir; a dry run changes nothing, so it may
     // watch alongside. The interfaces are resolved once, so the daemon shapes what it locked.
     config.interfaces = config.shaped_interfaces()?;
@@ -177,6 +214,7 @@ pub fn run(mut config: Config, options: RunOptions) -> anyhow::Result<ExitCode> 
         .then(|| super::iflock::InterfaceLock::acquire(&config.interfaces))
         .transpose()?;
     let interval = config.interval.duration();
+    let metrics_listen = config.metrics_listen;
     let (commands, inbox) = mpsc::channel::<Command>();
     let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<()>>();
     let cycle = std::thread::Builder::new()
@@ -203,7 +241,12 @@ pub fn run(mut config: Config, options: RunOptions) -> anyhow::Result<ExitCode> 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let result = runtime.block_on(serve(&socket_path, commands.clone()));
+    let result = runtime.block_on(serve(
+        &socket_path,
+        status_group,
+        metrics_listen,
+        commands.clone(),
+    ));
     // Closes the clients still connected.
     drop(runtime);
     let _ = std::fs::remove_file(&socket_path);
@@ -224,11 +267,63 @@ pub fn run(mut config: Config, options: RunOptions) -> anyhow::Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
-async fn serve(socket_path: &Path, commands: mpsc::Sender<Command>) -> anyhow::Result<()> {
+/// Listens on `metrics_listen`; a failure is logged and the daemon runs on without it (shaping
+/// matters more than its metrics).
+async fn metrics_listener(
+    metrics_listen: Option<std::net::SocketAddr>,
+) -> Option<tokio::net::TcpListener> {
+    let addr = metrics_listen?;
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => {
+            tracing::info!("serving metrics on http://{addr}/metrics");
+            Some(listener)
+        }
+        Err(e) => {
+            tracing::error!(
+                "cannot serve metrics on {addr} ({e}); running without (check metrics_listen)"
+            );
+            None
+        }
+    }
+}
+
+/// The metrics from the cycle thread, or `None` when it is gone.
+async fn ask_metrics(commands: mpsc::Sender<Command>) -> Option<String> {
+    let (reply, done) = tokio::sync::oneshot::channel();
+    commands
+        .send(Command {
+            request: Request::Metrics,
+            reply,
+        })
+        .ok()?;
+    done.await.ok()?.metrics
+}
+
+async fn serve(
+    socket_path: &Path,
+    group: Option<StatusGroup>,
+    metrics_listen: Option<std::net::SocketAddr>,
+    commands: mpsc::Sender<Command>,
+) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
+    let metrics = metrics_listener(metrics_listen).await;
     let listener = tokio::net::UnixListener::bind(socket_path)
         .with_context(|| format!("cannot create the control socket {}", socket_path.display()))?;
-    std::fs::set_permissions(socket_path, std::fs::Permissions::from_mode(0o600))?;
+    let mode = match &group {
+        Some(g) => {
+            std::os::unix::fs::chown(socket_path, None, Some(g.gid)).with_context(|| {
+                format!(
+                    "cannot give the control socket {} to status_group {:?}",
+                    socket_path.display(),
+                    g.name
+                )
+            })?;
+            0o660
+        }
+        None => 0o600,
+    };
+    std::fs::set_permissions(socket_path, std::fs::Permissions::from_mode(mode))?;
+    let group = group.map(|g| g.name);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -245,6 +340,25 @@ async fn serve(socket_path: &Path, commands: mpsc::Sender<Command>) -> anyhow::R
             _ = term.recv() => { tracing::info!("SIGTERM: stopping"); return Ok(()); }
             _ = int.recv() => { tracing::info!("SIGINT: stopping"); return Ok(()); }
             _ = stop_rx.recv() => return Ok(()),
+            Some(accepted) = async {
+                match &metrics {
+                    Some(l) => Some(l.accept().await),
+                    None => std::future::pending().await,
+                }
+            } => {
+                let Ok((stream, _)) = accepted else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                // Metrics clients share the control clients' limit.
+                if let Ok(slot) = slots.clone().try_acquire_owned() {
+                    let commands = commands.clone();
+                    tokio::spawn(async move {
+                        super::metrics::serve_http(stream, ask_metrics(commands)).await;
+                        drop(slot);
+                    });
+                }
+            }
             _ = hup.recv() => {
                 // Answered by nobody: the reload is logged, and signals keep being handled.
                 let (reply, _) = tokio::sync::oneshot::channel();
@@ -262,7 +376,13 @@ async fn serve(socket_path: &Path, commands: mpsc::Sender<Command>) -> anyhow::R
                 };
                 match slots.clone().try_acquire_owned() {
                     Ok(slot) => {
-                        tokio::spawn(serve_client(stream, commands.clone(), stop_tx.clone(), slot));
+                        tokio::spawn(serve_client(
+                            stream,
+                            group.clone(),
+                            commands.clone(),
+                            stop_tx.clone(),
+                            slot,
+                        ));
                     }
                     // A new socket's send buffer is empty: this (non-blocking) write completes.
                     Err(_) => {
@@ -276,11 +396,28 @@ async fn serve(socket_path: &Path, commands: mpsc::Sender<Command>) -> anyhow::R
     }
 }
 
+/// Why a client that is not root may not `reload` or `stop`, and what to do instead.
+fn refusal(request: &Request, group: Option<&str>) -> String {
+    let what = match request {
+        Request::Reload => "reload",
+        _ => "stop",
+    };
+    let others = match group {
+        Some(g) => format!(
+            "members of the status group {g:?} (config status_group) may only read `shaper \
+             status` and `shaper top`"
+        ),
+        None => "others may ask for status".to_string(),
+    };
+    format!("only root may reload or stop shaper: run `sudo shaper {what}`; {others}")
+}
+
 /// Serves one control client: reads one request line (within [`CLIENT_TIMEOUT`] and
 /// [`MAX_REQUEST`]), passes it to the cycle thread and writes the answer. Asks the accept loop to
 /// end after a `stop`.
 async fn serve_client(
     stream: tokio::net::UnixStream,
+    group: Option<Arc<str>>,
     commands: mpsc::Sender<Command>,
     stop: tokio::sync::mpsc::Sender<()>,
     _slot: tokio::sync::OwnedSemaphorePermit,
@@ -309,10 +446,9 @@ async fn serve_client(
             false,
         ),
         Ok(Ok(_)) => match serde_json::from_slice::<Request>(&line) {
-            Ok(Request::Reload | Request::Stop) if !privileged => (
-                Response::error("only root may reload or stop shaper; others may ask for status"),
-                false,
-            ),
+            Ok(request @ (Request::Reload | Request::Stop)) if !privileged => {
+                (Response::error(refusal(&request, group.as_deref())), false)
+            }
             Ok(request) => {
                 let stopping = matches!(request, Request::Stop);
                 let (reply, done) = tokio::sync::oneshot::channel();
@@ -377,6 +513,10 @@ fn cycle_loop(daemon: &mut Daemon, interval: Duration, inbox: &mpsc::Receiver<Co
                 status: Some(StatusReport::of(daemon, all)),
                 ..Response::ok()
             },
+            Request::Metrics => Response {
+                metrics: Some(super::metrics::render(daemon)),
+                ..Response::ok()
+            },
             Request::Reload => {
                 notify(&[
                     sd_notify::NotifyState::Reloading,
@@ -429,6 +569,15 @@ pub fn request(runtime_dir: &Path, request: &Request) -> anyhow::Result<Response
             ) =>
         {
             return Err(NotRunning { socket: path }.into());
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(e).with_context(|| {
+                format!(
+                    "cannot open shaper's control socket {}: run as root, or have root set \
+                     status_group in /etc/shaper/shaper.ron to a group you are in",
+                    path.display()
+                )
+            });
         }
         Err(e) => {
             return Err(e).with_context(|| {

@@ -205,6 +205,38 @@ impl Handles {
         self.exhausted
     }
 
+    /// The minors of a policy class and of its shared leaf in the last plan, for `status`
+    /// (the same on the interface and its IFB: one allocation serves both directions).
+    pub fn class_minors(&self, class: &str) -> Option<(u16, u16)> {
+        let class: Arc<str> = class.into();
+        Some((
+            *self.minors.get(&Slot::Class(class.clone()))?,
+            *self.minors.get(&Slot::Shared(class))?,
+        ))
+    }
+
+    /// The leaf a connection's packets go to in the last plan: its own, else its process's
+    /// (`each = "process"`), else its flow bucket in its class (bucket 0 is the shared leaf).
+    pub fn leaf_minor(&self, class: &str, pid: Option<Pid>, key: SocketKey) -> Option<u16> {
+        let class: Arc<str> = class.into();
+        let bucket = || match self.buckets.get(&key) {
+            Some((c, b)) if *c == class && *b > 0 => {
+                self.minors.get(&Slot::Bucket(class.clone(), *b))
+            }
+            _ => self.minors.get(&Slot::Shared(class.clone())),
+        };
+        self.minors
+            .get(&Slot::Connection(key))
+            .or_else(|| pid.and_then(|pid| self.minors.get(&Slot::Process(class.clone(), pid))))
+            .or_else(bucket)
+            .copied()
+    }
+
+    /// A process's own leaf (`each = "process"` classes only).
+    pub fn process_minor(&self, class: &str, pid: Pid) -> Option<u16> {
+        self.minors.get(&Slot::Process(class.into(), pid)).copied()
+    }
+
     fn minor(&mut self, slot: Slot) -> Option<u16> {
         let minor = match self.minors.get(&slot) {
             Some(&m) => m,

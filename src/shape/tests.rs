@@ -169,7 +169,7 @@ tc filter add dev eth0 parent 5a: prio 10 protocol ip handle 10:42:1 u32 ht 10:4
     );
     assert!(
         text.trim_end().ends_with(
-            "tc qdisc add dev eth0 ingress\ntc filter add dev eth0 parent ffff: prio 1 protocol all u32 match u32 0 0 action mirred egress redirect dev shp-eth0 cookie 7368617065723a7265646972656374"
+            "tc qdisc add dev eth0 ingress\ntc filter add dev eth0 parent ffff: prio 2 protocol all u32 match u32 0 0 action mirred egress redirect dev shp-eth0 cookie 7368617065723a7265646972656374"
         ),
         "the redirect comes last"
     );
@@ -597,6 +597,11 @@ fn without_fq_codel_connections_get_flow_buckets_of_their_own() {
             t.up.unwrap().process,
             shared,
             "new connections start in the shared leaf"
+        );
+        assert_eq!(
+            handles.leaf_minor("bulk", Some(100), c.socket.key()),
+            Some(t.up.unwrap().leaf),
+            "status reports the bucket"
         );
     }
     // One closes; a new one takes its bucket; the others keep theirs.
