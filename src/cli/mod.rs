@@ -223,7 +223,10 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("shaper: error: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<crate::daemon::startup::StartError>() {
+                Some(start) => ExitCode::from(start.exit_code()),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -40,10 +40,28 @@ pub fn render(report: &StatusReport) -> String {
         } else {
             String::new()
         };
+        let detail = i
+            .detail
+            .as_ref()
+            .map(|d| format!(": {d}"))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "interface {}: {} ({} operations last cycle, {} failed in all{unplaced})",
+            "interface {}: {}{detail} ({} operations last cycle, {} failed in all{unplaced})",
             i.name, i.state, i.operations, i.failures
+        );
+    }
+    let not_shaping: Vec<String> = report
+        .interfaces
+        .iter()
+        .filter(|i| i.state != "shaping")
+        .map(|i| format!("{} is {}", i.name, i.state))
+        .collect();
+    if report.classes.iter().any(|c| !c.in_force) {
+        let _ = writeln!(
+            out,
+            "warning: the class ceilings below are not in force ({})",
+            not_shaping.join(", ")
         );
     }
     if let Some(f) = &report.reload_error {
@@ -83,7 +101,11 @@ pub fn render(report: &StatusReport) -> String {
             [
                 c.name.clone(),
                 c.prio.to_string(),
-                c.ceil.clone(),
+                if c.in_force {
+                    c.ceil.clone()
+                } else {
+                    format!("{} (not in force)", c.ceil)
+                },
                 c.connections.to_string(),
                 rate(c.rate_up),
                 rate(c.rate_down),

@@ -374,6 +374,67 @@ impl TcPlan {
     }
 }
 
+/// Whether an interface's tree is in the kernel, and if not, why: what `status` shows in its
+/// own column, so ceilings that are not in force never look as if they were.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShapingState {
+    /// Before the first cycle.
+    Starting,
+    /// The interface does not exist (yet): a ppp link redialling, a USB modem not plugged in, or
+    /// a typo. Shaped within a cycle of its appearing.
+    Waiting,
+    /// The last plan was applied: the classes are in force.
+    Shaping,
+    /// `--dry-run`: the plan is logged, nothing is installed.
+    DryRun,
+    /// A qdisc shaper did not install is in the way (without `--replace`).
+    Refused(String),
+    /// The kernel could not be read or the plan could not be made.
+    Error(String),
+    /// This many operations of the last apply failed; the next cycle reads the kernel again.
+    Failing(usize),
+}
+
+impl ShapingState {
+    /// The one word `status` shows (and `--json` reports as `state`).
+    pub fn keyword(&self) -> &'static str {
+        match self {
+            ShapingState::Starting => "starting",
+            ShapingState::Waiting => "waiting",
+            ShapingState::Shaping => "shaping",
+            ShapingState::DryRun => "dry-run",
+            ShapingState::Refused(_) => "refused",
+            ShapingState::Error(_) => "error",
+            ShapingState::Failing(_) => "failing",
+        }
+    }
+
+    /// Why, for the states that have a reason.
+    pub fn detail(&self) -> Option<String> {
+        match self {
+            ShapingState::Refused(why) | ShapingState::Error(why) => Some(why.clone()),
+            ShapingState::Failing(n) => Some(format!("{n} operations of the last cycle failed")),
+            ShapingState::Waiting => Some("the interface does not exist (yet)".into()),
+            _ => None,
+        }
+    }
+
+    /// Whether the classes are installed on this interface, so their ceilings apply.
+    pub fn in_force(&self) -> bool {
+        matches!(self, ShapingState::Shaping)
+    }
+}
+
+impl std::fmt::Display for ShapingState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.keyword())?;
+        match self.detail() {
+            Some(detail) => write!(f, " ({detail})"),
+            None => Ok(()),
+        }
+    }
+}
+
 /// One shaped interface between cycles: its index, its handle allocation, and what the last
 /// successful apply left installed.
 #[derive(Debug)]
@@ -386,7 +447,7 @@ pub struct Interface {
     /// A hash of what that plan was made from: when the next cycle's inputs hash the same, the
     /// plan would be the same, so planning is skipped.
     applied_from: Option<u64>,
-    pub(crate) state: String,
+    pub(crate) state: ShapingState,
     pub(crate) operations: usize,
     pub(crate) failures: u64,
     /// Classes and filters the last plan could not give a handle (a full minor space or hash
@@ -402,7 +463,7 @@ impl Interface {
             handles: Handles::default(),
             applied: None,
             applied_from: None,
-            state: "starting".into(),
+            state: ShapingState::Starting,
             operations: 0,
             failures: 0,
             unplaced: 0,

@@ -9,14 +9,18 @@ pub mod flows;
 pub mod iflock;
 pub mod latency;
 pub mod service;
+pub mod startup;
 pub mod status;
 
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
 use cycle::stage;
+use startup::existing_interfaces_hint;
 
-pub use cycle::{BUILTIN_POLICY, Cycle, Inputs, Interface, Outcome, Rates, Sockets, Timings};
+pub use cycle::{
+    BUILTIN_POLICY, Cycle, Inputs, Interface, Outcome, Rates, ShapingState, Sockets, Timings,
+};
 
 use crate::account::{Accounting, LinkCounters};
 use crate::config::{Config, RateFile};
@@ -240,7 +244,7 @@ impl Daemon {
     pub fn summary(&self) -> String {
         self.interfaces
             .iter()
-            .map(|i| format!("{}: {}", i.name, i.state))
+            .map(|i| format!("{}: {}", i.name, i.state.keyword()))
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -382,15 +386,17 @@ impl Daemon {
                     });
                 }
                 Ok(None) => {
-                    if iface.ifindex.is_some() || iface.state == "starting" {
+                    if iface.ifindex.is_some() || iface.state == ShapingState::Starting {
                         tracing::warn!(
-                            "{}: interface not present; waiting for it to appear",
-                            iface.name
+                            "{}: interface not present; waiting for it to appear (a ppp link \
+                             redialling, a modem plugged in later){}",
+                            iface.name,
+                            existing_interfaces_hint(&iface.name)
                         );
                     }
                     iface.ifindex = None;
                     iface.forget_installed();
-                    iface.state = "waiting for the interface".into();
+                    iface.state = ShapingState::Waiting;
                 }
                 Err(e) => tracing::warn!("{}: {e}", iface.name),
             }
@@ -414,8 +420,10 @@ impl Daemon {
             }
             Err(e) => {
                 let state = match e {
-                    crate::shape::ShapeError::Foreign { .. } => format!("refused: {e}"),
-                    _ => format!("error: {e}"),
+                    crate::shape::ShapeError::Foreign { .. } => {
+                        ShapingState::Refused(e.to_string())
+                    }
+                    _ => ShapingState::Error(e.to_string()),
                 };
                 // Once per distinct failure, not every cycle.
                 if iface.state != state {
@@ -431,14 +439,14 @@ impl Daemon {
                 tracing::info!("{}: would apply:\n{}", iface.name, plan.ops);
             }
             iface.installed(plan);
-            iface.state = "dry run".into();
+            iface.state = ShapingState::DryRun;
             return;
         }
         let failures = self.tc.apply(&plan.ops);
         if failures.is_empty() {
             let targets = plan.take_targets();
             iface.installed(plan);
-            iface.state = "shaping".into();
+            iface.state = ShapingState::Shaping;
             if let Some(bpf) = &mut self.bpf {
                 bpf.sync(self.cycle.flows(), &targets);
             }
@@ -449,7 +457,7 @@ impl Daemon {
             }
             // Read the kernel next cycle rather than trust what was meant to be installed.
             iface.forget_installed();
-            iface.state = format!("{} operations failed", failures.len());
+            iface.state = ShapingState::Failing(failures.len());
         }
     }
 

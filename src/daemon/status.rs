@@ -13,7 +13,13 @@ use crate::policy::ErrorEntry;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InterfaceStatus {
     pub name: String,
+    /// One word: `starting`, `waiting` (the interface does not exist yet), `shaping` (the
+    /// classes are in force), `dry-run`, `refused` (another program's qdisc is in the way),
+    /// `error` or `failing` (see [`super::ShapingState`]).
     pub state: String,
+    /// Why, for `waiting`, `refused`, `error` and `failing`.
+    #[serde(default)]
+    pub detail: Option<String>,
     /// Operations the last cycle applied.
     pub operations: usize,
     pub failures: u64,
@@ -27,6 +33,10 @@ pub struct ClassStatus {
     pub name: String,
     pub prio: u8,
     pub ceil: String,
+    /// Whether the class is installed on every interface, so its ceiling applies; `false`
+    /// while an interface is waiting, refused or failing.
+    #[serde(default)]
+    pub in_force: bool,
     pub each: String,
     pub connections: u64,
     pub rate_up: f64,
@@ -110,6 +120,7 @@ impl StatusReport {
         let mut classes = Vec::new();
         let mut processes: BTreeMap<u32, ProcessStatus> = BTreeMap::new();
         let mut connections = Vec::new();
+        let in_force = daemon.interfaces.iter().all(|i| i.state.in_force());
         if let Some(outcome) = &daemon.last {
             for c in outcome.classes.classes.values() {
                 let figures = acct.classes().get(&*c.name).copied().unwrap_or_default();
@@ -117,6 +128,7 @@ impl StatusReport {
                     name: c.name.to_string(),
                     prio: c.prio,
                     ceil: c.ceil.to_string(),
+                    in_force,
                     each: c.each.as_str().to_string(),
                     connections: figures.connections,
                     rate_up: figures.rate_up,
@@ -171,7 +183,8 @@ impl StatusReport {
                 .iter()
                 .map(|i| InterfaceStatus {
                     name: i.name.clone(),
-                    state: i.state.clone(),
+                    state: i.state.keyword().to_string(),
+                    detail: i.state.detail(),
                     operations: i.operations,
                     failures: i.failures,
                     unplaced: i.unplaced,

@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::{Daemon, Parts, RunOptions, Sockets};
+use super::{Daemon, Parts, RunOptions, ShapingState, Sockets};
 use crate::config::Config;
 use crate::scan::{Proto, ScanError, Socket, SocketSource, State};
 use crate::shape::recording::RecordingBackend;
@@ -112,7 +112,7 @@ impl Rig {
         self.kernel.take_applied()
     }
 
-    fn state(&self) -> &str {
+    fn state(&self) -> &ShapingState {
         &self.daemon.interfaces[0].state
     }
 }
@@ -127,7 +127,7 @@ fn started() -> Rig {
     let mut rig = Rig::new();
     rig.set_sockets(vec![socket(443, 1)]);
     let ops = rig.tick();
-    assert_eq!(rig.state(), "shaping", "{ops:?}");
+    assert_eq!(*rig.state(), ShapingState::Shaping, "{ops:?}");
     assert_eq!(count(&ops, |o| matches!(o, Op::AddRoot { .. })), 2);
     assert_eq!(count(&ops, |o| matches!(o, Op::AddIngress { .. })), 1);
     assert!(rig.tick().is_empty(), "an unchanged cycle sends nothing");
@@ -219,7 +219,7 @@ fn a_recreated_interface_is_reinstalled_in_full() {
         1,
         "{ops:?}"
     );
-    assert_eq!(rig.state(), "shaping");
+    assert_eq!(*rig.state(), ShapingState::Shaping);
     assert!(matches!(
         rig.kernel.installed_now("eth0").unwrap().upload,
         Slot::Ours(_)
@@ -236,7 +236,7 @@ fn a_failed_operation_makes_the_next_cycle_read_the_kernel() {
     rig.set_sockets(vec![socket(443, 1), socket(22, 2)]);
     let ops = rig.tick();
     assert_eq!(count(&ops, |o| matches!(o, Op::AddFilter { .. })), 2);
-    assert_eq!(rig.state(), "1 operations failed");
+    assert_eq!(*rig.state(), ShapingState::Failing(1));
     assert_eq!(rig.daemon.interfaces[0].failures, 1);
     rig.kernel.fail_when(|_| None);
     let ops = rig.tick();
@@ -249,7 +249,7 @@ fn a_failed_operation_makes_the_next_cycle_read_the_kernel() {
         matches!(ops.as_slice(), [Op::AddFilter { dev, .. }] if dev == "eth0"),
         "only what is missing is added: {ops:?}"
     );
-    assert_eq!(rig.state(), "shaping");
+    assert_eq!(*rig.state(), ShapingState::Shaping);
     assert!(rig.tick().is_empty());
 }
 
@@ -337,7 +337,7 @@ fn running_out_of_handles_is_reported() {
     rig.tick();
     let status = super::status::StatusReport::of(&rig.daemon, false);
     assert!(status.interfaces[0].unplaced > 0, "{:?}", status.interfaces);
-    assert_eq!(rig.state(), "shaping", "the rest is shaped");
+    assert_eq!(*rig.state(), ShapingState::Shaping, "the rest is shaped");
     let text = crate::cli::status::render(&status);
     assert!(text.contains("without a tc handle"), "{text}");
 }
@@ -353,7 +353,18 @@ fn a_dangling_redirect_goes_even_where_a_foreign_root_is_refused() {
     );
     rig.set_sockets(vec![socket(443, 1)]);
     let ops = rig.tick();
-    assert!(rig.state().starts_with("refused"), "{}", rig.state());
+    assert!(
+        matches!(rig.state(), ShapingState::Refused(why) if why.contains("--replace")),
+        "{}",
+        rig.state()
+    );
+    assert!(
+        matches!(
+            rig.daemon.nothing_to_shape(),
+            Some(crate::daemon::startup::StartError::NothingToShape { .. })
+        ),
+        "the only interface refused: nothing to shape"
+    );
     assert_eq!(
         ops,
         [Op::DeleteIngress { dev: "eth0".into() }],

@@ -506,7 +506,7 @@ fn plan_prints_what_a_dry_run_would_apply() {
     args.extend(flags);
     let daemon = DaemonProcess::start(&pair.a, dir.path(), &args);
     daemon.wait_for(10, "a dry run", |s| {
-        s["interfaces"][0]["state"] == "dry run"
+        s["interfaces"][0]["state"] == "dry-run"
     });
     let logged = daemon.log_text();
     let would = logged

@@ -15,4 +15,5 @@ mod policy;
 mod probe;
 mod scan;
 mod shape;
+mod startup;
 mod trust;
