@@ -64,25 +64,36 @@ pub fn parse_at(text: &str) -> anyhow::Result<jiff::Zoned> {
         .with_context(|| format!("--at {text:?} does not exist in the local time zone"))
 }
 
+/// What a one-off cycle is run with besides the policy and the connections.
+#[derive(Default)]
+pub struct OnceInputs {
+    /// The link capacity (`uplink`/`downlink`).
+    pub link: Capacity,
+    /// `--rate` and `--connection-rate`.
+    pub rates: Rates,
+    /// `ctx.interface`.
+    pub interface: Option<String>,
+}
+
 /// One cycle of `engine` over the recorded connections of `snapshot`, through the daemon's
-/// cycle (no accounting, no rates, nothing installed): the decisions are in its flow table.
+/// cycle (no accounting, nothing installed): the decisions are in its flow table.
 pub fn run_once(
     engine: Engine,
     snapshot: Snapshot,
     now: jiff::Zoned,
     usage: Arc<dyn UsageView>,
-    interface: Option<String>,
+    inputs: OnceInputs,
 ) -> (Cycle, Outcome) {
-    let mut cycle = Cycle::new(engine, Capacity::default(), Path::new("/proc"));
+    let mut cycle = Cycle::new(engine, inputs.link, Path::new("/proc"));
     let outcome = cycle.run(
         Sockets::Recorded(snapshot),
         Inputs {
             now,
-            interface,
+            interface: inputs.interface,
             usage,
             accounting: None,
             links: &[],
-            rates: Rates::default(),
+            rates: inputs.rates,
         },
         &mut Timings::default(),
     );
@@ -156,10 +167,9 @@ fn load(script: &Path, strict_permissions: bool) -> Result<Engine, PolicyError> 
 }
 
 pub fn check(cli: &super::Cli, args: &CheckArgs) -> anyhow::Result<ExitCode> {
-    let script = match &args.script {
-        Some(s) => s.clone(),
-        None => cli.effective_config(&super::ConfigArgs::default())?.script,
-    };
+    // The configuration `run` would use: its capacity decides whether priorities can act.
+    let config = cli.effective_config(&super::ConfigArgs::default())?;
+    let script = args.script.clone().unwrap_or_else(|| config.script.clone());
     let strict = super::daemon::strict_permissions(args.allow_insecure_script);
     let engine = match load(&script, strict) {
         Ok(e) => e,
@@ -173,7 +183,17 @@ pub fn check(cli: &super::Cli, args: &CheckArgs) -> anyhow::Result<ExitCode> {
         sample_snapshot(),
         jiff::Zoned::now(),
         Arc::new(StaticUsage::default()),
-        None,
+        OnceInputs {
+            link: Capacity {
+                up: config.uplink,
+                down: config.downlink,
+            },
+            rates: Rates {
+                rate: config.rate,
+                connection_rate: config.connection_rate,
+            },
+            interface: None,
+        },
     );
     let name = script.display();
     println!("{name}: classes {}", describe_classes(&outcome));
@@ -194,6 +214,9 @@ pub fn check(cli: &super::Cli, args: &CheckArgs) -> anyhow::Result<ExitCode> {
             "note: no sample connection went to {} (fine if they are meant for other traffic)",
             unused.join(", ")
         );
+    }
+    if let Some(w) = cycle.capacity_warning() {
+        eprintln!("warning: {w}");
     }
     let errors = cycle.engine().errors();
     if errors.is_empty() {
@@ -251,7 +274,16 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<ExitCode> {
     };
     let engine = load(&args.script, false)?;
     let at = now.strftime("%Y-%m-%d %H:%M %Z").to_string();
-    let (cycle, outcome) = run_once(engine, snapshot, now, usage, args.interface.clone());
+    let (cycle, outcome) = run_once(
+        engine,
+        snapshot,
+        now,
+        usage,
+        OnceInputs {
+            interface: args.interface.clone(),
+            ..OnceInputs::default()
+        },
+    );
     let rows = decision_rows(cycle.flows());
     let errors = cycle.engine().errors();
     if args.json {

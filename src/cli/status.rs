@@ -64,6 +64,9 @@ pub fn render(report: &StatusReport) -> String {
             not_shaping.join(", ")
         );
     }
+    for w in &report.warnings {
+        let _ = writeln!(out, "warning: {w}");
+    }
     if let Some(f) = &report.reload_error {
         let _ = writeln!(
             out,

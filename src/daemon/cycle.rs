@@ -206,6 +206,11 @@ impl Cycle {
         self.capacity
     }
 
+    /// [`capacity_warning`] for the classes and capacity of the last run.
+    pub fn capacity_warning(&self) -> Option<String> {
+        capacity_warning(self.engine.classes(), self.capacity)
+    }
+
     /// Runs lookup → policy → account for `sockets` and updates the flow table. Stage times go
     /// to `timings`.
     pub fn run(&mut self, sockets: Sockets, input: Inputs<'_>, timings: &mut Timings) -> Outcome {
@@ -502,6 +507,47 @@ fn class_ceilings(classes: &ClassSet) -> Vec<(&str, RatePair)> {
         .filter(|d| d.each == Each::Class)
         .map(|d| (&*d.name, d.ceil))
         .collect()
+}
+
+/// Why the policy's priorities (or guaranteed rates) would do nothing: they only act when a
+/// queue forms in shaper's classes, which needs the link class capped a little below the line's
+/// real rate. Without `uplink`/`downlink` (or `--rate`) the link class is 100 Gbit/s, the queue
+/// forms in the modem instead, and every class is served as if it had the same priority.
+/// `None` when the policy uses neither, or the capacity is set in each direction.
+pub fn capacity_warning(classes: &ClassSet, capacity: Capacity) -> Option<String> {
+    let prios: std::collections::BTreeSet<u8> = classes.classes.values().map(|c| c.prio).collect();
+    let guaranteed: Vec<&str> = classes
+        .classes
+        .values()
+        .filter(|c| c.rate != RatePair::default())
+        .map(|c| &*c.name)
+        .collect();
+    let uses = match (prios.len() > 1, guaranteed.is_empty()) {
+        (false, true) => return None,
+        (true, true) => "priorities".to_string(),
+        (false, false) => format!("guaranteed rates ({})", guaranteed.join(", ")),
+        (true, false) => format!(
+            "priorities and guaranteed rates ({})",
+            guaranteed.join(", ")
+        ),
+    };
+    let unset: Vec<&str> = [("uplink", capacity.up), ("downlink", capacity.down)]
+        .into_iter()
+        .filter(|(_, rate)| rate.is_none())
+        .map(|(key, _)| key)
+        .collect();
+    if unset.is_empty() {
+        return None;
+    }
+    let keys = unset.join(" and ");
+    Some(format!(
+        "the policy uses {uses} but {keys} {} not set, so they have no effect: the link \
+         class is then 100 Gbit/s and the queue forms in the modem, not in shaper's classes. Set \
+         {keys} in /etc/shaper/shaper.ron (or --{}) a little below the line's real rate, e.g. \
+         90 % of a speed test",
+        if unset.len() == 1 { "is" } else { "are" },
+        unset.join("/--")
+    ))
 }
 
 fn min_rate(a: Option<Rate>, b: Option<Rate>) -> Option<Rate> {

@@ -235,6 +235,12 @@ impl Daemon {
         self.cycle.engine()
     }
 
+    /// Why the policy's priorities would have no effect, if they would not (see
+    /// [`cycle::capacity_warning`]).
+    pub fn capacity_warning(&self) -> Option<String> {
+        self.cycle.capacity_warning()
+    }
+
     /// Cycles run so far.
     pub fn cycles(&self) -> u64 {
         self.cycles
@@ -482,7 +488,12 @@ impl Daemon {
         // Remember what was on disk either way, so a broken edit is reported once.
         self.script_mtimes = watched_files(self.cycle.engine());
         match &result {
-            Ok(()) => tracing::info!("policy reloaded from {}", self.config.script.display()),
+            Ok(()) => {
+                tracing::info!("policy reloaded from {}", self.config.script.display());
+                if let Some(w) = self.capacity_warning() {
+                    tracing::warn!("{w}");
+                }
+            }
             Err(e) => tracing::error!("reload failed, the previous policy stays in force: {e}"),
         }
         self.reload_error = result.as_ref().err().map(Failure::now);

@@ -200,6 +200,9 @@ pub fn run(mut config: Config, options: RunOptions) -> anyhow::Result<ExitCode> 
                 let _ = ready_tx.send(Err(e.into()));
                 return;
             }
+            if let Some(w) = daemon.capacity_warning() {
+                tracing::warn!("{w}");
+            }
             let _ = ready_tx.send(Ok(()));
             notify(&[sd_notify::NotifyState::Status(&daemon.summary())]);
             cycle_loop(&mut daemon, interval, &inbox);

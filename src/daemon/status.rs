@@ -90,6 +90,10 @@ pub struct StatusReport {
     pub processes: Vec<ProcessStatus>,
     pub connections: Option<Vec<ConnectionStatus>>,
     pub errors: Vec<ErrorEntry>,
+    /// Configuration that makes the policy do less than it says (priorities without a link
+    /// capacity).
+    #[serde(default)]
+    pub warnings: Vec<String>,
     /// The last failed reload (cleared by a successful one): the old policy is still running.
     #[serde(default)]
     pub reload_error: Option<Failure>,
@@ -199,6 +203,7 @@ impl StatusReport {
             processes,
             connections: all.then_some(connections),
             errors: daemon.engine().errors().entries().to_vec(),
+            warnings: daemon.cycle.capacity_warning().into_iter().collect(),
             reload_error: daemon.reload_error.clone(),
             usage_save_error: daemon.usage_save_error.clone(),
         }

@@ -374,3 +374,48 @@ fn a_dangling_redirect_goes_even_where_a_foreign_root_is_refused() {
     assert_eq!(installed.ingress, Slot::Free);
     assert_eq!(installed.upload, Slot::Foreign("htb 1:".into()));
 }
+
+#[test]
+fn priorities_without_a_capacity_are_warned_about_per_direction() {
+    use crate::policy::{ClassDef, ClassSet};
+    use crate::shape::Capacity;
+    let mut classes = ClassSet::default();
+    let none = Capacity::default();
+    assert_eq!(
+        super::cycle::capacity_warning(&classes, none),
+        None,
+        "one class"
+    );
+    let bulk = ClassDef {
+        name: "bulk".into(),
+        prio: 7,
+        ..ClassDef::default_class()
+    };
+    classes.classes.insert(bulk.name.clone(), bulk);
+    let w = super::cycle::capacity_warning(&classes, none).unwrap();
+    assert!(
+        w.contains("uses priorities but uplink and downlink are not set"),
+        "{w}"
+    );
+    let up = Capacity {
+        up: Some("18mbit".parse().unwrap()),
+        down: None,
+    };
+    let w = super::cycle::capacity_warning(&classes, up).unwrap();
+    assert!(w.contains("but downlink is not set"), "{w}");
+    let both = Capacity {
+        down: Some("90mbit".parse().unwrap()),
+        ..up
+    };
+    assert_eq!(super::cycle::capacity_warning(&classes, both), None);
+    // A guaranteed rate is a priority of another kind.
+    let mut classes = ClassSet::default();
+    let voip = ClassDef {
+        name: "voip".into(),
+        rate: "1mbit".parse().unwrap(),
+        ..ClassDef::default_class()
+    };
+    classes.classes.insert(voip.name.clone(), voip);
+    let w = super::cycle::capacity_warning(&classes, up).unwrap();
+    assert!(w.contains("guaranteed rates (voip)"), "{w}");
+}

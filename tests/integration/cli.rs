@@ -112,6 +112,59 @@ fn check_reports_problems_with_exit_status() {
 }
 
 #[test]
+fn check_warns_when_priorities_have_no_link_capacity_to_act_on() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let policy = format!("{root}/lua/default-policy.lua");
+    let check = |config: &str| {
+        let (_dir, path) = temp_file("shaper.ron", config);
+        output(
+            shaper()
+                .arg("--config")
+                .arg(&path)
+                .arg("check")
+                .arg(&policy),
+        )
+    };
+    let out = check("()");
+    assert!(out.status.success(), "a warning, not a failure: {out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning: the policy uses priorities but uplink and downlink are not set")
+            && err.contains("a little below the line's real rate"),
+        "{err}"
+    );
+    let out = check("(uplink: \"18mbit\")");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("but downlink is not set") && err.contains("--downlink"),
+        "{err}"
+    );
+    // --rate caps the link class too.
+    let out = check("(uplink: \"18mbit\", rate: \"unlimited:90mbit\")");
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("warning"),
+        "{out:?}"
+    );
+    // A policy of ceilings only needs no capacity.
+    let (_dir, ceilings) = temp_file(
+        "policy.lua",
+        "classes = { slow = { ceil = \"1mbit\" } }\nfunction classify(conn) return \"slow\" end\n",
+    );
+    let (_cdir, config) = temp_file("shaper.ron", "()");
+    let out = output(
+        shaper()
+            .arg("--config")
+            .arg(&config)
+            .arg("check")
+            .arg(&ceilings),
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("warning"),
+        "{out:?}"
+    );
+}
+
+#[test]
 fn as_root_a_script_others_can_write_is_refused() {
     use std::os::unix::fs::PermissionsExt;
     let (_dir, script) = temp_file("policy.lua", "function classify(conn) return nil end\n");

@@ -497,7 +497,12 @@ fn plan_prints_what_a_dry_run_would_apply() {
         "{}",
         String::from_utf8_lossy(&plan.stderr)
     );
-    let planned = operations(&String::from_utf8_lossy(&plan.stdout));
+    let text = String::from_utf8_lossy(&plan.stdout).into_owned();
+    assert!(
+        text.contains("made from this command's configuration") && text.contains("no daemon runs"),
+        "{text}"
+    );
+    let planned = operations(&text);
     assert!(
         planned.iter().any(|l| l.contains("ceil 1mbit")),
         "the connection's own leaf: {planned:#?}"
@@ -515,6 +520,19 @@ fn plan_prints_what_a_dry_run_would_apply() {
         .1;
     assert_eq!(operations(would), planned, "log:\n{logged}");
     assert!(classes(&pair.a).is_empty(), "a dry run installs nothing");
+    // With a daemon running, the plan says it is not made from that daemon's configuration.
+    let again = pair
+        .a
+        .command(env!("CARGO_BIN_EXE_shaper"))
+        .args(["plan", "-i", "veth0", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .arg("--runtime-dir")
+        .arg(dir.path().join("run"))
+        .args(flags)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&again.stdout);
+    assert!(text.contains("not the running daemon's (pid"), "{text}");
 }
 
 /// The daemon's thread count and resident memory (KiB), from /proc.

@@ -8,8 +8,9 @@ use std::process::Stdio;
 use crate::support::daemon::DaemonProcess;
 use crate::support::netns::{Netns, NetnsPair};
 
-/// A policy with a ceiling, so `status` has a class whose ceiling is (or is not) in force.
-const POLICY: &str = "classes = { slow = { ceil = \"3mbit\" } }\n\
+/// A policy with a ceiling, so `status` has a class whose ceiling is (or is not) in force, and
+/// priorities, which need a link capacity to act on.
+const POLICY: &str = "classes = { slow = { ceil = \"3mbit\", prio = 6 } }\n\
                       function classify(conn) return \"slow\" end\n";
 
 fn policy(dir: &std::path::Path) -> String {
@@ -106,9 +107,16 @@ fn a_mistyped_interface_is_waited_for_naming_the_interfaces_that_exist() {
         status["classes"][0]["in_force"], false,
         "not installed on eht0: {status:#}"
     );
+    let warnings = status["warnings"].to_string();
+    assert!(
+        warnings.contains("priorities but uplink and downlink are not set"),
+        "{status:#}"
+    );
+    assert!(log.contains("uplink and downlink are not set"), "{log}");
     let text = String::from_utf8_lossy(&daemon.control(&["status"]).stdout).into_owned();
     assert!(
-        text.contains("interface eht0: waiting")
+        text.contains("warning: the policy uses priorities")
+            && text.contains("interface eht0: waiting")
             && text.contains("3mbit (not in force)")
             && text.contains("not in force (eht0 is waiting)"),
         "{text}"
