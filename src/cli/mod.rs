@@ -258,11 +258,12 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Check(args) => {
             // Problems are printed as the result; the daemon-style warnings would repeat them.
-            logging::init(cli.verbose, cli.quiet, Some("error"));
+            // The script's own `print` is part of the result.
+            logging::init(cli.verbose, cli.quiet, Some(&policy::quiet_filter()));
             policy::check(cli, args)
         }
         Command::Simulate(args) => {
-            logging::init(cli.verbose, cli.quiet, Some("error"));
+            logging::init(cli.verbose, cli.quiet, Some(&policy::quiet_filter()));
             policy::simulate(args)
         }
         Command::Plan(args) => {

@@ -165,6 +165,64 @@ fn check_warns_when_priorities_have_no_link_capacity_to_act_on() {
 }
 
 #[test]
+fn check_and_simulate_show_print_and_take_at_and_usage() {
+    let (dir, script) = temp_file(
+        "policy.lua",
+        "classes = { slow = { ceil = \"1mbit\" } }\n\
+         function classify(conn, ctx)\n\
+         \x20 local used = ctx.usage(\"month\").total\n\
+         \x20 print(\"wday\", ctx.time.wday, \"used\", used)\n\
+         \x20 if ctx.time.wday == 7 and used > 1e9 then return \"slow\" end\n\
+         end\n",
+    );
+    let usage = dir.path().join("usage.ron");
+    std::fs::write(&usage, "(usage: { month: { \"link\": (down: \"2GB\") } })").unwrap();
+    let snapshot = dir.path().join("sample.ron");
+    std::fs::write(&snapshot, shaper::cli::policy::sample_snapshot().to_ron()).unwrap();
+    let config = dir.path().join("shaper.ron");
+    std::fs::write(&config, "()").unwrap();
+    // A Saturday (wday 7) with 2 GB used: every connection is slowed.
+    let run = |command: &str, at: &str| {
+        let mut cmd = shaper();
+        cmd.arg("--config").arg(&config).arg(command).arg(&script);
+        if command == "simulate" {
+            cmd.arg("--snapshot").arg(&snapshot);
+        }
+        cmd.args(["--at", at, "--usage"])
+            .arg(&usage)
+            .env("TZ", "UTC");
+        let out = output(&mut cmd);
+        assert!(out.status.success(), "{command}: {out:?}");
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for command in ["check", "simulate"] {
+        let (stdout, stderr) = run(command, "Sat 23:00");
+        assert!(
+            stderr.contains("policy.lua: wday\t7\tused\t2000000000"),
+            "{command}: print is shown without -v: {stderr}"
+        );
+        assert!(stdout.contains("Sat "), "{command}: {stdout}");
+        // The class is the next-to-last column.
+        let rows = |text: &str, class: &str| {
+            text.lines()
+                .filter(|l| l.split_whitespace().rev().nth(1) == Some(class))
+                .count()
+        };
+        assert_eq!(
+            rows(&stdout, "slow"),
+            shaper::cli::policy::sample_snapshot().connections.len(),
+            "{command}: {stdout}"
+        );
+        // A Monday: nothing slowed.
+        let (stdout, _) = run(command, "2026-11-23 10:00");
+        assert_eq!(rows(&stdout, "slow"), 0, "{command}: {stdout}");
+    }
+}
+
+#[test]
 fn as_root_a_script_others_can_write_is_refused() {
     use std::os::unix::fs::PermissionsExt;
     let (_dir, script) = temp_file("policy.lua", "function classify(conn) return nil end\n");

@@ -47,7 +47,7 @@ fn cycle_after(engine: &mut Engine, at: &str, earlier: Option<&CycleOutcome>) ->
         previous: earlier.map_or_else(Vec::new, |o| {
             o.decisions.iter().cloned().map(Some).collect()
         }),
-        now: parse_at(at).unwrap(),
+        now: parse_at(at, &jiff::Zoned::now()).unwrap(),
         interface: Some("eth0".into()),
         usage: Arc::new(StaticUsage::default()),
     })
@@ -439,7 +439,7 @@ fn context_carries_time_usage_and_interface() {
         snapshot: Arc::new(sample_snapshot()),
         stats: Vec::new(),
         previous: Vec::new(),
-        now: parse_at("2026-11-28 23:30").unwrap(),
+        now: parse_at("2026-11-28 23:30", &jiff::Zoned::now()).unwrap(),
         interface: Some("eth0".into()),
         usage: Arc::new(StaticUsage::load(&usage).unwrap()),
     });
@@ -898,4 +898,37 @@ fn overrunning_policy_child() {
     std::thread::sleep(Duration::from_millis(500));
     let used = policy_cpu_ticks() - before;
     assert!(used <= 2, "{kind}: the idle VM used {used} ticks in 0.5 s");
+}
+
+#[test]
+fn at_takes_a_date_a_weekday_and_time_or_a_time() {
+    // A Wednesday noon.
+    let now: jiff::Zoned = "2026-11-25T12:00[UTC]".parse().unwrap();
+    let at = |text: &str| {
+        parse_at(text, &now)
+            .map(|z| z.strftime("%a %Y-%m-%d %H:%M").to_string())
+            .map_err(|e| e.to_string())
+    };
+    assert_eq!(at("2026-11-23 20:00").unwrap(), "Mon 2026-11-23 20:00");
+    assert_eq!(at("2026-11-23T20:00:30").unwrap(), "Mon 2026-11-23 20:00");
+    assert_eq!(
+        at("Mon 10:00").unwrap(),
+        "Mon 2026-11-30 10:00",
+        "the next Monday"
+    );
+    assert_eq!(
+        at("wed 13:00").unwrap(),
+        "Wed 2026-11-25 13:00",
+        "today, still ahead"
+    );
+    assert_eq!(
+        at("Wednesday 11:00").unwrap(),
+        "Wed 2026-12-02 11:00",
+        "today's has passed: next week's"
+    );
+    assert_eq!(at("20:00").unwrap(), "Wed 2026-11-25 20:00", "today");
+    for bad in ["Funday 10:00", "Mon 25:00", "tomorrow", "2026-13-01 10:00"] {
+        let e = at(bad).unwrap_err();
+        assert!(e.contains("\"Mon 10:00\""), "{bad}: {e}");
+    }
 }
