@@ -32,6 +32,7 @@
 ---@field gid integer
 ---@field cgroup string|nil       # cgroup v2 path, e.g. "/system.slice/nginx.service"
 ---@field unit string|nil         # systemd unit, e.g. "nginx.service", "app-firefox-1234.scope"
+---@field start_time integer     # start time in clock ticks since boot; with pid, identifies the process
 ---@field parent Process|nil
 ---@field ancestors Process[]     # parent first, up to init
 local Process = {}
@@ -71,6 +72,8 @@ function Process:descends_from(name_or_pid) end
 ---@field now integer        # Unix time of the cycle
 ---@field time Time          # local time of the cycle
 ---@field interface string|nil
+---@field rate {up: integer|nil, down: integer|nil}|nil             # --rate (or its file), bit/s; nil = none
+---@field connection_rate {up: integer|nil, down: integer|nil}|nil  # --connection-rate (or its file)
 local Ctx = {}
 
 --- Bytes moved in the current period ("hour", "day", "week", "month") by `key`:
