@@ -101,6 +101,7 @@ function Ctx.rate_file(path, default) end
 ---@field ceil Limit|nil                    # maximum rate
 ---@field each "class"|"process"|"connection"|nil  # what rate/ceil apply to; default "class"
 ---@field description string|nil
+---@field block boolean|nil                 # true: drop every packet of the class's connections
 
 --- The classes: a table, or a function of ctx returning one. `default` always exists.
 ---@type table<string, ClassDef>|fun(ctx: Ctx): table<string, ClassDef>

@@ -332,6 +332,9 @@ fn describe_classes(outcome: &Outcome) -> String {
             if c.each != crate::policy::Each::Class {
                 parts.push(format!("each {}", c.each.as_str()));
             }
+            if c.block {
+                parts.push("blocked".to_string());
+            }
             format!("{} ({})", c.name, parts.join(", "))
         })
         .collect::<Vec<_>>()

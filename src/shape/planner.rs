@@ -256,6 +256,9 @@ pub struct Desired {
 pub struct Target {
     pub leaf: u16,
     pub process: u16,
+    /// The connection's class blocks it: `leaf` is the class's [`BLOCK_LEAF`], which drops
+    /// every packet (a classifier that can drop earlier, as a cgroup program returning 0, may).
+    pub blocked: bool,
 }
 
 /// A connection's [`Target`] on the interface (upload) and on its IFB (download).
@@ -310,6 +313,10 @@ pub fn htb_class(parent: u16, rate: u64, ceil: u64, prio: u8, label: String) -> 
         label,
     }
 }
+
+/// The leaf of a blocked class: a FIFO that holds no packet, so every packet enqueued is
+/// dropped (this needs no `gact` action module, which not every kernel has).
+pub const BLOCK_LEAF: Leaf = Leaf::Pfifo { limit: 0 };
 
 /// The leaf qdisc for a class: fq_codel where the kernel has it, else a FIFO holding about a
 /// quarter second at the class's ceiling (a long FIFO at a low rate is seconds of delay).
@@ -458,8 +465,12 @@ fn plan_direction(
                 format!("{name}/shared"),
             ),
         );
-        tree.leaves
-            .insert(shared, leaf_for(input.features, class_ceil));
+        let leaf = if def.block {
+            BLOCK_LEAF
+        } else {
+            leaf_for(input.features, class_ceil)
+        };
+        tree.leaves.insert(shared, leaf);
         class_minors.insert(name, (inner, shared));
     }
     let default = input.classes.default_name();
@@ -475,7 +486,8 @@ fn plan_direction(
         let key = conn.socket.key();
         let guaranteed = dir_rate(&def.rate, dir).unwrap_or(share).min(link);
         let member_ceil = dir_rate(&def.ceil, dir).unwrap_or(link).min(link);
-        let own_limit = dir_rate(&decision.limit, dir);
+        // A blocked class's connections all go to its dropping leaf, whatever their limit.
+        let own_limit = dir_rate(&decision.limit, dir).filter(|_| !def.block);
         let mut target = shared;
         match def.each {
             Each::Process => {
@@ -525,7 +537,14 @@ fn plan_direction(
         let side = targets.entry(key).or_default();
         let chosen = Some(Target {
             leaf: target,
-            process: process_target,
+            // The owner's next connections start unshaped, not blocked, until decided: one
+            // blocked connection must not drop the first packets of its process's others.
+            process: if def.block {
+                tree.default_minor
+            } else {
+                process_target
+            },
+            blocked: def.block,
         });
         match dir {
             Direction::Upload => side.up = chosen,

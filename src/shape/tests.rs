@@ -44,6 +44,7 @@ fn classes(bulk_ceil: &str, each: Each) -> ClassSet {
         ceil: bulk_ceil.parse().unwrap(),
         each,
         description: None,
+        block: false,
     };
     set.classes.insert(bulk.name.clone(), bulk);
     set

@@ -4,6 +4,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod block;
 mod bpf;
 mod cli;
 mod control;
