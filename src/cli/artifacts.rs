@@ -65,7 +65,17 @@ const MAIN_PAGE_SECTIONS: &[(&str, &[(&str, &str)])] = &[
             (
                 "JOURNAL_STREAM",
                 "Set by systemd when standard error goes to the journal: shaper then logs to \
-                 journald.",
+                 journald (or to standard error without timestamps, which the journal adds).",
+            ),
+            (
+                "NO_COLOR",
+                "When set to anything but the empty string, no colours in the log. Without it, \
+                 colours are used only when standard error is a terminal.",
+            ),
+            (
+                "TZ",
+                "The time zone of log timestamps (local time with its UTC offset), of `--at` and \
+                 of the policy's `ctx.time`.",
             ),
             (
                 "NOTIFY_SOCKET",

@@ -223,6 +223,51 @@ fn check_and_simulate_show_print_and_take_at_and_usage() {
 }
 
 #[test]
+fn log_lines_carry_local_time_with_offset_and_no_colour_off_a_terminal() {
+    let (dir, script) = temp_file(
+        "policy.lua",
+        "function classify(conn) print(\"hello\") end\n",
+    );
+    let config = dir.path().join("shaper.ron");
+    std::fs::write(&config, "()").unwrap();
+    let log = |env: &[(&str, &str)]| {
+        let mut cmd = shaper();
+        cmd.arg("--config").arg(&config).arg("check").arg(&script);
+        cmd.env_remove("JOURNAL_STREAM").env_remove("NO_COLOR");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = output(&mut cmd);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        stderr
+            .lines()
+            .find(|l| l.contains("policy.lua: hello"))
+            .unwrap_or_else(|| panic!("no print line: {stderr}"))
+            .to_string()
+    };
+    let line = log(&[("TZ", "Asia/Kolkata")]);
+    assert!(!line.contains('\x1b'), "no colour in a pipe: {line:?}");
+    let stamp = line.split_whitespace().next().unwrap();
+    assert!(
+        stamp.len() == "2026-11-23T19:20:05.123+05:30".len() && stamp.ends_with("+05:30"),
+        "local time with its offset: {line:?}"
+    );
+    assert!(
+        stamp.parse::<jiff::Timestamp>().is_ok(),
+        "an RFC 3339 time: {stamp}"
+    );
+    // Under systemd the journal stamps lines; where no journald listens (as here, normally), the
+    // lines still go to stderr, without a time.
+    if !std::path::Path::new("/run/systemd/journal/socket").exists() {
+        let line = log(&[("JOURNAL_STREAM", "8:1234")]);
+        assert!(
+            line.trim_start().starts_with("INFO"),
+            "no timestamp: {line:?}"
+        );
+    }
+}
+
+#[test]
 fn as_root_a_script_others_can_write_is_refused() {
     use std::os::unix::fs::PermissionsExt;
     let (_dir, script) = temp_file("policy.lua", "function classify(conn) return nil end\n");
