@@ -173,3 +173,76 @@ fn a_blocked_connection_gets_nothing_through_and_its_neighbour_still_works() {
         "retransmitted once unblocked"
     );
 }
+
+/// What arrives on the next connection to `listener` within `wait` (0 if none is accepted).
+fn first_connection_bytes(listener: &TcpListener, wait: Duration) -> usize {
+    listener.set_nonblocking(true).unwrap();
+    let deadline = std::time::Instant::now() + wait;
+    while std::time::Instant::now() < deadline {
+        if let Ok((mut stream, _)) = listener.accept() {
+            stream.set_nonblocking(false).unwrap();
+            return received(
+                &mut stream,
+                deadline.saturating_duration_since(std::time::Instant::now()),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    0
+}
+
+#[test]
+fn with_bpf_a_blocked_connection_gets_nothing_through_and_its_neighbour_still_works() {
+    let pair = NetnsPair::new();
+    let cgroup = crate::support::cgroup::TestCgroup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let listen = || {
+        pair.b
+            .run(|| TcpListener::bind((NetnsPair::B_V4, 0)).unwrap())
+    };
+    let (blocked, open) = (listen(), listen());
+    let port = |l: &TcpListener| l.local_addr().unwrap().port();
+    let script = dir.path().join("policy.lua");
+    std::fs::write(
+        &script,
+        format!(
+            "classes = {{ blocked = {{ block = true }} }}\n\
+             function classify(conn)\n\
+             \x20 if conn.remote_port == {} then return \"blocked\" end\n\
+             end\n",
+            port(&blocked)
+        ),
+    )
+    .unwrap();
+    let daemon = DaemonProcess::start_bpf(
+        &pair.a,
+        dir.path(),
+        &cgroup,
+        &["--script", script.to_str().unwrap()],
+    );
+    daemon.wait_for(10, "shaping", |s| s["interfaces"][0]["state"] == "shaping");
+    // One process, two connections, each written to after the fast path has had time to
+    // decide it (a connection's first packets go to default until then).
+    let b = NetnsPair::B_V4;
+    let mut cmd = pair.a.command("bash");
+    cmd.arg("-c").arg(format!(
+        "exec 3<>/dev/tcp/{b}/{}; exec 4<>/dev/tcp/{b}/{}; sleep 0.5; \
+         printf blocked >&3; printf open >&4; sleep 4",
+        port(&blocked),
+        port(&open)
+    ));
+    let procs = cgroup.enter(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    drop(procs);
+    let open_bytes = first_connection_bytes(&open, Duration::from_secs(3));
+    let blocked_bytes = first_connection_bytes(&blocked, Duration::from_millis(1500));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        open_bytes,
+        4,
+        "the other connection works: {}",
+        daemon.log_text()
+    );
+    assert_eq!(blocked_bytes, 0, "the blocked one gets nothing through");
+}
