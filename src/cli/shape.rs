@@ -151,7 +151,7 @@ fn daemon_note(runtime_dir: &Path, cycle: &Cycle) -> String {
             running.pid, running.policy
         ),
         None => format!(
-            "made from this command's configuration (policy {policy}); no daemon runs with \
+            "made from this command's configuration (policy {policy}); no daemon answers on \
              runtime dir {}",
             runtime_dir.display()
         ),

@@ -499,7 +499,8 @@ fn plan_prints_what_a_dry_run_would_apply() {
     );
     let text = String::from_utf8_lossy(&plan.stdout).into_owned();
     assert!(
-        text.contains("made from this command's configuration") && text.contains("no daemon runs"),
+        text.contains("made from this command's configuration")
+            && text.contains("no daemon answers"),
         "{text}"
     );
     let planned = operations(&text);
