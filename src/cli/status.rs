@@ -104,10 +104,11 @@ pub fn render(report: &StatusReport) -> String {
             [
                 c.name.clone(),
                 c.prio.to_string(),
-                if c.in_force {
-                    c.ceil.clone()
-                } else {
-                    format!("{} (not in force)", c.ceil)
+                match (c.blocked, c.in_force) {
+                    (true, true) => "blocked".to_string(),
+                    (true, false) => "blocked (not in force)".to_string(),
+                    (false, true) => c.ceil.clone(),
+                    (false, false) => format!("{} (not in force)", c.ceil),
                 },
                 c.connections.to_string(),
                 rate(c.rate_up),

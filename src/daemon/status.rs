@@ -37,6 +37,9 @@ pub struct ClassStatus {
     /// while an interface is waiting, refused or failing.
     #[serde(default)]
     pub in_force: bool,
+    /// The class drops its connections' packets (`block = true`).
+    #[serde(default)]
+    pub blocked: bool,
     pub each: String,
     pub connections: u64,
     pub rate_up: f64,
@@ -133,6 +136,7 @@ impl StatusReport {
                     prio: c.prio,
                     ceil: c.ceil.to_string(),
                     in_force,
+                    blocked: c.block,
                     each: c.each.as_str().to_string(),
                     connections: figures.connections,
                     rate_up: figures.rate_up,

@@ -165,6 +165,12 @@ fn a_blocked_connection_gets_nothing_through_and_its_neighbour_still_works() {
         qdiscs.contains("pfifo") && qdiscs.contains("limit 0p"),
         "{qdiscs}"
     );
+    let text = String::from_utf8_lossy(&daemon.control(&["status"]).stdout).into_owned();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("blocked ") && l.contains(" blocked ")),
+        "status shows the class as blocked: {text}"
+    );
     // Stopped, shaper's leaf goes and the blocked connection flows again.
     drop(daemon);
     assert_eq!(
