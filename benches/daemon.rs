@@ -3,6 +3,10 @@
 //! a policy giving every connection a limit of its own (a class, a queue and a filter per
 //! connection and direction: the heaviest tree shaper builds).
 //!
+//! Each is measured with the u32 classifier (a filter per classified connection) and again
+//! with the BPF classifier attached to a cgroup the bench creates (no per-connection filter; the
+//! classifier's maps written after each apply).
+//!
 //! `cargo bench --bench daemon [-- CONNECTIONS]` prints, over 15 steady cycles, the CPU time per
 //! cycle (user + system, from /proc), each stage's median wall time and share, and the peak RSS
 //! (target: at most 30 MB at 10,000 connections).
@@ -13,6 +17,7 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use support::cgroup::TestCgroup;
 use support::crowd::{self, Crowd};
 use support::daemon::{DaemonProcess, cpu_ticks};
 use support::netns::NetnsPair;
@@ -34,13 +39,15 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn measure(pair: &NetnsPair, n: usize, name: &str, script: &Path) {
+/// One daemon's steady cycles; with `bpf`, on the BPF classifier attached to that cgroup.
+fn measure(pair: &NetnsPair, n: usize, name: &str, script: &Path, bpf: Option<&TestCgroup>) {
     let dir = tempfile::tempdir().unwrap();
-    let mut daemon = DaemonProcess::start(
-        &pair.a,
-        dir.path(),
-        &["--script", script.to_str().unwrap(), "--interval", "1s"],
-    );
+    let args = ["--script", script.to_str().unwrap(), "--interval", "1s"];
+    let mut daemon = match bpf {
+        Some(cgroup) => DaemonProcess::start_bpf(&pair.a, dir.path(), cgroup, &args),
+        None => DaemonProcess::start(&pair.a, dir.path(), &args),
+    };
+    let name = format!("{name}, {}", if bpf.is_some() { "bpf" } else { "u32" });
     let pid = daemon.child.as_ref().unwrap().id();
     let started = Instant::now();
     daemon.wait_for(120, "warm", |s| s["cycles"].as_u64().unwrap_or(0) >= 3);
@@ -75,7 +82,7 @@ fn measure(pair: &NetnsPair, n: usize, name: &str, script: &Path) {
         .collect();
     shares.insert(0, format!("total {total:.1} ms"));
     println!(
-        "  {n:>6} connections, {name:<22} CPU {cpu_ms:>6.1} ms/cycle, peak RSS {:>5.1} MiB, first 3 cycles {:.1} s",
+        "  {n:>6} connections, {name:<27} CPU {cpu_ms:>6.1} ms/cycle, peak RSS {:>5.1} MiB, first 3 cycles {:.1} s",
         peak_rss_mib(pid),
         first.as_secs_f64()
     );
@@ -102,15 +109,14 @@ fn main() {
     println!(
         "daemon benchmark: shaper run (1 s cycle) in a namespace, {CYCLES} steady cycles each"
     );
+    let cgroup = TestCgroup::new();
     for n in counts {
         let pair = NetnsPair::new();
         let _crowd = Crowd::open(&pair, n);
-        measure(
-            &pair,
-            n,
-            "priorities.lua",
-            &root.join("examples/priorities.lua"),
-        );
-        measure(&pair, n, "a limit per connection", &each);
+        let priorities = root.join("examples/priorities.lua");
+        for bpf in [None, Some(&cgroup)] {
+            measure(&pair, n, "priorities.lua", &priorities, bpf);
+            measure(&pair, n, "a limit per connection", &each, bpf);
+        }
     }
 }

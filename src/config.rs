@@ -80,6 +80,10 @@ pub struct Config {
     /// The cgroup v2 directory the BPF classifier is attached to: sockets of processes in it (and
     /// below it) are classified from their first packet. Unset = the cgroup v2 mount's root.
     pub cgroup: Option<PathBuf>,
+    /// A group whose members may read `shaper status` and `shaper top` without root: the
+    /// control socket is then mode 0660 with this group. `reload` and `stop` stay root's.
+    /// Unset = the socket is root's alone (0600).
+    pub status_group: Option<String>,
 }
 
 /// How connections reach their HTB class (config `classifier`, flag `--classifier`).
@@ -114,6 +118,7 @@ impl Default for Config {
             log_level: "info".to_string(),
             classifier: ClassifierChoice::Auto,
             cgroup: None,
+            status_group: None,
         }
     }
 }
@@ -194,6 +199,11 @@ impl Config {
             if let Err(reason) = check_interface_name(name) {
                 return Err(invalid("interfaces", format!("{name:?}"), &reason));
             }
+        }
+        if let Some(group) = &self.status_group
+            && let Err(reason) = check_group_name(group)
+        {
+            return Err(invalid("status_group", format!("{group:?}"), &reason));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log_level) {
             return Err(invalid(
@@ -400,6 +410,21 @@ pub fn check_interface_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A group name as `groupadd` accepts it (what the daemon looks up at start).
+fn check_group_name(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= 32
+        && !name.starts_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if valid {
+        Ok(())
+    } else {
+        Err("use an existing group's name (letters, digits, '_', '-', '.'), e.g. \"shaper\"".into())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -507,6 +532,11 @@ mod tests {
             msg.contains("a-very-long-interface-name") && msg.contains("15"),
             "{msg}"
         );
+        let msg = parse("(status_group: \"wheel; rm\")").unwrap_err();
+        assert!(
+            msg.contains("status_group = \"wheel; rm\"") && msg.contains("existing group"),
+            "{msg}"
+        );
         let msg = parse("(log_level: \"shaper=loud\")").unwrap_err();
         assert!(
             msg.contains("log_level") && msg.contains("shaper=loud"),
@@ -574,6 +604,7 @@ mod tests {
             interfaces: vec!["eth0".into()],
             classifier: ClassifierChoice::U32,
             cgroup: Some("/sys/fs/cgroup/user.slice".into()),
+            status_group: Some("shaper".into()),
             ..Config::default()
         };
         assert_eq!(parse(&c.to_ron()).unwrap(), c);

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use aya::maps::{HashMap, MapData, MapError, RingBuf};
 use aya::programs::tc::{NlOptions, TcAttachOptions};
+use aya::programs::tc::{SchedClassifierLink, SchedClassifierLinkId, TcHandle};
 use aya::programs::{
     CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, LinkOrder, ProgramError,
     SchedClassifier, SockOps, TcAttachType,
@@ -34,6 +35,8 @@ const CGROUP2_MAGIC: i64 = 0x6367_7270;
 /// The cls_bpf filter's pref when tcx is missing (Linux < 6.6): it must come before the mirred
 /// redirect to the IFB, which therefore has to sit at a higher pref.
 pub const CLS_BPF_PREF: u16 = 1;
+/// The cls_bpf filter's handle within its pref.
+const CLS_BPF_HANDLE: TcHandle = TcHandle::new(0, 1);
 
 /// How the download program is attached to the interface's ingress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,11 +92,14 @@ unsafe impl Pod for RawCounters {}
 ///
 /// Drop it in the network namespace it was attached in: a cls_bpf download filter (kernels
 /// without tcx) is deleted over netlink by interface index. That filter is also the one thing a
-/// SIGKILL leaves behind (tc filters are not links): `shaper clear` must delete the `bpf` filter
-/// named `tc_ingress` at pref [`CLS_BPF_PREF`] on the ingress qdisc.
+/// SIGKILL leaves behind (tc filters are not links): it goes with the ingress qdisc (`shaper
+/// clear`), and [`Self::attach_cls_bpf`] replaces one a killed run left.
 pub struct BpfClassifier {
     /// Owns the programs and their links; dropping it detaches everything.
     ebpf: Ebpf,
+    interface: String,
+    /// The cls_bpf filter's link, once attached (`DownloadHook::ClsBpf` only).
+    cls_bpf: Option<SchedClassifierLinkId>,
     conn_class: HashMap<MapData, u64, RawClasses>,
     proc_class: HashMap<MapData, u32, RawClasses>,
     sock_bytes: HashMap<MapData, u64, RawCounters>,
@@ -126,14 +132,23 @@ impl BpfClassifier {
         Self::attach_with(cgroup, interface, DownloadHook::Tcx)
     }
 
-    /// [`Self::attach`], choosing the download hook: `Tcx` tries tcx, then cls_bpf; `ClsBpf`
-    /// uses cls_bpf only (what a kernel before 6.6 gets; for tests and for forcing it).
+    /// [`Self::attach`], choosing the download hook: `Tcx` tries tcx, and where the kernel has
+    /// none (Linux < 6.6) leaves the download program for [`Self::attach_cls_bpf`]; `ClsBpf`
+    /// does so at once (for tests and for forcing it).
     pub fn attach_with(
         cgroup: &Path,
         interface: &str,
         hook: DownloadHook,
     ) -> Result<BpfClassifier, BpfError> {
         let cgroup_dir = open_cgroup(cgroup)?;
+        let name = std::ffi::CString::new(interface).unwrap_or_default();
+        // SAFETY: a NUL-terminated string that outlives the call.
+        if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
+            return Err(BpfError::Interface {
+                interface: interface.into(),
+                message: "no such interface".into(),
+            });
+        }
         let mut ebpf = load_object()?;
         load_programs(&mut ebpf)?;
         // The owner recorder first, so a socket created while attaching has its owner when its
@@ -154,8 +169,13 @@ impl BpfClassifier {
                 .attach(&cgroup_dir, kind, mode)
                 .map_err(|e| program_error(name, e))?;
         }
-        let download = attach_download(program(&mut ebpf, "tc_ingress")?, interface, hook)?;
+        let download = match hook {
+            DownloadHook::Tcx => attach_tcx(program(&mut ebpf, "tc_ingress")?, interface),
+            DownloadHook::ClsBpf => DownloadHook::ClsBpf,
+        };
         Ok(BpfClassifier {
+            interface: interface.into(),
+            cls_bpf: None,
             conn_class: take_map(&mut ebpf, "conn_class")?,
             proc_class: take_map(&mut ebpf, "proc_class")?,
             sock_bytes: take_map(&mut ebpf, "sock_bytes")?,
@@ -172,6 +192,53 @@ impl BpfClassifier {
     /// How the download program is attached.
     pub fn download_hook(&self) -> DownloadHook {
         self.download
+    }
+
+    /// Whether the download program still waits for [`Self::attach_cls_bpf`].
+    pub fn download_pending(&self) -> bool {
+        self.download == DownloadHook::ClsBpf && self.cls_bpf.is_none()
+    }
+
+    /// Attaches (again) the download program as a cls_bpf filter at [`CLS_BPF_PREF`] on the
+    /// interface's ingress qdisc, which must exist: where tcx is missing, the program lives in
+    /// that qdisc and goes whenever the qdisc is deleted (a replaced redirect, a deleted IFB),
+    /// so the daemon calls this after each apply that added the ingress. A filter of this
+    /// program's name already there (ours from before, or from a killed run) is replaced. Does
+    /// nothing on tcx. Call it in the interface's network namespace.
+    pub fn attach_cls_bpf(&mut self) -> Result<(), BpfError> {
+        if self.download != DownloadHook::ClsBpf {
+            return Ok(());
+        }
+        let prog = program::<SchedClassifier>(&mut self.ebpf, "tc_ingress")?;
+        if let Some(link) = self.cls_bpf.take() {
+            // Gone with its qdisc, usually: the error says only that.
+            let _ = prog.detach(link);
+        }
+        // The filter always has the same pref and handle, so a killed run's is found there.
+        // (aya's `qdisc_detach_program`, by name, gives up on the u32 redirect's options.) A
+        // link to it deletes it as it is detached; none is the usual case.
+        if let Ok(stale) = SchedClassifierLink::attached(
+            &self.interface,
+            TcAttachType::Ingress,
+            CLS_BPF_PREF,
+            CLS_BPF_HANDLE,
+            None,
+        ) {
+            let _ = aya::programs::Link::detach(stale);
+        }
+        let netlink = TcAttachOptions::Netlink(NlOptions {
+            priority: CLS_BPF_PREF,
+            handle: CLS_BPF_HANDLE,
+            ..NlOptions::default()
+        });
+        let link = prog
+            .attach_with_options(&self.interface, TcAttachType::Ingress, netlink)
+            .map_err(|e| BpfError::Interface {
+                interface: self.interface.clone(),
+                message: format!("cls_bpf on the ingress qdisc: {e}"),
+            })?;
+        self.cls_bpf = Some(link);
+        Ok(())
     }
 
     /// The kernel's ids of our programs (as `bpftool prog` lists them): for status, and for
@@ -398,33 +465,19 @@ fn take_map<K: Pod, V: Pod>(
     HashMap::try_from(map).map_err(|e| map_error(name, e))
 }
 
-/// tcx first (Linux ≥ 6.6) unless `hook` says cls_bpf; else a cls_bpf filter on the ingress
-/// qdisc (which must exist) at [`CLS_BPF_PREF`].
-fn attach_download(
-    prog: &mut SchedClassifier,
-    interface: &str,
-    hook: DownloadHook,
-) -> Result<DownloadHook, BpfError> {
-    let tcx_error = match hook {
-        DownloadHook::Tcx => {
-            let tcx = TcAttachOptions::TcxOrder(LinkOrder::first());
-            match prog.attach_with_options(interface, TcAttachType::Ingress, tcx) {
-                Ok(_) => return Ok(DownloadHook::Tcx),
-                Err(e) => format!("tcx: {e}; "),
-            }
+/// The download program as the first tcx program of the interface's ingress (Linux ≥ 6.6);
+/// where that fails, `ClsBpf`: left for [`BpfClassifier::attach_cls_bpf`] once the ingress
+/// qdisc is there.
+fn attach_tcx(prog: &mut SchedClassifier, interface: &str) -> DownloadHook {
+    let tcx = TcAttachOptions::TcxOrder(LinkOrder::first());
+    match prog.attach_with_options(interface, TcAttachType::Ingress, tcx) {
+        Ok(_) => DownloadHook::Tcx,
+        Err(e) => {
+            tracing::debug!(
+                "tcx on {interface}: {e}; the download program will be a cls_bpf filter"
+            );
+            DownloadHook::ClsBpf
         }
-        DownloadHook::ClsBpf => String::new(),
-    };
-    let netlink = TcAttachOptions::Netlink(NlOptions {
-        priority: CLS_BPF_PREF,
-        ..NlOptions::default()
-    });
-    match prog.attach_with_options(interface, TcAttachType::Ingress, netlink) {
-        Ok(_) => Ok(DownloadHook::ClsBpf),
-        Err(e) => Err(BpfError::Interface {
-            interface: interface.into(),
-            message: format!("{tcx_error}cls_bpf on the ingress qdisc: {e}"),
-        }),
     }
 }
 

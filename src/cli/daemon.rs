@@ -64,7 +64,8 @@ pub fn run(cli: &super::Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
     )
 }
 
-fn runtime_dir(
+/// The runtime dir given, else the configured one.
+pub(super) fn runtime_dir(
     cli: &super::Cli,
     given: &Option<std::path::PathBuf>,
 ) -> anyhow::Result<std::path::PathBuf> {

@@ -11,6 +11,7 @@ pub mod shape;
 pub mod snapshot;
 pub mod status;
 pub mod table;
+pub mod top;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,6 +63,12 @@ pub enum Command {
     Run(Box<daemon::RunArgs>),
     /// Show what the running daemon is doing: interfaces, usage, classes, processes
     Status(daemon::StatusArgs),
+    /// A live full-screen view of the running daemon: rates next to the limits in force
+    ///
+    /// Per process (default), class, user or connection (tab switches), refreshed every cycle;
+    /// `s` or 1-9 sorts, `/` filters, `q` quits. Works for members of `status_group` without
+    /// root. Exits 3 when no daemon runs or when it stops.
+    Top(top::TopArgs),
     /// Make the running daemon re-read its policy script (checked before it replaces the old)
     Reload(daemon::ControlArgs),
     /// Stop the running daemon; it removes everything it installed
@@ -154,6 +161,10 @@ pub struct ConfigArgs {
     /// [default: the cgroup v2 mount's root]
     #[arg(long, value_name = "DIR", value_parser = path_arg)]
     pub cgroup: Option<PathBuf>,
+    /// Group whose members may run `shaper status` and `shaper top` without root (the control
+    /// socket becomes 0660 with this group; `reload` and `stop` stay root's)
+    #[arg(long, value_name = "GROUP")]
+    pub status_group: Option<String>,
 }
 
 /// A path flag: relative paths are taken from the current directory now, because the daemon
@@ -197,6 +208,7 @@ impl ConfigArgs {
         set(&mut config.log_level, &self.log_level);
         set(&mut config.classifier, &self.classifier);
         set_some(&mut config.cgroup, &self.cgroup);
+        set_some(&mut config.status_group, &self.status_group);
     }
 }
 
@@ -237,6 +249,11 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => {
             logging::init(cli.verbose, cli.quiet, None);
             daemon::status(cli, args)
+        }
+        Command::Top(args) => {
+            // Log lines would scribble over the screen: errors only, and those end `top`.
+            logging::init(cli.verbose, cli.quiet, Some("error"));
+            top::run(&daemon::runtime_dir(cli, &args.runtime_dir)?)
         }
         Command::Reload(args) => {
             logging::init(cli.verbose, cli.quiet, None);

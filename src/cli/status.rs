@@ -2,15 +2,24 @@
 
 use std::fmt::Write as _;
 
-use super::table::{or_dash, render as table};
-use crate::account::Usage;
-use crate::daemon::status::StatusReport;
-use crate::units::{Rate, Size};
+use super::table::{or_dash, render as table, render_rows};
+use crate::daemon::status::{Limit, StatusReport};
+use crate::units::Rate;
+
+/// A rate in bits/s for people (`1.53mbit`).
+pub fn rate(bits: u64) -> String {
+    Rate::from_bits_per_sec(bits).human()
+}
+
+/// A limit for people: `2mbit:unlimited`, or `unlimited`.
+pub fn limit(l: &Limit) -> String {
+    l.rate_pair().to_string()
+}
 
 /// The text `shaper status` prints.
 pub fn render(report: &StatusReport) -> String {
-    let rate = |bits: f64| Rate::from_bits_per_sec(bits.max(0.0) as u64).human();
-    let bytes = |u: &Usage| format!("{}/{}", Size::human(u.up), Size::human(u.down));
+    // With --all (connections listed), the tc handles of classes and leaves too.
+    let all = report.connections.is_some();
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -81,14 +90,17 @@ pub fn render(report: &StatusReport) -> String {
         let _ = writeln!(
             out,
             "limits: interface {}, each connection {}",
-            report.rate.as_deref().unwrap_or("none"),
-            report.connection_rate.as_deref().unwrap_or("none")
+            report.rate.as_ref().map_or("none".to_string(), limit),
+            report
+                .connection_rate
+                .as_ref()
+                .map_or("none".to_string(), limit)
         );
     }
     let usage: Vec<String> = report
         .usage
         .iter()
-        .map(|(p, u)| format!("{p} {}", bytes(u)))
+        .map(|(p, u)| format!("{p} {}", u.human()))
         .collect();
     let _ = writeln!(out, "usage (up/down): {}", usage.join(", "));
     let stages: Vec<String> = report
@@ -97,31 +109,42 @@ pub fn render(report: &StatusReport) -> String {
         .map(|(k, v)| format!("{k} {v:.1}"))
         .collect();
     let _ = writeln!(out, "last cycle (ms): {}", stages.join(", "));
-    let rows: Vec<[String; 7]> = report
+    let rows: Vec<Vec<String>> = report
         .classes
         .iter()
         .map(|c| {
-            [
-                c.name.clone(),
+            let mut row = vec![c.name.clone()];
+            if all {
+                row.extend([
+                    or_dash(c.handle.as_ref()),
+                    or_dash(c.shared_handle.as_ref()),
+                ]);
+            }
+            row.extend([
                 c.prio.to_string(),
                 match (c.blocked, c.in_force) {
                     (true, true) => "blocked".to_string(),
                     (true, false) => "blocked (not in force)".to_string(),
-                    (false, true) => c.ceil.clone(),
-                    (false, false) => format!("{} (not in force)", c.ceil),
+                    (false, true) => limit(&c.ceil),
+                    (false, false) => format!("{} (not in force)", limit(&c.ceil)),
                 },
                 c.connections.to_string(),
                 rate(c.rate_up),
                 rate(c.rate_down),
-                bytes(&c.today),
-            ]
+                c.today.human(),
+            ]);
+            row
         })
         .collect();
     out.push('\n');
-    out.push_str(&table(
-        ["CLASS", "PRIO", "CEIL", "CONNS", "UP", "DOWN", "TODAY"],
-        &rows,
-    ));
+    let header: &[&str] = if all {
+        &[
+            "CLASS", "HANDLE", "LEAF", "PRIO", "CEIL", "CONNS", "UP", "DOWN", "TODAY",
+        ]
+    } else {
+        &["CLASS", "PRIO", "CEIL", "CONNS", "UP", "DOWN", "TODAY"]
+    };
+    out.push_str(&render_rows(header, &rows));
     let rows: Vec<[String; 6]> = report
         .processes
         .iter()
@@ -133,7 +156,7 @@ pub fn render(report: &StatusReport) -> String {
                 p.connections.to_string(),
                 rate(p.rate_up),
                 rate(p.rate_down),
-                bytes(&p.today),
+                p.today.human(),
             ]
         })
         .collect();
@@ -143,14 +166,15 @@ pub fn render(report: &StatusReport) -> String {
         &rows,
     ));
     if let Some(conns) = &report.connections {
-        let rows: Vec<[String; 6]> = conns
+        let rows: Vec<[String; 7]> = conns
             .iter()
             .map(|c| {
                 [
                     c.connection.clone(),
                     or_dash(c.process.as_ref()),
                     c.class.clone(),
-                    or_dash(c.limit.as_ref()),
+                    or_dash(c.handle.as_ref()),
+                    or_dash(c.limit.as_ref().map(limit)),
                     rate(c.rate_up),
                     rate(c.rate_down),
                 ]
@@ -158,7 +182,15 @@ pub fn render(report: &StatusReport) -> String {
             .collect();
         out.push('\n');
         out.push_str(&table(
-            ["CONNECTION", "PROCESS", "CLASS", "LIMIT", "UP", "DOWN"],
+            [
+                "CONNECTION",
+                "PROCESS",
+                "CLASS",
+                "HANDLE",
+                "LIMIT",
+                "UP",
+                "DOWN",
+            ],
             &rows,
         ));
     }

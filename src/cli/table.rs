@@ -4,16 +4,21 @@ use std::fmt::Write as _;
 
 /// Columns padded to their widest cell, two spaces apart, no trailing blanks.
 pub fn render<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
-    let mut widths = header.map(str::len);
+    render_rows(&header, rows)
+}
+
+/// [`render`] for a number of columns known only at run time (rows as long as `header`).
+pub fn render_rows<R: AsRef<[String]>>(header: &[&str], rows: &[R]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
+        for (w, cell) in widths.iter_mut().zip(row.as_ref()) {
             *w = (*w).max(cell.chars().count());
         }
     }
     let mut out = String::new();
     let mut line = |cells: &mut dyn Iterator<Item = &str>| {
         let mut text = String::new();
-        for (cell, w) in cells.zip(widths) {
+        for (cell, &w) in cells.zip(&widths) {
             let _ = write!(text, "{cell:<w$}  ");
         }
         out.push_str(text.trim_end());
@@ -21,7 +26,7 @@ pub fn render<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String
     };
     line(&mut header.iter().copied());
     for row in rows {
-        line(&mut row.iter().map(String::as_str));
+        line(&mut row.as_ref().iter().map(String::as_str));
     }
     out
 }

@@ -9,6 +9,10 @@ use rustc_hash::FxHashMap;
 
 use super::flows::FlowTable;
 use crate::classify::{BpfClassifier, BpfError, DownloadHook, NewSocket, cgroup2_root};
+
+/// Set to `cls_bpf`, makes the download program a cls_bpf filter even where tcx exists: the
+/// path kernels before 6.6 take, for tests.
+pub const DOWNLOAD_HOOK_ENV: &str = "SHAPER_DOWNLOAD_HOOK";
 use crate::config::{ClassifierChoice, Config};
 use crate::process::Pid;
 use crate::scan::{Proto, Socket, SocketKey, State};
@@ -28,6 +32,8 @@ pub struct BpfState {
     processes: FxHashMap<u32, Classids>,
     /// Map writes that failed since the last report (logged once per sync).
     failed: usize,
+    /// Why the cls_bpf download filter could not be attached, as last logged.
+    download_error: Option<String>,
 }
 
 impl std::fmt::Debug for BpfState {
@@ -85,25 +91,63 @@ impl BpfState {
             Some(path) => path.clone(),
             None => cgroup2_root().map_err(|e| e.to_string())?,
         };
-        let classifier = BpfClassifier::attach(&cgroup, interface).map_err(|e| e.to_string())?;
-        if classifier.download_hook() == DownloadHook::ClsBpf {
-            // Dropping it detaches everything, the cls_bpf filter included.
-            return Err(format!(
-                "{interface} has no tcx hook (Linux < 6.6), and a cls_bpf download filter would \
-                 take the pref of shaper's redirect to the IFB"
-            ));
-        }
+        // Linux ≥ 6.6 has tcx; the cls_bpf path a kernel before it takes can be forced here.
+        let hook = match std::env::var_os(DOWNLOAD_HOOK_ENV) {
+            Some(v) if v == "cls_bpf" => DownloadHook::ClsBpf,
+            _ => DownloadHook::Tcx,
+        };
+        let classifier =
+            BpfClassifier::attach_with(&cgroup, interface, hook).map_err(|e| e.to_string())?;
         Ok(BpfState {
             classifier,
             cgroup,
             connections: FxHashMap::default(),
             processes: FxHashMap::default(),
             failed: 0,
+            download_error: None,
         })
     }
 
     pub fn classifier_mut(&mut self) -> &mut BpfClassifier {
         &mut self.classifier
+    }
+
+    /// Gives each scanned socket that has no byte counts from the scan (sock_diag has them for
+    /// TCP only) the classifier's per-socket counters, so UDP is counted per connection,
+    /// process and class like TCP. They count IP headers and start when the programs were
+    /// attached (or when the socket sent its first packet after that).
+    pub fn fill_counters(&self, sockets: &mut [Socket]) {
+        for s in sockets
+            .iter_mut()
+            .filter(|s| s.cookie != 0 && s.bytes_up.is_none() && s.bytes_down.is_none())
+        {
+            if let Some(c) = self.classifier.counters(s.cookie) {
+                s.bytes_up = Some(c.up);
+                s.bytes_down = Some(c.down);
+            }
+        }
+    }
+
+    /// After a plan was applied: where the download program is a cls_bpf filter (no tcx), it
+    /// lives in the ingress qdisc, so it is attached once the qdisc is there and again whenever
+    /// the plan re-added the qdisc (`ingress_added`). A failure leaves downloads in the default
+    /// class (logged once) and is retried after the next apply.
+    pub fn ingress_applied(&mut self, ingress_added: bool) {
+        if !(ingress_added || self.classifier.download_pending()) {
+            return;
+        }
+        match self.classifier.attach_cls_bpf() {
+            Ok(()) => self.download_error = None,
+            Err(e) => {
+                let e = e.to_string();
+                if self.download_error.as_ref() != Some(&e) {
+                    tracing::warn!(
+                        "classifier: {e}; downloads go to the default class until it attaches"
+                    );
+                }
+                self.download_error = Some(e);
+            }
+        }
     }
 
     /// Brings the maps to `targets` (the plan just applied) for the connections of `flows`:

@@ -485,6 +485,11 @@ impl Interface {
         &self.name
     }
 
+    /// The tc handles the last plan gave classes, leaves and connections (for `status`).
+    pub fn handles(&self) -> &Handles {
+        &self.handles
+    }
+
     /// `plan` is installed (or, in a dry run, taken as installed).
     pub fn installed(&mut self, plan: TcPlan) {
         self.applied = Some(plan.desired);

@@ -260,13 +260,16 @@ impl Daemon {
         self.cycles += 1;
         let now = (self.clock)();
         let scanner = &mut self.sockets;
-        let sockets = match stage("scan", &mut self.timings.scan, || scanner.scan()) {
+        let mut sockets = match stage("scan", &mut self.timings.scan, || scanner.scan()) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!("scan failed: {e}; shaping stays as it is");
                 return;
             }
         };
+        if let Some(bpf) = &self.bpf {
+            bpf.fill_counters(&mut sockets);
+        }
         let links = self.link_counters();
         let rates = Rates {
             rate: self.rate.current(),
@@ -451,9 +454,15 @@ impl Daemon {
         let failures = self.tc.apply(&plan.ops);
         if failures.is_empty() {
             let targets = plan.take_targets();
+            let ingress_added = plan
+                .ops
+                .ops
+                .iter()
+                .any(|op| matches!(op, crate::shape::Op::AddIngress { .. }));
             iface.installed(plan);
             iface.state = ShapingState::Shaping;
             if let Some(bpf) = &mut self.bpf {
+                bpf.ingress_applied(ingress_added);
                 bpf.sync(self.cycle.flows(), &targets);
             }
         } else {

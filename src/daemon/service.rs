@@ -4,10 +4,10 @@
 //!
 //! The cycle runs on its own thread, which owns the [`Daemon`]; the main thread runs a small
 //! tokio runtime for the socket and the signals and passes commands to the cycle thread, which
-//! handles them between cycles. The control socket is mode 0600 (root only); to let a group
-//! read `status`, change the socket's group and mode after start, e.g. with systemd's
-//! `ExecStartPost=chgrp shaper /run/shaper/shaper.sock` and `chmod 0660`. Only root (or the
-//! daemon's own user) may `reload` or `stop` it, whoever can open the socket.
+//! handles them between cycles. The control socket is mode 0600 (root only), or 0660 with the
+//! configured `status_group` so its members can run `status` and `top` without root. Whoever
+//! opens the socket, only root (or the daemon's own user) may `reload` or `stop` it: the peer's
+//! uid is read with SO_PEERCRED, and others are refused with a message naming the group.
 //!
 //! No client can hold the daemon up: each is served by a task of its own, must send its request
 //! within [`CLIENT_TIMEOUT`] and in at most [`MAX_REQUEST`] bytes, and at most [`MAX_CLIENTS`]
@@ -158,6 +158,31 @@ impl Drop for PidLock {
     }
 }
 
+/// The group that may read status through the socket (config `status_group`).
+#[derive(Debug, Clone)]
+struct StatusGroup {
+    name: Arc<str>,
+    gid: u32,
+}
+
+impl StatusGroup {
+    /// Looks the group up now, so a misspelt name fails the start rather than every client.
+    fn resolve(name: &str) -> anyhow::Result<StatusGroup> {
+        let group = nix::unistd::Group::from_name(name)
+            .with_context(|| format!("status_group = {name:?}: cannot look the group up"))?
+            .with_context(|| {
+                format!(
+                    "status_group = {name:?}: no such group; create it (`groupadd {name}`) or \
+                     unset status_group"
+                )
+            })?;
+        Ok(StatusGroup {
+            name: name.into(),
+            gid: group.gid.as_raw(),
+        })
+    }
+}
+
 /// Runs the daemon until it is stopped. Fails before anything is installed if the script does
 /// not load or another daemon holds the runtime dir.
 pub fn run(mut config: Config, options: RunOptions) -> anyhow::Result<ExitCode> {
@@ -173,6 +198,11 @@ pub fn run(mut config: Config, options: RunOptions) -> anyhow::Result<ExitCode> 
         crate::trust::private_dir(dir, strict).with_context(|| format!("the {what}"))?;
     }
     let _pid = PidLock::acquire(&runtime_dir)?;
+    let status_group = config
+        .status_group
+        .as_deref()
+        .map(StatusGroup::resolve)
+        .transpose()?;
     // One daemon per interface whatever the runtime dir; a dry run changes nothing, so it may
     // watch alongside. The interfaces are resolved once, so the daemon shapes what it locked.
     config.interfaces = config.shaped_interfaces()?;
@@ -216,7 +246,7 @@ pub fn run(mut config: Config, options: RunOptions) -> anyhow::Result<ExitCode> 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let result = runtime.block_on(serve(&socket_path, commands.clone()));
+    let result = runtime.block_on(serve(&socket_path, status_group, commands.clone()));
     // Closes the clients still connected.
     drop(runtime);
     let _ = std::fs::remove_file(&socket_path);
@@ -237,11 +267,29 @@ pub fn run(mut config: Config, options: RunOptions) -> anyhow::Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
-async fn serve(socket_path: &Path, commands: mpsc::Sender<Command>) -> anyhow::Result<()> {
+async fn serve(
+    socket_path: &Path,
+    group: Option<StatusGroup>,
+    commands: mpsc::Sender<Command>,
+) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let listener = tokio::net::UnixListener::bind(socket_path)
         .with_context(|| format!("cannot create the control socket {}", socket_path.display()))?;
-    std::fs::set_permissions(socket_path, std::fs::Permissions::from_mode(0o600))?;
+    let mode = match &group {
+        Some(g) => {
+            std::os::unix::fs::chown(socket_path, None, Some(g.gid)).with_context(|| {
+                format!(
+                    "cannot give the control socket {} to status_group {:?}",
+                    socket_path.display(),
+                    g.name
+                )
+            })?;
+            0o660
+        }
+        None => 0o600,
+    };
+    std::fs::set_permissions(socket_path, std::fs::Permissions::from_mode(mode))?;
+    let group = group.map(|g| g.name);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -275,7 +323,13 @@ async fn serve(socket_path: &Path, commands: mpsc::Sender<Command>) -> anyhow::R
                 };
                 match slots.clone().try_acquire_owned() {
                     Ok(slot) => {
-                        tokio::spawn(serve_client(stream, commands.clone(), stop_tx.clone(), slot));
+                        tokio::spawn(serve_client(
+                            stream,
+                            group.clone(),
+                            commands.clone(),
+                            stop_tx.clone(),
+                            slot,
+                        ));
                     }
                     // A new socket's send buffer is empty: this (non-blocking) write completes.
                     Err(_) => {
@@ -289,11 +343,28 @@ async fn serve(socket_path: &Path, commands: mpsc::Sender<Command>) -> anyhow::R
     }
 }
 
+/// Why a client that is not root may not `reload` or `stop`, and what to do instead.
+fn refusal(request: &Request, group: Option<&str>) -> String {
+    let what = match request {
+        Request::Reload => "reload",
+        _ => "stop",
+    };
+    let others = match group {
+        Some(g) => format!(
+            "members of the status group {g:?} (config status_group) may only read `shaper \
+             status` and `shaper top`"
+        ),
+        None => "others may ask for status".to_string(),
+    };
+    format!("only root may reload or stop shaper: run `sudo shaper {what}`; {others}")
+}
+
 /// Serves one control client: reads one request line (within [`CLIENT_TIMEOUT`] and
 /// [`MAX_REQUEST`]), passes it to the cycle thread and writes the answer. Asks the accept loop to
 /// end after a `stop`.
 async fn serve_client(
     stream: tokio::net::UnixStream,
+    group: Option<Arc<str>>,
     commands: mpsc::Sender<Command>,
     stop: tokio::sync::mpsc::Sender<()>,
     _slot: tokio::sync::OwnedSemaphorePermit,
@@ -322,10 +393,9 @@ async fn serve_client(
             false,
         ),
         Ok(Ok(_)) => match serde_json::from_slice::<Request>(&line) {
-            Ok(Request::Reload | Request::Stop) if !privileged => (
-                Response::error("only root may reload or stop shaper; others may ask for status"),
-                false,
-            ),
+            Ok(request @ (Request::Reload | Request::Stop)) if !privileged => {
+                (Response::error(refusal(&request, group.as_deref())), false)
+            }
             Ok(request) => {
                 let stopping = matches!(request, Request::Stop);
                 let (reply, done) = tokio::sync::oneshot::channel();
@@ -442,6 +512,15 @@ pub fn request(runtime_dir: &Path, request: &Request) -> anyhow::Result<Response
             ) =>
         {
             return Err(NotRunning { socket: path }.into());
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(e).with_context(|| {
+                format!(
+                    "cannot open shaper's control socket {}: run as root, or have root set \
+                     status_group in /etc/shaper/shaper.ron to a group you are in",
+                    path.display()
+                )
+            });
         }
         Err(e) => {
             return Err(e).with_context(|| {

@@ -419,3 +419,51 @@ fn priorities_without_a_capacity_are_warned_about_per_direction() {
     let w = super::cycle::capacity_warning(&classes, up).unwrap();
     assert!(w.contains("guaranteed rates (voip)"), "{w}");
 }
+
+#[test]
+fn status_json_gives_numbers_and_the_tc_handles_installed() {
+    let mut rig = Rig::new();
+    rig.set_sockets(vec![socket(22, 1), socket(443, 2)]);
+    rig.tick();
+    let status = super::status::StatusReport::of(&rig.daemon, true);
+    let json = serde_json::to_value(&status).unwrap();
+    let Some(Slot::Ours(tree)) = rig.kernel.installed_now("eth0").unwrap().download else {
+        panic!("shaper's tree on the IFB")
+    };
+    let minor = |handle: &serde_json::Value| {
+        let text = handle.as_str().expect("a handle");
+        let (major, minor) = text.split_once(':').unwrap();
+        assert_eq!(major, "5a", "{text}");
+        u16::from_str_radix(minor, 16).unwrap()
+    };
+    let bulk = json["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "bulk")
+        .unwrap();
+    // Unset means unlimited: null, not a string.
+    assert_eq!(bulk["ceil"], serde_json::json!({"up": null, "down": null}));
+    assert_eq!(tree.classes[&minor(&bulk["handle"])].prio, 7);
+    assert!(tree.leaves.contains_key(&minor(&bulk["shared_handle"])));
+    let ssh = json["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["connection"].as_str().unwrap().contains(":22 "))
+        .unwrap();
+    assert_eq!(
+        ssh["limit"],
+        serde_json::json!({"up": 1_000_000, "down": 1_000_000})
+    );
+    assert_eq!(ssh["ceil"]["down"], 1_000_000);
+    assert_eq!(tree.classes[&minor(&ssh["handle"])].ceil, 1_000_000);
+    assert!(ssh["rate_up"].is_u64(), "{ssh}");
+    assert!(json["usage"]["day"]["down"].is_u64(), "{json}");
+    assert!(json["link"]["capacity"]["up"].is_null(), "{json}");
+    // And the text for people keeps units and shows the handles with --all.
+    let text = crate::cli::status::render(&status);
+    let handle = ssh["handle"].as_str().unwrap();
+    assert!(text.contains("HANDLE") && text.contains(handle), "{text}");
+    assert!(text.contains("1mbit"), "{text}");
+}

@@ -459,6 +459,11 @@ pub fn u32_filter_delete(ifindex: u32, fh: u32, family: Family) -> TcMessage {
 /// redirect drops every inbound packet, and only an owner that recognises it will remove it.
 pub const REDIRECT_COOKIE: &[u8] = b"shaper:redirect";
 
+/// The pref of shaper's redirect on the ingress qdisc. Pref 1 is left to the first-packet
+/// classifier's cls_bpf filter (kernels without tcx), which must see each packet first.
+/// Versions before 0.2 put the redirect at pref 1: such a redirect is replaced.
+pub const REDIRECT_PREF: u16 = 2;
+
 /// A mirred egress redirect read back from an ingress filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Redirect {
@@ -466,12 +471,14 @@ pub struct Redirect {
     pub to_ifindex: u32,
     /// Whether it carries [`REDIRECT_COOKIE`] (redirects installed before the cookie do not).
     pub marked: bool,
+    /// The filter's pref.
+    pub pref: u16,
 }
 
-/// `tc filter add dev IF parent ffff: prio 1 protocol all u32 match u32 0 0 action mirred
+/// `tc filter add dev IF parent ffff: prio 2 protocol all u32 match u32 0 0 action mirred
 /// egress redirect dev IFB cookie <REDIRECT_COOKIE>`
 pub fn redirect_all(ifindex: u32, to_ifindex: u32) -> TcMessage {
-    let mut m = filter_message(ifindex, handle(0xffff, 0), 1, ETH_P_ALL, 0);
+    let mut m = filter_message(ifindex, handle(0xffff, 0), REDIRECT_PREF, ETH_P_ALL, 0);
     let mut mirror = TcMirror::default();
     mirror.generic.action = TcActionType::Stolen;
     mirror.eaction = TcMirrorActionType::EgressRedir;
@@ -638,7 +645,8 @@ pub fn parse_u32_filter(m: &TcMessage) -> Option<(u32, Filter)> {
 
 /// The ifindex a dumped filter redirects to with mirred, if it does.
 pub fn parse_redirect(m: &TcMessage) -> Option<Redirect> {
-    m.attributes.iter().find_map(|a| match a {
+    let pref = (m.header.info >> 16) as u16;
+    let redirect = m.attributes.iter().find_map(|a| match a {
         TcAttribute::Options(opts) => opts.iter().find_map(|o| match o {
             TcOption::U32(TcFilterU32Option::Action(actions)) => {
                 actions.iter().find_map(redirect_of_action)
@@ -646,7 +654,8 @@ pub fn parse_redirect(m: &TcMessage) -> Option<Redirect> {
             _ => None,
         }),
         _ => None,
-    })
+    })?;
+    Some(Redirect { pref, ..redirect })
 }
 
 fn redirect_of_action(action: &TcAction) -> Option<Redirect> {
@@ -665,7 +674,11 @@ fn redirect_of_action(action: &TcAction) -> Option<Redirect> {
         .attributes
         .iter()
         .any(|aa| matches!(aa, TcActionAttribute::Cookie(c) if c == REDIRECT_COOKIE));
-    Some(Redirect { to_ifindex, marked })
+    Some(Redirect {
+        to_ifindex,
+        marked,
+        pref: 0,
+    })
 }
 
 #[cfg(test)]
@@ -799,7 +812,8 @@ mod tests {
             parse_redirect(&round_trip(&redirect_all(2, 77))),
             Some(Redirect {
                 to_ifindex: 77,
-                marked: true
+                marked: true,
+                pref: REDIRECT_PREF,
             })
         );
     }

@@ -671,11 +671,17 @@ struct IfbLink {
 
 /// Whose the redirects on an ingress qdisc are, given the IFB. A redirect works only to an IFB
 /// that exists and is up; to one that is down, or gone (the kernel then reports target 0), it
-/// drops what it redirects.
+/// drops what it redirects. One at another pref than [`codec::REDIRECT_PREF`] (an older
+/// version's) works but would sit where the first-packet classifier's cls_bpf filter goes: it
+/// is reported as dangling too, so reconcile replaces it.
 fn classify_ingress(redirects: &[codec::Redirect], ifb: Option<IfbLink>) -> Slot<Redirect> {
     let to_ifb = |r: &codec::Redirect| ifb.is_some_and(|l| r.to_ifindex == l.index);
     let ifb_up = ifb.is_some_and(|l| l.up);
-    if ifb_up && redirects.iter().any(to_ifb) {
+    if ifb_up
+        && redirects
+            .iter()
+            .any(|r| to_ifb(r) && r.pref == codec::REDIRECT_PREF)
+    {
         Slot::Ours(Redirect::ToIfb)
     } else if redirects
         .iter()

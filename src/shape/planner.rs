@@ -159,6 +159,32 @@ impl Handles {
         self.exhausted
     }
 
+    /// The minors of a policy class and of its shared leaf in the last plan, for `status`
+    /// (the same on the interface and its IFB: one allocation serves both directions).
+    pub fn class_minors(&self, class: &str) -> Option<(u16, u16)> {
+        let class: Arc<str> = class.into();
+        Some((
+            *self.minors.get(&Slot::Class(class.clone()))?,
+            *self.minors.get(&Slot::Shared(class))?,
+        ))
+    }
+
+    /// The leaf a connection's packets go to in the last plan: its own, else its process's
+    /// (`each = "process"`), else its class's shared leaf.
+    pub fn leaf_minor(&self, class: &str, pid: Option<Pid>, key: SocketKey) -> Option<u16> {
+        let class: Arc<str> = class.into();
+        self.minors
+            .get(&Slot::Connection(key))
+            .or_else(|| pid.and_then(|pid| self.minors.get(&Slot::Process(class.clone(), pid))))
+            .or_else(|| self.minors.get(&Slot::Shared(class)))
+            .copied()
+    }
+
+    /// A process's own leaf (`each = "process"` classes only).
+    pub fn process_minor(&self, class: &str, pid: Pid) -> Option<u16> {
+        self.minors.get(&Slot::Process(class.into(), pid)).copied()
+    }
+
     fn minor(&mut self, slot: Slot) -> Option<u16> {
         let minor = match self.minors.get(&slot) {
             Some(&m) => m,

@@ -145,7 +145,8 @@ impl fmt::Display for Op {
             Op::DeleteRoot { dev } => write!(f, "tc qdisc del dev {dev} root"),
             Op::AddIngress { dev, ifb } => write!(
                 f,
-                "tc qdisc add dev {dev} ingress\ntc filter add dev {dev} parent ffff: prio 1 protocol all u32 match u32 0 0 action mirred egress redirect dev {ifb} cookie {}",
+                "tc qdisc add dev {dev} ingress\ntc filter add dev {dev} parent ffff: prio {} protocol all u32 match u32 0 0 action mirred egress redirect dev {ifb} cookie {}",
+                super::codec::REDIRECT_PREF,
                 hex(super::codec::REDIRECT_COOKIE)
             ),
             Op::DeleteIngress { dev } => write!(f, "tc qdisc del dev {dev} ingress"),

@@ -161,7 +161,7 @@ tc filter add dev eth0 parent 5a: prio 10 protocol ip handle 10:42:1 u32 ht 10:4
     );
     assert!(
         text.trim_end().ends_with(
-            "tc qdisc add dev eth0 ingress\ntc filter add dev eth0 parent ffff: prio 1 protocol all u32 match u32 0 0 action mirred egress redirect dev shp-eth0 cookie 7368617065723a7265646972656374"
+            "tc qdisc add dev eth0 ingress\ntc filter add dev eth0 parent ffff: prio 2 protocol all u32 match u32 0 0 action mirred egress redirect dev shp-eth0 cookie 7368617065723a7265646972656374"
         ),
         "the redirect comes last"
     );

@@ -30,14 +30,14 @@ const IFB: &str = "ifbt0";
 const SO_COOKIE: i32 = 57;
 
 /// A child process in the test's cgroup and namespace `a`; killed and reaped on drop.
-struct Kid {
+pub(crate) struct Kid {
     child: Child,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
 }
 
 impl Kid {
-    fn start(ns: &Netns, cgroup: &TestCgroup, as_nobody: bool) -> Kid {
+    pub(crate) fn start(ns: &Netns, cgroup: &TestCgroup, as_nobody: bool) -> Kid {
         let exe = std::env::current_exe().expect("test binary path");
         let procs = std::fs::OpenOptions::new()
             .write(true)
@@ -85,7 +85,7 @@ impl Kid {
         kid
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
@@ -101,7 +101,7 @@ impl Kid {
     }
 
     /// Sends one request; returns the answer's words.
-    fn ask(&mut self, request: &str) -> Vec<String> {
+    pub(crate) fn ask(&mut self, request: &str) -> Vec<String> {
         writeln!(self.stdin, "{request}").expect("write child");
         self.stdin.flush().unwrap();
         let answer = self.read_line();
@@ -113,13 +113,13 @@ impl Kid {
     }
 
     /// Creates a socket (`tcp4`, `tcp6`, `udp4`, `udp6`); returns its index and cookie.
-    fn socket(&mut self, kind: &str) -> (usize, u64) {
+    pub(crate) fn socket(&mut self, kind: &str) -> (usize, u64) {
         let a = self.ask(&format!("socket {kind}"));
         (a[0].parse().unwrap(), a[1].parse().unwrap())
     }
 
     /// Connects socket `i`; returns its local address.
-    fn connect(&mut self, i: usize, to: SocketAddr) -> SocketAddr {
+    pub(crate) fn connect(&mut self, i: usize, to: SocketAddr) -> SocketAddr {
         self.ask(&format!("connect {i} {to}"))[1].parse().unwrap()
     }
 }
@@ -283,7 +283,7 @@ fn monotonic_ns() -> u64 {
 }
 
 /// A namespace pair with HTB `5a:` (classes 10, 20, default 30) on `a`'s veth and on an IFB fed
-/// by a u32 mirred redirect on its ingress (prio 1, as shaper installs it), and permanent
+/// by a u32 mirred redirect on its ingress (prio 2, as shaper installs it), and permanent
 /// neighbour entries so no ARP or neighbour discovery lands in a class.
 struct Lab {
     pair: NetnsPair,
@@ -291,11 +291,6 @@ struct Lab {
 
 impl Lab {
     fn new() -> Lab {
-        Lab::with_redirect_prio(1)
-    }
-
-    /// The lab with the IFB redirect at `prio` (cls_bpf needs it after its own pref 1).
-    fn with_redirect_prio(prio: u16) -> Lab {
         let pair = NetnsPair::new();
         let a = pair.a.name().to_string();
         pair.a.ip(&["link", "add", IFB, "type", "ifb"]);
@@ -316,7 +311,7 @@ impl Lab {
         tc(
             &a,
             &format!(
-                "filter add dev veth0 parent ffff: prio {prio} protocol all u32 match u32 0 0 \
+                "filter add dev veth0 parent ffff: prio 2 protocol all u32 match u32 0 0 \
                  action mirred egress redirect dev {IFB}"
             ),
         );
@@ -810,13 +805,21 @@ fn bpf_probe_names_the_reason() {
 /// redirect; forced here. It classifies the same way and goes with the classifier.
 #[test]
 fn bpf_cls_bpf_fallback_classifies_download_and_leaves_no_filter() {
-    let lab = Lab::with_redirect_prio(2);
+    let lab = Lab::new();
     let cg = TestCgroup::new();
     let mut c = lab
         .pair
         .a
-        .run(|| BpfClassifier::attach_with(&cg.dir, "veth0", DownloadHook::ClsBpf))
+        .run(|| {
+            let mut c = BpfClassifier::attach_with(&cg.dir, "veth0", DownloadHook::ClsBpf)?;
+            assert!(c.download_pending());
+            // Twice: the second replaces the first (as after a re-added ingress qdisc).
+            c.attach_cls_bpf()?;
+            c.attach_cls_bpf()?;
+            Ok::<_, shaper::classify::BpfError>(c)
+        })
         .unwrap_or_else(|e| panic!("attach: {e}"));
+    assert!(!c.download_pending());
     assert_eq!(c.download_hook(), DownloadHook::ClsBpf);
     let filters = || {
         lab.pair.a.run(|| {

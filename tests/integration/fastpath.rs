@@ -285,3 +285,280 @@ fn without_a_usable_cgroup_auto_falls_back_to_u32_and_bpf_refuses_to_start() {
     assert_eq!(reasons.len(), 1, "one line naming the reason:\n{log}");
     assert!(reasons[0].contains("not a cgroup v2 directory"), "{log}");
 }
+
+/// What shaper may leave behind in a namespace and a cgroup: the programs attached to the
+/// cgroup and to veth0's ingress (tcx), the qdiscs and ingress filters of veth0, the links of the
+/// namespace (the IFB), and what is pinned in the BPF filesystem.
+#[derive(Debug, PartialEq)]
+struct Footprint {
+    cgroup_programs: usize,
+    tcx_programs: usize,
+    qdiscs: String,
+    ingress_filters: String,
+    links: String,
+    pinned: Vec<std::path::PathBuf>,
+}
+
+fn footprint(ns: &Netns, cgroup: &TestCgroup) -> Footprint {
+    fn walk(dir: &std::path::Path, into: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, into);
+            }
+            into.push(path);
+        }
+    }
+    let mut pinned = Vec::new();
+    walk(std::path::Path::new("/sys/fs/bpf"), &mut pinned);
+    pinned.sort();
+    let tcx = ns.run(|| {
+        aya::programs::SchedClassifier::query_tcx("veth0", aya::programs::TcAttachType::Ingress)
+            .map_or(0, |(_, programs)| programs.len())
+    });
+    Footprint {
+        cgroup_programs: cgroup.attached_programs().len(),
+        tcx_programs: tcx,
+        qdiscs: tc(ns, &["qdisc", "show", "dev", "veth0"]),
+        ingress_filters: tc(ns, &["filter", "show", "dev", "veth0", "ingress"]),
+        links: ns.ip(&["-br", "link", "show"]),
+        pinned,
+    }
+}
+
+/// Waits until no program is attached to the cgroup or veth0's ingress any more (the kernel
+/// frees links a moment after their owner dies).
+fn wait_detached(ns: &Netns, cgroup: &TestCgroup) -> Footprint {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = footprint(ns, cgroup);
+        if now.cgroup_programs == 0 && now.tcx_programs == 0 {
+            return now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "programs still attached: {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Issue 11's lifecycle: a SIGKILLed daemon leaves no program attached and traffic flowing; a
+/// restart attaches one set again (nothing duplicated) and shapes; SIGTERM, and `shaper clear`
+/// after another SIGKILL, leave the cgroup, the interface and the BPF filesystem as they were.
+#[test]
+fn a_killed_bpf_daemon_leaves_nothing_attached_and_a_restart_shapes_again() {
+    let pair = NetnsPair::new();
+    let cgroup = TestCgroup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("policy.lua");
+    std::fs::write(&script, SLOW_IPERF).unwrap();
+    let args = [
+        "--script",
+        script.to_str().unwrap(),
+        "--uplink",
+        "10mbit",
+        "--downlink",
+        "10mbit",
+    ];
+    let before = footprint(&pair.a, &cgroup);
+    assert_eq!((before.cgroup_programs, before.tcx_programs), (0, 0));
+    let attached = |daemon: &DaemonProcess| {
+        daemon.wait_for(10, "shaping", |s| s["interfaces"][0]["state"] == "shaping");
+        assert_eq!(daemon.status()["classifier"], "bpf");
+        let now = footprint(&pair.a, &cgroup);
+        // One program at each of the four cgroup hooks and one on the ingress: no more.
+        assert_eq!((now.cgroup_programs, now.tcx_programs), (4, 1), "{now:?}");
+        assert_eq!(now.pinned, before.pinned, "nothing is pinned");
+    };
+
+    let mut first = DaemonProcess::start_bpf(&pair.a, dir.path(), &cgroup, &args);
+    attached(&first);
+    first.signal(libc::SIGKILL);
+    let killed = wait_detached(&pair.a, &cgroup);
+    assert_eq!(killed.pinned, before.pinned);
+    // The tree stays (a restart adopts it) and traffic flows, unshaped by any program.
+    assert!(pair.inbound_opens(), "inbound traffic after SIGKILL");
+    let (leaf, _, _) = short_transfer(&pair, &cgroup, false);
+    assert_eq!(leaf, 0, "no program classifies into the class any more");
+
+    let mut second = DaemonProcess::start_bpf(&pair.a, dir.path(), &cgroup, &args);
+    attached(&second);
+    // How much of a first transfer the fast path catches depends on this machine's load (see
+    // a_process_started_after_the_daemon_is_shaped_from_its_first_packets, which also warms the
+    // daemon's caches first, as here); that it does is what is asserted.
+    short_transfer(&pair, &cgroup, false);
+    let (leaf, _, sent) = short_transfer(&pair, &cgroup, false);
+    assert!(
+        leaf >= 16 * 1024,
+        "shaped again: {leaf} of {sent} bytes in the leaf"
+    );
+    second.signal(libc::SIGTERM);
+    assert_eq!(wait_detached(&pair.a, &cgroup), before, "after SIGTERM");
+
+    let mut third = DaemonProcess::start_bpf(&pair.a, dir.path(), &cgroup, &args);
+    attached(&third);
+    third.signal(libc::SIGKILL);
+    wait_detached(&pair.a, &cgroup);
+    let clear = pair
+        .a
+        .command(env!("CARGO_BIN_EXE_shaper"))
+        .args(["clear", "-i", "veth0"])
+        .output()
+        .unwrap();
+    assert!(
+        clear.status.success(),
+        "{}",
+        String::from_utf8_lossy(&clear.stderr)
+    );
+    assert_eq!(
+        footprint(&pair.a, &cgroup),
+        before,
+        "after SIGKILL and clear"
+    );
+}
+
+/// The cls_bpf download filters on veth0's ingress (`tc filter show` lines of kind `bpf`).
+fn cls_bpf_filters(ns: &Netns) -> Vec<String> {
+    tc(ns, &["filter", "show", "dev", "veth0", "ingress"])
+        .lines()
+        .filter(|l| l.contains(" bpf ") && l.contains(" tc_ingress "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Where tcx is missing (Linux < 6.6; forced here) the download program is a cls_bpf filter at
+/// pref 1, ahead of the redirect at pref 2: downloads land in their class; the filter comes
+/// back when the ingress qdisc is rebuilt (after the IFB is deleted); a restart after SIGKILL
+/// replaces the killed run's filter (one, not two); SIGTERM removes it.
+#[test]
+fn without_tcx_the_download_program_is_a_cls_bpf_filter_ahead_of_the_redirect() {
+    let pair = NetnsPair::new();
+    let cgroup = TestCgroup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("policy.lua");
+    std::fs::write(&script, SLOW_IPERF).unwrap();
+    let cgroup_dir = cgroup.dir.to_str().unwrap();
+    let args = [
+        "--classifier",
+        "bpf",
+        "--cgroup",
+        cgroup_dir,
+        "--script",
+        script.to_str().unwrap(),
+        "--uplink",
+        "10mbit",
+        "--downlink",
+        "10mbit",
+    ];
+    let env = [(shaper::daemon::bpf::DOWNLOAD_HOOK_ENV, "cls_bpf")];
+    let start = || {
+        let daemon = DaemonProcess::start_with_env(&pair.a, dir.path(), &args, &env);
+        daemon.wait_for(10, "shaping", |s| s["interfaces"][0]["state"] == "shaping");
+        daemon
+    };
+    let one_filter_ahead = |what: &str, daemon: &DaemonProcess| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let filters = tc(&pair.a, &["filter", "show", "dev", "veth0", "ingress"]);
+            let bpf = cls_bpf_filters(&pair.a);
+            if bpf.len() == 1 && bpf[0].contains("pref 1 ") && filters.contains("pref 2 u32") {
+                return bpf[0].clone();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: expected one cls_bpf filter at pref 1 ahead of the redirect:\n{filters}\n\
+                 log:\n{}",
+                daemon.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let downloads_are_classified = |what: &str| {
+        short_transfer(&pair, &cgroup, true); // warms the daemon's caches (see above)
+        let (leaf, link, sent) = short_transfer(&pair, &cgroup, true);
+        assert!(
+            leaf >= 16 * 1024,
+            "{what}: {leaf} of {sent} bytes in the download leaf ({link} in the tree)"
+        );
+    };
+
+    let mut first = start();
+    one_filter_ahead("at start", &first);
+    downloads_are_classified("at start");
+    pair.a.ip(&["link", "del", IFB]);
+    // The watcher removes the dangling redirect (with the ingress qdisc, and the filter in it);
+    // the next cycle rebuilds both.
+    one_filter_ahead("after the IFB was deleted", &first);
+    downloads_are_classified("after the IFB was deleted");
+
+    first.signal(libc::SIGKILL);
+    let killed = one_filter_ahead("after SIGKILL (a tc filter is not a link)", &first);
+    let mut second = start();
+    let replaced = one_filter_ahead("after the restart", &second);
+    assert_ne!(
+        killed, replaced,
+        "the restart replaced the killed run's filter"
+    );
+    downloads_are_classified("after the restart");
+    second.signal(libc::SIGTERM);
+    assert_eq!(
+        cls_bpf_filters(&pair.a),
+        Vec::<String>::new(),
+        "after SIGTERM"
+    );
+}
+
+/// A size in status JSON: bytes, as a number or as text with a unit.
+fn bytes_of(v: &serde_json::Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| {
+        v.as_str()
+            .and_then(|t| t.parse::<shaper::units::Size>().ok())
+            .map_or(0, |s| s.bytes())
+    })
+}
+
+/// sock_diag has no byte counts for UDP; on the BPF path the classifier's per-socket counters
+/// give them, so UDP is counted per process and class like TCP.
+#[test]
+fn with_bpf_udp_is_counted_per_process_and_class() {
+    let pair = NetnsPair::new();
+    let cgroup = TestCgroup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("policy.lua");
+    std::fs::write(
+        &script,
+        "classes = { voice = {}, default = {} }\n\
+         function classify(conn)\n\
+         \x20 if conn.proto == \"udp\" and conn.remote_port == 5801 then return \"voice\" end\n\
+         \x20 return \"default\"\n\
+         end\n",
+    )
+    .unwrap();
+    let daemon = DaemonProcess::start_bpf(
+        &pair.a,
+        dir.path(),
+        &cgroup,
+        &["--script", script.to_str().unwrap()],
+    );
+    daemon.wait_for(10, "shaping", |s| s["interfaces"][0]["state"] == "shaping");
+    let sink = pair
+        .b
+        .run(|| std::net::UdpSocket::bind((NetnsPair::B_V4, 5801)).unwrap());
+    let mut kid = crate::bpf::Kid::start(&pair.a, &cgroup, true);
+    let (udp, _) = kid.socket("udp4");
+    kid.connect(udp, sink.local_addr().unwrap());
+    kid.ask(&format!("send {udp} 1000 1000")); // 1 MB, 1028 bytes a datagram on the wire
+    let pid = u64::from(kid.pid());
+    daemon.wait_for(5, "the datagrams counted", |s| {
+        let process = s["processes"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["pid"] == pid))
+            .map_or(0, |p| bytes_of(&p["today"]["up"]));
+        let class = s["classes"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["name"] == "voice"))
+            .map_or(0, |c| bytes_of(&c["today"]["up"]));
+        process >= 1_000_000 && class >= 1_000_000
+    });
+}

@@ -17,4 +17,6 @@ mod probe;
 mod scan;
 mod shape;
 mod startup;
+mod status;
+mod top;
 mod trust;

@@ -146,6 +146,8 @@ fn a_redirect_whose_ifb_is_gone_is_removed_by_reconcile_and_by_clear() {
     assert!(pair.inbound_opens_within(Duration::from_secs(3)));
 }
 
+/// Versions before the cookie put the redirect at pref 1 (now the cls_bpf filter's): such a
+/// redirect is shaper's, to be replaced (`Dangling`), with its IFB and without it.
 #[test]
 fn a_redirect_from_before_the_cookie_is_still_recognised_when_its_ifb_is_gone() {
     let pair = NetnsPair::new();
@@ -180,7 +182,7 @@ fn a_redirect_from_before_the_cookie_is_still_recognised_when_its_ifb_is_gone() 
     );
     let mut shaper = Shaper::new(&pair.a);
     let installed = shaper.backend.installed(NetnsPair::IFNAME).unwrap();
-    assert_eq!(installed.ingress, Slot::Ours(Redirect::ToIfb));
+    assert_eq!(installed.ingress, Slot::Ours(Redirect::Dangling));
     pair.a.ip(&["link", "del", "shp-veth0"]);
     let installed = shaper.backend.installed(NetnsPair::IFNAME).unwrap();
     assert_eq!(installed.ingress, Slot::Ours(Redirect::Dangling));

@@ -43,6 +43,62 @@ impl TestCgroup {
         }
         procs
     }
+
+    /// The ids of the programs attached to this cgroup at each hook shaper uses (cgroup_skb
+    /// ingress and egress, sock_create, sock_ops), from the kernel (BPF_PROG_QUERY), with the
+    /// hook's name.
+    pub fn attached_programs(&self) -> Vec<(&'static str, u32)> {
+        // enum bpf_attach_type and enum bpf_cmd (linux/bpf.h; not in the libc crate).
+        const HOOKS: [(&str, u32); 4] = [
+            ("ingress", 0),
+            ("egress", 1),
+            ("sock_create", 2),
+            ("sock_ops", 3),
+        ];
+        const BPF_PROG_QUERY: libc::c_long = 16;
+        let dir = std::fs::File::open(&self.dir).expect("open the cgroup");
+        let mut found = Vec::new();
+        for (hook, attach_type) in HOOKS {
+            let mut ids = [0_u32; 64];
+            // `union bpf_attr`'s query member, as far as BPF_PROG_QUERY reads it.
+            #[repr(C)]
+            #[derive(Default)]
+            struct Query {
+                target_fd: u32,
+                attach_type: u32,
+                query_flags: u32,
+                attach_flags: u32,
+                prog_ids: u64,
+                prog_cnt: u32,
+                pad: u32,
+                rest: [u64; 4],
+            }
+            let mut q = Query {
+                target_fd: dir.as_raw_fd() as u32,
+                attach_type,
+                prog_ids: ids.as_mut_ptr() as u64,
+                prog_cnt: ids.len() as u32,
+                ..Query::default()
+            };
+            // SAFETY: `q` is a valid bpf_attr prefix of the size passed; `ids` outlives the call.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    BPF_PROG_QUERY,
+                    &mut q as *mut Query,
+                    std::mem::size_of::<Query>() as u32,
+                )
+            };
+            assert_eq!(
+                r,
+                0,
+                "BPF_PROG_QUERY {hook}: {}",
+                std::io::Error::last_os_error()
+            );
+            found.extend(ids[..q.prog_cnt as usize].iter().map(|id| (hook, *id)));
+        }
+        found
+    }
 }
 
 impl Drop for TestCgroup {

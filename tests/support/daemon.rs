@@ -25,7 +25,17 @@ impl DaemonProcess {
     /// interval or classifier) in `ns`, using `dir` for its runtime
     /// and state, and waits until it answers on its socket.
     pub fn start(ns: &Netns, dir: &Path, args: &[&str]) -> DaemonProcess {
-        let mut d = DaemonProcess::spawn(ns, dir, args);
+        DaemonProcess::start_with_env(ns, dir, args, &[])
+    }
+
+    /// As [`DaemonProcess::start`], with `env` set for the daemon.
+    pub fn start_with_env(
+        ns: &Netns,
+        dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> DaemonProcess {
+        let mut d = DaemonProcess::spawn_with_env(ns, dir, args, env);
         let deadline = Instant::now() + Duration::from_secs(10);
         // The socket file of a killed daemon may still be there: wait until one answers.
         while std::os::unix::net::UnixStream::connect(d.dir.join("run/shaper.sock")).is_err() {
@@ -58,6 +68,15 @@ impl DaemonProcess {
 
     /// Starts without waiting (for tests of refusals).
     pub fn spawn(ns: &Netns, dir: &Path, args: &[&str]) -> DaemonProcess {
+        DaemonProcess::spawn_with_env(ns, dir, args, &[])
+    }
+
+    fn spawn_with_env(
+        ns: &Netns,
+        dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> DaemonProcess {
         let log = dir.join(format!(
             "shaper-{}.log",
             std::time::SystemTime::now()
@@ -86,6 +105,7 @@ impl DaemonProcess {
             .arg(dir.join("state"))
             .args(args)
             .env("SHAPER_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

@@ -271,7 +271,7 @@ fn u32_entry_for_an_ipv6_download() {
 fn ingress_qdisc_and_redirect() {
     // tc qdisc add dev d0 ingress
     assert_sends_what_tc_sends("ingress", &ingress(D0), Options::Nested, nothing);
-    // tc filter add dev d0 parent ffff: prio 1 protocol all u32 match u32 0 0
+    // tc filter add dev d0 parent ffff: prio 2 protocol all u32 match u32 0 0
     //     action mirred egress redirect dev i0 cookie 7368617065723a7265646972656374
     let ours = redirect_all(D0, I0);
     let tc = assert_sends_what_tc_sends("mirred", &ours, Options::Nested, nothing);
@@ -279,7 +279,8 @@ fn ingress_qdisc_and_redirect() {
         parse_redirect(&tc),
         Some(Redirect {
             to_ifindex: I0,
-            marked: true
+            marked: true,
+            pref: REDIRECT_PREF,
         })
     );
 }
