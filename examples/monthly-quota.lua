@@ -4,10 +4,15 @@
 -- (a sliding slowdown, as asked for in PMSS#255): full speed below 70 %, then a per-connection
 -- limit that shrinks from 20 Mbit/s towards 1 Mbit/s, and 512 kbit/s once the cap is passed.
 -- Interactive traffic (ssh, DNS, calls) is never slowed below 2 Mbit/s.
+--
+-- It warns at 80 % and 95 % of the cap, once each per month (`shaper.notify`): the warning is
+-- logged (journal MESSAGE_ID 4f1a7c2e9d6b4e08a3c5b7d9e1f20a6c), shown by `shaper status`, counted
+-- in the metrics and passed to `notify_command` (e.g. a script calling notify-send or mail).
 
 local shaper = require("shaper")
 
 local CAP = 100 * shaper.GB
+local WARN_AT = { 0.8, 0.95 }
 local interactive = shaper.ports(22, 53, 3478, "8801-8810")
 
 classes = {
@@ -25,8 +30,20 @@ local function allowance(used)
   return math.floor((20 - 19 * t) * 1000 + 0.5) * shaper.kbit
 end
 
+--- Raises "quota" for each threshold passed; shaper passes each message once a month.
+local function warn(used)
+  for _, share in ipairs(WARN_AT) do
+    if used >= share * CAP then
+      shaper.notify("quota", string.format("%.0f %% of this month's %.0f GB used",
+        share * 100, CAP / shaper.GB), "month")
+    end
+  end
+end
+
 function classify(conn, ctx)
-  local limit = allowance(ctx.usage("month").total)
+  local used = ctx.usage("month").total
+  warn(used)
+  local limit = allowance(used)
   if interactive:contains(conn.remote_port) then
     if limit and limit < 2 * shaper.mbit then limit = 2 * shaper.mbit end
     return "interactive", limit

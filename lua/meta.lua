@@ -78,10 +78,14 @@ local Ctx = {}
 
 --- Bytes moved in the current period ("hour", "day", "week", "month") by `key`:
 --- "link" (default: the whole interface), "process:NAME", "user:NAME" or "class:NAME".
+--- With `ago`, the period that many before the current one: `ctx.usage("day", "link", 1)` is
+--- yesterday. Past hours (48), days (400) and months (36) are kept, weeks are not; a name
+--- outside a past period's top names counts under "process:(other)" (and so on).
 ---@param period "hour"|"day"|"week"|"month"
 ---@param key string|nil
+---@param ago integer|nil   # 0 (default): the current period
 ---@return Usage
-function Ctx.usage(period, key) end
+function Ctx.usage(period, key, ago) end
 
 --- A class's figures this cycle.
 ---@param name string

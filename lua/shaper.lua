@@ -35,6 +35,15 @@ function shaper.rate(text) return native.rate(text) end
 ---@return number
 function shaper.size(text) return native.size(text) end
 
+--- Raises an event: logged (with a stable MESSAGE_ID in the journal), shown by `shaper status`,
+--- counted in metrics (shaper_events_total{name}) and passed to `notify_command`. The same name
+--- and message pass at most once per `period` ("hour", "day" (default), "week" or "month"), so
+--- calling it every cycle while a condition holds is fine.
+---@param name string      # letters, digits, '_', '-', '.': names the event in metrics and hooks
+---@param message string
+---@param period "hour"|"day"|"week"|"month"|nil
+function shaper.notify(name, message, period) return native.notify(name, message, period) end
+
 -- Time windows ------------------------------------------------------------------------------
 
 local day_names = { sun = 1, mon = 2, tue = 3, wed = 4, thu = 5, fri = 6, sat = 7 }

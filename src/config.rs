@@ -84,6 +84,15 @@ pub struct Config {
     /// control socket is then mode 0660 with this group. `reload` and `stop` stay root's.
     /// Unset = the socket is root's alone (0600).
     pub status_group: Option<String>,
+    /// Serve Prometheus metrics over HTTP (`GET /metrics`) on this address, e.g.
+    /// `"127.0.0.1:9639"`; unset = not served (`shaper metrics` prints them either way). The
+    /// metrics name processes and users: keep the address local or firewalled.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// A program run for each event a policy raises (`shaper.notify`), with the event in its
+    /// environment: `SHAPER_EVENT` (the name), `SHAPER_MESSAGE`, `SHAPER_PERIOD` and
+    /// `SHAPER_TIME` (RFC 3339). Run directly (no shell), as the daemon's user, never waited
+    /// for by the cycle; killed after 30 s. Unset = events are logged, counted and shown only.
+    pub notify_command: Option<PathBuf>,
 }
 
 /// How connections reach their HTB class (config `classifier`, flag `--classifier`).
@@ -119,6 +128,8 @@ impl Default for Config {
             classifier: ClassifierChoice::Auto,
             cgroup: None,
             status_group: None,
+            metrics_listen: None,
+            notify_command: None,
         }
     }
 }
@@ -230,6 +241,11 @@ impl Config {
                 .map(|p| ("connection_rate_file", p)),
         );
         paths.extend(self.cgroup.as_deref().map(|p| ("cgroup", p)));
+        paths.extend(
+            self.notify_command
+                .as_deref()
+                .map(|p| ("notify_command", p)),
+        );
         paths
     }
 
@@ -542,6 +558,22 @@ mod tests {
             msg.contains("log_level") && msg.contains("shaper=loud"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn metrics_and_notify_keys_are_checked() {
+        let c =
+            parse(r#"(metrics_listen: "127.0.0.1:9639", notify_command: "/usr/local/bin/hook")"#)
+                .unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9639".parse().unwrap()));
+        assert_eq!(
+            c.notify_command.as_deref(),
+            Some(Path::new("/usr/local/bin/hook"))
+        );
+        let msg = parse(r#"(metrics_listen: "localhost")"#).unwrap_err();
+        assert!(msg.contains("shaper.ron:1:"), "{msg}");
+        let msg = parse(r#"(notify_command: "hook.sh")"#).unwrap_err();
+        assert!(msg.contains("notify_command = \"hook.sh\""), "{msg}");
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::history::{History, OTHER, history_path};
 use super::{Bucket, ClassStats, ConnStats, Period, StaticUsage, Usage, UsageKey};
 use crate::process::Process;
 use crate::scan::Socket;
@@ -109,6 +110,49 @@ pub struct Accounting {
     classes: BTreeMap<String, ClassStats>,
     class_buckets: BTreeMap<String, [Option<Bucket>; 2]>,
     last: Option<jiff::Timestamp>,
+    history: History,
+    totals: Totals,
+}
+
+/// Names per kind the since-start totals keep (see [`Totals`]).
+pub const TOTAL_NAMES: usize = 500;
+
+/// Bytes per key since the daemon started, for the metrics' counters. At most [`TOTAL_NAMES`]
+/// names per kind: later names count under `(other)`, so a series never loses what it counted
+/// and the metrics' label sets stay bounded.
+#[derive(Debug, Default)]
+pub struct Totals {
+    usage: BTreeMap<UsageKey, Usage>,
+    names: [usize; 3],
+}
+
+impl Totals {
+    fn add(&mut self, key: &UsageKey, up: u64, down: u64) {
+        if up == 0 && down == 0 {
+            return;
+        }
+        if !self.usage.contains_key(key) {
+            let (kind, other) = match key {
+                UsageKey::Link => (None, UsageKey::Link),
+                UsageKey::Process(_) => (Some(0), UsageKey::Process(OTHER.into())),
+                UsageKey::User(_) => (Some(1), UsageKey::User(OTHER.into())),
+                UsageKey::Class(_) => (Some(2), UsageKey::Class(OTHER.into())),
+            };
+            if let Some(kind) = kind {
+                if self.names[kind] >= TOTAL_NAMES {
+                    add(&mut self.usage, &other, up, down);
+                    return;
+                }
+                self.names[kind] += 1;
+            }
+        }
+        add(&mut self.usage, key, up, down);
+    }
+
+    /// Every key's bytes since start.
+    pub fn usage(&self) -> &BTreeMap<UsageKey, Usage> {
+        &self.usage
+    }
 }
 
 /// The id of the period containing `now`.
@@ -161,6 +205,8 @@ impl Accounting {
             classes: BTreeMap::new(),
             class_buckets: BTreeMap::new(),
             last: None,
+            history: History::default(),
+            totals: Totals::default(),
         }
     }
 
@@ -170,10 +216,14 @@ impl Accounting {
             let id = period_id(period, now, self.month_start_day);
             let book = self.books.entry(period).or_default();
             if book.id != id {
-                *book = Book {
-                    id,
-                    usage: BTreeMap::new(),
-                };
+                let ended = std::mem::replace(
+                    book,
+                    Book {
+                        id,
+                        usage: BTreeMap::new(),
+                    },
+                );
+                self.history.archive(period, ended.id, ended.usage);
             }
         }
     }
@@ -211,6 +261,7 @@ impl Accounting {
             for book in self.books.values_mut() {
                 add(&mut book.usage, &UsageKey::Link, up, down);
             }
+            self.totals.add(&UsageKey::Link, up, down);
         }
 
         let mut classes: BTreeMap<String, ClassStats> = BTreeMap::new();
@@ -283,6 +334,9 @@ impl Accounting {
                     add(&mut book.usage, k, delta_up, delta_down);
                 }
             }
+            for k in &keys {
+                self.totals.add(k, delta_up, delta_down);
+            }
             *c.track = Some(track);
         }
         // Class buckets: for classes whose ceiling applies to the class as a whole.
@@ -306,6 +360,13 @@ impl Accounting {
         self.classes = classes;
     }
 
+    /// The figures the policy reads at `now`: periods that ended by `now` are rolled over
+    /// first, so the first cycle of a month does not see the month before as current.
+    pub fn view_at(&mut self, now: &jiff::Zoned) -> StaticUsage {
+        self.roll(now);
+        self.view()
+    }
+
     /// The figures the policy reads (`ctx.usage`, `ctx.class`), as an immutable copy.
     pub fn view(&self) -> StaticUsage {
         StaticUsage {
@@ -315,6 +376,8 @@ impl Accounting {
                 .map(|(p, b)| (*p, b.usage.clone()))
                 .collect(),
             classes: self.classes.clone(),
+            past: self.history.periods().clone(),
+            month_start_day: self.month_start_day,
         }
     }
 
@@ -331,14 +394,16 @@ impl Accounting {
         &self.classes
     }
 
-    /// Writes the usage counters atomically: a temporary file, fsync, rename over the old
-    /// file, fsync of the folder. A crash at any point leaves the old file or the new one.
-    ///
-    /// The temporary file is created new (`O_EXCL`, which never follows a symlink) after a stale
-    /// one is unlinked, so a link planted under its name cannot make root overwrite another file;
-    /// it is removed again if anything fails, so no empty `usage.ron.tmp` stays behind.
-    pub fn save(&self, path: &Path, now: &jiff::Zoned) -> std::io::Result<()> {
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    /// Writes the usage counters, and the history beside them when a period was archived
+    /// since ([`write_atomically`], both).
+    pub fn save(&mut self, path: &Path, now: &jiff::Zoned) -> std::io::Result<()> {
+        // History first: a period it holds is never archived again from an older usage file.
+        // A failed history write is retried at the next save and does not keep usage unsaved.
+        let history = history_path(path);
+        let history_saved = self
+            .history
+            .save(&history)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", history.display())));
         let stored = Stored {
             version: STATE_VERSION,
             saved_at: now.timestamp().as_second(),
@@ -346,78 +411,165 @@ impl Accounting {
         };
         let text = ron::ser::to_string_pretty(&stored, ron::ser::PrettyConfig::new())
             .map_err(std::io::Error::other)?;
-        let dir = path.parent().unwrap_or(Path::new("."));
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)?;
-        let tmp = path.with_extension("ron.tmp");
-        match std::fs::remove_file(&tmp) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        let written = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)
-            .and_then(|mut f| {
-                f.write_all(text.as_bytes())?;
-                f.sync_all()
-            })
-            .and_then(|()| std::fs::rename(&tmp, path));
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        std::fs::File::open(dir)?.sync_all()
+        write_atomically(path, &text)?;
+        history_saved
     }
 
-    /// Loads saved counters: those of periods still current at `now` resume, older ones are
-    /// dropped. An unreadable or corrupt file is moved aside (`…corrupt-UNIXTIME`) with a
-    /// warning, and counting starts from zero; a missing file is a first start.
+    /// Loads saved counters: those of periods still current at `now` resume, older ones go to
+    /// the history (unless it has them already). An unreadable or corrupt file is moved aside
+    /// (`…corrupt-UNIXTIME`) with a warning, and counting starts from zero; a missing file is
+    /// a first start. The same for the history file beside it.
     pub fn load(path: &Path, now: &jiff::Zoned, month_start_day: u8) -> Accounting {
         let mut accounting = Accounting::new(month_start_day);
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return accounting,
-            Err(e) => {
-                tracing::warn!(
-                    "cannot read usage from {}: {e}; starting from zero",
-                    path.display()
-                );
-                return accounting;
+        let history = history_path(path);
+        match History::read(&history) {
+            Ok(h) => accounting.history = h,
+            Err(StateError::Unreadable(e)) => {
+                tracing::warn!("{e}; the history starts empty");
             }
-        };
-        match ron::from_str::<Stored>(&text) {
-            Ok(stored) if stored.version == STATE_VERSION => {
-                for (period, book) in stored.periods {
-                    if book.id == period_id(period, now, month_start_day) {
-                        accounting.books.insert(period, book);
-                    }
-                }
-            }
-            Ok(stored) => {
-                let aside = set_aside(path, now);
+            Err(StateError::Corrupt(e)) => {
+                let aside = set_aside(&history, now);
                 tracing::warn!(
-                    "usage file {} has version {} (expected {STATE_VERSION}); moved to {}, starting from zero",
-                    path.display(),
-                    stored.version,
+                    "{e}; moved to {}, the history starts empty",
                     aside.display()
                 );
             }
-            Err(e) => {
+        }
+        match read_stored(path) {
+            Ok(stored) => accounting.resume(stored, now),
+            Err(StateError::Unreadable(e)) => {
+                tracing::warn!("{e}; starting from zero");
+            }
+            Err(StateError::Corrupt(e)) => {
                 let aside = set_aside(path, now);
-                tracing::warn!(
-                    "usage file {} is corrupt ({e}); moved to {}, starting from zero",
-                    path.display(),
-                    aside.display()
-                );
+                tracing::warn!("{e}; moved to {}, starting from zero", aside.display());
             }
         }
         accounting
     }
+
+    /// The saved state as [`Accounting::load`] resumes it, for readers beside the daemon
+    /// (`shaper usage`): errors are returned and no file is moved.
+    pub fn read(
+        path: &Path,
+        now: &jiff::Zoned,
+        month_start_day: u8,
+    ) -> Result<Accounting, StateError> {
+        let mut accounting = Accounting::new(month_start_day);
+        accounting.history = History::read(&history_path(path))?;
+        accounting.resume(read_stored(path)?, now);
+        Ok(accounting)
+    }
+
+    /// Takes saved books: current ones resume, finished ones are archived.
+    fn resume(&mut self, stored: Vec<(Period, Book)>, now: &jiff::Zoned) {
+        for (period, book) in stored {
+            if book.id == period_id(period, now, self.month_start_day) {
+                self.books.insert(period, book);
+            } else {
+                self.history.archive_if_absent(period, book.id, book.usage);
+            }
+        }
+    }
+
+    /// Bytes since the daemon started.
+    pub fn totals(&self) -> &Totals {
+        &self.totals
+    }
+
+    /// Finished periods.
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
+    /// Every kept period of `period`'s length, oldest first: the history's, then the current
+    /// one (if it started).
+    pub fn periods(&self, period: Period) -> Vec<(&str, &BTreeMap<UsageKey, Usage>)> {
+        let mut out: Vec<_> = self
+            .history
+            .periods()
+            .get(&period)
+            .into_iter()
+            .flat_map(|past| past.iter().map(|(id, usage)| (id.as_str(), usage)))
+            .collect();
+        if let Some(book) = self.books.get(&period).filter(|b| !b.id.is_empty()) {
+            out.push((&book.id, &book.usage));
+        }
+        out
+    }
+}
+
+/// Why a state file (`usage.ron`, `history.ron`) could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    /// It could not be read (permissions, I/O); it is left where it is.
+    #[error("{0}")]
+    Unreadable(String),
+    /// It is not a state file of this version; the daemon moves it aside.
+    #[error("{0}")]
+    Corrupt(String),
+}
+
+/// The books of a usage file; none for a missing file.
+fn read_stored(path: &Path) -> Result<Vec<(Period, Book)>, StateError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(StateError::Unreadable(format!(
+                "cannot read usage from {}: {e}",
+                path.display()
+            )));
+        }
+    };
+    match ron::from_str::<Stored>(&text) {
+        Ok(stored) if stored.version == STATE_VERSION => Ok(stored.periods.into_iter().collect()),
+        Ok(stored) => Err(StateError::Corrupt(format!(
+            "usage file {} has version {} (expected {STATE_VERSION})",
+            path.display(),
+            stored.version
+        ))),
+        Err(e) => Err(StateError::Corrupt(format!(
+            "usage file {} is corrupt ({e})",
+            path.display()
+        ))),
+    }
+}
+
+/// Writes `text` to `path` atomically: a temporary file, fsync, rename over the old file, fsync
+/// of the folder. A crash at any point leaves the old file or the new one.
+///
+/// The temporary file is created new (`O_EXCL`, which never follows a symlink) after a stale
+/// one is unlinked, so a link planted under its name cannot make root overwrite another file;
+/// it is removed again if anything fails, so no empty `usage.ron.tmp` stays behind.
+pub(crate) fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)?;
+    let tmp = path.with_extension("ron.tmp");
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(text.as_bytes())?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn set_aside(path: &Path, now: &jiff::Zoned) -> PathBuf {
@@ -431,6 +583,7 @@ fn set_aside(path: &Path, now: &jiff::Zoned) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::account::UsageView;
     use crate::scan::{Proto, State};
 
     fn at(text: &str, tz: &str) -> jiff::Zoned {
@@ -618,7 +771,7 @@ mod tests {
         std::fs::write(&victim, "precious").unwrap();
         std::os::unix::fs::symlink(&victim, &tmp).unwrap();
         let now = at("2026-11-22T10:00:00", "UTC");
-        let a = Accounting::new(1);
+        let mut a = Accounting::new(1);
         a.save(&path, &now).unwrap();
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
         assert!(std::fs::read_to_string(&path).unwrap().contains("version"));
@@ -719,7 +872,7 @@ mod tests {
 )"#,
         )
         .unwrap();
-        let a = Accounting::load(&path, &at("2026-11-22T18:00:00", "UTC"), 1);
+        let mut a = Accounting::load(&path, &at("2026-11-22T18:00:00", "UTC"), 1);
         assert!(path.exists(), "not set aside as corrupt");
         assert_eq!(a.usage(Period::Day, &UsageKey::Link).down.bytes(), 1000);
         for key in [
@@ -734,6 +887,260 @@ mod tests {
         assert!(
             text.contains("\"class:bulk\": ("),
             "written as before:\n{text}"
+        );
+    }
+
+    /// Link usage through a day's end and a month's start, with a stepped clock: each finished
+    /// hour, day and month is kept under its id, and `past` finds them by how long ago.
+    #[test]
+    fn history_rolls_across_midnight_and_month_start() {
+        let mut c = curl();
+        let mut a = Accounting::new(1);
+        let link = |a: &Accounting| a.usage(Period::Day, &UsageKey::Link).total();
+        c.cycle(&mut a, &at("2026-11-30T23:59:00", "Europe/Berlin"), [0; 4]);
+        c.cycle(
+            &mut a,
+            &at("2026-11-30T23:59:30", "Europe/Berlin"),
+            [0, 0, 100, 0],
+        );
+        assert_eq!(link(&a), 100);
+        // Past local midnight, into December.
+        let dec1 = at("2026-12-01T00:00:30", "Europe/Berlin");
+        c.cycle(&mut a, &dec1, [0, 0, 130, 5]);
+        assert_eq!(link(&a), 35, "a new day");
+        let past = a.history().periods();
+        let total = |p: Period, id: &str| past[&p][id][&UsageKey::Link].total();
+        assert_eq!(total(Period::Day, "2026-11-30"), 100);
+        assert_eq!(total(Period::Hour, "2026-11-30T23"), 100);
+        assert_eq!(total(Period::Month, "2026-11 from day 1"), 100);
+        assert_eq!(
+            total(Period::Day, "2026-11-30"),
+            total(Period::Month, "2026-11 from day 1")
+        );
+        let view = a.view();
+        let yesterday = view.usage_ago(Period::Day, &UsageKey::Link, 1, &dec1);
+        assert_eq!(yesterday.up.bytes(), 100);
+        assert_eq!(
+            view.usage_ago(Period::Month, &UsageKey::Link, 1, &dec1)
+                .total(),
+            100
+        );
+        assert_eq!(
+            view.usage_ago(Period::Hour, &UsageKey::Link, 1, &dec1)
+                .total(),
+            100
+        );
+        assert_eq!(
+            view.usage_ago(Period::Day, &UsageKey::Link, 2, &dec1)
+                .total(),
+            0
+        );
+        assert_eq!(
+            view.usage_ago(Period::Day, &UsageKey::Link, 0, &dec1)
+                .total(),
+            35
+        );
+        // The process and its user are kept too.
+        assert_eq!(
+            past[&Period::Day]["2026-11-30"].get(&UsageKey::Process("curl".into())),
+            None,
+            "curl moved nothing on the 30th"
+        );
+        c.cycle(
+            &mut a,
+            &at("2026-12-01T00:00:40", "Europe/Berlin"),
+            [700, 0, 830, 5],
+        );
+        c.cycle(
+            &mut a,
+            &at("2026-12-02T09:00:00", "Europe/Berlin"),
+            [700, 0, 830, 5],
+        );
+        let dec2 = at("2026-12-02T09:00:00", "Europe/Berlin");
+        let view = a.view();
+        for key in [
+            UsageKey::Process("curl".into()),
+            UsageKey::User("alice".into()),
+        ] {
+            assert_eq!(
+                view.usage_ago(Period::Day, &key, 1, &dec2).up.bytes(),
+                700,
+                "{key}"
+            );
+        }
+        // A month starting on the 15th: the 14th still belongs to the month before.
+        let mut b = Accounting::new(15);
+        c.cycle(&mut b, &at("2026-12-14T23:59:00", "UTC"), [700, 0, 0, 0]);
+        c.cycle(&mut b, &at("2026-12-14T23:59:30", "UTC"), [700, 0, 10, 0]);
+        let dec15 = at("2026-12-15T00:00:10", "UTC");
+        c.cycle(&mut b, &dec15, [700, 0, 10, 0]);
+        assert_eq!(
+            b.history().periods()[&Period::Month]["2026-11 from day 15"][&UsageKey::Link].total(),
+            10
+        );
+        assert_eq!(
+            b.view()
+                .usage_ago(Period::Month, &UsageKey::Link, 1, &dec15)
+                .total(),
+            10
+        );
+    }
+
+    /// A restart resumes the history; a SIGKILL after a period ended but before the next save
+    /// loses nothing of it beyond the last flush: the start archives it from `usage.ron`.
+    #[test]
+    fn history_survives_a_restart_and_a_kill_before_the_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.ron");
+        let mut c = curl();
+        let mut a = Accounting::new(1);
+        c.cycle(&mut a, &at("2026-11-22T23:00:00", "UTC"), [0; 4]);
+        c.cycle(&mut a, &at("2026-11-22T23:59:00", "UTC"), [0, 0, 5000, 0]);
+        a.save(&path, &at("2026-11-22T23:59:00", "UTC")).unwrap();
+        // The day ends; the daemon is killed before it saves again.
+        c.cycle(&mut a, &at("2026-11-23T00:00:01", "UTC"), [0, 0, 5100, 0]);
+        let after = at("2026-11-23T08:00:00", "UTC");
+        let b = Accounting::load(&path, &after, 1);
+        let day = |a: &Accounting| {
+            a.view()
+                .usage_ago(Period::Day, &UsageKey::Link, 1, &after)
+                .total()
+        };
+        assert_eq!(day(&b), 5000, "archived at start from the last flush");
+        // A clean run: the day archived, then saved; a restart reads it from the history.
+        let mut b = b;
+        b.save(&path, &after).unwrap();
+        assert!(dir.path().join("history.ron").exists());
+        let c2 = Accounting::load(&path, &after, 1);
+        assert_eq!(day(&c2), 5000);
+        // The daemon saved the history with the finished day, and crashed before the usage file
+        // followed: the older usage file does not overwrite the history's figure.
+        let mut d = Accounting::new(1);
+        d.history.archive(
+            Period::Day,
+            "2026-11-22".into(),
+            [(
+                UsageKey::Link,
+                Usage {
+                    up: Size::from_bytes(5100),
+                    down: Size::default(),
+                },
+            )]
+            .into(),
+        );
+        d.save(&path, &after).unwrap();
+        std::fs::write(
+            &path,
+            r#"(version: 1, saved_at: 0, periods: { day: (id: "2026-11-22", usage: { "link": (up: "5000B") }) })"#,
+        )
+        .unwrap();
+        assert_eq!(day(&Accounting::load(&path, &after, 1)), 5100);
+        // A corrupt history is set aside; usage still loads.
+        std::fs::write(dir.path().join("history.ron"), "(version: 1, garb").unwrap();
+        let e = Accounting::read(&path, &after, 1).unwrap_err();
+        assert!(matches!(e, StateError::Corrupt(_)), "{e}");
+        let f = Accounting::load(&path, &after, 1);
+        assert_eq!(day(&f), 5000, "archived again from usage.ron");
+        assert!(!dir.path().join("history.ron").exists(), "moved aside");
+    }
+
+    /// 1,000 process names (and 200 users, 50 classes) every day for 400 days, and 48 hours and
+    /// 36 months of the same, every cap full: the file stays under the stated bound and reads
+    /// and writes in well under a second.
+    #[test]
+    fn history_stays_bounded_with_a_thousand_processes_for_400_days() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("history.ron");
+        let mut h = History::default();
+        let day0 = jiff::civil::date(2025, 10, 1);
+        let figures = |seed: u64| -> super::super::history::Figures {
+            let mut f: super::super::history::Figures = (0..1000u64)
+                .map(|i| {
+                    let u = Usage {
+                        up: Size::from_bytes(1_000_003 * (i + 1) * seed % 9_999_999_937),
+                        down: Size::from_bytes(7_000_001 * (i + 3) * seed % 99_999_999_977),
+                    };
+                    (UsageKey::Process(format!("process-{i:07}")), u)
+                })
+                .collect();
+            let big = Usage {
+                up: Size::from_bytes(99_999_999_999),
+                down: Size::from_bytes(99_999_999_999),
+            };
+            for i in 0..200 {
+                f.insert(UsageKey::User(format!("{i:0>32}")), big);
+            }
+            for i in 0..50 {
+                f.insert(UsageKey::Class(format!("{i:0>32}")), big);
+            }
+            f.insert(UsageKey::Link, big);
+            f
+        };
+        let started = std::time::Instant::now();
+        for d in 0..400 {
+            let date = day0.checked_add(jiff::Span::new().days(d)).unwrap();
+            h.archive(Period::Day, date.to_string(), figures(d as u64 + 1));
+        }
+        for hr in 0..48 {
+            h.archive(
+                Period::Hour,
+                format!("2026-11-{:02}T{:02}", 20 + hr / 24, hr % 24),
+                figures(hr + 1),
+            );
+        }
+        for m in 0..36 {
+            h.archive(
+                Period::Month,
+                format!("{:04}-{:02} from day 1", 2024 + m / 12, m % 12 + 1),
+                figures(m + 1),
+            );
+        }
+        let built = started.elapsed();
+        let t = std::time::Instant::now();
+        h.save(&path).unwrap();
+        let saved = t.elapsed();
+        let size = std::fs::metadata(&path).unwrap().len();
+        let t = std::time::Instant::now();
+        let back = History::read(&path).unwrap();
+        let read = t.elapsed();
+        eprintln!("history: {size} bytes; archive {built:?}, save {saved:?}, read {read:?}");
+        assert!(size <= super::super::history::SIZE_BOUND, "{size} bytes");
+        assert_eq!(back.periods()[&Period::Day].len(), 400);
+        assert_eq!(back.periods()[&Period::Day], h.periods()[&Period::Day]);
+        // Unoptimised test build on a shared machine: generous, but catches a quadratic path.
+        assert!(
+            saved.as_secs() < 5 && read.as_secs() < 5,
+            "{saved:?} {read:?}"
+        );
+    }
+
+    /// A history that cannot be written is reported, retried, and keeps no usage unsaved.
+    #[test]
+    fn a_failed_history_write_still_saves_usage_and_is_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.ron");
+        let history = dir.path().join("history.ron");
+        std::fs::create_dir_all(history.join("in-the-way")).unwrap();
+        let mut c = curl();
+        let mut a = Accounting::new(1);
+        c.cycle(&mut a, &at("2026-11-22T23:59:00", "UTC"), [0; 4]);
+        c.cycle(&mut a, &at("2026-11-22T23:59:30", "UTC"), [0, 0, 10, 0]);
+        let next = at("2026-11-23T00:00:30", "UTC");
+        c.cycle(&mut a, &next, [0, 0, 30, 0]);
+        let e = a.save(&path, &next).unwrap_err();
+        assert!(e.to_string().contains("history.ron"), "{e}");
+        let resumed = Accounting::load(&path, &next, 1);
+        assert_eq!(resumed.usage(Period::Day, &UsageKey::Link).total(), 20);
+        std::fs::remove_dir_all(&history).unwrap();
+        a.save(&path, &next).unwrap();
+        let resumed = Accounting::load(&path, &next, 1);
+        assert_eq!(
+            resumed
+                .view()
+                .usage_ago(Period::Day, &UsageKey::Link, 1, &next)
+                .total(),
+            10,
+            "written at the next save"
         );
     }
 }

@@ -5,14 +5,18 @@
 //! `shaper simulate --usage FILE` and the tests use. The daemon's live accounting implements the
 //! same trait.
 
+pub mod history;
 mod live;
 
-pub use live::{Accounting, ConnTrack, LinkCounters, Observed, period_id};
+pub use history::{Past, periods_ago};
+pub(crate) use live::write_atomically;
+pub use live::{Accounting, ConnTrack, LinkCounters, Observed, StateError, period_id};
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -197,6 +201,12 @@ pub trait UsageView: Send + Sync {
     fn usage(&self, period: Period, key: &UsageKey) -> Usage;
     /// Figures of a class; `None` for a class with no traffic yet.
     fn class(&self, name: &str) -> Option<ClassStats>;
+    /// Usage of `key` in the `period` `ago` periods before the one containing `now` (1: the
+    /// previous hour, yesterday, last month); zero when that period is not kept.
+    fn usage_ago(&self, period: Period, key: &UsageKey, ago: u32, now: &jiff::Zoned) -> Usage {
+        let _ = (period, key, ago, now);
+        Usage::default()
+    }
 }
 
 /// Fixed figures, e.g. from `shaper simulate --usage FILE`:
@@ -208,6 +218,7 @@ pub trait UsageView: Send + Sync {
 ///         day: { "link": (down: "900MB") },
 ///     },
 ///     classes: { "bulk": (connections: 3, rate_down: 4000000) },
+///     past: { day: { "2026-11-22": { "process:firefox": (down: "3GB") } } },
 /// )
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -215,6 +226,10 @@ pub trait UsageView: Send + Sync {
 pub struct StaticUsage {
     pub usage: BTreeMap<Period, BTreeMap<UsageKey, Usage>>,
     pub classes: BTreeMap<String, ClassStats>,
+    /// Finished periods by id ([`period_id`]), for [`UsageView::usage_ago`].
+    pub past: BTreeMap<Period, Arc<Past>>,
+    /// The day months start on, to find past months' ids (0 reads as 1).
+    pub month_start_day: u8,
 }
 
 impl StaticUsage {
@@ -248,6 +263,16 @@ impl UsageView for StaticUsage {
 
     fn class(&self, name: &str) -> Option<ClassStats> {
         self.classes.get(name).copied()
+    }
+
+    fn usage_ago(&self, period: Period, key: &UsageKey, ago: u32, now: &jiff::Zoned) -> Usage {
+        if ago == 0 {
+            return self.usage(period, key);
+        }
+        periods_ago(period, now, ago)
+            .map(|then| period_id(period, &then, self.month_start_day))
+            .and_then(|id| self.past.get(&period)?.get(&id)?.get(key).copied())
+            .unwrap_or_default()
     }
 }
 

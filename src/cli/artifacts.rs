@@ -102,6 +102,14 @@ const MAIN_PAGE_SECTIONS: &[(&str, &[(&str, &str)])] = &[
                 "Usage per hour, day, week and month, saved every 10 s and at shutdown.",
             ),
             (
+                "/var/lib/shaper/history.ron",
+                "Usage of past hours (48), days (400) and months (36), read by shaper usage.",
+            ),
+            (
+                "/var/lib/shaper/events.ron",
+                "Policy events already passed in their period (shaper.notify).",
+            ),
+            (
                 "/run/shaper/shaper.pid, /run/shaper/shaper.sock",
                 "The running daemon's pid file and control socket (mode 0600), used by `status`, \
                  `reload` and `stop`.",

@@ -112,3 +112,21 @@ pub fn control(cli: &super::Cli, args: &ControlArgs, request: Request) -> anyhow
         Ok(ExitCode::FAILURE)
     }
 }
+
+/// `shaper metrics`: the running daemon's Prometheus metrics (OpenMetrics text).
+pub fn metrics(cli: &super::Cli, args: &ControlArgs) -> anyhow::Result<ExitCode> {
+    let dir = runtime_dir(cli, &args.runtime_dir)?;
+    let response = service::request(&dir, &Request::Metrics)?;
+    match response.metrics {
+        Some(text) => {
+            print!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+        None => anyhow::bail!(
+            "{}",
+            response
+                .error
+                .unwrap_or_else(|| "this shaper daemon does not serve metrics; restart it".into())
+        ),
+    }
+}

@@ -72,6 +72,9 @@ pub fn init(verbose: u8, quiet: u8, config_level: Option<&str>) {
     // the terminal.
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
     if journal && let Ok(journald) = tracing_journald::layer() {
+        // Fields go to the journal under their own names, so an event's `message_id` is the
+        // journal's MESSAGE_ID (see `daemon::events`).
+        let journald = journald.with_field_prefix(None);
         let _ = registry.with(journald).try_init();
         return;
     }

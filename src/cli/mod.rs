@@ -12,6 +12,7 @@ pub mod snapshot;
 pub mod status;
 pub mod table;
 pub mod top;
+pub mod usage;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -69,6 +70,17 @@ pub enum Command {
     /// `s` or 1-9 sorts, `/` filters, `q` quits. Works for members of `status_group` without
     /// root. Exits 3 when no daemon runs or when it stops.
     Top(top::TopArgs),
+    /// Show the usage history: bytes per hour, day or month, by link, process, user or class
+    ///
+    /// Reads history.ron and usage.ron in the state dir (no daemon needed). Finished periods
+    /// keep the top names of each kind, the rest under "(other)".
+    Usage(usage::UsageArgs),
+    /// Print the running daemon's Prometheus metrics (OpenMetrics text)
+    ///
+    /// Bytes per link, class, user and process name, rates, limits, cycle timings and policy
+    /// errors. Set metrics_listen (or --metrics-listen on run) to have Prometheus scrape them
+    /// over HTTP instead.
+    Metrics(daemon::ControlArgs),
     /// Make the running daemon re-read its policy script (checked before it replaces the old)
     Reload(daemon::ControlArgs),
     /// Stop the running daemon; it removes everything it installed
@@ -165,6 +177,14 @@ pub struct ConfigArgs {
     /// socket becomes 0660 with this group; `reload` and `stop` stay root's)
     #[arg(long, value_name = "GROUP")]
     pub status_group: Option<String>,
+    /// Serve Prometheus metrics on ADDR (GET /metrics), e.g. 127.0.0.1:9639 [default: not
+    /// served]
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Program run for each policy event (shaper.notify), with SHAPER_EVENT, SHAPER_MESSAGE,
+    /// SHAPER_PERIOD and SHAPER_TIME in its environment [default: none]
+    #[arg(long, value_name = "PROGRAM", value_parser = path_arg)]
+    pub notify_command: Option<PathBuf>,
 }
 
 /// A path flag: relative paths are taken from the current directory now, because the daemon
@@ -209,6 +229,8 @@ impl ConfigArgs {
         set(&mut config.classifier, &self.classifier);
         set_some(&mut config.cgroup, &self.cgroup);
         set_some(&mut config.status_group, &self.status_group);
+        set_some(&mut config.metrics_listen, &self.metrics_listen);
+        set_some(&mut config.notify_command, &self.notify_command);
     }
 }
 
@@ -254,6 +276,14 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             // Log lines would scribble over the screen: errors only, and those end `top`.
             logging::init(cli.verbose, cli.quiet, Some("error"));
             top::run(&daemon::runtime_dir(cli, &args.runtime_dir)?)
+        }
+        Command::Usage(args) => {
+            logging::init(cli.verbose, cli.quiet, None);
+            usage::run(cli, args)
+        }
+        Command::Metrics(args) => {
+            logging::init(cli.verbose, cli.quiet, None);
+            daemon::metrics(cli, args)
         }
         Command::Reload(args) => {
             logging::init(cli.verbose, cli.quiet, None);

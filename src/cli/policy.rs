@@ -347,6 +347,8 @@ struct SimulateJson<'a> {
     classes: Vec<&'a crate::policy::ClassDef>,
     decisions: Vec<DecisionRow>,
     errors: &'a [ErrorEntry],
+    /// What the policy raised with `shaper.notify` (the daemon would pass each once a period).
+    notices: &'a [crate::policy::Notice],
 }
 
 pub fn simulate(args: &SimulateArgs) -> anyhow::Result<ExitCode> {
@@ -375,11 +377,18 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<ExitCode> {
             classes: outcome.classes.classes.values().collect(),
             decisions: rows,
             errors: errors.entries(),
+            notices: &outcome.notices,
         };
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!("at {at}; classes {}", describe_classes(&outcome));
         print_table(&rows);
+        for n in &outcome.notices {
+            println!(
+                "notify {}: {} (passed on once a {})",
+                n.name, n.message, n.period
+            );
+        }
         print_errors(errors.entries());
     }
     Ok(if errors.is_empty() {

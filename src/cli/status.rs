@@ -200,5 +200,15 @@ pub fn render(report: &StatusReport) -> String {
             let _ = writeln!(out, "  {} (x{})", e.message, e.count);
         }
     }
+    if !report.events.is_empty() {
+        out.push_str(
+            "
+recent events:
+",
+        );
+        for e in report.events.iter().rev().take(5) {
+            let _ = writeln!(out, "  {} {}: {}", e.at, e.name, e.message);
+        }
+    }
     out
 }

@@ -106,6 +106,8 @@ pub struct Outcome {
     pub fallbacks: usize,
     /// Set when the policy failed as a whole; the decisions are then the previous ones.
     pub failure: Option<PolicyError>,
+    /// What the policy raised with `shaper.notify` (see [`super::events`]).
+    pub notices: Vec<crate::policy::Notice>,
 }
 
 /// The pipeline and what it keeps between cycles: the policy engine, the lookup cache and the
@@ -261,6 +263,7 @@ impl Cycle {
                 decided,
                 fallbacks: outcome.fallbacks,
                 failure: outcome.failure,
+                notices: outcome.notices,
             }
         });
 

@@ -5,9 +5,11 @@
 
 pub mod bpf;
 pub mod cycle;
+pub mod events;
 pub mod flows;
 pub mod iflock;
 pub mod latency;
+pub mod metrics;
 pub mod service;
 pub mod startup;
 pub mod status;
@@ -148,6 +150,8 @@ pub struct Daemon {
     bpf: Option<bpf::BpfState>,
     /// What the fast path costs (for `status`).
     fast_path_stats: latency::FastPathStats,
+    /// Events the policy raised (`shaper.notify`).
+    events: events::Events,
 }
 
 fn mtime(path: &Path) -> Option<SystemTime> {
@@ -198,6 +202,11 @@ impl Daemon {
         };
         let interfaces = names.into_iter().map(Interface::new).collect();
         let script_mtimes = watched_files(cycle.engine());
+        let events = events::Events::load(
+            events::events_path(&config.state_dir),
+            config.notify_command.clone(),
+            config.month_start_day,
+        );
         Ok(Daemon {
             rate: RateSource::new(
                 config.rate,
@@ -228,6 +237,7 @@ impl Daemon {
             script_mtimes,
             bpf: None,
             fast_path_stats: latency::FastPathStats::default(),
+            events,
         })
     }
 
@@ -289,13 +299,16 @@ impl Daemon {
             Inputs {
                 now: now.clone(),
                 interface: self.interfaces.first().map(|i| i.name.clone()),
-                usage: std::sync::Arc::new(self.accounting.view()),
+                usage: std::sync::Arc::new(self.accounting.view_at(&now)),
                 accounting: Some(&mut self.accounting),
                 links: &links,
                 rates,
             },
             &mut self.timings,
         );
+        let mut outcome = outcome;
+        self.events
+            .raise(std::mem::take(&mut outcome.notices), &now);
         self.last = Some(outcome);
         let mut shape_time = std::time::Duration::ZERO;
         stage("shape", &mut shape_time, || {
@@ -333,12 +346,13 @@ impl Daemon {
         let sockets = new.iter().map(bpf::created_socket).collect();
         let links = Vec::new();
         let mut fast_timings = Timings::default();
-        let outcome = self.cycle.run(
+        let now = (self.clock)();
+        let mut outcome = self.cycle.run(
             Sockets::Created(sockets),
             Inputs {
-                now: (self.clock)(),
+                now: now.clone(),
                 interface: self.interfaces.first().map(|i| i.name.clone()),
-                usage: std::sync::Arc::new(self.accounting.view()),
+                usage: std::sync::Arc::new(self.accounting.view_at(&now)),
                 accounting: None,
                 links: &links,
                 rates: Rates {
@@ -352,6 +366,8 @@ impl Daemon {
         if let Some(e) = &outcome.failure {
             tracing::debug!("fast path: policy failed ({e}); the next cycle decides again");
         }
+        self.events
+            .raise(std::mem::take(&mut outcome.notices), &now);
         for i in 0..self.interfaces.len() {
             self.shape_interface(i);
         }

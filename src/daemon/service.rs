@@ -60,6 +60,8 @@ pub enum Request {
     },
     Reload,
     Stop,
+    /// The Prometheus metrics ([`super::metrics::render`]).
+    Metrics,
 }
 
 /// The answer (one JSON line).
@@ -70,6 +72,9 @@ pub struct Response {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<StatusReport>,
+    /// The metrics text, for [`Request::Metrics`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
 }
 
 impl Response {
@@ -78,6 +83,7 @@ impl Response {
             ok: true,
             error: None,
             status: None,
+            metrics: None,
         }
     }
     fn error(e: impl ToString) -> Response {
@@ -85,6 +91,7 @@ impl Response {
             ok: false,
             error: Some(e.to_string()),
             status: None,
+            metrics: None,
         }
     }
 }
@@ -210,6 +217,7 @@ pub fn run(mut config: Config, options: RunOptions) -> anyhow::Result<ExitCode> 
         .then(|| super::iflock::InterfaceLock::acquire(&config.interfaces))
         .transpose()?;
     let interval = config.interval.duration();
+    let metrics_listen = config.metrics_listen;
     let (commands, inbox) = mpsc::channel::<Command>();
     let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<()>>();
     let cycle = std::thread::Builder::new()
@@ -246,7 +254,12 @@ pub fn run(mut config: Config, options: RunOptions) -> anyhow::Result<ExitCode> 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let result = runtime.block_on(serve(&socket_path, status_group, commands.clone()));
+    let result = runtime.block_on(serve(
+        &socket_path,
+        status_group,
+        metrics_listen,
+        commands.clone(),
+    ));
     // Closes the clients still connected.
     drop(runtime);
     let _ = std::fs::remove_file(&socket_path);
@@ -267,12 +280,46 @@ pub fn run(mut config: Config, options: RunOptions) -> anyhow::Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
+/// Listens on `metrics_listen`; a failure is logged and the daemon runs on without it (shaping
+/// matters more than its metrics).
+async fn metrics_listener(
+    metrics_listen: Option<std::net::SocketAddr>,
+) -> Option<tokio::net::TcpListener> {
+    let addr = metrics_listen?;
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => {
+            tracing::info!("serving metrics on http://{addr}/metrics");
+            Some(listener)
+        }
+        Err(e) => {
+            tracing::error!(
+                "cannot serve metrics on {addr} ({e}); running without (check metrics_listen)"
+            );
+            None
+        }
+    }
+}
+
+/// The metrics from the cycle thread, or `None` when it is gone.
+async fn ask_metrics(commands: mpsc::Sender<Command>) -> Option<String> {
+    let (reply, done) = tokio::sync::oneshot::channel();
+    commands
+        .send(Command {
+            request: Request::Metrics,
+            reply,
+        })
+        .ok()?;
+    done.await.ok()?.metrics
+}
+
 async fn serve(
     socket_path: &Path,
     group: Option<StatusGroup>,
+    metrics_listen: Option<std::net::SocketAddr>,
     commands: mpsc::Sender<Command>,
 ) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
+    let metrics = metrics_listener(metrics_listen).await;
     let listener = tokio::net::UnixListener::bind(socket_path)
         .with_context(|| format!("cannot create the control socket {}", socket_path.display()))?;
     let mode = match &group {
@@ -306,6 +353,25 @@ async fn serve(
             _ = term.recv() => { tracing::info!("SIGTERM: stopping"); return Ok(()); }
             _ = int.recv() => { tracing::info!("SIGINT: stopping"); return Ok(()); }
             _ = stop_rx.recv() => return Ok(()),
+            Some(accepted) = async {
+                match &metrics {
+                    Some(l) => Some(l.accept().await),
+                    None => std::future::pending().await,
+                }
+            } => {
+                let Ok((stream, _)) = accepted else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                // Metrics clients share the control clients' limit.
+                if let Ok(slot) = slots.clone().try_acquire_owned() {
+                    let commands = commands.clone();
+                    tokio::spawn(async move {
+                        super::metrics::serve_http(stream, ask_metrics(commands)).await;
+                        drop(slot);
+                    });
+                }
+            }
             _ = hup.recv() => {
                 // Answered by nobody: the reload is logged, and signals keep being handled.
                 let (reply, _) = tokio::sync::oneshot::channel();
@@ -458,6 +524,10 @@ fn cycle_loop(daemon: &mut Daemon, interval: Duration, inbox: &mpsc::Receiver<Co
         let response = match command.request {
             Request::Status { all } => Response {
                 status: Some(StatusReport::of(daemon, all)),
+                ..Response::ok()
+            },
+            Request::Metrics => Response {
+                metrics: Some(super::metrics::render(daemon)),
                 ..Response::ok()
             },
             Request::Reload => {

@@ -262,6 +262,9 @@ pub struct StatusReport {
     /// The last failed usage save (cleared by a successful one).
     #[serde(default)]
     pub usage_save_error: Option<Failure>,
+    /// The last events the policy raised (`shaper.notify`), oldest first.
+    #[serde(default)]
+    pub events: Vec<super::events::Event>,
 }
 
 fn ms(d: std::time::Duration) -> f64 {
@@ -443,6 +446,7 @@ impl StatusReport {
             warnings: daemon.cycle.capacity_warning().into_iter().collect(),
             reload_error: daemon.reload_error.clone(),
             usage_save_error: daemon.usage_save_error.clone(),
+            events: daemon.events.recent(),
         }
     }
 }

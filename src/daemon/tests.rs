@@ -62,17 +62,23 @@ fn at(text: &str) -> jiff::Zoned {
 
 impl Rig {
     fn new() -> Rig {
+        Rig::build(POLICY, |_| {})
+    }
+
+    /// A rig running `policy`, with `configure` applied to its configuration.
+    fn build(policy: &str, configure: impl FnOnce(&mut Config)) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let script = dir.path().join("policy.lua");
-        std::fs::write(&script, POLICY).unwrap();
+        std::fs::write(&script, policy).unwrap();
         std::fs::create_dir(dir.path().join("proc")).unwrap();
-        let config = Config {
+        let mut config = Config {
             interfaces: vec!["eth0".into()],
             script,
             state_dir: dir.path().join("state"),
             usage_flush_interval: Interval::from_millis(3_600_000),
             ..Config::default()
         };
+        configure(&mut config);
         let sockets = FakeSockets::default();
         let kernel = RecordingBackend::default();
         kernel.add_link("eth0");
@@ -96,6 +102,24 @@ impl Rig {
             clock,
             _dir: dir,
         }
+    }
+
+    /// A new daemon on the same configuration, state dir, sockets, kernel and clock, as after
+    /// a restart; the old one is dropped without a flush (as by SIGKILL) unless the test
+    /// flushed it.
+    fn restart(&mut self) {
+        let read_clock = self.clock.clone();
+        let parts = Parts {
+            sockets: Box::new(self.sockets.clone()),
+            tc: Box::new(self.kernel.clone()),
+            proc_root: self._dir.path().join("proc"),
+            clock: Box::new(move || read_clock.lock().unwrap().clone()),
+        };
+        let options = RunOptions {
+            script_named: true,
+            ..RunOptions::default()
+        };
+        self.daemon = Daemon::with_parts(self.daemon.config.clone(), options, parts).unwrap();
     }
 
     fn set_sockets(&self, sockets: Vec<Socket>) {
@@ -466,4 +490,161 @@ fn status_json_gives_numbers_and_the_tc_handles_installed() {
     let handle = ssh["handle"].as_str().unwrap();
     assert!(text.contains("HANDLE") && text.contains(handle), "{text}");
     assert!(text.contains("1mbit"), "{text}");
+}
+
+/// The shipped monthly-quota example on a stepped clock: "80 %" and "95 %" pass once each in
+/// November however many cycles see them, "80 %" again in December; each reaches
+/// `notify_command` (a script writing its environment to a file), `status` and the metrics.
+#[test]
+fn quota_warnings_pass_once_per_threshold_per_month() {
+    use std::os::unix::fs::PermissionsExt;
+    let hooks = tempfile::tempdir().unwrap();
+    let log = hooks.path().join("events.log");
+    let hook = hooks.path().join("hook.sh");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\n{{ env | grep ^SHAPER_ | sort; echo ---; }} >> {}\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let policy = include_str!("../../examples/monthly-quota.lua");
+    let mut rig = Rig::build(policy, |c| c.notify_command = Some(hook.clone()));
+    rig.set_sockets(vec![socket(443, 1)]);
+    let gb = 1_000_000_000;
+    let step = |rig: &mut Rig, time: &str, tx: u64| {
+        rig.set_time(time);
+        rig.kernel.count("eth0", tx, 0);
+        rig.tick();
+    };
+    step(&mut rig, "2026-11-23T09:00:00", 0);
+    step(&mut rig, "2026-11-23T09:00:01", 79 * gb);
+    assert!(rig.daemon.events.recent().is_empty(), "79 %: nothing yet");
+    step(&mut rig, "2026-11-23T09:00:02", 2 * gb);
+    step(&mut rig, "2026-11-23T09:00:03", 0);
+    step(&mut rig, "2026-11-24T12:00:00", 0);
+    step(&mut rig, "2026-11-25T12:00:00", 15 * gb);
+    step(&mut rig, "2026-11-26T12:00:00", gb);
+    step(&mut rig, "2026-12-01T00:00:10", gb);
+    step(&mut rig, "2026-12-02T00:00:10", 85 * gb);
+    step(&mut rig, "2026-12-03T00:00:10", gb);
+    let passed: Vec<(String, String)> = rig
+        .daemon
+        .events
+        .recent()
+        .into_iter()
+        .map(|e| (e.message, e.period_id))
+        .collect();
+    let nov = "2026-11 from day 1".to_string();
+    let dec = "2026-12 from day 1".to_string();
+    let msg = |p: u32| format!("{p} % of this month's 100 GB used");
+    assert_eq!(
+        passed,
+        [(msg(80), nov.clone()), (msg(95), nov), (msg(80), dec)]
+    );
+    let status = super::status::StatusReport::of(&rig.daemon, false);
+    assert_eq!(status.events.len(), 3);
+    let metrics = super::metrics::render(&rig.daemon);
+    assert!(
+        metrics.contains("shaper_events_total{name=\"quota\"} 3"),
+        "{metrics}"
+    );
+    // The hook runs on its own: wait for its three records.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.matches("---").count() >= 3 || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(text.matches("---").count(), 3, "{text}");
+    assert_eq!(text.matches("SHAPER_EVENT=quota").count(), 3, "{text}");
+    assert!(
+        text.contains(&format!("SHAPER_MESSAGE={}", msg(95))),
+        "{text}"
+    );
+    assert!(text.contains("SHAPER_PERIOD=month"), "{text}");
+    assert!(
+        text.contains("SHAPER_PERIOD_ID=2026-12 from day 1"),
+        "{text}"
+    );
+}
+
+/// What passed is remembered across a restart: the same warning is not raised again in its
+/// period, and is in the next.
+#[test]
+fn events_passed_are_remembered_across_a_restart() {
+    use super::events::{Events, events_path};
+    use crate::account::Period;
+    use crate::policy::Notice;
+    let dir = tempfile::tempdir().unwrap();
+    let notice = || Notice {
+        name: "quota".into(),
+        message: "80 %".into(),
+        period: Period::Month,
+    };
+    let mut events = Events::load(events_path(dir.path()), None, 1);
+    events.raise(vec![notice(), notice()], &at("2026-11-23T09:00:00"));
+    assert_eq!(events.recent().len(), 1);
+    let mut again = Events::load(events_path(dir.path()), None, 1);
+    again.raise(vec![notice()], &at("2026-11-30T09:00:00"));
+    assert_eq!(again.recent().len(), 1, "not raised again in November");
+    assert!(again.counts().is_empty());
+    again.raise(vec![notice()], &at("2026-12-01T09:00:00"));
+    assert_eq!(again.recent().len(), 2, "raised in December");
+}
+
+/// The policy reads yesterday's link usage (`ctx.usage("day", "link", 1)`) after midnight, from
+/// the running daemon's history and after a restart that lost everything since the last flush.
+#[test]
+fn the_policy_reads_yesterday_after_midnight_and_after_a_kill() {
+    let policy = r#"
+classes = { bulk = {} }
+function classify(conn, ctx)
+  if ctx.usage("day", "link", 1).total == 5000 then return "bulk" end
+end
+"#;
+    let mut rig = Rig::build(policy, |_| {});
+    rig.set_sockets(vec![socket(443, 1)]);
+    let class = |rig: &Rig| {
+        rig.daemon
+            .cycle
+            .flows()
+            .get(1)
+            .unwrap()
+            .decision
+            .class
+            .to_string()
+    };
+    rig.set_time("2026-11-23T23:59:00");
+    rig.tick();
+    rig.kernel.count("eth0", 5000, 0);
+    rig.set_time("2026-11-23T23:59:30");
+    rig.tick();
+    assert_eq!(class(&rig), "default");
+    rig.daemon.flush(&at("2026-11-23T23:59:30"));
+    rig.set_time("2026-11-24T00:00:30");
+    rig.tick();
+    assert_eq!(
+        class(&rig),
+        "bulk",
+        "yesterday, from the running daemon's history"
+    );
+    // Killed before the next flush: the 23rd is still the current day in usage.ron.
+    rig.restart();
+    rig.tick();
+    assert_eq!(
+        class(&rig),
+        "bulk",
+        "yesterday, archived from usage.ron at start"
+    );
+    // Flushed and restarted cleanly: from history.ron.
+    rig.daemon.flush(&at("2026-11-24T00:00:30"));
+    std::fs::remove_file(rig._dir.path().join("state/usage.ron")).unwrap();
+    rig.restart();
+    rig.tick();
+    assert_eq!(class(&rig), "bulk", "yesterday, from history.ron");
 }

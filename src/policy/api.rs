@@ -165,12 +165,19 @@ pub(crate) fn process_value(lua: &Lua, pid: Pid) -> mlua::Result<Value> {
     Ok(Value::Table(t))
 }
 
-/// `raw.usage(period, key)` → up, down (bytes).
-pub(crate) fn usage(lua: &Lua, (period, key): (String, String)) -> mlua::Result<(u64, u64)> {
+/// `raw.usage(period, key, ago)` → up, down (bytes): the current period, or the one `ago`
+/// periods before it (1 = yesterday for `"day"`).
+pub(crate) fn usage(
+    lua: &Lua,
+    (period, key, ago): (String, String, Option<u32>),
+) -> mlua::Result<(u64, u64)> {
     let period: Period = period.parse().map_err(mlua::Error::runtime)?;
     let key: UsageKey = key.parse().map_err(mlua::Error::runtime)?;
     with_input(lua, |input| {
-        let u = input.usage.usage(period, &key);
+        let u = match ago.unwrap_or(0) {
+            0 => input.usage.usage(period, &key),
+            ago => input.usage.usage_ago(period, &key, ago, &input.now),
+        };
         (u.up.bytes(), u.down.bytes())
     })
 }
@@ -313,8 +320,64 @@ impl UserData for CidrSet {
 }
 
 /// The native half of the `shaper` library, passed to it when it is required.
+/// What `shaper.notify` raised in the running cycle, as VM app data.
+#[derive(Default)]
+pub(crate) struct Notices(pub Vec<super::Notice>);
+
+/// Most distinct notices one cycle may raise; more are an error (a message built from a
+/// connection's fields would otherwise raise one per connection).
+const MAX_NOTICES: usize = 16;
+
+/// `shaper.notify(name, message [, period])`: records the notice for the daemon.
+fn notify(
+    lua: &Lua,
+    (name, message, period): (String, String, Option<String>),
+) -> mlua::Result<()> {
+    let valid_name = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+    if !valid_name {
+        return Err(mlua::Error::runtime(format!(
+            "shaper.notify: name {name:?} must be 1 to 64 letters, digits, '_', '-' or '.' \
+             (it names the event in metrics and hooks)"
+        )));
+    }
+    if message.len() > 1024 {
+        return Err(mlua::Error::runtime(
+            "shaper.notify: the message is longer than 1024 bytes",
+        ));
+    }
+    let period: Period = period
+        .as_deref()
+        .unwrap_or("day")
+        .parse()
+        .map_err(|e| mlua::Error::runtime(format!("shaper.notify: {e}")))?;
+    let mut notices = lua.app_data_mut::<Notices>().ok_or_else(|| {
+        mlua::Error::runtime("shaper.notify is only valid during a cycle (in classify or classes)")
+    })?;
+    let notice = super::Notice {
+        name,
+        message,
+        period,
+    };
+    if notices.0.contains(&notice) {
+        return Ok(());
+    }
+    if notices.0.len() >= MAX_NOTICES {
+        return Err(mlua::Error::runtime(format!(
+            "shaper.notify: more than {MAX_NOTICES} different notices in one cycle; keep \
+             messages free of per-connection details"
+        )));
+    }
+    notices.0.push(notice);
+    Ok(())
+}
+
 pub(crate) fn natives(lua: &Lua) -> mlua::Result<mlua::Table> {
     let t = lua.create_table()?;
+    t.set("notify", lua.create_function(notify)?)?;
     t.set(
         "rate",
         lua.create_function(|_, text: String| {

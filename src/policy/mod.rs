@@ -142,6 +142,17 @@ pub struct CycleOutcome {
     pub fallbacks: usize,
     /// Set when the cycle failed as a whole; the decisions are then the previous ones.
     pub failure: Option<PolicyError>,
+    /// What the policy raised with `shaper.notify`, each once (the daemon rate-limits them).
+    pub notices: Vec<Notice>,
+}
+
+/// An event a policy raised with `shaper.notify(name, message [, period])`: the daemon passes
+/// it on at most once per name and message per `period`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Notice {
+    pub name: String,
+    pub message: String,
+    pub period: crate::account::Period,
 }
 
 enum Request {
@@ -476,6 +487,7 @@ impl Engine {
             fallbacks: decisions.len(),
             decisions,
             failure: Some(failure),
+            notices: Vec::new(),
         }
     }
 
@@ -511,6 +523,7 @@ impl Engine {
             decisions,
             fallbacks,
             failure: None,
+            notices: cycle.notices,
         }
     }
 }

@@ -179,19 +179,21 @@ local function make_ctx(now, time, interface, rate, connection_rate)
     rate = rate, connection_rate = connection_rate,
   }
 
-  function ctx.usage(period, key)
+  function ctx.usage(period, key, ago)
     key = key or "link"
     local per = usage_cache[period]
     if per == nil then
       per = {}
       usage_cache[period] = per
     end
-    local u = per[key]
+    local ck = key
+    if ago ~= nil and ago ~= 0 then ck = key .. "\0" .. tostring(ago) end
+    local u = per[ck]
     if u == nil then
-      local ok, up, down = pcall(raw.usage, period, key)
+      local ok, up, down = pcall(raw.usage, period, key, ago)
       if not ok then error(up, 2) end
       u = { up = up, down = down, total = up + down }
-      per[key] = u
+      per[ck] = u
     end
     return u
   end

@@ -239,6 +239,7 @@ fn install_hook(lua: &Lua, state: HookState, every_line: bool) -> mlua::Result<(
 pub(crate) struct VmCycle {
     pub classes: ClassSet,
     pub decisions: Vec<Result<Decision, Fault>>,
+    pub notices: Vec<super::Notice>,
 }
 
 pub(crate) struct Vm {
@@ -439,6 +440,7 @@ impl Vm {
         options: &EngineOptions,
     ) -> Result<VmCycle, PolicyError> {
         self.lua.set_app_data(Current(input.clone()));
+        self.lua.set_app_data(api::Notices::default());
         let cache = self.lua.create_table().map(|tables| api::ProcessCache {
             tables,
             meta: self.process_meta.clone(),
@@ -452,6 +454,7 @@ impl Vm {
         };
         self.lua.remove_app_data::<Current>();
         self.lua.remove_app_data::<api::ProcessCache>();
+        self.lua.remove_app_data::<api::Notices>();
         result
     }
 
@@ -517,7 +520,16 @@ impl Vm {
             }
         }
         self.start_call(None);
-        Ok(VmCycle { classes, decisions })
+        let notices = self
+            .lua
+            .remove_app_data::<api::Notices>()
+            .map(|n| n.0)
+            .unwrap_or_default();
+        Ok(VmCycle {
+            classes,
+            decisions,
+            notices,
+        })
     }
 
     /// A position recorded by the hook, read with `which`.

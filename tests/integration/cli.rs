@@ -458,3 +458,123 @@ fn status_exits_3_when_no_daemon_runs() {
         .unwrap();
     assert_eq!(out.status.code(), Some(3));
 }
+
+/// `shaper usage` over a history written by the library and today's usage file: per-period
+/// rows for the link, per-name sums from `--since`, JSON integers, and a bar per row.
+#[test]
+fn usage_prints_the_history_by_link_and_by_process() {
+    use shaper::account::history::{History, history_path};
+    use shaper::account::{Period, Usage, UsageKey, period_id};
+    use shaper::units::Size;
+    let dir = tempfile::tempdir().unwrap();
+    let usage_path = dir.path().join("usage.ron");
+    let now = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC);
+    let day = |ago: i64| {
+        period_id(
+            Period::Day,
+            &now.checked_sub(jiff::Span::new().days(ago)).unwrap(),
+            1,
+        )
+    };
+    let figures = |pairs: &[(&str, u64)]| {
+        pairs
+            .iter()
+            .map(|(k, down)| {
+                let u = Usage {
+                    up: Size::from_bytes(0),
+                    down: Size::from_bytes(*down),
+                };
+                (k.parse::<UsageKey>().unwrap(), u)
+            })
+            .collect()
+    };
+    let mut history = History::default();
+    history.archive(
+        Period::Day,
+        day(2),
+        figures(&[("link", 4000), ("process:curl", 3000), ("process:ssh", 500)]),
+    );
+    history.archive(
+        Period::Day,
+        day(1),
+        figures(&[("link", 2000), ("process:ssh", 1500)]),
+    );
+    history.save(&history_path(&usage_path)).unwrap();
+    std::fs::write(
+        &usage_path,
+        format!(
+            "(version: 1, saved_at: 0, periods: {{ day: (id: {:?}, usage: {{ \"link\": (down: \"1000B\"), \"process:curl\": (down: \"800B\") }}) }})",
+            day(0)
+        ),
+    )
+    .unwrap();
+    let config = dir.path().join("shaper.ron");
+    std::fs::write(&config, "()").unwrap();
+    let run = |args: &[&str]| {
+        let out = output(
+            shaper()
+                .env("TZ", "UTC")
+                .arg("--config")
+                .arg(&config)
+                .args(["usage", "--state-dir"])
+                .arg(dir.path())
+                .args(args),
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{}\n{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let json: serde_json::Value = serde_json::from_str(&run(&["--json"])).unwrap();
+    let rows = json["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{json}");
+    assert_eq!(rows[0]["name"], day(2));
+    assert_eq!(rows[0]["down"], 4000);
+    assert_eq!(rows[2]["name"], day(0), "today last");
+    assert_eq!(rows[2]["total"], 1000);
+    // By process since two days ago: summed, biggest first.
+    let since = day(2);
+    let json: serde_json::Value =
+        serde_json::from_str(&run(&["--by", "process", "--since", &since, "--json"])).unwrap();
+    let names: Vec<(String, u64)> = json["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["name"].as_str().unwrap().to_string(),
+                r["total"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [("curl".to_string(), 3800), ("ssh".to_string(), 2000)]
+    );
+    // Without --since: today's only.
+    let json: serde_json::Value =
+        serde_json::from_str(&run(&["--by", "process", "--json"])).unwrap();
+    assert_eq!(json["rows"].as_array().unwrap().len(), 1, "{json}");
+    // The table: a header, a bar per row (plain, not a terminal), the longest full.
+    let table = run(&["--by", "process", "--since", &since]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[1].starts_with("PROCESS") && lines[1].contains("TOTAL"),
+        "{table}"
+    );
+    assert!(
+        lines[2].starts_with("curl") && lines[2].ends_with(&"#".repeat(20)),
+        "{table}"
+    );
+    assert!(
+        lines[3].starts_with("ssh") && lines[3].ends_with(&"#".repeat(10)),
+        "{table}"
+    );
+    // A bad date is a usage error naming the format.
+    let out = output(shaper().args(["usage", "--since", "yesterday"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("YYYY-MM-DD"));
+}

@@ -140,6 +140,19 @@ fn monthly_quota_slows_down_gradually() {
         "interactive keeps 2 Mbit/s"
     );
     assert_eq!(over.class("ssh"), "interactive");
+    // The warnings it would raise: none at 50 %, 80 % at 85 %, both past the cap.
+    let notices = |s: &Simulation| -> Vec<String> {
+        s.json["notices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| format!("{} {} {}", n["name"], n["period"], n["message"]))
+            .collect()
+    };
+    assert!(notices(&early).is_empty());
+    let warn = |p: u32| format!("\"quota\" \"month\" \"{p} % of this month's 100 GB used\"");
+    assert_eq!(notices(&later), [warn(80)]);
+    assert_eq!(notices(&over), [warn(80), warn(95)]);
 }
 
 #[test]

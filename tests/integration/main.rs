@@ -11,6 +11,7 @@ mod control;
 mod daemon;
 mod examples;
 mod fastpath;
+mod metrics;
 mod netns_kit;
 mod policy;
 mod probe;

@@ -414,7 +414,11 @@ fn context_carries_time_usage_and_interface() {
     let (_udir, usage) = temp_file(
         "usage.ron",
         r#"(usage: { month: { "link": (down: "41GB") }, day: { "user:alice": (up: "2GB") } },
-            classes: { "bulk": (connections: 3, rate_down: 1000000) })"#,
+            classes: { "bulk": (connections: 3, rate_down: 1000000) },
+            past: {
+                day: { "2026-11-27": { "process:firefox": (down: "3GB") } },
+                month: { "2026-10 from day 1": { "link": (up: "1GB", down: "89GB") } },
+            })"#,
     );
     let policy = Policy::new(
         r#"
@@ -427,6 +431,11 @@ fn context_carries_time_usage_and_interface() {
           assert(os.date("%H:%M", os.time()) == "23:30", "os.date follows the cycle clock")
           assert(ctx.usage("day", "user:alice").up == 2e9, "per-key usage")
           assert(ctx.class("bulk").connections == 3, "class figures")
+          assert(ctx.usage("day", "process:firefox", 1).down == 3e9, "yesterday")
+          assert(ctx.usage("day", "process:firefox", 2).total == 0, "not kept: zero")
+          assert(ctx.usage("day", "process:firefox").total == 0, "today")
+          assert(ctx.usage("month", "link", 1).total == 90e9, "last month")
+          assert(not pcall(ctx.usage, "day", "link", -1), "ago counts back")
           if ctx.usage("month").total > 40 * shaper.GB then return "slow" end
           return "fast"
         end
