@@ -32,6 +32,7 @@
 ---@field gid integer
 ---@field cgroup string|nil       # cgroup v2 path, e.g. "/system.slice/nginx.service"
 ---@field unit string|nil         # systemd unit, e.g. "nginx.service", "app-firefox-1234.scope"
+---@field start_time integer     # start time in clock ticks since boot; with pid, identifies the process
 ---@field parent Process|nil
 ---@field ancestors Process[]     # parent first, up to init
 local Process = {}
@@ -71,6 +72,8 @@ function Process:descends_from(name_or_pid) end
 ---@field now integer        # Unix time of the cycle
 ---@field time Time          # local time of the cycle
 ---@field interface string|nil
+---@field rate {up: integer|nil, down: integer|nil}|nil             # --rate (or its file), bit/s; nil = none
+---@field connection_rate {up: integer|nil, down: integer|nil}|nil  # --connection-rate (or its file)
 local Ctx = {}
 
 --- Bytes moved in the current period ("hour", "day", "week", "month") by `key`:
@@ -102,6 +105,7 @@ function Ctx.rate_file(path, default) end
 ---@field ceil Limit|nil                    # maximum rate
 ---@field each "class"|"process"|"connection"|nil  # what rate/ceil apply to; default "class"
 ---@field description string|nil
+---@field block boolean|nil                 # true: drop every packet of the class's connections
 
 --- The classes: a table, or a function of ctx returning one. `default` always exists.
 ---@type table<string, ClassDef>|fun(ctx: Ctx): table<string, ClassDef>

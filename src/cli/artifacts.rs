@@ -37,6 +37,17 @@ const MAIN_PAGE_SECTIONS: &[(&str, &[(&str, &str)])] = &[
                 "3",
                 "`shaper status`: no daemon is running (the LSB convention).",
             ),
+            (
+                "4",
+                "`shaper run`: the process lacks CAP_NET_ADMIN; run it as root or grant the \
+                 capabilities the message names (LSB: insufficient privilege).",
+            ),
+            (
+                "6",
+                "`shaper run`: nothing can be shaped, every interface being refused (another \
+                 program's root or ingress qdisc; remove it or use `--replace`). A missing \
+                 interface is waited for instead (LSB: not configured).",
+            ),
         ],
     ),
     (
@@ -54,7 +65,17 @@ const MAIN_PAGE_SECTIONS: &[(&str, &[(&str, &str)])] = &[
             (
                 "JOURNAL_STREAM",
                 "Set by systemd when standard error goes to the journal: shaper then logs to \
-                 journald.",
+                 journald (or to standard error without timestamps, which the journal adds).",
+            ),
+            (
+                "NO_COLOR",
+                "When set to anything but the empty string, no colours in the log. Without it, \
+                 colours are used only when standard error is a terminal.",
+            ),
+            (
+                "TZ",
+                "The time zone of log timestamps (local time with its UTC offset), of `--at` and \
+                 of the policy's `ctx.time`.",
             ),
             (
                 "NOTIFY_SOCKET",
@@ -554,6 +575,8 @@ mod tests {
         for expected in [
             "EXIT STATUS",
             "no daemon is running",
+            "CAP_NET_ADMIN",
+            "nothing can be shaped",
             "ENVIRONMENT",
             "SHAPER_CONFIG",
             "FILES",

@@ -3,10 +3,40 @@
 //! The filter comes from, in order of precedence: `-v`/`-q` on the command line, the `SHAPER_LOG`
 //! environment variable (env-filter syntax, e.g. `shaper::scan=debug,info`), the config file's
 //! `log_level`, and finally `info`.
+//!
+//! On stderr each line starts with the local time and its UTC offset (`2026-11-23T19:20:05.123+01:00`),
+//! except under systemd (`JOURNAL_STREAM` set), whose journal stamps every line itself. Colours
+//! are used only when stderr is a terminal and `NO_COLOR` is unset or empty (no-color.org), so a
+//! log file or `journalctl` never holds escape sequences.
+
+use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::FormatTime;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+
+/// The local time with its UTC offset, to the millisecond.
+struct LocalTime;
+
+impl FormatTime for LocalTime {
+    fn format_time(&self, w: &mut Writer<'_>) -> std::fmt::Result {
+        w.write_str(&timestamp(&jiff::Zoned::now()))
+    }
+}
+
+/// How a log line's time is written: `2026-11-23T19:20:05.123+01:00`.
+pub fn timestamp(now: &jiff::Zoned) -> String {
+    now.strftime("%Y-%m-%dT%H:%M:%S%.3f%:z").to_string()
+}
+
+/// Whether to colour the log: only on a terminal, and not when `NO_COLOR` is set to anything
+/// but the empty string.
+pub fn use_color(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
+}
 
 /// The environment variable holding an env-filter directive.
 pub const LOG_ENV: &str = "SHAPER_LOG";
@@ -40,9 +70,8 @@ pub fn init(verbose: u8, quiet: u8, config_level: Option<&str>) {
     // systemd sets JOURNAL_STREAM for services whose stderr goes to the journal; only then is
     // journald the right place. An interactive `shaper check` on a systemd host still prints to
     // the terminal.
-    if std::env::var_os("JOURNAL_STREAM").is_some()
-        && let Ok(journald) = tracing_journald::layer()
-    {
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    if journal && let Ok(journald) = tracing_journald::layer() {
         // Fields go to the journal under their own names, so an event's `message_id` is the
         // journal's MESSAGE_ID (see `daemon::events`).
         let journald = journald.with_field_prefix(None);
@@ -54,13 +83,43 @@ pub fn init(verbose: u8, quiet: u8, config_level: Option<&str>) {
         .with_writer(std::io::stderr)
         .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
         .with_target(false)
+        .with_ansi(use_color(
+            std::io::stderr().is_terminal(),
+            std::env::var_os("NO_COLOR").as_deref(),
+        ))
         .compact();
+    // Under systemd the journal stamps each line already.
+    let stderr = if journal {
+        stderr.without_time().boxed()
+    } else {
+        stderr.with_timer(LocalTime).boxed()
+    };
     let _ = registry.with(stderr).try_init();
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(use_color(true, None));
+        assert!(!use_color(false, None), "a file or a pipe");
+        assert!(!use_color(true, Some(OsStr::new("1"))));
+        assert!(
+            use_color(true, Some(OsStr::new(""))),
+            "empty NO_COLOR means unset"
+        );
+    }
+
+    #[test]
+    fn timestamps_are_local_with_their_offset() {
+        let at: jiff::Zoned = "2026-11-23T19:20:05.123456[Europe/Berlin]".parse().unwrap();
+        assert_eq!(timestamp(&at), "2026-11-23T19:20:05.123+01:00");
+        let utc: jiff::Zoned = "2026-07-01T08:00:00[UTC]".parse().unwrap();
+        assert_eq!(timestamp(&utc), "2026-07-01T08:00:00.000+00:00");
+    }
 
     #[test]
     fn verbosity_moves_from_info() {

@@ -270,7 +270,10 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("shaper: error: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<crate::daemon::startup::StartError>() {
+                Some(start) => ExitCode::from(start.exit_code()),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -315,11 +318,12 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Check(args) => {
             // Problems are printed as the result; the daemon-style warnings would repeat them.
-            logging::init(cli.verbose, cli.quiet, Some("error"));
+            // The script's own `print` is part of the result.
+            logging::init(cli.verbose, cli.quiet, Some(&policy::quiet_filter()));
             policy::check(cli, args)
         }
         Command::Simulate(args) => {
-            logging::init(cli.verbose, cli.quiet, Some("error"));
+            logging::init(cli.verbose, cli.quiet, Some(&policy::quiet_filter()));
             policy::simulate(args)
         }
         Command::Plan(args) => {

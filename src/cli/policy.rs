@@ -16,6 +16,34 @@ use crate::policy::{Engine, EngineOptions, ErrorEntry, PolicyError};
 use crate::process::Snapshot;
 use crate::shape::Capacity;
 
+/// When and with what usage a one-off cycle runs (`check`, `simulate`).
+#[derive(Debug, Clone, Args)]
+pub struct WhenArgs {
+    /// Local time of the cycle (time zone from TZ): "YYYY-MM-DD HH:MM", a weekday and time
+    /// ("Mon 10:00": the next such moment from now, today if still ahead), or a time ("20:00":
+    /// today) [default: now]
+    #[arg(long, value_name = "TIME")]
+    pub at: Option<String>,
+    /// Usage figures for ctx.usage and ctx.class, as RON (format in shaper-policy(7))
+    #[arg(long, value_name = "FILE")]
+    pub usage: Option<PathBuf>,
+}
+
+impl WhenArgs {
+    /// The cycle's time and the usage the policy reads.
+    fn resolve(&self) -> anyhow::Result<(jiff::Zoned, Arc<dyn UsageView>)> {
+        let now = match &self.at {
+            Some(at) => parse_at(at, &jiff::Zoned::now())?,
+            None => jiff::Zoned::now(),
+        };
+        let usage: Arc<dyn UsageView> = match &self.usage {
+            Some(path) => Arc::new(StaticUsage::load(path)?),
+            None => Arc::new(StaticUsage::default()),
+        };
+        Ok((now, usage))
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct CheckArgs {
     /// The policy script to check [default: the configured one, /etc/shaper/policy.lua]
@@ -23,6 +51,8 @@ pub struct CheckArgs {
     /// As root, accept a script not owned by root or writable by others (as `run` would refuse)
     #[arg(long)]
     pub allow_insecure_script: bool,
+    #[command(flatten)]
+    pub when: WhenArgs,
 }
 
 #[derive(Debug, Args)]
@@ -32,12 +62,8 @@ pub struct SimulateArgs {
     /// Connections to classify, as written by `shaper snapshot --ron`
     #[arg(long, value_name = "FILE")]
     pub snapshot: PathBuf,
-    /// Local time of the simulated cycle, "YYYY-MM-DD HH:MM" (time zone from TZ) [default: now]
-    #[arg(long, value_name = "TIME")]
-    pub at: Option<String>,
-    /// Usage figures for ctx.usage and ctx.class, as RON (see docs/policy.md)
-    #[arg(long, value_name = "FILE")]
-    pub usage: Option<PathBuf>,
+    #[command(flatten)]
+    pub when: WhenArgs,
     /// The interface name ctx.interface reports
     #[arg(long, value_name = "IF")]
     pub interface: Option<String>,
@@ -52,37 +78,95 @@ pub fn sample_snapshot() -> Snapshot {
         .expect("the built-in sample parses")
 }
 
-/// Parses `--at`: "YYYY-MM-DD HH:MM" (or with seconds, or ISO 8601's `T`) in the system zone.
-pub fn parse_at(text: &str) -> anyhow::Result<jiff::Zoned> {
-    let tz = jiff::tz::TimeZone::system();
-    let normalized = text.trim().replacen(' ', "T", 1);
-    let civil: jiff::civil::DateTime = normalized.parse().with_context(|| {
-        format!("--at {text:?} is not a local time such as \"2026-11-22 18:30\"")
-    })?;
+/// The log filter of `check` and `simulate` unless `-v`/`-q` or `SHAPER_LOG` say otherwise:
+/// errors, and the script's own `print`.
+pub fn quiet_filter() -> String {
+    format!("error,{}=info", crate::policy::PRINT_TARGET)
+}
+
+/// Parses `--at` in `now`'s time zone: "YYYY-MM-DD HH:MM" (or with seconds, or ISO 8601's `T`);
+/// a weekday and a time, "Mon 10:00" (English names, three letters or whole, any case): the
+/// next such moment at or after `now`; or a time alone, "20:00": today.
+pub fn parse_at(text: &str, now: &jiff::Zoned) -> anyhow::Result<jiff::Zoned> {
+    let tz = now.time_zone().clone();
+    let trimmed = text.trim();
+    let wrong = || {
+        format!(
+            "--at {text:?} is not a local time: write \"2026-11-22 18:30\", \"Mon 10:00\" or \
+             \"20:00\""
+        )
+    };
+    let civil = match trimmed.split_once(' ') {
+        Some((day, time)) if weekday(day).is_some() => {
+            let wanted = weekday(day).unwrap_or(jiff::civil::Weekday::Monday);
+            let time: jiff::civil::Time = time.trim().parse().with_context(wrong)?;
+            let today = now.date();
+            let days_ahead = i64::from(wanted.since(today.weekday()));
+            let mut date = today.checked_add(jiff::Span::new().days(days_ahead))?;
+            if days_ahead == 0 && date.to_datetime(time) < now.datetime() {
+                date = date.checked_add(jiff::Span::new().days(7))?;
+            }
+            date.to_datetime(time)
+        }
+        _ if !trimmed.contains('-') => {
+            let time: jiff::civil::Time = trimmed.parse().with_context(wrong)?;
+            now.date().to_datetime(time)
+        }
+        _ => trimmed.replacen(' ', "T", 1).parse().with_context(wrong)?,
+    };
     civil
         .to_zoned(tz)
         .with_context(|| format!("--at {text:?} does not exist in the local time zone"))
 }
 
+/// An English weekday name, whole or its first three letters, any case.
+fn weekday(name: &str) -> Option<jiff::civil::Weekday> {
+    use jiff::civil::Weekday::*;
+    let lower = name.to_ascii_lowercase();
+    [
+        ("monday", Monday),
+        ("tuesday", Tuesday),
+        ("wednesday", Wednesday),
+        ("thursday", Thursday),
+        ("friday", Friday),
+        ("saturday", Saturday),
+        ("sunday", Sunday),
+    ]
+    .into_iter()
+    .find(|(full, _)| lower.len() >= 3 && full.starts_with(&lower))
+    .map(|(_, day)| day)
+}
+
+/// What a one-off cycle is run with besides the policy and the connections.
+#[derive(Default)]
+pub struct OnceInputs {
+    /// The link capacity (`uplink`/`downlink`).
+    pub link: Capacity,
+    /// `--rate` and `--connection-rate`.
+    pub rates: Rates,
+    /// `ctx.interface`.
+    pub interface: Option<String>,
+}
+
 /// One cycle of `engine` over the recorded connections of `snapshot`, through the daemon's
-/// cycle (no accounting, no rates, nothing installed): the decisions are in its flow table.
+/// cycle (no accounting, nothing installed): the decisions are in its flow table.
 pub fn run_once(
     engine: Engine,
     snapshot: Snapshot,
     now: jiff::Zoned,
     usage: Arc<dyn UsageView>,
-    interface: Option<String>,
+    inputs: OnceInputs,
 ) -> (Cycle, Outcome) {
-    let mut cycle = Cycle::new(engine, Capacity::default(), Path::new("/proc"));
+    let mut cycle = Cycle::new(engine, inputs.link, Path::new("/proc"));
     let outcome = cycle.run(
         Sockets::Recorded(snapshot),
         Inputs {
             now,
-            interface,
+            interface: inputs.interface,
             usage,
             accounting: None,
             links: &[],
-            rates: Rates::default(),
+            rates: inputs.rates,
         },
         &mut Timings::default(),
     );
@@ -156,11 +240,11 @@ fn load(script: &Path, strict_permissions: bool) -> Result<Engine, PolicyError> 
 }
 
 pub fn check(cli: &super::Cli, args: &CheckArgs) -> anyhow::Result<ExitCode> {
-    let script = match &args.script {
-        Some(s) => s.clone(),
-        None => cli.effective_config(&super::ConfigArgs::default())?.script,
-    };
+    // The configuration `run` would use: its capacity decides whether priorities can act.
+    let config = cli.effective_config(&super::ConfigArgs::default())?;
+    let script = args.script.clone().unwrap_or_else(|| config.script.clone());
     let strict = super::daemon::strict_permissions(args.allow_insecure_script);
+    let (now, usage) = args.when.resolve()?;
     let engine = match load(&script, strict) {
         Ok(e) => e,
         Err(e) => {
@@ -168,17 +252,33 @@ pub fn check(cli: &super::Cli, args: &CheckArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
+    let at = describe_at(&now, &args.when);
     let (cycle, outcome) = run_once(
         engine,
         sample_snapshot(),
-        jiff::Zoned::now(),
-        Arc::new(StaticUsage::default()),
-        None,
+        now,
+        usage,
+        OnceInputs {
+            link: Capacity {
+                up: config.uplink,
+                down: config.downlink,
+                framing: crate::shape::Framing {
+                    overhead: config.overhead,
+                    mpu: config.mpu,
+                    link_layer: config.linklayer,
+                },
+            },
+            rates: Rates {
+                rate: config.rate,
+                connection_rate: config.connection_rate,
+            },
+            interface: None,
+        },
     );
     let name = script.display();
     println!("{name}: classes {}", describe_classes(&outcome));
     println!(
-        "decisions for the {} built-in sample connections, now:",
+        "decisions for the {} built-in sample connections, {at}:",
         cycle.flows().len()
     );
     print_table(&decision_rows(cycle.flows()));
@@ -195,6 +295,9 @@ pub fn check(cli: &super::Cli, args: &CheckArgs) -> anyhow::Result<ExitCode> {
             unused.join(", ")
         );
     }
+    if let Some(w) = cycle.capacity_warning() {
+        eprintln!("warning: {w}");
+    }
     let errors = cycle.engine().errors();
     if errors.is_empty() {
         println!("{name}: OK");
@@ -204,6 +307,18 @@ pub fn check(cli: &super::Cli, args: &CheckArgs) -> anyhow::Result<ExitCode> {
         eprintln!("{name}: {} problem(s)", errors.entries().len());
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// "now", or the time `--at` chose, with the usage file when one was given.
+fn describe_at(now: &jiff::Zoned, when: &WhenArgs) -> String {
+    let mut text = match when.at {
+        Some(_) => format!("at {}", now.strftime("%a %Y-%m-%d %H:%M %Z")),
+        None => "now".to_string(),
+    };
+    if let Some(usage) = &when.usage {
+        text.push_str(&format!(" with the usage in {}", usage.display()));
+    }
+    text
 }
 
 fn describe_classes(outcome: &Outcome) -> String {
@@ -221,6 +336,9 @@ fn describe_classes(outcome: &Outcome) -> String {
             }
             if c.each != crate::policy::Each::Class {
                 parts.push(format!("each {}", c.each.as_str()));
+            }
+            if c.block {
+                parts.push("blocked".to_string());
             }
             format!("{} ({})", c.name, parts.join(", "))
         })
@@ -243,17 +361,19 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot read {}", args.snapshot.display()))?;
     let snapshot = Snapshot::from_ron(&text, &args.snapshot.display().to_string())
         .map_err(anyhow::Error::msg)?;
-    let now = match &args.at {
-        Some(at) => parse_at(at)?,
-        None => jiff::Zoned::now(),
-    };
-    let usage: Arc<dyn UsageView> = match &args.usage {
-        Some(path) => Arc::new(StaticUsage::load(path)?),
-        None => Arc::new(StaticUsage::default()),
-    };
+    let (now, usage) = args.when.resolve()?;
     let engine = load(&args.script, false)?;
-    let at = now.strftime("%Y-%m-%d %H:%M %Z").to_string();
-    let (cycle, outcome) = run_once(engine, snapshot, now, usage, args.interface.clone());
+    let at = now.strftime("%a %Y-%m-%d %H:%M %Z").to_string();
+    let (cycle, outcome) = run_once(
+        engine,
+        snapshot,
+        now,
+        usage,
+        OnceInputs {
+            interface: args.interface.clone(),
+            ..OnceInputs::default()
+        },
+    );
     let rows = decision_rows(cycle.flows());
     let errors = cycle.engine().errors();
     if args.json {

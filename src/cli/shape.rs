@@ -99,6 +99,7 @@ pub fn run_plan(cli: &super::Cli, args: &PlanArgs) -> anyhow::Result<ExitCode> {
             None
         }
     };
+    println!("# {}", daemon_note(&config.runtime_dir, &cycle));
     for mut iface in interfaces {
         let planned = match kernel.as_deref_mut() {
             Some(k) => match cycle.tc_plan(&mut iface, k, args.replace) {
@@ -131,6 +132,30 @@ pub fn run_plan(cli: &super::Cli, args: &PlanArgs) -> anyhow::Result<ExitCode> {
         eprintln!("policy error: {} ({} times)", e.message, e.count);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Says what the plan was made from: this command's configuration (the file and its flags) and
+/// policy, never the running daemon's, which it cannot read (the daemon's flags are not
+/// published); so with a daemon running, the plan is what it would do only when started alike.
+fn daemon_note(runtime_dir: &Path, cycle: &Cycle) -> String {
+    let policy = cycle.engine().script().path.display().to_string();
+    let request = crate::daemon::service::Request::Status { all: false };
+    match crate::daemon::service::request(runtime_dir, &request)
+        .ok()
+        .and_then(|r| r.status)
+    {
+        Some(running) => format!(
+            "made from this command's configuration (policy {policy}), not the running \
+             daemon's (pid {}, policy {}): it shows what that daemon would do only if it was \
+             started with the same configuration file and flags",
+            running.pid, running.policy
+        ),
+        None => format!(
+            "made from this command's configuration (policy {policy}); no daemon answers on \
+             runtime dir {}",
+            runtime_dir.display()
+        ),
+    }
 }
 
 pub fn run_clear(cli: &super::Cli, args: &ClearArgs) -> anyhow::Result<ExitCode> {

@@ -49,11 +49,32 @@ pub fn render(report: &StatusReport) -> String {
         } else {
             String::new()
         };
+        let detail = i
+            .detail
+            .as_ref()
+            .map(|d| format!(": {d}"))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "interface {}: {} ({} operations last cycle, {} failed in all{unplaced})",
+            "interface {}: {}{detail} ({} operations last cycle, {} failed in all{unplaced})",
             i.name, i.state, i.operations, i.failures
         );
+    }
+    let not_shaping: Vec<String> = report
+        .interfaces
+        .iter()
+        .filter(|i| i.state != "shaping")
+        .map(|i| format!("{} is {}", i.name, i.state))
+        .collect();
+    if report.classes.iter().any(|c| !c.in_force) {
+        let _ = writeln!(
+            out,
+            "warning: the class ceilings below are not in force ({})",
+            not_shaping.join(", ")
+        );
+    }
+    for w in &report.warnings {
+        let _ = writeln!(out, "warning: {w}");
     }
     if let Some(f) = &report.reload_error {
         let _ = writeln!(
@@ -101,7 +122,12 @@ pub fn render(report: &StatusReport) -> String {
             }
             row.extend([
                 c.prio.to_string(),
-                limit(&c.ceil),
+                match (c.blocked, c.in_force) {
+                    (true, true) => "blocked".to_string(),
+                    (true, false) => "blocked (not in force)".to_string(),
+                    (false, true) => limit(&c.ceil),
+                    (false, false) => format!("{} (not in force)", limit(&c.ceil)),
+                },
                 c.connections.to_string(),
                 rate(c.rate_up),
                 rate(c.rate_down),

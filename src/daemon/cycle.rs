@@ -213,6 +213,11 @@ impl Cycle {
         self.capacity
     }
 
+    /// [`capacity_warning`] for the classes and capacity of the last run.
+    pub fn capacity_warning(&self) -> Option<String> {
+        capacity_warning(self.engine.classes(), self.capacity)
+    }
+
     /// Runs lookup → policy → account for `sockets` and updates the flow table. Stage times go
     /// to `timings`.
     pub fn run(&mut self, sockets: Sockets, input: Inputs<'_>, timings: &mut Timings) -> Outcome {
@@ -386,6 +391,67 @@ impl TcPlan {
     }
 }
 
+/// Whether an interface's tree is in the kernel, and if not, why: what `status` shows in its
+/// own column, so ceilings that are not in force never look as if they were.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShapingState {
+    /// Before the first cycle.
+    Starting,
+    /// The interface does not exist (yet): a ppp link redialling, a USB modem not plugged in, or
+    /// a typo. Shaped within a cycle of its appearing.
+    Waiting,
+    /// The last plan was applied: the classes are in force.
+    Shaping,
+    /// `--dry-run`: the plan is logged, nothing is installed.
+    DryRun,
+    /// A qdisc shaper did not install is in the way (without `--replace`).
+    Refused(String),
+    /// The kernel could not be read or the plan could not be made.
+    Error(String),
+    /// This many operations of the last apply failed; the next cycle reads the kernel again.
+    Failing(usize),
+}
+
+impl ShapingState {
+    /// The one word `status` shows (and `--json` reports as `state`).
+    pub fn keyword(&self) -> &'static str {
+        match self {
+            ShapingState::Starting => "starting",
+            ShapingState::Waiting => "waiting",
+            ShapingState::Shaping => "shaping",
+            ShapingState::DryRun => "dry-run",
+            ShapingState::Refused(_) => "refused",
+            ShapingState::Error(_) => "error",
+            ShapingState::Failing(_) => "failing",
+        }
+    }
+
+    /// Why, for the states that have a reason.
+    pub fn detail(&self) -> Option<String> {
+        match self {
+            ShapingState::Refused(why) | ShapingState::Error(why) => Some(why.clone()),
+            ShapingState::Failing(n) => Some(format!("{n} operations of the last cycle failed")),
+            ShapingState::Waiting => Some("the interface does not exist (yet)".into()),
+            _ => None,
+        }
+    }
+
+    /// Whether the classes are installed on this interface, so their ceilings apply.
+    pub fn in_force(&self) -> bool {
+        matches!(self, ShapingState::Shaping)
+    }
+}
+
+impl std::fmt::Display for ShapingState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.keyword())?;
+        match self.detail() {
+            Some(detail) => write!(f, " ({detail})"),
+            None => Ok(()),
+        }
+    }
+}
+
 /// One shaped interface between cycles: its index, its handle allocation, and what the last
 /// successful apply left installed.
 #[derive(Debug)]
@@ -398,7 +464,7 @@ pub struct Interface {
     /// A hash of what that plan was made from: when the next cycle's inputs hash the same, the
     /// plan would be the same, so planning is skipped.
     applied_from: Option<u64>,
-    pub(crate) state: String,
+    pub(crate) state: ShapingState,
     pub(crate) operations: usize,
     pub(crate) failures: u64,
     /// Classes and filters the last plan could not give a handle (a full minor space or hash
@@ -414,7 +480,7 @@ impl Interface {
             handles: Handles::default(),
             applied: None,
             applied_from: None,
-            state: "starting".into(),
+            state: ShapingState::Starting,
             operations: 0,
             failures: 0,
             unplaced: 0,
@@ -458,6 +524,47 @@ fn class_ceilings(classes: &ClassSet) -> Vec<(&str, RatePair)> {
         .filter(|d| d.each == Each::Class)
         .map(|d| (&*d.name, d.ceil))
         .collect()
+}
+
+/// Why the policy's priorities (or guaranteed rates) would do nothing: they only act when a
+/// queue forms in shaper's classes, which needs the link class capped a little below the line's
+/// real rate. Without `uplink`/`downlink` (or `--rate`) the link class is 100 Gbit/s, the queue
+/// forms in the modem instead, and every class is served as if it had the same priority.
+/// `None` when the policy uses neither, or the capacity is set in each direction.
+pub fn capacity_warning(classes: &ClassSet, capacity: Capacity) -> Option<String> {
+    let prios: std::collections::BTreeSet<u8> = classes.classes.values().map(|c| c.prio).collect();
+    let guaranteed: Vec<&str> = classes
+        .classes
+        .values()
+        .filter(|c| c.rate != RatePair::default())
+        .map(|c| &*c.name)
+        .collect();
+    let uses = match (prios.len() > 1, guaranteed.is_empty()) {
+        (false, true) => return None,
+        (true, true) => "priorities".to_string(),
+        (false, false) => format!("guaranteed rates ({})", guaranteed.join(", ")),
+        (true, false) => format!(
+            "priorities and guaranteed rates ({})",
+            guaranteed.join(", ")
+        ),
+    };
+    let unset: Vec<&str> = [("uplink", capacity.up), ("downlink", capacity.down)]
+        .into_iter()
+        .filter(|(_, rate)| rate.is_none())
+        .map(|(key, _)| key)
+        .collect();
+    if unset.is_empty() {
+        return None;
+    }
+    let keys = unset.join(" and ");
+    Some(format!(
+        "the policy uses {uses} but {keys} {} not set, so they have no effect: the link \
+         class is then 100 Gbit/s and the queue forms in the modem, not in shaper's classes. Set \
+         {keys} in /etc/shaper/shaper.ron (or --{}) a little below the line's real rate, e.g. \
+         90 % of a speed test",
+        if unset.len() == 1 { "is" } else { "are" },
+        unset.join("/--")
+    ))
 }
 
 fn min_rate(a: Option<Rate>, b: Option<Rate>) -> Option<Rate> {

@@ -11,14 +11,18 @@ pub mod iflock;
 pub mod latency;
 pub mod metrics;
 pub mod service;
+pub mod startup;
 pub mod status;
 
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
 use cycle::stage;
+use startup::existing_interfaces_hint;
 
-pub use cycle::{BUILTIN_POLICY, Cycle, Inputs, Interface, Outcome, Rates, Sockets, Timings};
+pub use cycle::{
+    BUILTIN_POLICY, Cycle, Inputs, Interface, Outcome, Rates, ShapingState, Sockets, Timings,
+};
 
 use crate::account::{Accounting, LinkCounters};
 use crate::config::{Config, RateFile};
@@ -241,6 +245,12 @@ impl Daemon {
         self.cycle.engine()
     }
 
+    /// Why the policy's priorities would have no effect, if they would not (see
+    /// [`cycle::capacity_warning`]).
+    pub fn capacity_warning(&self) -> Option<String> {
+        self.cycle.capacity_warning()
+    }
+
     /// Cycles run so far.
     pub fn cycles(&self) -> u64 {
         self.cycles
@@ -250,7 +260,7 @@ impl Daemon {
     pub fn summary(&self) -> String {
         self.interfaces
             .iter()
-            .map(|i| format!("{}: {}", i.name, i.state))
+            .map(|i| format!("{}: {}", i.name, i.state.keyword()))
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -401,15 +411,17 @@ impl Daemon {
                     });
                 }
                 Ok(None) => {
-                    if iface.ifindex.is_some() || iface.state == "starting" {
+                    if iface.ifindex.is_some() || iface.state == ShapingState::Starting {
                         tracing::warn!(
-                            "{}: interface not present; waiting for it to appear",
-                            iface.name
+                            "{}: interface not present; waiting for it to appear (a ppp link \
+                             redialling, a modem plugged in later){}",
+                            iface.name,
+                            existing_interfaces_hint(&iface.name)
                         );
                     }
                     iface.ifindex = None;
                     iface.forget_installed();
-                    iface.state = "waiting for the interface".into();
+                    iface.state = ShapingState::Waiting;
                 }
                 Err(e) => tracing::warn!("{}: {e}", iface.name),
             }
@@ -433,8 +445,10 @@ impl Daemon {
             }
             Err(e) => {
                 let state = match e {
-                    crate::shape::ShapeError::Foreign { .. } => format!("refused: {e}"),
-                    _ => format!("error: {e}"),
+                    crate::shape::ShapeError::Foreign { .. } => {
+                        ShapingState::Refused(e.to_string())
+                    }
+                    _ => ShapingState::Error(e.to_string()),
                 };
                 // Once per distinct failure, not every cycle.
                 if iface.state != state {
@@ -450,7 +464,7 @@ impl Daemon {
                 tracing::info!("{}: would apply:\n{}", iface.name, plan.ops);
             }
             iface.installed(plan);
-            iface.state = "dry run".into();
+            iface.state = ShapingState::DryRun;
             return;
         }
         let failures = self.tc.apply(&plan.ops);
@@ -462,7 +476,7 @@ impl Daemon {
                 .iter()
                 .any(|op| matches!(op, crate::shape::Op::AddIngress { .. }));
             iface.installed(plan);
-            iface.state = "shaping".into();
+            iface.state = ShapingState::Shaping;
             if let Some(bpf) = &mut self.bpf {
                 bpf.ingress_applied(ingress_added);
                 bpf.sync(self.cycle.flows(), &targets);
@@ -474,7 +488,7 @@ impl Daemon {
             }
             // Read the kernel next cycle rather than trust what was meant to be installed.
             iface.forget_installed();
-            iface.state = format!("{} operations failed", failures.len());
+            iface.state = ShapingState::Failing(failures.len());
         }
     }
 
@@ -499,7 +513,12 @@ impl Daemon {
         // Remember what was on disk either way, so a broken edit is reported once.
         self.script_mtimes = watched_files(self.cycle.engine());
         match &result {
-            Ok(()) => tracing::info!("policy reloaded from {}", self.config.script.display()),
+            Ok(()) => {
+                tracing::info!("policy reloaded from {}", self.config.script.display());
+                if let Some(w) = self.capacity_warning() {
+                    tracing::warn!("{w}");
+                }
+            }
             Err(e) => tracing::error!("reload failed, the previous policy stays in force: {e}"),
         }
         self.reload_error = result.as_ref().err().map(Failure::now);

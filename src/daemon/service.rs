@@ -193,6 +193,9 @@ impl StatusGroup {
 /// Runs the daemon until it is stopped. Fails before anything is installed if the script does
 /// not load or another daemon holds the runtime dir.
 pub fn run(mut config: Config, options: RunOptions) -> anyhow::Result<ExitCode> {
+    if !options.dry_run {
+        super::startup::require_net_admin()?;
+    }
     let runtime_dir = config.runtime_dir.clone();
     let strict = rustix::process::geteuid().is_root();
     for (dir, what) in [
@@ -221,15 +224,25 @@ pub fn run(mut config: Config, options: RunOptions) -> anyhow::Result<ExitCode> 
         .name("shaper-cycle".into())
         .spawn(move || {
             let mut daemon = match Daemon::new(config, options) {
-                Ok(d) => {
-                    let _ = ready_tx.send(Ok(()));
-                    d
-                }
+                Ok(d) => d,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
                     return;
                 }
             };
+            // The first cycle runs before the daemon says it is ready, so a start that can
+            // shape nothing fails now, with the fix, rather than running on uselessly.
+            daemon.tick();
+            if let Some(e) = daemon.nothing_to_shape() {
+                daemon.shutdown();
+                let _ = ready_tx.send(Err(e.into()));
+                return;
+            }
+            if let Some(w) = daemon.capacity_warning() {
+                tracing::warn!("{w}");
+            }
+            let _ = ready_tx.send(Ok(()));
+            notify(&[sd_notify::NotifyState::Status(&daemon.summary())]);
             cycle_loop(&mut daemon, interval, &inbox);
         })?;
     ready_rx
@@ -470,9 +483,9 @@ async fn serve_client(
     }
 }
 
-/// Cycles on schedule, handling commands in between.
+/// Cycles on schedule, handling commands in between. The first cycle has run.
 fn cycle_loop(daemon: &mut Daemon, interval: Duration, inbox: &mpsc::Receiver<Command>) {
-    let mut next = Instant::now();
+    let mut next = Instant::now() + interval;
     loop {
         let now = Instant::now();
         if now >= next {

@@ -15,7 +15,13 @@ use crate::units::{Rate, RatePair, Size};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InterfaceStatus {
     pub name: String,
+    /// One word: `starting`, `waiting` (the interface does not exist yet), `shaping` (the
+    /// classes are in force), `dry-run`, `refused` (another program's qdisc is in the way),
+    /// `error` or `failing` (see [`super::ShapingState`]).
     pub state: String,
+    /// Why, for `waiting`, `refused`, `error` and `failing`.
+    #[serde(default)]
+    pub detail: Option<String>,
     /// Operations the last cycle applied.
     pub operations: usize,
     pub failures: u64,
@@ -126,6 +132,13 @@ pub struct ClassStatus {
     pub rate: Limit,
     /// Maximum rate (HTB `ceil`), bits/s; `null`: the link.
     pub ceil: Limit,
+    /// Whether the class is installed on every interface, so its ceiling applies; `false`
+    /// while an interface is waiting, refused or failing.
+    #[serde(default)]
+    pub in_force: bool,
+    /// The class drops its connections' packets (`block = true`).
+    #[serde(default)]
+    pub blocked: bool,
     pub each: String,
     pub connections: u64,
     /// Bits/s.
@@ -239,6 +252,10 @@ pub struct StatusReport {
     pub users: Vec<UserStatus>,
     pub connections: Option<Vec<ConnectionStatus>>,
     pub errors: Vec<ErrorEntry>,
+    /// Configuration that makes the policy do less than it says (priorities without a link
+    /// capacity).
+    #[serde(default)]
+    pub warnings: Vec<String>,
     /// The last failed reload (cleared by a successful one): the old policy is still running.
     #[serde(default)]
     pub reload_error: Option<Failure>,
@@ -281,6 +298,7 @@ impl StatusReport {
         let mut processes: BTreeMap<u32, ProcessStatus> = BTreeMap::new();
         let mut users: BTreeMap<String, UserStatus> = BTreeMap::new();
         let mut connections = Vec::new();
+        let in_force = daemon.interfaces.iter().all(|i| i.state.in_force());
         let mut link = LinkStatus {
             capacity: Limit {
                 up: daemon.cycle.capacity().up.map(Rate::bits_per_sec),
@@ -300,6 +318,8 @@ impl StatusReport {
                     prio: c.prio,
                     rate: c.rate.into(),
                     ceil: c.ceil.into(),
+                    in_force,
+                    blocked: c.block,
                     each: c.each.as_str().to_string(),
                     connections: figures.connections,
                     rate_up: bits(figures.rate_up),
@@ -406,7 +426,8 @@ impl StatusReport {
                 .iter()
                 .map(|i| InterfaceStatus {
                     name: i.name.clone(),
-                    state: i.state.clone(),
+                    state: i.state.keyword().to_string(),
+                    detail: i.state.detail(),
                     operations: i.operations,
                     failures: i.failures,
                     unplaced: i.unplaced,
@@ -422,6 +443,7 @@ impl StatusReport {
             users: users.into_values().collect(),
             connections: all.then_some(connections),
             errors: daemon.engine().errors().entries().to_vec(),
+            warnings: daemon.cycle.capacity_warning().into_iter().collect(),
             reload_error: daemon.reload_error.clone(),
             usage_save_error: daemon.usage_save_error.clone(),
             events: daemon.events.recent(),

@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::{Daemon, Parts, RunOptions, Sockets};
+use super::{Daemon, Parts, RunOptions, ShapingState, Sockets};
 use crate::config::Config;
 use crate::scan::{Proto, ScanError, Socket, SocketSource, State};
 use crate::shape::recording::RecordingBackend;
@@ -136,7 +136,7 @@ impl Rig {
         self.kernel.take_applied()
     }
 
-    fn state(&self) -> &str {
+    fn state(&self) -> &ShapingState {
         &self.daemon.interfaces[0].state
     }
 }
@@ -151,7 +151,7 @@ fn started() -> Rig {
     let mut rig = Rig::new();
     rig.set_sockets(vec![socket(443, 1)]);
     let ops = rig.tick();
-    assert_eq!(rig.state(), "shaping", "{ops:?}");
+    assert_eq!(*rig.state(), ShapingState::Shaping, "{ops:?}");
     assert_eq!(count(&ops, |o| matches!(o, Op::AddRoot { .. })), 2);
     assert_eq!(count(&ops, |o| matches!(o, Op::AddIngress { .. })), 1);
     assert!(rig.tick().is_empty(), "an unchanged cycle sends nothing");
@@ -243,7 +243,7 @@ fn a_recreated_interface_is_reinstalled_in_full() {
         1,
         "{ops:?}"
     );
-    assert_eq!(rig.state(), "shaping");
+    assert_eq!(*rig.state(), ShapingState::Shaping);
     assert!(matches!(
         rig.kernel.installed_now("eth0").unwrap().upload,
         Slot::Ours(_)
@@ -260,7 +260,7 @@ fn a_failed_operation_makes_the_next_cycle_read_the_kernel() {
     rig.set_sockets(vec![socket(443, 1), socket(22, 2)]);
     let ops = rig.tick();
     assert_eq!(count(&ops, |o| matches!(o, Op::AddFilter { .. })), 2);
-    assert_eq!(rig.state(), "1 operations failed");
+    assert_eq!(*rig.state(), ShapingState::Failing(1));
     assert_eq!(rig.daemon.interfaces[0].failures, 1);
     rig.kernel.fail_when(|_| None);
     let ops = rig.tick();
@@ -273,7 +273,7 @@ fn a_failed_operation_makes_the_next_cycle_read_the_kernel() {
         matches!(ops.as_slice(), [Op::AddFilter { dev, .. }] if dev == "eth0"),
         "only what is missing is added: {ops:?}"
     );
-    assert_eq!(rig.state(), "shaping");
+    assert_eq!(*rig.state(), ShapingState::Shaping);
     assert!(rig.tick().is_empty());
 }
 
@@ -361,7 +361,7 @@ fn running_out_of_handles_is_reported() {
     rig.tick();
     let status = super::status::StatusReport::of(&rig.daemon, false);
     assert!(status.interfaces[0].unplaced > 0, "{:?}", status.interfaces);
-    assert_eq!(rig.state(), "shaping", "the rest is shaped");
+    assert_eq!(*rig.state(), ShapingState::Shaping, "the rest is shaped");
     let text = crate::cli::status::render(&status);
     assert!(text.contains("without a tc handle"), "{text}");
 }
@@ -377,7 +377,18 @@ fn a_dangling_redirect_goes_even_where_a_foreign_root_is_refused() {
     );
     rig.set_sockets(vec![socket(443, 1)]);
     let ops = rig.tick();
-    assert!(rig.state().starts_with("refused"), "{}", rig.state());
+    assert!(
+        matches!(rig.state(), ShapingState::Refused(why) if why.contains("--replace")),
+        "{}",
+        rig.state()
+    );
+    assert!(
+        matches!(
+            rig.daemon.nothing_to_shape(),
+            Some(crate::daemon::startup::StartError::NothingToShape { .. })
+        ),
+        "the only interface refused: nothing to shape"
+    );
     assert_eq!(
         ops,
         [Op::DeleteIngress { dev: "eth0".into() }],
@@ -386,6 +397,52 @@ fn a_dangling_redirect_goes_even_where_a_foreign_root_is_refused() {
     let installed = rig.kernel.installed_now("eth0").unwrap();
     assert_eq!(installed.ingress, Slot::Free);
     assert_eq!(installed.upload, Slot::Foreign("htb 1:".into()));
+}
+
+#[test]
+fn priorities_without_a_capacity_are_warned_about_per_direction() {
+    use crate::policy::{ClassDef, ClassSet};
+    use crate::shape::Capacity;
+    let mut classes = ClassSet::default();
+    let none = Capacity::default();
+    assert_eq!(
+        super::cycle::capacity_warning(&classes, none),
+        None,
+        "one class"
+    );
+    let bulk = ClassDef {
+        name: "bulk".into(),
+        prio: 7,
+        ..ClassDef::default_class()
+    };
+    classes.classes.insert(bulk.name.clone(), bulk);
+    let w = super::cycle::capacity_warning(&classes, none).unwrap();
+    assert!(
+        w.contains("uses priorities but uplink and downlink are not set"),
+        "{w}"
+    );
+    let up = Capacity {
+        up: Some("18mbit".parse().unwrap()),
+        down: None,
+        ..Capacity::default()
+    };
+    let w = super::cycle::capacity_warning(&classes, up).unwrap();
+    assert!(w.contains("but downlink is not set"), "{w}");
+    let both = Capacity {
+        down: Some("90mbit".parse().unwrap()),
+        ..up
+    };
+    assert_eq!(super::cycle::capacity_warning(&classes, both), None);
+    // A guaranteed rate is a priority of another kind.
+    let mut classes = ClassSet::default();
+    let voip = ClassDef {
+        name: "voip".into(),
+        rate: "1mbit".parse().unwrap(),
+        ..ClassDef::default_class()
+    };
+    classes.classes.insert(voip.name.clone(), voip);
+    let w = super::cycle::capacity_warning(&classes, up).unwrap();
+    assert!(w.contains("guaranteed rates (voip)"), "{w}");
 }
 
 #[test]

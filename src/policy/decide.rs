@@ -54,6 +54,9 @@ pub struct ClassDef {
     pub ceil: RatePair,
     pub each: Each,
     pub description: Option<String>,
+    /// Every packet of the class's connections is dropped (NetLimiter's Blocker): `block = true`.
+    #[serde(default)]
+    pub block: bool,
 }
 
 impl ClassDef {
@@ -65,6 +68,7 @@ impl ClassDef {
             ceil: RatePair::default(),
             each: Each::Class,
             description: None,
+            block: false,
         }
     }
 }
@@ -370,12 +374,43 @@ fn class_def(name: &str, def: &Table) -> Result<ClassDef, String> {
                         .ok_or_else(|| format!("{} must be a string", what("description")))?,
                 )
             }
+            Some("block") => {
+                class.block = match v {
+                    Value::Boolean(b) => b,
+                    ref other => {
+                        return Err(format!(
+                            "{} must be true or false; got {}",
+                            what("block"),
+                            type_name(other)
+                        ));
+                    }
+                }
+            }
             _ => {
                 return Err(format!(
-                    "class {name:?} has an unknown key {}: use prio, rate, ceil, each or description",
+                    "class {name:?} has an unknown key {}: use prio, rate, ceil, each, block or \
+                     description",
                     describe_key(&k)
                 ));
             }
+        }
+    }
+    if class.block {
+        if name == DEFAULT_CLASS {
+            return Err(format!(
+                "classes.{name}.block: the default class cannot be blocked (it carries every \
+                 connection the policy does not classify); block a class of its own and return \
+                 it from classify"
+            ));
+        }
+        if class.rate != RatePair::default()
+            || class.ceil != RatePair::default()
+            || class.each != Each::Class
+        {
+            return Err(format!(
+                "classes.{name}: a blocked class drops every packet, so rate, ceil and each mean \
+                 nothing; remove them or `block`"
+            ));
         }
     }
     for (dir, rate, ceil) in [
@@ -480,6 +515,25 @@ mod tests {
                 .unwrap_err()
                 .contains("above ceil")
         );
+    }
+
+    #[test]
+    fn a_class_may_block_but_not_the_default_one() {
+        let lua = Lua::new();
+        let at = |n: &str| format!("policy.lua:{n}");
+        let t = |code: &str| match eval(&lua, code) {
+            Value::Table(t) => class_set(&t, &at),
+            _ => unreachable!(),
+        };
+        let set = t("{ telemetry = { block = true, prio = 7 } }").unwrap();
+        assert!(set.get("telemetry").unwrap().block);
+        assert!(!set.get("default").unwrap().block);
+        let e = t("{ default = { block = true } }").unwrap_err();
+        assert!(e.contains("default class cannot be blocked"), "{e}");
+        let e = t("{ x = { block = true, ceil = '1mbit' } }").unwrap_err();
+        assert!(e.contains("rate, ceil and each mean nothing"), "{e}");
+        let e = t("{ x = { block = 'yes' } }").unwrap_err();
+        assert!(e.contains("classes.x.block must be true or false"), "{e}");
     }
 
     #[test]

@@ -41,6 +41,10 @@ pub use decide::{ClassDef, ClassSet, DEFAULT_CLASS, Decision, Each};
 pub use errors::{ErrorEntry, ErrorLog, Fault, Location, PolicyError};
 pub use vm::{LIBRARY, LIBRARY_DIR};
 
+/// The tracing target of a policy's `print`: `check` and `simulate` show it at their quiet
+/// default level (the script's own output is part of their result), the daemon logs it at info.
+pub const PRINT_TARGET: &str = "shaper::policy::print";
+
 use crate::account::{ConnStats, UsageView};
 use crate::process::Snapshot;
 

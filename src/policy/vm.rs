@@ -337,7 +337,7 @@ impl Vm {
             raw.set(
                 "log",
                 lua.create_function(move |_, msg: String| {
-                    tracing::info!("{log_name}: {msg}");
+                    tracing::info!(target: super::PRINT_TARGET, "{log_name}: {msg}");
                     Ok(())
                 })?,
             )?;

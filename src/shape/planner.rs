@@ -389,6 +389,9 @@ pub struct Desired {
 pub struct Target {
     pub leaf: u16,
     pub process: u16,
+    /// The connection's class blocks it: `leaf` is the class's [`BLOCK_LEAF`], which drops
+    /// every packet (a classifier that can drop earlier, as a cgroup program returning 0, may).
+    pub blocked: bool,
 }
 
 /// A connection's [`Target`] on the interface (upload) and on its IFB (download).
@@ -447,6 +450,10 @@ pub fn htb_class(parent: u16, rate: u64, ceil: u64, prio: u8, label: String) -> 
         label,
     }
 }
+
+/// The leaf of a blocked class: a FIFO that holds no packet, so every packet enqueued is
+/// dropped (this needs no `gact` action module, which not every kernel has).
+pub const BLOCK_LEAF: Leaf = Leaf::Pfifo { limit: 0 };
 
 /// A flow bucket: an HTB leaf like [`htb_class`]'s, but with bursts of 2 ms at its rates and at
 /// least two packets. Its leaf segments GSO packets, so the 64 KiB floor is not needed; and a
@@ -627,8 +634,13 @@ fn plan_direction(
             Each::Process | Each::Connection => link,
         };
         // The buckets' guaranteed rates add up to the class's: HTB lets a leaf within its own
-        // rate send whatever its parent's state, so more would lift the class's ceiling.
-        let buckets = (guaranteed.min(class_ceil) / MIN_RATE).clamp(1, buckets as u64) as usize;
+        // rate send whatever its parent's state, so more would lift the class's ceiling. A
+        // blocked class drops everything in its one leaf.
+        let buckets = if def.block {
+            1
+        } else {
+            (guaranteed.min(class_ceil) / MIN_RATE).clamp(1, buckets as u64) as usize
+        };
         let mut bucket_minors = vec![shared];
         bucket_minors
             .extend((1..buckets).map_while(|i| handles.minor(Slot::Bucket(name.clone(), i as u8))));
@@ -667,9 +679,13 @@ fn plan_direction(
                 );
             }
         }
+        let leaf = if def.block {
+            BLOCK_LEAF
+        } else {
+            leaf_for(input.features, class_ceil, mtu)
+        };
         for &minor in &bucket_minors {
-            tree.leaves
-                .insert(minor, leaf_for(input.features, class_ceil, mtu));
+            tree.leaves.insert(minor, leaf);
         }
         class_minors.insert(name, (inner, bucket_minors));
     }
@@ -687,7 +703,8 @@ fn plan_direction(
         let key = conn.socket.key();
         let guaranteed = dir_rate(&def.rate, dir).unwrap_or(share).min(link);
         let member_ceil = dir_rate(&def.ceil, dir).unwrap_or(link).min(link);
-        let own_limit = dir_rate(&decision.limit, dir);
+        // A blocked class's connections all go to its dropping leaf, whatever their limit.
+        let own_limit = dir_rate(&decision.limit, dir).filter(|_| !def.block);
         let mut target = shared;
         match def.each {
             Each::Process => {
@@ -744,7 +761,14 @@ fn plan_direction(
         let side = targets.entry(key).or_default();
         let chosen = Some(Target {
             leaf: target,
-            process: process_target,
+            // The owner's next connections start unshaped, not blocked, until decided: one
+            // blocked connection must not drop the first packets of its process's others.
+            process: if def.block {
+                tree.default_minor
+            } else {
+                process_target
+            },
+            blocked: def.block,
         });
         match dir {
             Direction::Upload => side.up = chosen,

@@ -44,6 +44,7 @@ fn classes(bulk_ceil: &str, each: Each) -> ClassSet {
         ceil: bulk_ceil.parse().unwrap(),
         each,
         description: None,
+        block: false,
     };
     set.classes.insert(bulk.name.clone(), bulk);
     set
@@ -708,4 +709,32 @@ fn a_slow_class_gets_no_more_buckets_than_its_rate_can_feed() {
         vec![8000; 3],
         "24 kbit/s feeds three buckets of the 8 kbit/s minimum"
     );
+}
+
+/// A blocked class gets no flow buckets: its one leaf drops everything, whatever the kernel.
+#[test]
+fn a_blocked_class_has_one_dropping_leaf_without_fq_codel() {
+    let mut case = Case::basic();
+    case.fq_codel = false;
+    let mut bulk = case.classes.classes[&*Arc::<str>::from("bulk")].clone();
+    bulk.block = true;
+    case.classes.classes.insert(bulk.name.clone(), bulk);
+    let desired = case.desired(&mut Handles::default());
+    let tree = &desired.upload;
+    let inner = *tree
+        .classes
+        .iter()
+        .find(|(_, c)| c.label == "bulk")
+        .unwrap()
+        .0;
+    let leaves: Vec<u16> = tree
+        .classes
+        .iter()
+        .filter(|(_, c)| c.parent == inner)
+        .map(|(m, _)| *m)
+        .collect();
+    assert_eq!(leaves.len(), 1, "{leaves:?}");
+    assert_eq!(tree.leaves[&leaves[0]], super::planner::BLOCK_LEAF);
+    let t = desired.targets[&1].up.unwrap();
+    assert!(t.blocked && t.leaf == leaves[0]);
 }

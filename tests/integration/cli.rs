@@ -112,6 +112,162 @@ fn check_reports_problems_with_exit_status() {
 }
 
 #[test]
+fn check_warns_when_priorities_have_no_link_capacity_to_act_on() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let policy = format!("{root}/lua/default-policy.lua");
+    let check = |config: &str| {
+        let (_dir, path) = temp_file("shaper.ron", config);
+        output(
+            shaper()
+                .arg("--config")
+                .arg(&path)
+                .arg("check")
+                .arg(&policy),
+        )
+    };
+    let out = check("()");
+    assert!(out.status.success(), "a warning, not a failure: {out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning: the policy uses priorities but uplink and downlink are not set")
+            && err.contains("a little below the line's real rate"),
+        "{err}"
+    );
+    let out = check("(uplink: \"18mbit\")");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("but downlink is not set") && err.contains("--downlink"),
+        "{err}"
+    );
+    // --rate caps the link class too.
+    let out = check("(uplink: \"18mbit\", rate: \"unlimited:90mbit\")");
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("warning"),
+        "{out:?}"
+    );
+    // A policy of ceilings only needs no capacity.
+    let (_dir, ceilings) = temp_file(
+        "policy.lua",
+        "classes = { slow = { ceil = \"1mbit\" } }\nfunction classify(conn) return \"slow\" end\n",
+    );
+    let (_cdir, config) = temp_file("shaper.ron", "()");
+    let out = output(
+        shaper()
+            .arg("--config")
+            .arg(&config)
+            .arg("check")
+            .arg(&ceilings),
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("warning"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn check_and_simulate_show_print_and_take_at_and_usage() {
+    let (dir, script) = temp_file(
+        "policy.lua",
+        "classes = { slow = { ceil = \"1mbit\" } }\n\
+         function classify(conn, ctx)\n\
+         \x20 local used = ctx.usage(\"month\").total\n\
+         \x20 print(\"wday\", ctx.time.wday, \"used\", used)\n\
+         \x20 if ctx.time.wday == 7 and used > 1e9 then return \"slow\" end\n\
+         end\n",
+    );
+    let usage = dir.path().join("usage.ron");
+    std::fs::write(&usage, "(usage: { month: { \"link\": (down: \"2GB\") } })").unwrap();
+    let snapshot = dir.path().join("sample.ron");
+    std::fs::write(&snapshot, shaper::cli::policy::sample_snapshot().to_ron()).unwrap();
+    let config = dir.path().join("shaper.ron");
+    std::fs::write(&config, "()").unwrap();
+    // A Saturday (wday 7) with 2 GB used: every connection is slowed.
+    let run = |command: &str, at: &str| {
+        let mut cmd = shaper();
+        cmd.arg("--config").arg(&config).arg(command).arg(&script);
+        if command == "simulate" {
+            cmd.arg("--snapshot").arg(&snapshot);
+        }
+        cmd.args(["--at", at, "--usage"])
+            .arg(&usage)
+            .env("TZ", "UTC");
+        let out = output(&mut cmd);
+        assert!(out.status.success(), "{command}: {out:?}");
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for command in ["check", "simulate"] {
+        let (stdout, stderr) = run(command, "Sat 23:00");
+        assert!(
+            stderr.contains("policy.lua: wday\t7\tused\t2000000000"),
+            "{command}: print is shown without -v: {stderr}"
+        );
+        assert!(stdout.contains("Sat "), "{command}: {stdout}");
+        // The class is the next-to-last column.
+        let rows = |text: &str, class: &str| {
+            text.lines()
+                .filter(|l| l.split_whitespace().rev().nth(1) == Some(class))
+                .count()
+        };
+        assert_eq!(
+            rows(&stdout, "slow"),
+            shaper::cli::policy::sample_snapshot().connections.len(),
+            "{command}: {stdout}"
+        );
+        // A Monday: nothing slowed.
+        let (stdout, _) = run(command, "2026-11-23 10:00");
+        assert_eq!(rows(&stdout, "slow"), 0, "{command}: {stdout}");
+    }
+}
+
+#[test]
+fn log_lines_carry_local_time_with_offset_and_no_colour_off_a_terminal() {
+    let (dir, script) = temp_file(
+        "policy.lua",
+        "function classify(conn) print(\"hello\") end\n",
+    );
+    let config = dir.path().join("shaper.ron");
+    std::fs::write(&config, "()").unwrap();
+    let log = |env: &[(&str, &str)]| {
+        let mut cmd = shaper();
+        cmd.arg("--config").arg(&config).arg("check").arg(&script);
+        cmd.env_remove("JOURNAL_STREAM").env_remove("NO_COLOR");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = output(&mut cmd);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        stderr
+            .lines()
+            .find(|l| l.contains("policy.lua: hello"))
+            .unwrap_or_else(|| panic!("no print line: {stderr}"))
+            .to_string()
+    };
+    let line = log(&[("TZ", "Asia/Kolkata")]);
+    assert!(!line.contains('\x1b'), "no colour in a pipe: {line:?}");
+    let stamp = line.split_whitespace().next().unwrap();
+    assert!(
+        stamp.len() == "2026-11-23T19:20:05.123+05:30".len() && stamp.ends_with("+05:30"),
+        "local time with its offset: {line:?}"
+    );
+    assert!(
+        stamp.parse::<jiff::Timestamp>().is_ok(),
+        "an RFC 3339 time: {stamp}"
+    );
+    // Under systemd the journal stamps lines; where no journald listens (as here, normally), the
+    // lines still go to stderr, without a time.
+    if !std::path::Path::new("/run/systemd/journal/socket").exists() {
+        let line = log(&[("JOURNAL_STREAM", "8:1234")]);
+        assert!(
+            line.trim_start().starts_with("INFO"),
+            "no timestamp: {line:?}"
+        );
+    }
+}
+
+#[test]
 fn as_root_a_script_others_can_write_is_refused() {
     use std::os::unix::fs::PermissionsExt;
     let (_dir, script) = temp_file("policy.lua", "function classify(conn) return nil end\n");

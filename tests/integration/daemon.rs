@@ -497,7 +497,13 @@ fn plan_prints_what_a_dry_run_would_apply() {
         "{}",
         String::from_utf8_lossy(&plan.stderr)
     );
-    let planned = operations(&String::from_utf8_lossy(&plan.stdout));
+    let text = String::from_utf8_lossy(&plan.stdout).into_owned();
+    assert!(
+        text.contains("made from this command's configuration")
+            && text.contains("no daemon answers"),
+        "{text}"
+    );
+    let planned = operations(&text);
     assert!(
         planned.iter().any(|l| l.contains("ceil 1mbit")),
         "the connection's own leaf: {planned:#?}"
@@ -506,7 +512,7 @@ fn plan_prints_what_a_dry_run_would_apply() {
     args.extend(flags);
     let daemon = DaemonProcess::start(&pair.a, dir.path(), &args);
     daemon.wait_for(10, "a dry run", |s| {
-        s["interfaces"][0]["state"] == "dry run"
+        s["interfaces"][0]["state"] == "dry-run"
     });
     let logged = daemon.log_text();
     let would = logged
@@ -515,6 +521,19 @@ fn plan_prints_what_a_dry_run_would_apply() {
         .1;
     assert_eq!(operations(would), planned, "log:\n{logged}");
     assert!(classes(&pair.a).is_empty(), "a dry run installs nothing");
+    // With a daemon running, the plan says it is not made from that daemon's configuration.
+    let again = pair
+        .a
+        .command(env!("CARGO_BIN_EXE_shaper"))
+        .args(["plan", "-i", "veth0", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .arg("--runtime-dir")
+        .arg(dir.path().join("run"))
+        .args(flags)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&again.stdout);
+    assert!(text.contains("not the running daemon's (pid"), "{text}");
 }
 
 /// The daemon's thread count and resident memory (KiB), from /proc.

@@ -4,6 +4,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod block;
 mod bpf;
 mod cli;
 mod control;
@@ -16,6 +17,7 @@ mod policy;
 mod probe;
 mod scan;
 mod shape;
+mod startup;
 mod status;
 mod top;
 mod trust;

@@ -47,7 +47,7 @@ fn cycle_after(engine: &mut Engine, at: &str, earlier: Option<&CycleOutcome>) ->
         previous: earlier.map_or_else(Vec::new, |o| {
             o.decisions.iter().cloned().map(Some).collect()
         }),
-        now: parse_at(at).unwrap(),
+        now: parse_at(at, &jiff::Zoned::now()).unwrap(),
         interface: Some("eth0".into()),
         usage: Arc::new(StaticUsage::default()),
     })
@@ -448,7 +448,7 @@ fn context_carries_time_usage_and_interface() {
         snapshot: Arc::new(sample_snapshot()),
         stats: Vec::new(),
         previous: Vec::new(),
-        now: parse_at("2026-11-28 23:30").unwrap(),
+        now: parse_at("2026-11-28 23:30", &jiff::Zoned::now()).unwrap(),
         interface: Some("eth0".into()),
         usage: Arc::new(StaticUsage::load(&usage).unwrap()),
     });
@@ -907,4 +907,149 @@ fn overrunning_policy_child() {
     std::thread::sleep(Duration::from_millis(500));
     let used = policy_cpu_ticks() - before;
     assert!(used <= 2, "{kind}: the idle VM used {used} ticks in 0.5 s");
+}
+
+#[test]
+fn at_takes_a_date_a_weekday_and_time_or_a_time() {
+    // A Wednesday noon.
+    let now: jiff::Zoned = "2026-11-25T12:00[UTC]".parse().unwrap();
+    let at = |text: &str| {
+        parse_at(text, &now)
+            .map(|z| z.strftime("%a %Y-%m-%d %H:%M").to_string())
+            .map_err(|e| e.to_string())
+    };
+    assert_eq!(at("2026-11-23 20:00").unwrap(), "Mon 2026-11-23 20:00");
+    assert_eq!(at("2026-11-23T20:00:30").unwrap(), "Mon 2026-11-23 20:00");
+    assert_eq!(
+        at("Mon 10:00").unwrap(),
+        "Mon 2026-11-30 10:00",
+        "the next Monday"
+    );
+    assert_eq!(
+        at("wed 13:00").unwrap(),
+        "Wed 2026-11-25 13:00",
+        "today, still ahead"
+    );
+    assert_eq!(
+        at("Wednesday 11:00").unwrap(),
+        "Wed 2026-12-02 11:00",
+        "today's has passed: next week's"
+    );
+    assert_eq!(at("20:00").unwrap(), "Wed 2026-11-25 20:00", "today");
+    for bad in ["Funday 10:00", "Mon 25:00", "tomorrow", "2026-13-01 10:00"] {
+        let e = at(bad).unwrap_err();
+        assert!(e.contains("\"Mon 10:00\""), "{bad}: {e}");
+    }
+}
+
+/// Each `---@class` of lua/meta.lua with its `---@field`s and `function Class.f`/`Class:f`s.
+fn meta_declarations() -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
+    let text = include_str!("../../lua/meta.lua");
+    let mut classes =
+        std::collections::BTreeMap::<String, std::collections::BTreeSet<String>>::new();
+    let mut current = String::new();
+    let word = |s: &str| s.split_whitespace().next().unwrap_or("").to_string();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("---@class ") {
+            current = word(rest);
+            classes.entry(current.clone()).or_default();
+        } else if let Some(rest) = line.strip_prefix("---@field ") {
+            classes
+                .entry(current.clone())
+                .or_default()
+                .insert(word(rest));
+        } else if let Some((class, f)) = line
+            .strip_prefix("function ")
+            .and_then(|rest| rest.split_once(['.', ':']))
+        {
+            let name = f.split('(').next().unwrap_or("").to_string();
+            classes.entry(class.to_string()).or_default().insert(name);
+        }
+    }
+    classes
+}
+
+#[test]
+fn meta_lua_declares_every_field_the_api_exposes() {
+    use std::collections::BTreeSet;
+    let connections = sample_snapshot().connections.len();
+    // Walks every table the API hands a script, over all sample connections (so a field that is
+    // nil for one process is seen on another), and reports the keys through an error message.
+    let policy = Policy::new(&format!(
+        r#"
+        local seen = {{ Process = {{}}, Ctx = {{}}, Time = {{}}, Usage = {{}}, ClassFigures = {{}} }}
+        local function keys(t, into) for k in pairs(t) do into[k] = true end end
+        local calls = 0
+        function classify(conn, ctx)
+          local p = conn.process
+          if p then
+            keys(p, seen.Process)
+            keys(getmetatable(p).__index, seen.Process)
+          end
+          keys(ctx, seen.Ctx)
+          keys(ctx.time, seen.Time)
+          keys(ctx.usage("day"), seen.Usage)
+          keys(ctx.class("bulk"), seen.ClassFigures)
+          calls = calls + 1
+          if calls == {connections} then
+            local out = {{}}
+            for class, set in pairs(seen) do
+              local names = {{}}
+              for k in pairs(set) do names[#names + 1] = k end
+              table.sort(names)
+              out[#out + 1] = class .. "=" .. table.concat(names, ",")
+            end
+            error("API " .. table.concat(out, ";"), 0)
+          end
+        end
+        "#
+    ));
+    let (_udir, usage) = temp_file(
+        "usage.ron",
+        r#"(classes: { "bulk": (connections: 1, tokens_up: 1.0, tokens_down: 1.0) })"#,
+    );
+    let mut engine = policy.engine();
+    let limit = Some("1mbit".parse().unwrap());
+    engine.run(CycleInput {
+        rate: limit,
+        connection_rate: limit,
+        snapshot: Arc::new(sample_snapshot()),
+        stats: Vec::new(),
+        previous: Vec::new(),
+        now: jiff::Zoned::now(),
+        interface: Some("eth0".into()),
+        usage: Arc::new(StaticUsage::load(&usage).unwrap()),
+    });
+    let report = errors(&engine)
+        .into_iter()
+        .find_map(|e| e.split_once("API ").map(|(_, r)| r.to_string()))
+        .unwrap_or_else(|| panic!("no report: {:?}", errors(&engine)));
+    let mut exposed: std::collections::BTreeMap<String, BTreeSet<String>> = report
+        .split(';')
+        .filter_map(|part| part.split_once('='))
+        .map(|(class, names)| {
+            let names = names.split(',').filter(|n| !n.is_empty());
+            (class.to_string(), names.map(String::from).collect())
+        })
+        .collect();
+    // conn is userdata, whose fields Lua cannot list: they are read from its definition.
+    let api = include_str!("../../src/policy/api.rs");
+    exposed.insert(
+        "Conn".into(),
+        api.split("add_field_method_get(\"")
+            .skip(1)
+            .filter_map(|rest| rest.split('"').next())
+            .map(String::from)
+            .collect(),
+    );
+    let declared = meta_declarations();
+    for (class, fields) in &exposed {
+        let meta = declared.get(class).cloned().unwrap_or_default();
+        let undeclared: Vec<_> = fields.difference(&meta).collect();
+        let absent: Vec<_> = meta.difference(fields).collect();
+        assert!(
+            undeclared.is_empty() && absent.is_empty(),
+            "lua/meta.lua's {class}: missing {undeclared:?}, declared but not exposed {absent:?}"
+        );
+    }
 }

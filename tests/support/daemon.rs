@@ -117,6 +117,25 @@ impl DaemonProcess {
         }
     }
 
+    /// Waits up to `secs` for the daemon to exit (a refusal at start); panics with the log if
+    /// it is still running then (the guard then stops it).
+    pub fn exit_within(&mut self, secs: u64) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running after {secs} s:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

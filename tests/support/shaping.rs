@@ -40,6 +40,7 @@ pub fn class(name: &str, ceil: &str, each: Each) -> ClassDef {
         },
         each,
         description: None,
+        block: false,
     }
 }
 

@@ -1,0 +1,255 @@
+//! Blocking (`block = true` on a class): the planner sends the class's connections to a leaf
+//! that drops every packet, and in the kernel a blocked connection's bytes do not arrive either
+//! way while another connection of the same process is untouched.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+use shaper::policy::{ClassDef, Decision};
+use shaper::process::Connection;
+use shaper::scan::Proto;
+use shaper::shape::model::Leaf;
+use shaper::shape::{Capacity, Features, Handles, PlanInput, plan};
+
+use crate::support::daemon::DaemonProcess;
+use crate::support::netns::NetnsPair;
+use crate::support::shaping::{class_set, decision, flow};
+
+#[test]
+fn a_blocked_class_sends_its_connections_to_a_dropping_leaf() {
+    let blocked = ClassDef {
+        name: "blocked".into(),
+        block: true,
+        ..ClassDef::default_class()
+    };
+    let classes = class_set(vec![blocked]);
+    let flows = [
+        // A limit from classify does not give a blocked connection a leaf of its own.
+        (
+            flow(Proto::Tcp, 4, 40001, 443, 1),
+            decision("blocked", "1mbit"),
+        ),
+        (flow(Proto::Tcp, 4, 40002, 443, 2), decision("default", "")),
+    ];
+    let connections: Vec<Connection> = flows
+        .iter()
+        .map(|(s, _)| Connection {
+            socket: s.clone(),
+            owner: None,
+        })
+        .collect();
+    let decisions: Vec<Decision> = flows.iter().map(|(_, d)| d.clone()).collect();
+    let desired = plan(
+        &PlanInput {
+            classes: &classes,
+            connections: &connections,
+            decisions: &decisions,
+            capacity: Capacity::default(),
+            features: Features { fq_codel: true },
+            mtu: 1500,
+            by_priority: false,
+        },
+        &mut Handles::default(),
+    );
+    let target = |cookie: u64| desired.targets[&flows[cookie as usize - 1].0.key()];
+    for (tree, side) in [
+        (&desired.upload, target(1).up.unwrap()),
+        (&desired.download, target(1).down.unwrap()),
+    ] {
+        assert!(side.blocked);
+        assert_eq!(tree.leaves[&side.leaf], Leaf::Pfifo { limit: 0 });
+        assert_eq!(
+            side.process, tree.default_minor,
+            "the process's next connections start in default, not blocked"
+        );
+        assert_eq!(
+            tree.leaves
+                .values()
+                .filter(|l| **l == Leaf::Pfifo { limit: 0 })
+                .count(),
+            1,
+            "one dropping leaf, the class's: {tree:?}"
+        );
+        assert!(
+            tree.filters.values().any(|f| f.class == side.leaf),
+            "the connection's filter points at it"
+        );
+    }
+    let open = target(2).up.unwrap();
+    assert!(!open.blocked);
+    assert_ne!(desired.upload.leaves[&open.leaf], Leaf::Pfifo { limit: 0 });
+}
+
+/// Reads what arrives on `stream` within `wait`.
+fn received(stream: &mut TcpStream, wait: Duration) -> usize {
+    stream.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 4096];
+    let mut total = 0;
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        total += n;
+        stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+    }
+    total
+}
+
+#[test]
+fn a_blocked_connection_gets_nothing_through_and_its_neighbour_still_works() {
+    let pair = NetnsPair::new();
+    let dir = tempfile::tempdir().unwrap();
+    let listen = || {
+        pair.b
+            .run(|| TcpListener::bind((NetnsPair::B_V4, 0)).unwrap())
+    };
+    let (blocked_listener, open_listener) = (listen(), listen());
+    let blocked_port = blocked_listener.local_addr().unwrap().port();
+    let script = dir.path().join("policy.lua");
+    std::fs::write(
+        &script,
+        format!(
+            "classes = {{ blocked = {{ block = true }} }}\n\
+             function classify(conn)\n\
+             \x20 if conn.remote_port == {blocked_port} then return \"blocked\" end\n\
+             end\n"
+        ),
+    )
+    .unwrap();
+    // Both connections belong to this (test) process.
+    let connect = |l: &TcpListener| {
+        let addr = l.local_addr().unwrap();
+        let client = pair.a.run(|| TcpStream::connect(addr).unwrap());
+        let (server, _) = l.accept().unwrap();
+        (client, server)
+    };
+    let (mut blocked_client, mut blocked_server) = connect(&blocked_listener);
+    let (mut open_client, mut open_server) = connect(&open_listener);
+    let daemon = DaemonProcess::start(&pair.a, dir.path(), &["--script", script.to_str().unwrap()]);
+    daemon.wait_for(10, "the blocked connection classified", |s| {
+        s["interfaces"][0]["state"] == "shaping"
+            && s["classes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["name"] == "blocked" && c["connections"] == 1)
+    });
+    let payload = [7u8; 1000];
+    // Upload (the interface's egress) and download (the IFB's), each way.
+    blocked_client.write_all(&payload).unwrap();
+    blocked_server.write_all(&payload).unwrap();
+    open_client.write_all(&payload).unwrap();
+    open_server.write_all(&payload).unwrap();
+    assert_eq!(received(&mut open_server, Duration::from_secs(3)), 1000);
+    assert_eq!(received(&mut open_client, Duration::from_secs(3)), 1000);
+    assert_eq!(
+        received(&mut blocked_server, Duration::from_millis(1500)),
+        0,
+        "upload of the blocked connection arrived"
+    );
+    assert_eq!(
+        received(&mut blocked_client, Duration::from_millis(500)),
+        0,
+        "download of the blocked connection arrived"
+    );
+    let qdiscs = pair
+        .a
+        .command("tc")
+        .args(["-s", "qdisc", "show", "dev", "veth0"])
+        .output()
+        .unwrap();
+    let qdiscs = String::from_utf8_lossy(&qdiscs.stdout);
+    assert!(
+        qdiscs.contains("pfifo") && qdiscs.contains("limit 0p"),
+        "{qdiscs}"
+    );
+    let text = String::from_utf8_lossy(&daemon.control(&["status"]).stdout).into_owned();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("blocked ") && l.contains(" blocked ")),
+        "status shows the class as blocked: {text}"
+    );
+    // Stopped, shaper's leaf goes and the blocked connection flows again.
+    drop(daemon);
+    assert_eq!(
+        received(&mut blocked_server, Duration::from_secs(5)),
+        1000,
+        "retransmitted once unblocked"
+    );
+}
+
+/// What arrives on the next connection to `listener` within `wait` (0 if none is accepted).
+fn first_connection_bytes(listener: &TcpListener, wait: Duration) -> usize {
+    listener.set_nonblocking(true).unwrap();
+    let deadline = std::time::Instant::now() + wait;
+    while std::time::Instant::now() < deadline {
+        if let Ok((mut stream, _)) = listener.accept() {
+            stream.set_nonblocking(false).unwrap();
+            return received(
+                &mut stream,
+                deadline.saturating_duration_since(std::time::Instant::now()),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    0
+}
+
+#[test]
+fn with_bpf_a_blocked_connection_gets_nothing_through_and_its_neighbour_still_works() {
+    let pair = NetnsPair::new();
+    let cgroup = crate::support::cgroup::TestCgroup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let listen = || {
+        pair.b
+            .run(|| TcpListener::bind((NetnsPair::B_V4, 0)).unwrap())
+    };
+    let (blocked, open) = (listen(), listen());
+    let port = |l: &TcpListener| l.local_addr().unwrap().port();
+    let script = dir.path().join("policy.lua");
+    std::fs::write(
+        &script,
+        format!(
+            "classes = {{ blocked = {{ block = true }} }}\n\
+             function classify(conn)\n\
+             \x20 if conn.remote_port == {} then return \"blocked\" end\n\
+             end\n",
+            port(&blocked)
+        ),
+    )
+    .unwrap();
+    let daemon = DaemonProcess::start_bpf(
+        &pair.a,
+        dir.path(),
+        &cgroup,
+        &["--script", script.to_str().unwrap()],
+    );
+    daemon.wait_for(10, "shaping", |s| s["interfaces"][0]["state"] == "shaping");
+    // One process, two connections, each written to after the fast path has had time to
+    // decide it (a connection's first packets go to default until then).
+    let b = NetnsPair::B_V4;
+    let mut cmd = pair.a.command("bash");
+    cmd.arg("-c").arg(format!(
+        "exec 3<>/dev/tcp/{b}/{}; exec 4<>/dev/tcp/{b}/{}; sleep 0.5; \
+         printf blocked >&3; printf open >&4; sleep 4",
+        port(&blocked),
+        port(&open)
+    ));
+    let procs = cgroup.enter(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    drop(procs);
+    let open_bytes = first_connection_bytes(&open, Duration::from_secs(3));
+    let blocked_bytes = first_connection_bytes(&blocked, Duration::from_millis(1500));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        open_bytes,
+        4,
+        "the other connection works: {}",
+        daemon.log_text()
+    );
+    assert_eq!(blocked_bytes, 0, "the blocked one gets nothing through");
+}
