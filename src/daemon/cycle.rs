@@ -300,7 +300,7 @@ impl Cycle {
         replace: bool,
     ) -> Result<Option<TcPlan>, ShapeError> {
         let features = backend.features();
-        let mtu = crate::shape::device_mtu(&iface.name);
+        let mtu = crate::shape::device_mtu(backend, &iface.name);
         let inputs = self.plan_inputs_hash(features, mtu);
         if iface.applied.is_some() && iface.applied_from == Some(inputs) {
             return Ok(None);

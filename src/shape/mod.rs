@@ -220,13 +220,15 @@ pub fn teardown(interface: &str, installed: &Installed) -> Plan {
     Plan { ops }
 }
 
-/// A link as the kernel reports it: its index (a new one means the interface was re-created) and
-/// its byte counters (what accounting counts for `link`).
+/// A link as the kernel reports it: its index (a new one means the interface was re-created),
+/// its byte counters (what accounting counts for `link`) and its MTU (what the leaf queues are
+/// sized and GSO packets segmented by).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LinkState {
     pub index: u32,
     pub tx_bytes: u64,
     pub rx_bytes: u64,
+    pub mtu: u32,
 }
 
 /// The kernel edge of this stage: everything the daemon asks the kernel about links and tc.
@@ -252,11 +254,12 @@ pub trait TcBackend: Send {
 #[cfg(test)]
 mod tests;
 
-/// The MTU of the interface `name` in this network namespace, from sysfs; [`UNKNOWN_MTU`] when
-/// it cannot be read (then no leaf drops a packet for its size, and none is segmented).
-pub fn device_mtu(name: &str) -> u32 {
-    std::fs::read_to_string(format!("/sys/class/net/{name}/mtu"))
-        .ok()
-        .and_then(|t| t.trim().parse().ok())
-        .unwrap_or(planner::UNKNOWN_MTU)
+/// The MTU of the interface `name`, as `backend` reads it (rtnetlink, so in the daemon's own
+/// network namespace: sysfs shows the namespace it was mounted in); [`planner::UNKNOWN_MTU`]
+/// when it cannot be read (then no leaf drops a packet for its size, and none is segmented).
+pub fn device_mtu(backend: &mut dyn TcBackend, name: &str) -> u32 {
+    match backend.link(name) {
+        Ok(Some(link)) if link.mtu > 0 => link.mtu,
+        _ => planner::UNKNOWN_MTU,
+    }
 }

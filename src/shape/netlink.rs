@@ -317,10 +317,10 @@ impl NetlinkBackend {
         Ok(self.link(name)?.map(|link| link.header.index))
     }
 
-    /// A link's index and byte counters, or `None` if it does not exist.
-    pub fn link_counters(&mut self, name: &str) -> Result<Option<(u32, u64, u64)>, ShapeError> {
+    /// A link's index, byte counters and MTU, or `None` if it does not exist.
+    pub fn link_state(&mut self, name: &str) -> Result<Option<super::LinkState>, ShapeError> {
         Ok(self.link(name)?.map(|link| {
-            let (tx, rx) = link
+            let (tx_bytes, rx_bytes) = link
                 .attributes
                 .iter()
                 .find_map(|a| match a {
@@ -328,7 +328,20 @@ impl NetlinkBackend {
                     _ => None,
                 })
                 .unwrap_or((0, 0));
-            (link.header.index, tx, rx)
+            let mtu = link
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    LinkAttribute::Mtu(m) => Some(*m),
+                    _ => None,
+                })
+                .unwrap_or(0);
+            super::LinkState {
+                index: link.header.index,
+                tx_bytes,
+                rx_bytes,
+                mtu,
+            }
         }))
     }
 
@@ -695,12 +708,7 @@ fn classify_ingress(redirects: &[codec::Redirect], ifb: Option<IfbLink>) -> Slot
 
 impl TcBackend for NetlinkBackend {
     fn link(&mut self, interface: &str) -> Result<Option<super::LinkState>, ShapeError> {
-        let link = self.link_counters(interface)?;
-        Ok(link.map(|(index, tx_bytes, rx_bytes)| super::LinkState {
-            index,
-            tx_bytes,
-            rx_bytes,
-        }))
+        self.link_state(interface)
     }
 
     fn installed(&mut self, interface: &str) -> Result<Installed, ShapeError> {

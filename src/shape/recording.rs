@@ -125,6 +125,7 @@ impl Device {
                 index,
                 tx_bytes: 0,
                 rx_bytes: 0,
+                mtu: 1500,
             },
             root: Slot::Free,
             ingress: Slot::Free,

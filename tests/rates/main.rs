@@ -576,6 +576,146 @@ fn an_iperf3_started_after_the_daemon_holds_its_limit_from_the_start() {
     }
 }
 
+/// Set in the UDP child: `ADDR up|down SECS`.
+const UDP_ENV: &str = "SHAPER_RATES_UDP";
+/// What the UDP sender offers: 20 Mbit/s in datagrams of this size.
+const UDP_OFFER_BPS: u64 = 20_000_000;
+const UDP_DATAGRAM: usize = 1200;
+
+/// Sends `secs` seconds of UDP at [`UDP_OFFER_BPS`] from `socket` to its connected peer.
+fn udp_send(socket: &std::net::UdpSocket, secs: u64) {
+    let datagram = [0x5a_u8; UDP_DATAGRAM];
+    let per_second = UDP_OFFER_BPS / (8 * UDP_DATAGRAM as u64);
+    let start = std::time::Instant::now();
+    for i in 0..per_second * secs {
+        let due = start + Duration::from_micros(i * 1_000_000 / per_second);
+        if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        // A full queue (ENOBUFS) is the shaper doing its work: the datagram is not sent.
+        let _ = socket.send(&datagram);
+    }
+}
+
+/// Receives datagrams on `socket` until `idle` passes without one: the bytes that arrived in
+/// the first second after the first datagram, and in all, with the seconds they spanned.
+fn udp_receive(socket: &std::net::UdpSocket, idle: Duration) -> (u64, u64, f64) {
+    socket.set_read_timeout(Some(idle)).unwrap();
+    let mut buf = [0_u8; 2048];
+    let (mut first_second, mut total) = (0_u64, 0_u64);
+    let mut first: Option<std::time::Instant> = None;
+    let mut last = std::time::Instant::now();
+    while let Ok(n) = socket.recv(&mut buf) {
+        let now = std::time::Instant::now();
+        let start = *first.get_or_insert(now);
+        if now.duration_since(start) < Duration::from_secs(1) {
+            first_second += n as u64;
+        }
+        total += n as u64;
+        last = now;
+    }
+    let spanned = first.map_or(0.0, |f| last.duration_since(f).as_secs_f64());
+    (first_second, total, spanned)
+}
+
+/// Not a test: the body of the child process `udp_flood` starts (this binary, re-executed in
+/// the test's cgroup and namespace). Up: sends to ADDR for SECS seconds. Down: says hello to
+/// ADDR, whose sender then floods this socket, and prints what arrived.
+#[test]
+#[ignore = "run by udp_flood in a child process"]
+fn udp_child() {
+    let Ok(spec) = std::env::var(UDP_ENV) else {
+        return;
+    };
+    let f: Vec<&str> = spec.split_whitespace().collect();
+    let (addr, up, secs): (std::net::SocketAddr, bool, u64) =
+        (f[0].parse().unwrap(), f[1] == "up", f[2].parse().unwrap());
+    let any: std::net::SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    let socket = std::net::UdpSocket::bind(any).unwrap();
+    socket.connect(addr).unwrap();
+    if up {
+        udp_send(&socket, secs);
+    } else {
+        socket.send(b"hello").unwrap();
+        let (first, total, spanned) = udp_receive(&socket, Duration::from_secs(2));
+        println!("UDP {first} {total} {spanned}");
+    }
+}
+
+/// A process started after the daemon sends (or receives) UDP at 20 Mbit/s for `secs`
+/// seconds through the 3 Mbit/s class; the receiver's bits in the first second after the first
+/// datagram, and its average over the whole flow.
+fn udp_flood(pair: &NetnsPair, cgroup: &TestCgroup, port: u16, up: bool, secs: u64) -> (f64, f64) {
+    let socket = pair
+        .b
+        .run(|| std::net::UdpSocket::bind((NetnsPair::B_V4, port)).unwrap());
+    let peer = std::thread::spawn(move || {
+        if up {
+            udp_receive(&socket, Duration::from_secs(3))
+        } else {
+            let mut hello = [0_u8; 16];
+            let (_, from) = socket.recv_from(&mut hello).unwrap();
+            socket.connect(from).unwrap();
+            udp_send(&socket, secs);
+            (0, 0, 0.0)
+        }
+    });
+    let exe = std::env::current_exe().unwrap();
+    let mut cmd = pair.a.command(exe);
+    cmd.args(["--exact", "udp_child", "--ignored", "--nocapture"])
+        .env(
+            UDP_ENV,
+            format!(
+                "{}:{port} {} {secs}",
+                NetnsPair::B_V4,
+                if up { "up" } else { "down" }
+            ),
+        )
+        .stderr(std::process::Stdio::null());
+    let procs = cgroup.enter(&mut cmd);
+    let out = cmd.output().unwrap();
+    drop(procs);
+    let sent = peer.join().unwrap();
+    let (first, total, spanned) = if up {
+        sent
+    } else {
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find_map(|l| l.strip_prefix("UDP "))
+            .unwrap_or_else(|| panic!("the child printed no result: {text}"));
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (
+            f[0].parse().unwrap(),
+            f[1].parse().unwrap(),
+            f[2].parse().unwrap(),
+        )
+    };
+    assert!(spanned > 0.5, "the UDP flow lasted {spanned} s");
+    ((first * 8) as f64, (total * 8) as f64 / spanned)
+}
+
+/// Issue 11's acceptance: a UDP sender at 20 Mbit/s in a 3 Mbit/s class, started after the
+/// daemon, delivers at most 1.1× the limit from its first second, both ways.
+#[test]
+fn a_udp_flood_of_a_new_process_is_held_from_its_first_second() {
+    let _serial = rate_lock();
+    let pair = NetnsPair::new();
+    let cgroup = TestCgroup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let _daemon = first_packet_daemon(&pair, &cgroup, dir.path());
+    for (up, port) in [(true, 5690), (false, 5691)] {
+        let (first, average) = udp_flood(&pair, &cgroup, port, up, 4);
+        let what = if up { "upload" } else { "download" };
+        assert_within(&format!("UDP {what}, first second"), first, 3e6, 0.5, 1.1);
+        assert_within(&format!("UDP {what}, whole flow"), average, 3e6, 0.8, 1.05);
+    }
+}
+
 /// Issue 11's acceptance: on the BPF path, a running connection whose class changes (here by a
 /// reloaded policy) moves to the new class within a cycle, without being reset: the kernel
 /// reads its class from the connection map on every packet.
