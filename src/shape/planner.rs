@@ -751,7 +751,13 @@ fn plan_direction(
             tree.leaves
                 .insert(leaf, leaf_for(input.features, ceil, mtu));
             target = leaf;
-        } else if target == shared && bucket_minors.len() > 1 {
+        } else if target == shared
+            && bucket_minors.len() > 1
+            // On the u32 path a bucket costs a filter per connection; `default`'s connections
+            // need none otherwise (often most of them), so they share its first bucket there,
+            // whose queue is bounded in time all the same.
+            && (input.by_priority || shared != tree.default_minor)
+        {
             let bucket = handles.bucket(key, &decision.class);
             target = bucket_minors
                 .get(usize::from(bucket))

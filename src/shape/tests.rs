@@ -738,3 +738,36 @@ fn a_blocked_class_has_one_dropping_leaf_without_fq_codel() {
     let t = desired.targets[&1].up.unwrap();
     assert!(t.blocked && t.leaf == leaves[0]);
 }
+
+/// `default`'s connections share its flow buckets on the BPF path, where a bucket is only a
+/// classid in a map; on the u32 path each bucket would cost a filter per connection, so there
+/// they stay in bucket 0, the HTB default, with no filter at all.
+#[test]
+fn default_connections_get_buckets_only_where_they_cost_no_filter() {
+    let mut case = Case::basic();
+    case.fq_codel = false;
+    case.connections = (0..5)
+        .map(|i| conn(&format!("10.0.0.1:{}", 42000 + i), "10.0.0.2:443", i, 100))
+        .collect();
+    case.decisions = vec![decision("default", ""); 5];
+    let leaves = |d: &super::Desired| {
+        let mut l: Vec<u16> = case
+            .connections
+            .iter()
+            .map(|c| d.targets[&c.socket.key()].up.unwrap().leaf)
+            .collect();
+        l.sort();
+        l.dedup();
+        l
+    };
+    let u32_path = case.desired(&mut Handles::default());
+    assert_eq!(leaves(&u32_path), [u32_path.upload.default_minor]);
+    assert!(
+        u32_path.upload.filters.is_empty(),
+        "{:?}",
+        u32_path.upload.filters
+    );
+    let bpf_path = case.desired_with(&mut Handles::default(), true);
+    assert_eq!(leaves(&bpf_path).len(), 5, "five connections, five buckets");
+    assert!(bpf_path.upload.filters.is_empty());
+}
