@@ -44,7 +44,7 @@ root=$(mktemp -d)
 trap 'rm -rf "$root" "$control"' EXIT
 dpkg -x "$deb" "$root"
 bin=$root/usr/bin/shaper
-if readelf -S --wide "$bin" | grep -q '\.debug_'; then
+if grep -q '\.debug_' <<<"$(readelf -S --wide "$bin")"; then
     echo "check-deb: $bin has debug sections ($(du -h "$bin" | cut -f1)); it should be stripped" >&2
     exit 1
 fi
@@ -66,8 +66,11 @@ for page in "$root/usr/share/man/man1/shaper.1.gz" "$root/usr/share/man/man7/sha
         exit 1
     fi
 done
+# Rendered once into a variable: `render | grep -q` fails under pipefail once the page is long
+# enough for grep to quit before man has written it all (SIGPIPE).
+manual=$(render "$root/usr/share/man/man1/shaper.1.gz")
 for section in 'EXIT STATUS' ENVIRONMENT FILES; do
-    render "$root/usr/share/man/man1/shaper.1.gz" | grep -q "^$section\$" \
+    grep -q "^$section\$" <<<"$manual" \
         || { echo "check-deb: shaper(1) has no $section section" >&2; exit 1; }
 done
 

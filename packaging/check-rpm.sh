@@ -34,7 +34,7 @@ package=$(realpath "$rpm_file")
 # rpm2cpio exits 1 after writing a zstd payload on some versions: judge by what was extracted.
 (cd "$root" && { rpm2cpio "$package" || :; } | cpio -id --quiet ./usr/bin/shaper)
 [ -x "$root/usr/bin/shaper" ] || { echo "check-rpm: cannot extract /usr/bin/shaper" >&2; exit 1; }
-if readelf -S --wide "$root/usr/bin/shaper" | grep -q '\.debug_'; then
+if grep -q '\.debug_' <<<"$(readelf -S --wide "$root/usr/bin/shaper")"; then
     echo "check-rpm: /usr/bin/shaper has debug sections; it should be stripped" >&2
     exit 1
 fi
