@@ -209,25 +209,14 @@ fn with_bpf_a_blocked_connection_gets_nothing_through_and_its_neighbour_still_wo
     };
     let (blocked, open) = (listen(), listen());
     let port = |l: &TcpListener| l.local_addr().unwrap().port();
-    let script = dir.path().join("policy.lua");
-    std::fs::write(
-        &script,
-        format!(
-            "classes = {{ blocked = {{ block = true }} }}\n\
-             function classify(conn)\n\
-             \x20 if conn.remote_port == {} then return \"blocked\" end\n\
-             end\n",
-            port(&blocked)
-        ),
-    )
-    .unwrap();
-    let daemon = DaemonProcess::start_bpf(
-        &pair.a,
-        dir.path(),
-        &cgroup,
-        &["--script", script.to_str().unwrap()],
+    let policy = format!(
+        "classes = {{ blocked = {{ block = true }} }}\n\
+         function classify(conn)\n\
+         \x20 if conn.remote_port == {} then return \"blocked\" end\n\
+         end\n",
+        port(&blocked)
     );
-    daemon.wait_for(10, "shaping", |s| s["interfaces"][0]["state"] == "shaping");
+    let daemon = DaemonProcess::start_bpf_policy(&pair.a, dir.path(), &cgroup, &policy, &[]);
     // One process, two connections, each written to after the fast path has had time to
     // decide it (a connection's first packets go to default until then).
     let b = NetnsPair::B_V4;

@@ -183,16 +183,13 @@ fn a_process_started_after_the_daemon_is_shaped_from_its_first_packets() {
     let pair = NetnsPair::new();
     let cgroup = TestCgroup::new();
     let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("policy.lua");
-    std::fs::write(&script, SLOW_IPERF).unwrap();
     // A long interval: any shaping within the transfer is the fast path's.
-    let daemon = DaemonProcess::start_bpf(
+    let daemon = DaemonProcess::start_bpf_policy(
         &pair.a,
         dir.path(),
         &cgroup,
+        SLOW_IPERF,
         &[
-            "--script",
-            script.to_str().unwrap(),
             "--uplink",
             "10mbit",
             "--downlink",
@@ -201,7 +198,6 @@ fn a_process_started_after_the_daemon_is_shaped_from_its_first_packets() {
             "5s",
         ],
     );
-    daemon.wait_for(10, "shaping", |s| s["interfaces"][0]["state"] == "shaping");
     // A first process warms the daemon's caches (its ancestors: this test, cargo…), as any
     // process that ran before would on a real machine.
     short_transfer(&pair, &cgroup, false);
@@ -400,17 +396,7 @@ fn a_killed_bpf_daemon_leaves_nothing_attached_and_a_restart_shapes_again() {
     attached(&third);
     third.signal(libc::SIGKILL);
     wait_detached(&pair.a, &cgroup);
-    let clear = pair
-        .a
-        .command(env!("CARGO_BIN_EXE_shaper"))
-        .args(["clear", "-i", "veth0"])
-        .output()
-        .unwrap();
-    assert!(
-        clear.status.success(),
-        "{}",
-        String::from_utf8_lossy(&clear.stderr)
-    );
+    crate::shape::shaper_clear(&pair.a);
     assert_eq!(
         footprint(&pair.a, &cgroup),
         before,
@@ -525,23 +511,17 @@ fn with_bpf_udp_is_counted_per_process_and_class() {
     let pair = NetnsPair::new();
     let cgroup = TestCgroup::new();
     let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("policy.lua");
-    std::fs::write(
-        &script,
+    let daemon = DaemonProcess::start_bpf_policy(
+        &pair.a,
+        dir.path(),
+        &cgroup,
         "classes = { voice = {}, default = {} }\n\
          function classify(conn)\n\
          \x20 if conn.proto == \"udp\" and conn.remote_port == 5801 then return \"voice\" end\n\
          \x20 return \"default\"\n\
          end\n",
-    )
-    .unwrap();
-    let daemon = DaemonProcess::start_bpf(
-        &pair.a,
-        dir.path(),
-        &cgroup,
-        &["--script", script.to_str().unwrap()],
+        &[],
     );
-    daemon.wait_for(10, "shaping", |s| s["interfaces"][0]["state"] == "shaping");
     let sink = pair
         .b
         .run(|| std::net::UdpSocket::bind((NetnsPair::B_V4, 5801)).unwrap());

@@ -28,7 +28,7 @@ fn tc(ns: &Netns, args: &[&str]) -> String {
 }
 
 /// `shaper clear -i veth0` in `ns`, which must succeed.
-fn shaper_clear(ns: &Netns) {
+pub(crate) fn shaper_clear(ns: &Netns) {
     let out = ns
         .command(env!("CARGO_BIN_EXE_shaper"))
         .args(["clear", "--interface", "veth0"])

@@ -499,23 +499,13 @@ fn first_packet_daemon(
     cgroup: &TestCgroup,
     dir: &std::path::Path,
 ) -> DaemonProcess {
-    let script = dir.join("policy.lua");
-    std::fs::write(&script, FIRST_PACKET_POLICY).unwrap();
-    let daemon = DaemonProcess::start_bpf(
+    DaemonProcess::start_bpf_policy(
         &pair.a,
         dir,
         cgroup,
-        &[
-            "--script",
-            script.to_str().unwrap(),
-            "--uplink",
-            "100mbit",
-            "--downlink",
-            "100mbit",
-        ],
-    );
-    daemon.wait_for(10, "shaping", |s| s["interfaces"][0]["state"] == "shaping");
-    daemon
+        FIRST_PACKET_POLICY,
+        &["--uplink", "100mbit", "--downlink", "100mbit"],
+    )
 }
 
 /// Issue 11's acceptance: a process started after the daemon, limited to 2 Mbit/s up and
@@ -735,15 +725,14 @@ fn with_bpf_a_running_connection_moves_to_its_new_class_without_a_reset() {
              end\n"
         )
     };
-    let script = dir.path().join("policy.lua");
-    std::fs::write(&script, policy("slow")).unwrap();
-    let daemon = DaemonProcess::start_bpf(
+    let daemon = DaemonProcess::start_bpf_policy(
         &pair.a,
         dir.path(),
         &cgroup,
-        &["--script", script.to_str().unwrap(), "--interval", "1s"],
+        &policy("slow"),
+        &["--interval", "1s"],
     );
-    daemon.wait_for(10, "shaping", |s| s["interfaces"][0]["state"] == "shaping");
+    let script = dir.path().join("policy.lua");
     let _server = Server::start(&pair.b, 5701);
     // Download (-R), so the client's per-second figures are the receiver's.
     let mut run = Run::tcp(NetnsPair::b_addr(4), 5701, 40701);

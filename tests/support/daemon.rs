@@ -66,6 +66,24 @@ impl DaemonProcess {
         DaemonProcess::start(ns, dir, &all)
     }
 
+    /// Writes `policy` to `dir/policy.lua`, starts a daemon on it with the BPF classifier on
+    /// `cgroup` (and `args`), and waits until it shapes.
+    pub fn start_bpf_policy(
+        ns: &Netns,
+        dir: &Path,
+        cgroup: &super::cgroup::TestCgroup,
+        policy: &str,
+        args: &[&str],
+    ) -> DaemonProcess {
+        let script = dir.join("policy.lua");
+        std::fs::write(&script, policy).unwrap();
+        let mut all = vec!["--script", script.to_str().expect("a UTF-8 path")];
+        all.extend_from_slice(args);
+        let daemon = DaemonProcess::start_bpf(ns, dir, cgroup, &all);
+        daemon.wait_for(10, "shaping", |s| s["interfaces"][0]["state"] == "shaping");
+        daemon
+    }
+
     /// Starts without waiting (for tests of refusals).
     pub fn spawn(ns: &Netns, dir: &Path, args: &[&str]) -> DaemonProcess {
         DaemonProcess::spawn_with_env(ns, dir, args, &[])
