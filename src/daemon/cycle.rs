@@ -84,6 +84,18 @@ impl Timings {
     pub fn total(&self) -> Duration {
         self.scan + self.lookup + self.policy + self.account + self.shape
     }
+
+    /// Each stage's time and the total, by name (for `status` and the metrics).
+    pub fn stages(&self) -> [(&'static str, Duration); 6] {
+        [
+            ("scan", self.scan),
+            ("lookup", self.lookup),
+            ("policy", self.policy),
+            ("account", self.account),
+            ("shape", self.shape),
+            ("total", self.total()),
+        ]
+    }
 }
 
 /// Runs `f` as the stage `name`: in a tracing span (`SHAPER_LOG=debug` prints its time when it

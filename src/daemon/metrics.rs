@@ -160,15 +160,7 @@ pub fn render(daemon: &Daemon) -> String {
         "cycle_stage_seconds",
         "How long each stage of the last cycle took",
     );
-    let t = &daemon.timings;
-    for (stage, d) in [
-        ("scan", t.scan),
-        ("lookup", t.lookup),
-        ("policy", t.policy),
-        ("account", t.account),
-        ("shape", t.shape),
-        ("total", t.total()),
-    ] {
+    for (stage, d) in daemon.timings.stages() {
         stages
             .get_or_create(&vec![("stage", stage.to_string())])
             .set(d.as_secs_f64());

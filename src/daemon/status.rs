@@ -273,18 +273,12 @@ fn ms(d: std::time::Duration) -> f64 {
 
 impl StatusReport {
     pub fn of(daemon: &Daemon, all: bool) -> StatusReport {
-        let t = &daemon.timings;
-        let stages_ms = [
-            ("scan", t.scan),
-            ("lookup", t.lookup),
-            ("policy", t.policy),
-            ("account", t.account),
-            ("shape", t.shape),
-            ("total", t.total()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), ms(v)))
-        .collect();
+        let stages_ms = daemon
+            .timings
+            .stages()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), ms(v)))
+            .collect();
         let acct = &daemon.accounting;
         let usage = |key: UsageKey| {
             (
