@@ -527,7 +527,7 @@ impl NetlinkBackend {
             if supported {
                 "fq_codel"
             } else {
-                "pfifo (this kernel has no fq_codel)"
+                "flow buckets with segmenting token-bucket leaves (this kernel has no fq_codel)"
             }
         );
         supported

@@ -36,7 +36,9 @@ impl DaemonProcess {
         env: &[(&str, &str)],
     ) -> DaemonProcess {
         let mut d = DaemonProcess::spawn_with_env(ns, dir, args, env);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // The socket answers once the first cycle has applied its plan: seconds for a tree of
+        // 10,000 classes (the daemon benchmark).
+        let deadline = Instant::now() + Duration::from_secs(60);
         // The socket file of a killed daemon may still be there: wait until one answers.
         while std::os::unix::net::UnixStream::connect(d.dir.join("run/shaper.sock")).is_err() {
             if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
