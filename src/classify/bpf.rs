@@ -202,9 +202,9 @@ impl BpfClassifier {
     /// Attaches (again) the download program as a cls_bpf filter at [`CLS_BPF_PREF`] on the
     /// interface's ingress qdisc, which must exist: where tcx is missing, the program lives in
     /// that qdisc and goes whenever the qdisc is deleted (a replaced redirect, a deleted IFB),
-    /// so the daemon calls this after each apply that added the ingress. A filter of this
-    /// program's name already there (ours from before, or from a killed run) is replaced. Does
-    /// nothing on tcx. Call it in the interface's network namespace.
+    /// so the daemon calls this after each apply that added the ingress. The filter always has
+    /// the same pref and handle, so one already there (ours from before, or a killed run's) is
+    /// replaced, not doubled. Does nothing on tcx. Call it in the interface's network namespace.
     pub fn attach_cls_bpf(&mut self) -> Result<(), BpfError> {
         if self.download != DownloadHook::ClsBpf {
             return Ok(());
@@ -214,9 +214,9 @@ impl BpfClassifier {
             // Gone with its qdisc, usually: the error says only that.
             let _ = prog.detach(link);
         }
-        // The filter always has the same pref and handle, so a killed run's is found there.
-        // (aya's `qdisc_detach_program`, by name, gives up on the u32 redirect's options.) A
-        // link to it deletes it as it is detached; none is the usual case.
+        // A killed run's filter is found at our pref and handle (aya's `qdisc_detach_program`,
+        // by name, gives up on the u32 redirect's options). A link to it deletes it as it is
+        // detached; none is the usual case.
         if let Ok(stale) = SchedClassifierLink::attached(
             &self.interface,
             TcAttachType::Ingress,

@@ -9,15 +9,15 @@ use rustc_hash::FxHashMap;
 
 use super::flows::FlowTable;
 use crate::classify::{BpfClassifier, BpfError, DownloadHook, NewSocket, cgroup2_root};
-
-/// Set to `cls_bpf`, makes the download program a cls_bpf filter even where tcx exists: the
-/// path kernels before 6.6 take, for tests.
-pub const DOWNLOAD_HOOK_ENV: &str = "SHAPER_DOWNLOAD_HOOK";
 use crate::config::{ClassifierChoice, Config};
 use crate::process::Pid;
 use crate::scan::{Proto, Socket, SocketKey, State};
 use crate::shape::model::MAJOR;
 use crate::shape::{Target, Targets};
+
+/// Set to `cls_bpf`, makes the download program a cls_bpf filter even where tcx exists: the
+/// path kernels before 6.6 take, for tests.
+pub const DOWNLOAD_HOOK_ENV: &str = "SHAPER_DOWNLOAD_HOOK";
 
 /// Full classids (`5a:minor`) per direction; `None` = the default class.
 type Classids = (Option<u32>, Option<u32>);

@@ -747,9 +747,14 @@ fn with_bpf_a_running_connection_moves_to_its_new_class_without_a_reset() {
     eprintln!("intervals: {:?}", result.intervals);
     let i = &result.intervals;
     assert!(i.len() >= 8, "{i:?}");
-    // Per-second figures move in packet-sized steps: compare two-second averages.
-    let early = (i[1] + i[2]) / 2.0;
-    let late = (i[i.len() - 2] + i[i.len() - 1]) / 2.0;
+    // Per-second figures move in 64 KB GRO steps, and a second that ends just before a burst
+    // of them is followed by one above the limit (seen: 2.6 then 5.1 Mbit/s): average the
+    // three seconds before the reload (seconds 1-4 of the run; the first is left out as slow
+    // start) and three well after it, before the last (whose end iperf3 cuts short now and then:
+    // seen at 4.3 Mbit/s).
+    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+    let early = mean(&i[..3]);
+    let late = mean(&i[i.len() - 4..i.len() - 1]);
     assert_within("in the first class", early, 4e6, 0.90, 1.05);
     assert_within("moved to the second class", late, 12e6, 0.90, 1.05);
 }
