@@ -347,7 +347,10 @@ fn a_quota_slows_down_and_survives_sigkill() {
         let u = &s["usage"]["day"];
         u["up"].as_u64().unwrap() + u["down"].as_u64().unwrap()
     };
-    daemon.wait_for(5, "the transfer counted", |s| day(s) > 30_000_000);
+    // Past the policy's 20 MB (what the rest is about). Not "all 30 MiB": once, in a full run,
+    // veth0 sent only 29.8 MB of them (iperf3 closes when it has written its bytes, and what
+    // its socket still held may go unsent); the link figure is the device's own counter.
+    daemon.wait_for(5, "the quota passed", |s| day(s) > 20 * 1024 * 1024);
     let slowed = {
         let _server = Server::start(&pair.b, 5502);
         let mut run = Run::tcp(NetnsPair::b_addr(4), 5502, 40502);
