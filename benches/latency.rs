@@ -11,9 +11,7 @@
 mod support;
 
 use shaper::policy::Each;
-use shaper::shape::Capacity;
-use shaper::units::Rate;
-use support::latency::{LoadResult, probe_under_load};
+use support::latency::{LoadResult, probe_under_load, top_priority_under_load};
 use support::netns::NetnsPair;
 use support::shaping::{Shaper, class, class_set, decision};
 
@@ -75,26 +73,7 @@ fn main() {
         if !wanted(&name) {
             continue;
         }
-        let pair = NetnsPair::new();
-        let mut shaper = Shaper::new(&pair.a);
-        let link: Rate = "18mbit".parse().unwrap();
-        shaper.capacity = Capacity {
-            up: Some(link),
-            down: Some(link),
-            framing: Default::default(),
-        };
-        let mut top = class("top", "", Each::Class);
-        top.prio = 0;
-        let classes = class_set(vec![top, class("bulk", "", Each::Class)]);
-        let r = probe_under_load(
-            &pair,
-            &mut shaper,
-            &classes,
-            decision("top", ""),
-            decision("bulk", ""),
-            1,
-            download,
-        );
+        let r = top_priority_under_load(download);
         print(&name, 18e6, &r);
     }
 }

@@ -764,7 +764,7 @@ fn with_bpf_a_running_connection_moves_to_its_new_class_without_a_reset() {
 
 // ---- latency inside and between classes (issue 12) ----------------------------------------
 
-use support::latency::{LoadResult, probe_under_load};
+use support::latency::{LoadResult, probe_under_load, top_priority_under_load};
 
 /// The probe and `flows` bulk flows in one class limited to 2 Mbit/s up and 4 Mbit/s down.
 fn shared_class(flows: u16, download: bool) -> LoadResult {
@@ -841,26 +841,7 @@ fn four_bulk_flows_share_a_class_evenly_and_a_probe_stays_fast() {
 fn a_top_priority_probe_stays_fast_while_bulk_saturates_the_link() {
     let _serial = rate_lock();
     for download in [false, true] {
-        let pair = NetnsPair::new();
-        let mut shaper = Shaper::new(&pair.a);
-        let link: shaper::units::Rate = "18mbit".parse().unwrap();
-        shaper.capacity = shaper::shape::Capacity {
-            up: Some(link),
-            down: Some(link),
-            framing: Default::default(),
-        };
-        let mut top = class("top", "", Each::Class);
-        top.prio = 0;
-        let classes = class_set(vec![top, class("bulk", "", Each::Class)]);
-        let r = probe_under_load(
-            &pair,
-            &mut shaper,
-            &classes,
-            decision("top", ""),
-            decision("bulk", ""),
-            1,
-            download,
-        );
+        let r = top_priority_under_load(download);
         eprintln!(
             "measured top priority, download {download}: {}; bulk {:.2} Mbit/s",
             r.loaded,

@@ -175,3 +175,31 @@ pub fn probe_under_load(
         streams,
     }
 }
+
+/// The "between classes" case: a probe in a top-priority class (`prio = 0`) while one bulk flow
+/// in another class saturates an 18 Mbit/s shaped link, on a namespace pair of its own.
+pub fn top_priority_under_load(download: bool) -> LoadResult {
+    let pair = NetnsPair::new();
+    let mut shaper = Shaper::new(&pair.a);
+    let link: shaper::units::Rate = "18mbit".parse().unwrap();
+    shaper.capacity = shaper::shape::Capacity {
+        up: Some(link),
+        down: Some(link),
+        framing: Default::default(),
+    };
+    let mut top = super::shaping::class("top", "", shaper::policy::Each::Class);
+    top.prio = 0;
+    let classes = super::shaping::class_set(vec![
+        top,
+        super::shaping::class("bulk", "", shaper::policy::Each::Class),
+    ]);
+    probe_under_load(
+        &pair,
+        &mut shaper,
+        &classes,
+        super::shaping::decision("top", ""),
+        super::shaping::decision("bulk", ""),
+        1,
+        download,
+    )
+}
