@@ -73,9 +73,9 @@ fn synthetic_snapshot(n: usize) -> Snapshot {
                 pid,
                 ppid: parent,
                 name: name.into(),
-                exe: Some(format!("/usr/bin/{name}")),
+                exe: Some(format!("/usr/bin/{name}").into()),
                 cmdline: vec![
-                    format!("/usr/bin/{name}"),
+                    format!("/usr/bin/{name}").into(),
                     "--some-flag".into(),
                     "value".into(),
                 ],

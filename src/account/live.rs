@@ -316,7 +316,7 @@ impl Accounting {
             }
             let mut keys = Vec::with_capacity(3);
             if let Some(p) = c.process {
-                keys.push(UsageKey::Process(p.name.clone()));
+                keys.push(UsageKey::Process(p.name.to_string()));
                 keys.push(UsageKey::User(
                     p.user.clone().unwrap_or_else(|| p.uid.to_string()),
                 ));

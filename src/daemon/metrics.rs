@@ -126,16 +126,16 @@ pub fn render(daemon: &Daemon) -> String {
         "process_rate_bits_per_second",
         "Recent rate per process name (2 s average)",
     );
-    let mut by_name: BTreeMap<&str, (f64, f64)> = BTreeMap::new();
+    let mut by_name: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     for flow in daemon.cycle.flows().iter() {
         if let Some(p) = flow.process {
-            let r = by_name.entry(&p.name).or_default();
+            let r = by_name.entry(p.name.to_string()).or_default();
             r.0 += flow.stats.rate_up;
             r.1 += flow.stats.rate_down;
         }
     }
     for (name, (rate_up, rate_down)) in by_name {
-        let [up, down] = both(&[("process", name)]);
+        let [up, down] = both(&[("process", &name)]);
         process_rate.get_or_create(&up).set(rate_up);
         process_rate.get_or_create(&down).set(rate_down);
     }

@@ -334,10 +334,10 @@ impl StatusReport {
                 link.rate_down += bits(s.rate_down);
                 if let Some(p) = flow.process {
                     let entry = processes.entry(p.pid).or_insert_with(|| {
-                        let (today, month) = usage(UsageKey::Process(p.name.clone()));
+                        let (today, month) = usage(UsageKey::Process(p.name.to_string()));
                         ProcessStatus {
                             pid: p.pid,
-                            name: p.name.clone(),
+                            name: p.name.to_string(),
                             user: p.user.clone(),
                             classes: Vec::new(),
                             limit: ceil,

@@ -136,12 +136,16 @@ pub(crate) fn process_value(lua: &Lua, pid: Pid) -> mlua::Result<Value> {
     let t = lua.create_table_with_capacity(0, 14)?;
     t.raw_set("pid", p.pid)?;
     t.raw_set("ppid", p.ppid)?;
-    t.raw_set("name", p.name.as_str())?;
-    t.raw_set("exe", p.exe.as_deref())?;
-    t.raw_set(
-        "cmdline",
-        lua.create_sequence_from(p.cmdline.iter().map(String::as_str))?,
-    )?;
+    // Lua strings are byte strings: the policy sees the exact bytes, UTF-8 or not.
+    t.raw_set("name", lua.create_string(p.name.as_bytes())?)?;
+    if let Some(exe) = &p.exe {
+        t.raw_set("exe", lua.create_string(exe.as_bytes())?)?;
+    }
+    let cmdline = lua.create_table_with_capacity(p.cmdline.len(), 0)?;
+    for arg in &p.cmdline {
+        cmdline.raw_push(lua.create_string(arg.as_bytes())?)?;
+    }
+    t.raw_set("cmdline", cmdline)?;
     t.raw_set("uid", p.uid)?;
     t.raw_set("user", p.user.as_deref())?;
     t.raw_set("gid", p.gid)?;

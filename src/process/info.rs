@@ -1,10 +1,16 @@
-//! What shaper knows about one process, read from `/proc/<pid>` with procfs.
+//! What shaper knows about one process, read from `/proc/<pid>` as bytes.
+//!
+//! Not with procfs's `stat()`/`status()`/`cmdline()`: they read the files into `String`s and fail
+//! (or drop arguments) on bytes that are not UTF-8, which any process can put in its own name.
 
 use rustc_hash::FxHashMap as HashMap;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use procfs::process::Process as ProcfsProcess;
 use serde::{Deserialize, Serialize};
+
+use super::ProcString;
 
 pub type Pid = u32;
 
@@ -13,13 +19,13 @@ pub type Pid = u32;
 pub struct Process {
     pub pid: Pid,
     pub ppid: Pid,
-    /// The kernel's short name (`comm`, at most 15 bytes).
-    pub name: String,
+    /// The kernel's short name (`comm`, at most 15 bytes), as the bytes the process set.
+    pub name: ProcString,
     /// The executable's path; `None` when it cannot be read (kernel threads, or another user's
     /// process without CAP_SYS_PTRACE).
     #[serde(default)]
-    pub exe: Option<String>,
-    pub cmdline: Vec<String>,
+    pub exe: Option<ProcString>,
+    pub cmdline: Vec<ProcString>,
     /// Real uid and gid.
     pub uid: u32,
     #[serde(default)]
@@ -47,51 +53,136 @@ pub enum ReadError {
     Other(String),
 }
 
-impl From<procfs::ProcError> for ReadError {
-    fn from(e: procfs::ProcError) -> Self {
-        match e {
-            procfs::ProcError::NotFound(_) => ReadError::Gone,
-            // A process that exits while being read makes its files return ESRCH / empty reads.
-            procfs::ProcError::Io(ref io, _) if io.raw_os_error() == Some(libc::ESRCH) => {
-                ReadError::Gone
-            }
-            other => ReadError::Other(other.to_string()),
+impl From<io::Error> for ReadError {
+    fn from(e: io::Error) -> Self {
+        match e.raw_os_error() {
+            // A process that exits while being read makes its files vanish or return ESRCH.
+            Some(libc::ENOENT | libc::ESRCH) => ReadError::Gone,
+            _ => ReadError::Other(e.to_string()),
         }
     }
 }
 
-/// The start time of `pid`, to tell whether a cached process is still the one running.
-pub fn start_time(proc_root: &Path, pid: Pid) -> Option<u64> {
-    let p = ProcfsProcess::new_with_root(proc_root.join(pid.to_string())).ok()?;
-    p.stat().ok().map(|s| s.starttime)
+/// The fields of `/proc/<pid>/stat` shaper uses. The name sits between the first `(` and the
+/// *last* `)`: it may itself contain parentheses, spaces, newlines and any other byte.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stat {
+    pub name: ProcString,
+    pub ppid: Pid,
+    pub start_time: u64,
+}
+
+/// Parses `/proc/<pid>/stat` as bytes (`None` when malformed).
+pub fn parse_stat(bytes: &[u8]) -> Option<Stat> {
+    let open = bytes.iter().position(|&b| b == b'(')?;
+    let close = bytes.iter().rposition(|&b| b == b')')?;
+    let name = bytes.get(open + 1..close)?;
+    let rest = std::str::from_utf8(bytes.get(close + 1..)?).ok()?;
+    // After the name: state (field 3), ppid (4), … starttime (22).
+    let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
+    Some(Stat {
+        name: ProcString::from(name),
+        ppid: fields.get(1)?.parse::<i64>().ok()?.try_into().unwrap_or(0),
+        start_time: fields.get(19)?.parse().ok()?,
+    })
+}
+
+fn read_stat(proc_root: &Path, pid: Pid) -> Result<Stat, ReadError> {
+    let bytes = std::fs::read(proc_root.join(pid.to_string()).join("stat"))?;
+    parse_stat(&bytes).ok_or_else(|| ReadError::Other(format!("/proc/{pid}/stat is malformed")))
+}
+
+/// What tells one program running under a pid from another: the process (pid, start time) and
+/// the program it runs (its name and executable), which `exec` changes while the pid and start
+/// time stay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub start_time: u64,
+    pub name: ProcString,
+    pub exe: Option<ProcString>,
+}
+
+/// The identity of `pid` now, or `None` when it is gone: one read of `stat` and one readlink.
+pub fn identity(proc_root: &Path, pid: Pid) -> Option<Identity> {
+    let stat = read_stat(proc_root, pid).ok()?;
+    Some(Identity {
+        start_time: stat.start_time,
+        name: stat.name,
+        exe: read_exe(proc_root, pid),
+    })
+}
+
+fn read_exe(proc_root: &Path, pid: Pid) -> Option<ProcString> {
+    std::fs::read_link(proc_root.join(pid.to_string()).join("exe"))
+        .ok()
+        .map(|p| ProcString::from(p.as_os_str().as_bytes()))
+}
+
+/// `/proc/<pid>/cmdline` split at NULs, keeping empty arguments (`""` is an argument too).
+pub fn split_cmdline(bytes: &[u8]) -> Vec<ProcString> {
+    let bytes = bytes.strip_suffix(b"\0").unwrap_or(bytes);
+    if bytes.is_empty() {
+        return Vec::new();
+    }
+    bytes.split(|&b| b == 0).map(ProcString::from).collect()
+}
+
+/// The real uid and gid from `/proc/<pid>/status` (the second line of each is "real, effective,
+/// saved, filesystem"). Read as bytes: the `Name:` line holds the process's own bytes.
+fn parse_ids(status: &[u8]) -> Option<(u32, u32)> {
+    let field = |key: &[u8]| -> Option<u32> {
+        let line = status.split(|&b| b == b'\n').find(|l| l.starts_with(key))?;
+        std::str::from_utf8(&line[key.len()..])
+            .ok()?
+            .split_ascii_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some((field(b"Uid:")?, field(b"Gid:")?))
 }
 
 /// Reads one process; `users` caches uid → name lookups across calls. Ancestors are filled by the
-/// table, which can reuse what it already knows.
+/// table, which can reuse what it already knows. Every field the process can set is read as
+/// bytes, so no name, argument or path can make the process unreadable.
 pub fn read_process(
     proc_root: &Path,
     pid: Pid,
     users: &mut HashMap<u32, Option<String>>,
 ) -> Result<Process, ReadError> {
-    let p = ProcfsProcess::new_with_root(proc_root.join(pid.to_string()))?;
-    let stat = p.stat()?;
-    let status = p.status()?;
-    let cmdline = p.cmdline().unwrap_or_default();
-    let exe = p.exe().ok().map(|e| e.to_string_lossy().into_owned());
-    let cgroups = p.cgroups().map(|c| c.0).unwrap_or_default();
-    let cgroup = cgroup_path(
-        cgroups
-            .iter()
-            .map(|c| (c.hierarchy, c.controllers.as_slice(), c.pathname.as_str())),
-    );
+    let dir = proc_root.join(pid.to_string());
+    let stat = read_stat(proc_root, pid)?;
+    let (uid, gid) = parse_ids(&std::fs::read(dir.join("status"))?)
+        .ok_or_else(|| ReadError::Other(format!("/proc/{pid}/status has no Uid/Gid")))?;
+    let cmdline = std::fs::read(dir.join("cmdline"))
+        .map(|b| split_cmdline(&b))
+        .unwrap_or_default();
+    let exe = read_exe(proc_root, pid);
+    let cgroups = std::fs::read(dir.join("cgroup")).unwrap_or_default();
+    let cgroups = String::from_utf8_lossy(&cgroups);
+    let lines: Vec<(u32, Vec<String>, &str)> = cgroups
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let hierarchy = parts.next()?.parse().ok()?;
+            let controllers = parts.next()?;
+            let controllers = if controllers.is_empty() {
+                Vec::new()
+            } else {
+                controllers.split(',').map(str::to_string).collect()
+            };
+            Some((hierarchy, controllers, parts.next()?))
+        })
+        .collect();
+    let cgroup = cgroup_path(lines.iter().map(|(h, c, p)| (*h, c.as_slice(), *p)));
     let unit = cgroup
         .as_deref()
         .and_then(unit_of_cgroup)
         .map(str::to_string);
     let user = users
-        .entry(status.ruid)
+        .entry(uid)
         .or_insert_with(|| {
-            nix::unistd::User::from_uid(status.ruid.into())
+            nix::unistd::User::from_uid(uid.into())
                 .ok()
                 .flatten()
                 .map(|u| u.name)
@@ -99,16 +190,16 @@ pub fn read_process(
         .clone();
     Ok(Process {
         pid,
-        ppid: u32::try_from(stat.ppid).unwrap_or(0),
-        name: stat.comm,
+        ppid: stat.ppid,
+        name: stat.name,
         exe,
         cmdline,
-        uid: status.ruid,
+        uid,
         user,
-        gid: status.rgid,
+        gid,
         cgroup,
         unit,
-        start_time: stat.starttime,
+        start_time: stat.start_time,
         ancestors: Vec::new(),
     })
 }
@@ -188,5 +279,34 @@ mod tests {
         );
         let lines = [(0, none.as_slice(), "/"), (1, systemd.as_slice(), "/")];
         assert_eq!(cgroup_path(lines.into_iter()).as_deref(), Some("/"));
+    }
+}
+
+#[cfg(test)]
+mod parse_tests {
+    use super::*;
+
+    #[test]
+    fn stat_names_with_any_bytes_and_parentheses_parse() {
+        let mut line = b"4242 (\xff\xfe) (x\nblockme) S 17 4242 4242 0 -1 4194560".to_vec();
+        line.extend_from_slice(b" 0 0 0 0 0 0 0 0 20 0 1 0 987654 0 0\n");
+        let stat = parse_stat(&line).unwrap();
+        assert_eq!(stat.name.as_bytes(), b"\xff\xfe) (x\nblockme");
+        assert_eq!((stat.ppid, stat.start_time), (17, 987654));
+        assert_eq!(parse_stat(b"4242 (x"), None);
+    }
+
+    #[test]
+    fn cmdline_keeps_empty_and_non_utf8_arguments() {
+        let args = split_cmdline(b"python3\0\0-c\0\xffx\0");
+        let args: Vec<&[u8]> = args.iter().map(ProcString::as_bytes).collect();
+        assert_eq!(args, [&b"python3"[..], b"", b"-c", b"\xffx"]);
+        assert!(split_cmdline(b"").is_empty());
+    }
+
+    #[test]
+    fn ids_come_from_the_real_uid_and_gid_whatever_the_name() {
+        let status = b"Name:\t\xff\xfe\nUmask:\t0022\nUid:\t1000\t0\t0\t0\nGid:\t100\t0\t0\t0\n";
+        assert_eq!(parse_ids(status), Some((1000, 100)));
     }
 }

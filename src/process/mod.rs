@@ -18,6 +18,7 @@
 
 mod fdwalk;
 mod info;
+mod text;
 
 use std::collections::BTreeMap;
 
@@ -27,7 +28,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-pub use info::{Pid, Process, cgroup_path, unit_of_cgroup};
+pub use info::{Identity, Pid, Process, cgroup_path, identity, parse_stat, unit_of_cgroup};
+pub use text::ProcString;
 
 use crate::scan::Socket;
 
@@ -210,11 +212,22 @@ impl ProcessTable {
         true
     }
 
-    /// Whether the cached process for `pid` is still the one running under that pid.
+    /// Whether the cached process for `pid` is still the one running under that pid, running the
+    /// same program: a process that called `exec` keeps its pid and start time but must be read
+    /// afresh, or the policy would go on judging the program it was before (a python3 that execs
+    /// a limited program would escape its limit). The name or the executable tells; an exec of
+    /// the very same executable under the same name changes neither and is not noticed here.
     fn is_current(&self, pid: Pid) -> bool {
-        match self.processes.get(&pid) {
-            Some(p) => info::start_time(&self.proc_root, pid) == Some(p.start_time),
-            None => false,
+        match (
+            self.processes.get(&pid),
+            info::identity(&self.proc_root, pid),
+        ) {
+            (Some(p), Some(now)) => {
+                now.start_time == p.start_time
+                    && now.name == p.name
+                    && (p.exe.is_none() || now.exe == p.exe)
+            }
+            _ => false,
         }
     }
 
@@ -534,7 +547,7 @@ mod tests {
         assert_eq!(p.ppid, 50);
         assert_eq!(p.ancestors, vec![50, 1]);
         assert_eq!(p.cmdline, vec!["/usr/bin/curl", "--flag"]);
-        assert_eq!(p.exe.as_deref(), Some("/usr/bin/curl"));
+        assert_eq!(p.exe, Some("/usr/bin/curl".into()));
         assert_eq!((p.uid, p.gid), (1000, 100));
         assert_eq!(p.cgroup.as_deref(), Some("/system.slice/demo.service"));
         assert_eq!(p.unit.as_deref(), Some("demo.service"));
@@ -556,7 +569,45 @@ mod tests {
             "the owner changed, so the socket is looked up again"
         );
         let p = table.owner_process(555).unwrap();
-        assert_eq!((p.name.as_str(), p.start_time), ("new", 2000));
+        assert_eq!((p.name.to_string().as_str(), p.start_time), ("new", 2000));
+    }
+
+    #[test]
+    fn exec_is_noticed_by_name_or_executable() {
+        let fake = FakeProc::new();
+        fake.add(100, 0, "python3", 1000, &[555]);
+        let mut table = fake.table();
+        table.update(&[socket(555)]);
+        assert_eq!(table.owner_process(555).unwrap().name, "python3");
+        // exec: same pid and start time, another program.
+        fake.add(100, 0, "limited", 1000, &[555]);
+        table.update(&[socket(555)]);
+        let p = table.owner_process(555).unwrap();
+        assert_eq!(p.name, "limited");
+        assert_eq!(p.exe, Some("/usr/bin/limited".into()));
+        // The fast path's lookup by tgid notices it too.
+        fake.add(100, 0, "curl", 1000, &[555]);
+        let snap = table.snapshot_created(vec![(socket(556), 100)]);
+        assert_eq!(snap.processes[&100].name, "curl");
+    }
+
+    #[test]
+    fn a_name_that_is_not_utf8_is_read_as_bytes() {
+        let fake = FakeProc::new();
+        fake.add(100, 0, "placeholder", 1000, &[555]);
+        let stat = fake.dir.path().join("100/stat");
+        let text = std::fs::read(&stat).unwrap();
+        let rest = &text[text.iter().rposition(|&b| b == b')').unwrap()..];
+        let mut raw = b"100 (\xff\xfeblockme".to_vec();
+        raw.extend_from_slice(rest);
+        std::fs::write(&stat, raw).unwrap();
+        std::fs::write(fake.dir.path().join("100/cmdline"), b"/usr/bin/\xffx\0").unwrap();
+        let mut table = fake.table();
+        table.update(&[socket(555)]);
+        let p = table.owner_process(555).expect("the process is visible");
+        assert_eq!(p.name.as_bytes(), b"\xff\xfeblockme");
+        assert_eq!(p.cmdline[0].as_bytes(), b"/usr/bin/\xffx");
+        assert_eq!(p.uid, 1000);
     }
 
     #[test]
