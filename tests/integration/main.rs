@@ -9,6 +9,7 @@ mod bpf;
 mod cli;
 mod control;
 mod daemon;
+mod evasion;
 mod examples;
 mod fastpath;
 mod metrics;

@@ -181,6 +181,17 @@ impl DaemonProcess {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// `shaper status --all --json` (with every connection).
+    pub fn status_all(&self) -> serde_json::Value {
+        let out = self.control(&["status", "--all", "--json"]);
+        assert!(
+            out.status.success(),
+            "status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
     /// Waits until `ok(status)` holds, or panics after `secs` with the last status and the log.
     pub fn wait_for(&self, secs: u64, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(secs);

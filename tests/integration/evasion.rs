@@ -1,0 +1,184 @@
+//! Ways a local process could step around the policy (issue 27), each against a real daemon in
+//! a namespace, on both classifiers: a name that is not UTF-8, and `exec` into another program.
+//! The assertions are the class the daemon put each connection in, which no machine load moves.
+
+use std::net::TcpListener;
+use std::process::{Child, Stdio};
+
+use crate::support::cgroup::TestCgroup;
+use crate::support::daemon::DaemonProcess;
+use crate::support::netns::NetnsPair;
+
+const POLICY: &str = r#"
+classes = {
+  free = {},
+  limited = { ceil = "1mbit" },
+  byname = { ceil = "2mbit" },
+  default = {},
+}
+function classify(conn)
+  local p = conn.process
+  if not p then return "default" end
+  if p.name == "\xff\xfeblockme" then return "byname" end
+  if p.name == "limitedprog" then return "limited" end
+  return "free"
+end
+"#;
+
+/// Renames itself to bytes that are not UTF-8, then holds one connection.
+const RENAME: &str = r#"
+import ctypes, socket, sys, time
+ctypes.CDLL(None).prctl(15, b"\xff\xfeblockme", 0, 0, 0)
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+time.sleep(120)
+"#;
+
+/// Holds one connection, then (when the file argv[3] appears) execs a program of another name
+/// (a symlink to this Python, so `comm` changes) that keeps the connection and opens another.
+const EXEC: &str = r#"
+import os, socket, sys, time
+host, port, go, link = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+s = socket.create_connection((host, int(port)))
+s.set_inheritable(True)
+os.symlink(sys.executable, link)
+while not os.path.exists(go):
+    time.sleep(0.02)
+after = "import socket, sys, time\ns = socket.create_connection((sys.argv[1], int(sys.argv[2])))\ntime.sleep(120)"
+os.execv(link, [link, "-c", after, host, port])
+"#;
+
+struct Setup {
+    pair: NetnsPair,
+    cgroup: TestCgroup,
+    dir: tempfile::TempDir,
+    daemon: DaemonProcess,
+    listener: TcpListener,
+}
+
+fn setup(classifier: &str) -> Setup {
+    let pair = NetnsPair::new();
+    let cgroup = TestCgroup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = if classifier == "bpf" {
+        DaemonProcess::start_bpf_policy(&pair.a, dir.path(), &cgroup, POLICY, &[])
+    } else {
+        let script = dir.path().join("policy.lua");
+        std::fs::write(&script, POLICY).unwrap();
+        let d = DaemonProcess::start(&pair.a, dir.path(), &["--script", script.to_str().unwrap()]);
+        d.wait_for(10, "shaping", |s| s["interfaces"][0]["state"] == "shaping");
+        d
+    };
+    assert_eq!(daemon.status()["classifier"], classifier);
+    let listener = pair
+        .b
+        .run(|| TcpListener::bind((NetnsPair::B_V4, 0)).unwrap());
+    Setup {
+        pair,
+        cgroup,
+        dir,
+        daemon,
+        listener,
+    }
+}
+
+impl Setup {
+    fn python(&self, script: &str, extra: &[&str]) -> Child {
+        let port = self.listener.local_addr().unwrap().port().to_string();
+        let mut cmd = self.pair.a.command("python3");
+        cmd.args(["-c", script, &NetnsPair::B_V4.to_string(), &port])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        let procs = self.cgroup.enter(&mut cmd);
+        let child = cmd.spawn().expect("start python3");
+        drop(procs);
+        child
+    }
+
+    /// The (class, process) of each connection to the listener, from `status --all --json`.
+    fn classes(&self) -> Vec<(String, String)> {
+        let port = format!(":{}", self.listener.local_addr().unwrap().port());
+        let s = self.daemon.status_all();
+        s["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["connection"].as_str().unwrap().contains(&port))
+            .map(|c| {
+                (
+                    c["class"].as_str().unwrap_or("").to_string(),
+                    c["process"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    }
+
+    fn wait_for_classes(&self, what: &str, ok: impl Fn(&[(String, String)]) -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let now = self.classes();
+            if ok(&now) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: {now:?}\n{}",
+                self.daemon.log_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn a_name_that_is_not_utf8_is_still_seen_by_the_policy(classifier: &str) {
+    let s = setup(classifier);
+    let _p = Kill(s.python(RENAME, &[]));
+    s.wait_for_classes("the renamed process's connection in its class", |c| {
+        c.len() == 1 && c[0].0 == "byname" && c[0].1.contains("blockme")
+    });
+}
+
+#[test]
+fn a_name_that_is_not_utf8_is_still_seen_by_the_policy_u32() {
+    a_name_that_is_not_utf8_is_still_seen_by_the_policy("u32");
+}
+
+#[test]
+fn a_name_that_is_not_utf8_is_still_seen_by_the_policy_bpf() {
+    a_name_that_is_not_utf8_is_still_seen_by_the_policy("bpf");
+}
+
+fn after_exec_the_new_program_is_judged(classifier: &str) {
+    let s = setup(classifier);
+    let go = s.dir.path().join("go");
+    let link = s.dir.path().join("limitedprog");
+    let _p = Kill(s.python(EXEC, &[go.to_str().unwrap(), link.to_str().unwrap()]));
+    s.wait_for_classes("the connection before exec", |c| {
+        c.len() == 1 && c[0].0 == "free"
+    });
+    std::fs::write(&go, "").unwrap();
+    s.wait_for_classes("both connections judged as the new program", |c| {
+        c.len() == 2
+            && c.iter()
+                .all(|(class, process)| class == "limited" && process.starts_with("limitedprog"))
+    });
+}
+
+#[test]
+fn after_exec_the_new_program_is_judged_u32() {
+    after_exec_the_new_program_is_judged("u32");
+}
+
+#[test]
+fn after_exec_the_new_program_is_judged_bpf() {
+    after_exec_the_new_program_is_judged("bpf");
+}
