@@ -237,17 +237,13 @@ impl History {
 
     /// Reads the file; a missing one is an empty history.
     pub fn read(path: &Path) -> Result<History, StateError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(History::default()),
-            Err(e) => {
-                return Err(StateError::Unreadable(format!(
-                    "cannot read the usage history {}: {e}",
-                    path.display()
-                )));
-            }
+        let Some(bytes) = super::live::read_state(path, "the usage history")? else {
+            return Ok(History::default());
         };
-        let stored: Stored = ron::from_str(&text).map_err(|e| {
+        let text = std::str::from_utf8(&bytes).map_err(|e| {
+            StateError::Corrupt(format!("usage history {} is corrupt ({e})", path.display()))
+        })?;
+        let stored: Stored = ron::from_str(text).map_err(|e| {
             StateError::Corrupt(format!("usage history {} is corrupt ({e})", path.display()))
         })?;
         if stored.version != HISTORY_VERSION {

@@ -112,6 +112,11 @@ pub struct Accounting {
     last: Option<jiff::Timestamp>,
     history: History,
     totals: Totals,
+    /// Why the usage file must not be written: it held data that could be neither read nor set
+    /// aside, and a save would overwrite it.
+    save_refused: Option<String>,
+    /// The same for the history file.
+    history_save_refused: Option<String>,
 }
 
 /// Names per kind the since-start totals keep (see [`Totals`]).
@@ -207,6 +212,8 @@ impl Accounting {
             last: None,
             history: History::default(),
             totals: Totals::default(),
+            save_refused: None,
+            history_save_refused: None,
         }
     }
 
@@ -400,10 +407,21 @@ impl Accounting {
         // History first: a period it holds is never archived again from an older usage file.
         // A failed history write is retried at the next save and does not keep usage unsaved.
         let history = history_path(path);
-        let history_saved = self
-            .history
-            .save(&history)
-            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", history.display())));
+        let history_saved = match &self.history_save_refused {
+            Some(why) => Err(std::io::Error::other(why.clone())),
+            None => self
+                .history
+                .save(&history)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", history.display()))),
+        };
+        if let Some(why) = &self.save_refused {
+            return Err(std::io::Error::other(why.clone()));
+        }
+        // The last good file stays beside the new one: should this one be damaged later, the
+        // next start resumes from that (at most one flush interval behind) instead of zero.
+        let prev = previous_path(path);
+        let _ = std::fs::remove_file(&prev);
+        let _ = std::fs::hard_link(path, &prev);
         let stored = Stored {
             version: STATE_VERSION,
             saved_at: now.timestamp().as_second(),
@@ -416,33 +434,67 @@ impl Accounting {
     }
 
     /// Loads saved counters: those of periods still current at `now` resume, older ones go to
-    /// the history (unless it has them already). An unreadable or corrupt file is moved aside
-    /// (`…corrupt-UNIXTIME`) with a warning, and counting starts from zero; a missing file is
-    /// a first start. The same for the history file beside it.
+    /// the history (unless it has them already). A missing file is a first start.
+    ///
+    /// Data that cannot be read is never overwritten: a damaged file (not UTF-8, not RON, another
+    /// version) is moved aside (`…corrupt-UNIXTIME`) with a warning, and what can be salvaged is
+    /// kept: the readable part of the file, else the previous save (`usage.ron.prev`), else zero.
+    /// A file that cannot be read at all (permissions, I/O errors) is moved aside the same way;
+    /// where even that fails, saving is refused (and said so at every flush) rather than
+    /// overwriting it. The same for the history file beside it.
     pub fn load(path: &Path, now: &jiff::Zoned, month_start_day: u8) -> Accounting {
         let mut accounting = Accounting::new(month_start_day);
         let history = history_path(path);
         match History::read(&history) {
             Ok(h) => accounting.history = h,
-            Err(StateError::Unreadable(e)) => {
-                tracing::warn!("{e}; the history starts empty");
-            }
-            Err(StateError::Corrupt(e)) => {
-                let aside = set_aside(&history, now);
-                tracing::warn!(
+            Err(e) => match set_aside(&history, now) {
+                Ok(aside) => tracing::warn!(
                     "{e}; moved to {}, the history starts empty",
                     aside.display()
-                );
-            }
+                ),
+                Err(moved) => {
+                    let why = format!(
+                        "{e}, and it cannot be moved aside ({moved}): the history is not \
+                         saved until it is (move {} away and restart shaper)",
+                        history.display()
+                    );
+                    tracing::error!("{why}");
+                    accounting.history_save_refused = Some(why);
+                }
+            },
         }
         match read_stored(path) {
-            Ok(stored) => accounting.resume(stored, now),
-            Err(StateError::Unreadable(e)) => {
-                tracing::warn!("{e}; starting from zero");
+            Ok((stored, None)) => accounting.resume(stored, now),
+            Ok((stored, Some(damage))) => {
+                let aside = set_aside_copy(path, now);
+                tracing::warn!(
+                    "usage file {} is damaged ({damage}); resuming from its readable part \
+                     (the file as it was: {aside})",
+                    path.display()
+                );
+                accounting.resume(stored, now);
             }
-            Err(StateError::Corrupt(e)) => {
-                let aside = set_aside(path, now);
-                tracing::warn!("{e}; moved to {}, starting from zero", aside.display());
+            Err(e) => {
+                match set_aside(path, now) {
+                    Ok(aside) => tracing::warn!("{e}; moved to {}", aside.display()),
+                    Err(moved) => {
+                        let why = format!(
+                            "{e}, and it cannot be moved aside ({moved}): usage is not saved \
+                             until it is (move {} away and restart shaper)",
+                            path.display()
+                        );
+                        tracing::error!("{why}");
+                        accounting.save_refused = Some(why);
+                    }
+                }
+                let prev = previous_path(path);
+                match read_stored(&prev) {
+                    Ok((stored, _)) if !stored.is_empty() => {
+                        tracing::warn!("resuming usage from the previous save {}", prev.display());
+                        accounting.resume(stored, now);
+                    }
+                    _ => tracing::warn!("usage starts from zero"),
+                }
             }
         }
         accounting
@@ -457,7 +509,7 @@ impl Accounting {
     ) -> Result<Accounting, StateError> {
         let mut accounting = Accounting::new(month_start_day);
         accounting.history = History::read(&history_path(path))?;
-        accounting.resume(read_stored(path)?, now);
+        accounting.resume(read_stored(path)?.0, now);
         Ok(accounting)
     }
 
@@ -502,7 +554,8 @@ impl Accounting {
 /// Why a state file (`usage.ron`, `history.ron`) could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StateError {
-    /// It could not be read (permissions, I/O); it is left where it is.
+    /// It could not be read (permissions, I/O). The daemon moves it aside, or refuses to save
+    /// over it; readers beside the daemon leave it where it is.
     #[error("{0}")]
     Unreadable(String),
     /// It is not a state file of this version; the daemon moves it aside.
@@ -510,29 +563,73 @@ pub enum StateError {
     Corrupt(String),
 }
 
-/// The books of a usage file; none for a missing file.
-fn read_stored(path: &Path) -> Result<Vec<(Period, Book)>, StateError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => {
-            return Err(StateError::Unreadable(format!(
-                "cannot read usage from {}: {e}",
-                path.display()
-            )));
-        }
+/// The books of a usage file (none for a missing file), with what was damaged when only a part
+/// of it could be read.
+fn read_stored(path: &Path) -> Result<(Vec<(Period, Book)>, Option<String>), StateError> {
+    let Some(bytes) = read_state(path, "usage")? else {
+        return Ok((Vec::new(), None));
     };
-    match ron::from_str::<Stored>(&text) {
-        Ok(stored) if stored.version == STATE_VERSION => Ok(stored.periods.into_iter().collect()),
-        Ok(stored) => Err(StateError::Corrupt(format!(
+    let (stored, damage) = parse_salvaging::<Stored>(&bytes).map_err(|e| {
+        StateError::Corrupt(format!("usage file {} is corrupt ({e})", path.display()))
+    })?;
+    if stored.version != STATE_VERSION {
+        return Err(StateError::Corrupt(format!(
             "usage file {} has version {} (expected {STATE_VERSION})",
             path.display(),
             stored.version
-        ))),
-        Err(e) => Err(StateError::Corrupt(format!(
-            "usage file {} is corrupt ({e})",
+        )));
+    }
+    Ok((stored.periods.into_iter().collect(), damage))
+}
+
+/// A state file's bytes; `None` when it does not exist. Every other failure is an error: an
+/// unreadable file is never taken for an empty one.
+pub(crate) fn read_state(path: &Path, what: &str) -> Result<Option<Vec<u8>>, StateError> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StateError::Unreadable(format!(
+            "cannot read {what} from {}: {e}",
             path.display()
         ))),
+    }
+}
+
+/// Parses RON state; when the whole does not parse, what precedes the first error (e.g. a
+/// file with a stray byte or a torn tail after its last record), with a description of the
+/// damage. Bytes that are not UTF-8 are damage too, never a reason to read the file as empty.
+pub(crate) fn parse_salvaging<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+) -> Result<(T, Option<String>), ron::error::SpannedError> {
+    let (text, not_utf8) = match std::str::from_utf8(bytes) {
+        Ok(text) => (std::borrow::Cow::Borrowed(text), false),
+        Err(_) => (String::from_utf8_lossy(bytes), true),
+    };
+    let error = match ron::from_str::<T>(&text) {
+        Ok(value) if !not_utf8 => return Ok((value, None)),
+        Ok(value) => return Ok((value, Some("bytes that are not UTF-8".to_string()))),
+        Err(e) => e,
+    };
+    let start = &error.span.start;
+    let offset: usize = text
+        .split_inclusive('\n')
+        .take(start.line.saturating_sub(1))
+        .map(str::len)
+        .sum::<usize>()
+        + text
+            .split_inclusive('\n')
+            .nth(start.line.saturating_sub(1))
+            .map_or(0, |l| {
+                l.char_indices()
+                    .nth(start.col.saturating_sub(1))
+                    .map_or(l.len(), |(i, _)| i)
+            });
+    match text.get(..offset).map(ron::from_str::<T>) {
+        Some(Ok(value)) => Ok((
+            value,
+            Some(format!("{} at {}:{}", error.code, start.line, start.col)),
+        )),
+        _ => Err(error),
     }
 }
 
@@ -572,12 +669,33 @@ pub(crate) fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-fn set_aside(path: &Path, now: &jiff::Zoned) -> PathBuf {
+fn aside_path(path: &Path, now: &jiff::Zoned) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(format!(".corrupt-{}", now.timestamp().as_second()));
-    let aside = path.with_file_name(name);
-    let _ = std::fs::rename(path, &aside);
-    aside
+    path.with_file_name(name)
+}
+
+/// Moves a file that cannot be used out of the way, so no save overwrites it.
+fn set_aside(path: &Path, now: &jiff::Zoned) -> std::io::Result<PathBuf> {
+    let aside = aside_path(path, now);
+    std::fs::rename(path, &aside)?;
+    Ok(aside)
+}
+
+/// Keeps a copy of a damaged file that was partly read (the next save replaces the original).
+fn set_aside_copy(path: &Path, now: &jiff::Zoned) -> String {
+    let aside = aside_path(path, now);
+    match std::fs::copy(path, &aside) {
+        Ok(_) => aside.display().to_string(),
+        Err(e) => format!("not kept: {e}"),
+    }
+}
+
+/// The previous save of a usage file, kept beside it.
+fn previous_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".prev");
+    path.with_file_name(name)
 }
 
 #[cfg(test)]
@@ -833,6 +951,76 @@ mod tests {
                 .any(|n| n.to_string_lossy().starts_with("usage.ron.corrupt-")),
             "{aside:?}"
         );
+    }
+
+    /// One byte that is not UTF-8 appended to the file (the issue's case) loses nothing: the
+    /// month resumes, the damaged file is kept aside, and the next save is whole again.
+    #[test]
+    fn a_stray_byte_in_the_usage_file_keeps_the_month() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.ron");
+        let now = at("2026-11-22T10:00:00", "UTC");
+        let mut c = curl();
+        let mut a = Accounting::new(1);
+        c.cycle(&mut a, &now, [0, 0, 0, 0]);
+        c.cycle(&mut a, &now, [0, 0, 3_008_054, 0]);
+        a.save(&path, &now).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.push(0xff);
+        std::fs::write(&path, &bytes).unwrap();
+        let later = at("2026-11-22T18:00:00", "UTC");
+        let mut b = Accounting::load(&path, &later, 1);
+        assert_eq!(b.usage(Period::Month, &UsageKey::Link).total(), 3_008_054);
+        let kept: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        let aside = kept
+            .iter()
+            .find(|n| n.starts_with("usage.ron.corrupt-"))
+            .unwrap_or_else(|| panic!("the damaged file kept: {kept:?}"));
+        assert_eq!(std::fs::read(dir.path().join(aside)).unwrap(), bytes);
+        b.save(&path, &later).unwrap();
+        let c2 = Accounting::load(&path, &later, 1);
+        assert_eq!(c2.usage(Period::Month, &UsageKey::Link).total(), 3_008_054);
+    }
+
+    /// A file damaged beyond salvage (a byte in the middle) resumes from the previous save,
+    /// and one that cannot be read at all is moved aside, never taken for an empty one.
+    #[test]
+    fn a_damaged_or_unreadable_usage_file_is_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.ron");
+        let now = at("2026-11-22T10:00:00", "UTC");
+        let mut c = curl();
+        let mut a = Accounting::new(1);
+        c.cycle(&mut a, &now, [0, 0, 0, 0]);
+        c.cycle(&mut a, &now, [0, 0, 1_000_000, 0]);
+        a.save(&path, &now).unwrap();
+        c.cycle(&mut a, &now, [0, 0, 2_000_000, 0]);
+        a.save(&path, &now).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let broken = text.replacen("version", "ver\u{1}sion", 1);
+        std::fs::write(&path, &broken).unwrap();
+        let b = Accounting::load(&path, &at("2026-11-22T18:00:00", "UTC"), 1);
+        assert_eq!(
+            b.usage(Period::Month, &UsageKey::Link).total(),
+            1_000_000,
+            "the previous save"
+        );
+        assert!(!path.exists(), "moved aside");
+
+        // A directory where the file should be: EISDIR, not "absent".
+        std::fs::create_dir(&path).unwrap();
+        std::fs::write(path.join("keep"), "x").unwrap();
+        let _ = Accounting::load(&path, &at("2026-11-22T19:00:00", "UTC"), 1);
+        assert!(!path.exists(), "moved aside, not written over");
+        let kept = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.join("keep").exists())
+            .count();
+        assert_eq!(kept, 1);
     }
 
     /// A file written by the version whose usage keys were plain strings (`"class:bulk"`), as
@@ -1131,7 +1319,8 @@ mod tests {
         assert!(e.to_string().contains("history.ron"), "{e}");
         let resumed = Accounting::load(&path, &next, 1);
         assert_eq!(resumed.usage(Period::Day, &UsageKey::Link).total(), 20);
-        std::fs::remove_dir_all(&history).unwrap();
+        // Loading moved what stood in the history's place aside; nothing of it was lost.
+        assert!(!history.exists());
         a.save(&path, &next).unwrap();
         let resumed = Accounting::load(&path, &next, 1);
         assert_eq!(
