@@ -119,3 +119,9 @@ classify = nil
 --- Optional: called once per cycle before any classify.
 ---@type fun(ctx: Ctx)|nil
 on_cycle = nil
+
+--- Optional: where a connection goes when its classify fails. "previous" (the default): its
+--- earlier decision, else what another connection of its process got, else "default";
+--- "default"; or a declared class name (e.g. a slow one, to fail closed).
+---@type "previous"|"default"|string|nil
+on_error = nil

@@ -332,11 +332,29 @@ pub(crate) struct Notices(pub Vec<super::Notice>);
 /// connection's fields would otherwise raise one per connection).
 const MAX_NOTICES: usize = 16;
 
+/// Longest message `shaper.notify` keeps, in bytes; longer ones are cut at a character boundary
+/// and end in `…`.
+pub const MAX_MESSAGE: usize = 1024;
+
+fn truncate_message(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE {
+        let mut end = MAX_MESSAGE - '…'.len_utf8();
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push('…');
+    }
+    message
+}
+
 /// `shaper.notify(name, message [, period])`: records the notice for the daemon.
 fn notify(
     lua: &Lua,
-    (name, message, period): (String, String, Option<String>),
+    (name, message, period): (String, mlua::String, Option<String>),
 ) -> mlua::Result<()> {
+    // Lossy: a process name that is not UTF-8 in the message must not fail the call.
+    let message = message.to_string_lossy();
     let valid_name = !name.is_empty()
         && name.len() <= 64
         && name
@@ -348,11 +366,9 @@ fn notify(
              (it names the event in metrics and hooks)"
         )));
     }
-    if message.len() > 1024 {
-        return Err(mlua::Error::runtime(
-            "shaper.notify: the message is longer than 1024 bytes",
-        ));
-    }
+    // Cut, not refused: a message often carries what a process chose (its name, argv), and an
+    // error here would fail `classify` for that process's connection.
+    let message = truncate_message(message);
     let period: Period = period
         .as_deref()
         .unwrap_or("day")

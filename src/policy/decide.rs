@@ -221,6 +221,44 @@ fn describe_key(k: &Value) -> String {
     }
 }
 
+/// Where a connection goes when its `classify` fails (the `on_error` global): a policy error
+/// must not open the door, since a process controls much of what the policy reads (its name,
+/// its argv) and could otherwise make `classify` fail on purpose to escape a limit.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum OnError {
+    /// The connection's earlier decision; for a new connection, the decision another
+    /// connection of the same process got; else `default`.
+    #[default]
+    Previous,
+    /// The `default` class.
+    Default,
+    /// A declared class (e.g. a slow one, to fail closed).
+    Class(Arc<str>),
+}
+
+/// Reads the `on_error` global: nil, `"previous"`, `"default"` or a declared class.
+pub(crate) fn on_error_value(v: &Value, classes: &ClassSet) -> Result<OnError, String> {
+    match v {
+        Value::Nil => Ok(OnError::Previous),
+        Value::String(s) => match &*s.to_string_lossy() {
+            "previous" => Ok(OnError::Previous),
+            "default" => Ok(OnError::Default),
+            name => match classes.classes.get_key_value(name) {
+                Some((k, _)) => Ok(OnError::Class(k.clone())),
+                None => Err(format!(
+                    "on_error = {name:?}: not \"previous\", \"default\" or a declared class \
+                     (declared classes: {})",
+                    classes.names()
+                )),
+            },
+        },
+        other => Err(format!(
+            "on_error must be \"previous\", \"default\" or a class name; got {}",
+            type_name(other)
+        )),
+    }
+}
+
 /// A class name returned by `classify`: a declared name, or nil for `default`.
 pub(crate) fn class_value(v: &Value, classes: &ClassSet) -> Result<Arc<str>, String> {
     match v {

@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-pub use decide::{ClassDef, ClassSet, DEFAULT_CLASS, Decision, Each};
+pub use decide::{ClassDef, ClassSet, DEFAULT_CLASS, Decision, Each, OnError};
 pub use errors::{ErrorEntry, ErrorLog, Fault, Location, PolicyError};
 pub use vm::{LIBRARY, LIBRARY_DIR};
 
@@ -314,6 +314,8 @@ pub struct Engine {
     /// Modules the script required from its folder (kept while no VM runs).
     required: Vec<PathBuf>,
     classes: ClassSet,
+    /// The `on_error` of the last successful cycle.
+    on_error: OnError,
     errors: ErrorLog,
     /// Cycles abandoned at their deadline since the engine started.
     pub abandoned_cycles: u64,
@@ -340,6 +342,7 @@ impl Engine {
             worker: Some(worker),
             abandoned,
             classes: ClassSet::default(),
+            on_error: OnError::default(),
             errors: ErrorLog::default(),
             abandoned_cycles: 0,
         })
@@ -467,20 +470,44 @@ impl Engine {
         p.last_location().map_or_else(script, |at| at.to_string())
     }
 
-    /// Connection `i`'s earlier decision, or `default` for a new connection.
-    fn previous_or_default(&self, input: &CycleInput, i: usize) -> Decision {
-        input
-            .previous
-            .get(i)
-            .cloned()
-            .flatten()
-            .unwrap_or_else(|| Decision::default_for(&self.classes))
+    /// The decision for connection `i` when its `classify` (or the whole cycle) failed, as
+    /// `on_error` says. `decided` holds the decisions of this cycle that succeeded.
+    fn fallback(&self, input: &CycleInput, i: usize, decided: &[Option<Decision>]) -> Decision {
+        let previous = || input.previous.get(i).cloned().flatten();
+        match &self.on_error {
+            OnError::Class(class) if self.classes.get(class).is_some() => Decision {
+                class: class.clone(),
+                limit: Default::default(),
+            },
+            OnError::Default | OnError::Class(_) => Decision::default_for(&self.classes),
+            OnError::Previous => previous()
+                .or_else(|| self.same_process(input, i, decided))
+                .unwrap_or_else(|| Decision::default_for(&self.classes)),
+        }
+    }
+
+    /// What another connection of connection `i`'s owner was given: this cycle's decision,
+    /// else an earlier one.
+    fn same_process(
+        &self,
+        input: &CycleInput,
+        i: usize,
+        decided: &[Option<Decision>],
+    ) -> Option<Decision> {
+        let connections = &input.snapshot.connections;
+        let pid = connections.get(i)?.owner.as_ref()?.pid;
+        let same =
+            |j: &usize| *j != i && connections[*j].owner.as_ref().map(|o| o.pid) == Some(pid);
+        let indices = || (0..connections.len()).filter(same);
+        indices()
+            .find_map(|j| decided.get(j).cloned().flatten())
+            .or_else(|| indices().find_map(|j| input.previous.get(j).cloned().flatten()))
     }
 
     fn fail(&mut self, input: &CycleInput, failure: PolicyError) -> CycleOutcome {
         self.errors.report(&failure.to_string(), None);
         let decisions: Vec<Decision> = (0..input.snapshot.connections.len())
-            .map(|i| self.previous_or_default(input, i))
+            .map(|i| self.fallback(input, i, &[]))
             .collect();
         CycleOutcome {
             classes: self.classes.clone(),
@@ -493,25 +520,37 @@ impl Engine {
 
     fn merge(&mut self, input: &CycleInput, cycle: vm::VmCycle) -> CycleOutcome {
         self.classes = cycle.classes;
+        self.on_error = cycle.on_error;
         let mut fallbacks = 0;
-        let mut results = cycle.decisions.into_iter();
-        let mut decisions = Vec::with_capacity(input.snapshot.connections.len());
+        let n = input.snapshot.connections.len();
+        let mut results: Vec<Option<Result<Decision, Fault>>> =
+            cycle.decisions.into_iter().map(Some).collect();
+        results.resize_with(n, || None);
+        // A class that disappeared from `classes` sends its connections to default.
+        let decided: Vec<Option<Decision>> = results
+            .iter()
+            .map(|r| match r {
+                Some(Ok(d)) if self.classes.get(&d.class).is_some() => Some(d.clone()),
+                Some(Ok(_)) => Some(Decision::default_for(&self.classes)),
+                _ => None,
+            })
+            .collect();
+        let mut decisions = Vec::with_capacity(n);
         for (i, c) in input.snapshot.connections.iter().enumerate() {
-            let decision = match results.next() {
-                Some(Ok(d)) => d,
-                Some(Err(fault)) => {
+            let decision = match (&decided[i], &results[i]) {
+                (Some(d), _) => d.clone(),
+                (None, Some(Err(fault))) => {
                     fallbacks += 1;
                     self.errors
                         .report(&fault.to_string(), Some(&c.socket.to_string()));
-                    self.previous_or_default(input, i)
+                    self.fallback(input, i, &decided)
                 }
-                None => {
-                    // The cycle stopped early (its budget ran out).
+                // The cycle stopped early (its budget ran out).
+                (None, _) => {
                     fallbacks += 1;
-                    self.previous_or_default(input, i)
+                    self.fallback(input, i, &decided)
                 }
             };
-            // A class that disappeared from `classes` sends its connections to default.
             decisions.push(if self.classes.get(&decision.class).is_some() {
                 decision
             } else {

@@ -238,6 +238,7 @@ fn install_hook(lua: &Lua, state: HookState, every_line: bool) -> mlua::Result<(
 /// error that prevented one.
 pub(crate) struct VmCycle {
     pub classes: ClassSet,
+    pub on_error: decide::OnError,
     pub decisions: Vec<Result<Decision, Fault>>,
     pub notices: Vec<super::Notice>,
 }
@@ -489,6 +490,19 @@ impl Vm {
             ))
             .map_err(cycle_err)?;
         let classes = self.classes(&ctx).map_err(PolicyError::Cycle)?;
+        let on_error = self
+            .lua
+            .globals()
+            .get::<Value>("on_error")
+            .map_err(cycle_err)
+            .and_then(|v| {
+                decide::on_error_value(&v, &classes).map_err(|e| {
+                    let name = short_name(&self.script.path);
+                    let at = decide::line_of_key(&self.script.source, "on_error")
+                        .map_or(name.clone(), |line| format!("{name}:{line}"));
+                    PolicyError::Cycle(Fault::script(format!("{at}: {e}")))
+                })
+            })?;
         if let Ok(Value::Function(hook)) = self.lua.globals().get::<Value>("on_cycle") {
             hook.call::<()>(&ctx).map_err(|e| {
                 PolicyError::Cycle(fault(&e, self.position(Progress::last_location), options))
@@ -527,6 +541,7 @@ impl Vm {
             .unwrap_or_default();
         Ok(VmCycle {
             classes,
+            on_error,
             decisions,
             notices,
         })

@@ -1053,3 +1053,69 @@ fn meta_lua_declares_every_field_the_api_exposes() {
         );
     }
 }
+
+/// A connection whose `classify` fails keeps to its process: without `on_error` it gets what
+/// another connection of the same process got, so a process cannot escape its class by making
+/// the policy fail on its own connection.
+#[test]
+fn a_failing_classify_falls_back_to_its_process_class_not_default() {
+    let policy = Policy::new(
+        "classes = { bulk = { prio = 7 }, video = { ceil = '1mbit' } }\n\
+         function classify(conn)\n\
+         \x20 if conn.local_port == 51100 then error('boom') end\n\
+         \x20 if conn.process and conn.process.pid == 2311 then return 'video' end\n\
+         \x20 return 'bulk'\n\
+         end\n",
+    );
+    let mut engine = policy.engine();
+    let out = cycle(&mut engine);
+    assert_eq!(
+        &*out.decisions[FIREFOX].class, "video",
+        "its process's class"
+    );
+    assert_eq!(out.fallbacks, 1);
+    assert_eq!(errors(&engine).len(), 1);
+}
+
+/// `on_error = "<class>"` fails closed; a name that is no class fails the cycle at its line.
+#[test]
+fn on_error_names_the_class_failed_connections_get() {
+    let policy = Policy::new(&format!(
+        "on_error = 'jail'\nclasses = {{ bulk = {{}}, jail = {{ ceil = '64kbit' }} }}\n{}",
+        "function classify(conn)\n  if conn.remote_port == 22 then error('boom') end\n  return 'bulk'\nend\n"
+    ));
+    let mut engine = policy.engine();
+    let out = cycle(&mut engine);
+    assert_eq!(&*out.decisions[SSH].class, "jail");
+    assert_eq!(&*out.decisions[FIREFOX].class, "bulk");
+
+    let policy = Policy::new(
+        "classes = { bulk = {} }\non_error = 'jial'\nfunction classify() return 'bulk' end\n",
+    );
+    let mut engine = policy.engine();
+    let out = cycle(&mut engine);
+    let failure = out.failure.expect("the cycle fails").to_string();
+    assert!(failure.contains("policy.lua:2:"), "{failure}");
+    assert!(failure.contains("\"jial\""), "{failure}");
+}
+
+/// A message built from what a process controls (its argv, 100 KB here) is cut, not an error
+/// that would fail `classify` for that process.
+#[test]
+fn a_huge_notify_message_is_cut_not_an_error() {
+    let policy = Policy::new(
+        "local shaper = require('shaper')\n\
+         classes = { bulk = {} }\n\
+         function classify(conn)\n\
+         \x20 shaper.notify('big', string.rep('\\xff', 100000))\n\
+         \x20 return 'bulk'\n\
+         end\n",
+    );
+    let mut engine = policy.engine();
+    let out = cycle(&mut engine);
+    assert_eq!(out.fallbacks, 0, "{:?}", errors(&engine));
+    assert!(out.decisions.iter().all(|d| &*d.class == "bulk"));
+    assert_eq!(out.notices.len(), 1);
+    assert!(out.notices[0].message.len() <= 1024);
+    assert!(out.notices[0].message.ends_with('…'));
+}
