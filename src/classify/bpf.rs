@@ -115,6 +115,23 @@ impl std::fmt::Debug for BpfClassifier {
     }
 }
 
+/// Deletes the cls_bpf download filter a killed run left on `interface`'s ingress (the one part
+/// of the classifier a SIGKILL leaves behind: tc filters are not links), so a run that does not
+/// put its own there (u32 filters, or a tcx link) is not classified by a dead run's maps.
+/// Returns whether one was there. Call it only for an ingress qdisc that is shaper's: the filter
+/// is found by shaper's reserved pref and handle alone.
+pub fn remove_stale_download_filter(interface: &str) -> bool {
+    SchedClassifierLink::attached(
+        interface,
+        TcAttachType::Ingress,
+        CLS_BPF_PREF,
+        CLS_BPF_HANDLE,
+        None,
+    )
+    .ok()
+    .is_some_and(|stale| aya::programs::Link::detach(stale).is_ok())
+}
+
 /// Checks that BPF can be used here: `cgroup` is a cgroup v2 directory and every program loads
 /// (capabilities, kernel features, verifier). Attaches nothing. The error is the one line the
 /// daemon logs when it falls back to u32.

@@ -15,7 +15,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use bpf::{BpfClassifier, CLS_BPF_PREF, DownloadHook, cgroup_id, cgroup2_root, probe};
+pub use bpf::{
+    BpfClassifier, CLS_BPF_PREF, DownloadHook, cgroup_id, cgroup2_root, probe,
+    remove_stale_download_filter,
+};
 
 use crate::scan::Proto;
 

@@ -108,6 +108,10 @@ impl BpfState {
         })
     }
 
+    pub fn download_hook(&self) -> DownloadHook {
+        self.classifier.download_hook()
+    }
+
     pub fn classifier_mut(&mut self) -> &mut BpfClassifier {
         &mut self.classifier
     }

@@ -30,7 +30,7 @@ use crate::policy::{Engine, PolicyError};
 use crate::scan::{self, Backend, SocketSource};
 use crate::shape::netlink::NetlinkBackend;
 use crate::shape::watch::Watch;
-use crate::shape::{TcBackend, teardown};
+use crate::shape::{Slot, TcBackend, teardown};
 use crate::units::RatePair;
 
 /// A limit from a flag, optionally overridden by a file (nbdkit's `rate=` + `rate-file=`).
@@ -169,8 +169,35 @@ impl Daemon {
             let names: Vec<String> = daemon.interfaces.iter().map(|i| i.name.clone()).collect();
             daemon.bpf = bpf::BpfState::start(&daemon.config, &names)?;
             daemon.cycle.set_by_priority(daemon.bpf.is_some());
+            daemon.remove_stale_download_filters();
         }
         Ok(daemon)
+    }
+
+    /// Removes a killed run's cls_bpf download filter from each interface whose ingress is
+    /// shaper's, unless this run puts its own there (which replaces it): left in place, it
+    /// would go on writing the dead run's class ids into the tree this run builds.
+    fn remove_stale_download_filters(&mut self) {
+        let own = self
+            .bpf
+            .as_ref()
+            .is_some_and(|b| b.download_hook() == crate::classify::DownloadHook::ClsBpf);
+        if own {
+            return;
+        }
+        for iface in &self.interfaces {
+            let ours = matches!(
+                self.tc.installed(&iface.name).map(|i| i.ingress),
+                Ok(Slot::Ours(_))
+            );
+            if ours && crate::classify::remove_stale_download_filter(&iface.name) {
+                tracing::info!(
+                    "removed the first-packet classifier's filter an earlier run left on {}'s \
+                     ingress",
+                    iface.name
+                );
+            }
+        }
     }
 
     /// `"bpf"` when the first-packet classifier is attached, else `"u32"`.

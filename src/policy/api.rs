@@ -351,7 +351,7 @@ fn truncate_message(mut message: String) -> String {
 /// `shaper.notify(name, message [, period])`: records the notice for the daemon.
 fn notify(
     lua: &Lua,
-    (name, message, period): (String, mlua::String, Option<String>),
+    (name, message, period): (String, mlua::LuaString, Option<String>),
 ) -> mlua::Result<()> {
     // Lossy: a process name that is not UTF-8 in the message must not fail the call.
     let message = message.to_string_lossy();

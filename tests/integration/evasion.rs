@@ -182,3 +182,58 @@ fn after_exec_the_new_program_is_judged_u32() {
 fn after_exec_the_new_program_is_judged_bpf() {
     after_exec_the_new_program_is_judged("bpf");
 }
+
+/// The cls_bpf download filters on veth0's ingress (the first-packet classifier's on kernels
+/// without tcx).
+fn cls_bpf_filters(ns: &crate::support::netns::Netns) -> Vec<String> {
+    let out = crate::support::output(
+        ns.command("tc")
+            .args(["filter", "show", "dev", "veth0", "ingress"]),
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(" bpf ") && l.contains(" tc_ingress "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A run killed on the cls_bpf download path leaves its filter (tc filters are not links); a
+/// restart that does not put its own there (u32 filters, or a tcx link) removes it, so the dead
+/// run's class ids are not written into the new tree.
+#[test]
+fn a_killed_runs_cls_bpf_filter_is_removed_whatever_classifier_starts_next() {
+    let pair = NetnsPair::new();
+    let cgroup = TestCgroup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cgroup_dir = cgroup.dir.to_str().unwrap().to_string();
+    let bpf = ["--classifier", "bpf", "--cgroup", &cgroup_dir];
+    let env = [(shaper::daemon::bpf::DOWNLOAD_HOOK_ENV, "cls_bpf")];
+    for next in [&["--classifier", "u32"][..], &bpf[..]] {
+        let mut killed = DaemonProcess::start_with_env(&pair.a, dir.path(), &bpf, &env);
+        killed.wait_for(10, "shaping", |s| s["interfaces"][0]["state"] == "shaping");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while cls_bpf_filters(&pair.a).len() != 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the cls_bpf filter attached:\n{}",
+                killed.log_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        killed.signal(libc::SIGKILL);
+        assert_eq!(cls_bpf_filters(&pair.a).len(), 1, "left by SIGKILL");
+        let daemon = DaemonProcess::start(&pair.a, dir.path(), next);
+        daemon.wait_for(10, "shaping", |s| s["interfaces"][0]["state"] == "shaping");
+        assert_eq!(
+            cls_bpf_filters(&pair.a),
+            Vec::<String>::new(),
+            "{next:?}:\n{}",
+            daemon.log_text()
+        );
+        assert!(
+            daemon
+                .log_text()
+                .contains("removed the first-packet classifier's filter")
+        );
+    }
+}
