@@ -14,6 +14,14 @@
 // Owners are recorded at socket creation (cgroup/sock_create runs in the creating process) in
 // socket storage cloned to accepted sockets; each new socket is reported once, on its first
 // packet either way, through the `events` ring buffer. Bytes are counted per socket cookie.
+//
+// Under a flood of new sockets the ring buffer keeps room for what only the daemon can decide:
+// past DEFER_ABOVE unread bytes, a socket whose process already has a class here is classified
+// by that class and not reported (the next scan finds it); a socket whose report found the
+// buffer full is reported again on a later packet. Both are counted in `report_stats`.
+//
+// An exec drops the process's class for new connections (the program it ran before was judged,
+// not this one) and is reported as a struct exec_event, so the daemon reads the process again.
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -34,6 +42,12 @@
 
 #define OWNER_KNOWN 1u
 #define OWNER_REPORTED 2u
+#define OWNER_DEFERRED 4u
+#define OWNER_LOST 8u
+
+/* Unread bytes in `events` past which sockets of processes that have a class are not reported
+ * (1/16 of the buffer: about 700 events, so a new process's report waits behind at most those). */
+#define DEFER_ABOVE (64 * 1024)
 
 /* A connection's (or a process's) classes; 0 = no class, leave skb->priority alone. */
 struct classes {
@@ -74,6 +88,20 @@ struct event {
 	__u8 ingress; /* 1: the socket's first packet was inbound */
 };
 
+/* A process called exec. Told from a struct event in the ring buffer by its size. */
+struct exec_event {
+	__u64 ktime_ns;
+	__u32 tgid;
+	__u32 _pad;
+};
+
+/* Reports that could not be made at once, since the programs were attached. */
+struct report_stats {
+	__u64 deferred; /* sockets not reported (yet) because the buffer was filling */
+	__u64 lost;     /* sockets whose report found the buffer full (retried later) */
+	__u64 exec_lost; /* exec reports that found the buffer full */
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
@@ -106,6 +134,20 @@ struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 20);
 } events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct report_stats);
+} report_stats SEC(".maps");
+
+static __always_inline struct report_stats *stats(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&report_stats, &zero);
+}
 
 static __always_inline int is_tcp_or_udp(__u32 protocol)
 {
@@ -154,11 +196,29 @@ static __always_inline void report_once(struct bpf_sock *sk, struct owner *o, __
 {
 	if (!(o->flags & OWNER_KNOWN) || (o->flags & OWNER_REPORTED) || sk->state == TCP_LISTEN)
 		return;
+	if (bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > DEFER_ABOVE) {
+		__u32 tgid = o->tgid;
+
+		if (bpf_map_lookup_elem(&proc_class, &tgid)) {
+			struct report_stats *st = stats();
+
+			if (st && !(__sync_fetch_and_or(&o->flags, OWNER_DEFERRED) & OWNER_DEFERRED))
+				__sync_fetch_and_add(&st->deferred, 1);
+			return;
+		}
+	}
 	if (__sync_fetch_and_or(&o->flags, OWNER_REPORTED) & OWNER_REPORTED)
 		return;
 	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-	if (!e)
+	if (!e) {
+		struct report_stats *st = stats();
+
+		/* Not reported after all: a later packet tries again. */
+		__sync_fetch_and_and(&o->flags, ~OWNER_REPORTED);
+		if (st && !(__sync_fetch_and_or(&o->flags, OWNER_LOST) & OWNER_LOST))
+			__sync_fetch_and_add(&st->lost, 1);
 		return;
+	}
 	e->cookie = cookie;
 	e->cgroup_id = o->cgroup_id;
 	e->tgid = o->tgid;
@@ -331,6 +391,30 @@ int tc_ingress(struct __sk_buff *skb)
 	if (id)
 		skb->priority = id;
 	return NEXT;
+}
+
+/* exec: the process's class for new connections was decided for the program it ran before. */
+SEC("raw_tracepoint/sched_process_exec")
+int on_exec(void *ctx)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+
+	if (!bpf_map_lookup_elem(&proc_class, &tgid))
+		return 0;
+	bpf_map_delete_elem(&proc_class, &tgid);
+	struct exec_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		struct report_stats *st = stats();
+
+		if (st)
+			__sync_fetch_and_add(&st->exec_lost, 1);
+		return 0;
+	}
+	e->ktime_ns = bpf_ktime_get_ns();
+	e->tgid = tgid;
+	e->_pad = 0;
+	bpf_ringbuf_submit(e, 0);
+	return 0;
 }
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";

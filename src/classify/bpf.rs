@@ -14,16 +14,16 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
 
-use aya::maps::{HashMap, MapData, MapError, RingBuf};
+use aya::maps::{Array, HashMap, MapData, MapError, RingBuf};
 use aya::programs::tc::{NlOptions, TcAttachOptions};
 use aya::programs::tc::{SchedClassifierLink, SchedClassifierLinkId, TcHandle};
 use aya::programs::{
     CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, LinkOrder, ProgramError,
-    SchedClassifier, SockOps, TcAttachType,
+    RawTracePoint, SchedClassifier, SockOps, TcAttachType,
 };
 use aya::{Ebpf, EbpfError, EbpfLoader, Pod};
 
-use super::{BpfError, ByteCounters, NewSocket};
+use super::{BpfError, ByteCounters, NewSocket, ReportStats};
 use crate::scan::{Proto, normalize_addr};
 
 /// The compiled programs (`bpf/build.sh` rebuilds it from `bpf/shaper.bpf.c`).
@@ -82,9 +82,30 @@ struct RawEvent {
     ingress: u8,
 }
 
+/// `struct exec_event` in shaper.bpf.c: a process with a class for new connections called exec.
+/// It shares the ring buffer with [`RawEvent`] and is told from it by its size.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct RawExec {
+    ktime_ns: u64,
+    tgid: u32,
+    _pad: u32,
+}
+
+/// `struct report_stats` in shaper.bpf.c.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct RawReportStats {
+    deferred: u64,
+    lost: u64,
+    exec_lost: u64,
+}
+
 // SAFETY: plain `repr(C)` integers and byte arrays without padding holes the kernel relies on;
 // every bit pattern is a valid value.
 unsafe impl Pod for RawClasses {}
+// SAFETY: as above.
+unsafe impl Pod for RawReportStats {}
 // SAFETY: as above.
 unsafe impl Pod for RawCounters {}
 
@@ -104,7 +125,12 @@ pub struct BpfClassifier {
     proc_class: HashMap<MapData, u32, RawClasses>,
     sock_bytes: HashMap<MapData, u64, RawCounters>,
     events: RingBuf<MapData>,
+    report_stats: Array<MapData, RawReportStats>,
     download: DownloadHook,
+    /// Processes that called exec, reported since [`Self::take_execs`] last ran.
+    execs: Vec<u32>,
+    /// Why exec is not noticed in the kernel, if the hook could not be attached.
+    exec_hook_error: Option<String>,
 }
 
 impl std::fmt::Debug for BpfClassifier {
@@ -190,6 +216,17 @@ impl BpfClassifier {
             DownloadHook::Tcx => attach_tcx(program(&mut ebpf, "tc_ingress")?, interface),
             DownloadHook::ClsBpf => DownloadHook::ClsBpf,
         };
+        // Not required: without it an exec'd process's new sockets keep the class decided for
+        // the program it ran before until the daemon reads the process again (its next report
+        // or scan).
+        let exec_hook_error = program::<RawTracePoint>(&mut ebpf, "on_exec")
+            .and_then(|p| {
+                p.load().map_err(|e| program_error("on_exec", e))?;
+                p.attach("sched_process_exec")
+                    .map_err(|e| program_error("on_exec", e))
+            })
+            .err()
+            .map(|e| e.to_string());
         Ok(BpfClassifier {
             interface: interface.into(),
             cls_bpf: None,
@@ -201,8 +238,15 @@ impl BpfClassifier {
                     .ok_or_else(|| missing("map", "events"))?,
             )
             .map_err(|e| map_error("events", e))?,
+            report_stats: Array::try_from(
+                ebpf.take_map("report_stats")
+                    .ok_or_else(|| missing("map", "report_stats"))?,
+            )
+            .map_err(|e| map_error("report_stats", e))?,
             ebpf,
             download,
+            execs: Vec::new(),
+            exec_hook_error,
         })
     }
 
@@ -322,15 +366,39 @@ impl BpfClassifier {
         self.drain_new_sockets()
     }
 
-    /// Every new socket waiting in the ring buffer, without blocking.
+    /// Every new socket waiting in the ring buffer, without blocking; exec reports found on
+    /// the way are kept for [`Self::take_execs`].
     pub fn drain_new_sockets(&mut self) -> Vec<NewSocket> {
         let mut out = Vec::new();
         while let Some(item) = self.events.next() {
-            if let Some(s) = parse_event(&item) {
+            if let Some(tgid) = parse_exec(&item) {
+                self.execs.push(tgid);
+            } else if let Some(s) = parse_event(&item) {
                 out.push(s);
             }
         }
         out
+    }
+
+    /// The processes (tgids) that called exec since the last call, as reported by the kernel,
+    /// which has already dropped their classes for new connections.
+    pub fn take_execs(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.execs)
+    }
+
+    /// Why the kernel does not report exec, when its hook could not be attached.
+    pub fn exec_hook_error(&self) -> Option<&str> {
+        self.exec_hook_error.as_deref()
+    }
+
+    /// Reports the kernel deferred or could not make, since the programs were attached.
+    pub fn report_stats(&self) -> ReportStats {
+        let s = self.report_stats.get(&0, 0).unwrap_or_default();
+        ReportStats {
+            deferred: s.deferred,
+            lost: s.lost,
+            exec_lost: s.exec_lost,
+        }
     }
 
     /// Bytes the socket with this cookie sent and received since the programs were attached.
@@ -359,6 +427,15 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         other => other,
     }
+}
+
+fn parse_exec(bytes: &[u8]) -> Option<u32> {
+    if bytes.len() != size_of::<RawExec>() {
+        return None;
+    }
+    // SAFETY: the right length, and every bit pattern is a valid RawExec.
+    let e: RawExec = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    Some(e.tgid)
 }
 
 fn parse_event(bytes: &[u8]) -> Option<NewSocket> {
@@ -577,6 +654,10 @@ mod tests {
     fn event_layout_matches_the_c_struct() {
         // struct event in shaper.bpf.c: 3 u64, 2 u32, comm[16], 2×4 u32, 3 u16, 2 u8.
         assert_eq!(size_of::<RawEvent>(), 88);
+        // struct exec_event: u64, 2 u32 (its size is what tells it from an event).
+        assert_eq!(size_of::<RawExec>(), 16);
+        // struct report_stats: 3 u64.
+        assert_eq!(size_of::<RawReportStats>(), 24);
     }
 
     #[test]

@@ -45,6 +45,21 @@ pub struct NewSocket {
     pub reported_at: Duration,
 }
 
+/// Reports of new sockets the kernel did not make at once, since the programs were attached:
+/// what a flood of new sockets cost, for status, metrics and the log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReportStats {
+    /// Sockets of processes that had a class, not reported while the ring buffer was filling:
+    /// they were classified by their process's class and are found by the next scan.
+    pub deferred: u64,
+    /// Sockets whose report found the ring buffer full; each is reported again on a later
+    /// packet, and until then classified by its process's class if it has one.
+    pub lost: u64,
+    /// exec reports that found the ring buffer full (the process is read again when its name
+    /// or executable is next compared).
+    pub exec_lost: u64,
+}
+
 /// Bytes a socket sent and received, IP headers included (GSO packets counted whole), since the
 /// programs were attached.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -32,6 +32,14 @@ pub fn render(report: &StatusReport) -> String {
         if report.dry_run { ", dry run" } else { "" }
     );
     if let Some(f) = &report.fast_path {
+        if f.lost > 0 || f.deferred > 0 {
+            let _ = writeln!(
+                out,
+                "fast path under a flood of new sockets: {} reports found the queue full, {} \
+                 deferred (classified by their process's class)",
+                f.lost, f.deferred
+            );
+        }
         let us = |v: Option<u64>| v.map_or("-".to_string(), |v| format!("{v} µs"));
         let _ = writeln!(
             out,

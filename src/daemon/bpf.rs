@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use rustc_hash::FxHashMap;
 
 use super::flows::FlowTable;
-use crate::classify::{BpfClassifier, BpfError, DownloadHook, NewSocket, cgroup2_root};
+use crate::classify::{
+    BpfClassifier, BpfError, DownloadHook, NewSocket, ReportStats, cgroup2_root,
+};
 use crate::config::{ClassifierChoice, Config};
 use crate::process::Pid;
 use crate::scan::{Proto, Socket, SocketKey, State};
@@ -32,6 +34,8 @@ pub struct BpfState {
     processes: FxHashMap<u32, Classids>,
     /// Map writes that failed since the last report (logged once per sync).
     failed: usize,
+    /// The kernel's report figures as last logged, and when (one line a minute at most).
+    warned_reports: (ReportStats, Option<std::time::Instant>),
     /// Why the cls_bpf download filter could not be attached, as last logged.
     download_error: Option<String>,
 }
@@ -64,6 +68,13 @@ impl BpfState {
                     interfaces[0],
                     state.classifier.download_hook()
                 );
+                if let Some(e) = state.classifier.exec_hook_error() {
+                    tracing::warn!(
+                        "classifier: exec is not seen in the kernel ({e}): a process that execs \
+                         another program keeps its class for new connections until shaper reads \
+                         it again (its next report or scan)"
+                    );
+                }
                 Ok(Some(state))
             }
             Err(reason) if config.classifier == ClassifierChoice::Auto => {
@@ -104,8 +115,42 @@ impl BpfState {
             connections: FxHashMap::default(),
             processes: FxHashMap::default(),
             failed: 0,
+            warned_reports: (ReportStats::default(), None),
             download_error: None,
         })
+    }
+
+    pub fn report_stats(&self) -> ReportStats {
+        self.classifier.report_stats()
+    }
+
+    /// Processes that called exec lost their class for new connections in the kernel: forget
+    /// what was written for them, so the next sync writes it again (for the program they run
+    /// now; the process table reads them afresh, their name or executable having changed).
+    pub fn forget_execs(&mut self) {
+        for tgid in self.classifier.take_execs() {
+            self.processes.remove(&tgid);
+        }
+    }
+
+    /// Says (at most once a minute, and only when they grew) that reports of new sockets were
+    /// deferred or lost to a flood: what it means and what still holds.
+    pub fn warn_of_floods(&mut self) {
+        let now = self.classifier.report_stats();
+        let (last, at) = self.warned_reports;
+        let grew = now.lost > last.lost || now.exec_lost > last.exec_lost;
+        if !grew || at.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(60)) {
+            return;
+        }
+        tracing::warn!(
+            "classifier: a flood of new sockets filled the kernel's queue to shaper: {} reports \
+             found it full (each is made again on the socket's next packet) and {} were deferred; \
+             sockets of processes that have a class keep it, a process never seen before waits \
+             for its report",
+            now.lost + now.exec_lost - last.lost - last.exec_lost,
+            now.deferred - last.deferred
+        );
+        self.warned_reports = (now, Some(std::time::Instant::now()));
     }
 
     pub fn download_hook(&self) -> DownloadHook {

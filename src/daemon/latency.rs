@@ -22,6 +22,14 @@ pub struct FastPathStatus {
     pub p99_us: Option<u64>,
     /// The fast path's thread CPU time divided by the sockets it handled.
     pub cpu_us_per_socket: Option<f64>,
+    /// New sockets of processes that had a class, not reported while the kernel's queue to the
+    /// daemon was filling (a flood of new sockets): classified by their process's class and
+    /// found by the next scan.
+    #[serde(default)]
+    pub deferred: u64,
+    /// New sockets whose report found the queue full (each reported again on a later packet).
+    #[serde(default)]
+    pub lost: u64,
 }
 
 /// The fast path's running figures.
@@ -87,8 +95,10 @@ impl FastPathStats {
         Some(u64::from(*kept.select_nth_unstable(rank).1))
     }
 
-    pub fn status(&self) -> FastPathStatus {
+    pub fn status(&self, reports: crate::classify::ReportStats) -> FastPathStatus {
         FastPathStatus {
+            deferred: reports.deferred,
+            lost: reports.lost + reports.exec_lost,
             sockets: self.sockets,
             p50_us: self.percentile(50.0),
             p99_us: self.percentile(99.0),
@@ -108,14 +118,16 @@ mod tests {
 
     #[test]
     fn nothing_recorded_has_no_percentiles() {
-        let s = FastPathStats::default().status();
+        let s = FastPathStats::default().status(Default::default());
         assert_eq!(
             s,
             FastPathStatus {
                 sockets: 0,
                 p50_us: None,
                 p99_us: None,
-                cpu_us_per_socket: None
+                cpu_us_per_socket: None,
+                deferred: 0,
+                lost: 0,
             }
         );
     }
@@ -160,7 +172,7 @@ mod tests {
         let mut s = FastPathStats::default();
         s.add_round(3, us(300));
         s.add_round(1, us(100));
-        let st = s.status();
+        let st = s.status(Default::default());
         assert_eq!(st.sockets, 4);
         assert_eq!(st.cpu_us_per_socket, Some(100.0));
     }

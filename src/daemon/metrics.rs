@@ -187,6 +187,19 @@ pub fn render(daemon: &Daemon) -> String {
             .map(|e| e.count)
             .sum(),
     );
+    if let Some(reports) = daemon.report_stats() {
+        let fast = counters(
+            &mut registry,
+            "fast_path_reports",
+            "New-socket reports the kernel could not make at once since the classifier was \
+             attached (a flood of new sockets): deferred (classified by their process's class) \
+             or lost (the queue was full; made again on a later packet)",
+        );
+        fast.get_or_create(&vec![("outcome", "deferred".to_string())])
+            .inc_by(reports.deferred);
+        fast.get_or_create(&vec![("outcome", "lost".to_string())])
+            .inc_by(reports.lost + reports.exec_lost);
+    }
     let events = counters(
         &mut registry,
         "events",

@@ -152,6 +152,8 @@ pub struct Daemon {
     fast_path_stats: latency::FastPathStats,
     /// Events the policy raised (`shaper.notify`).
     events: events::Events,
+    /// A large fast-path batch ran since the last cycle (see [`Daemon::tick`]).
+    trim_after_cycle: bool,
 }
 
 fn mtime(path: &Path) -> Option<SystemTime> {
@@ -265,6 +267,7 @@ impl Daemon {
             bpf: None,
             fast_path_stats: latency::FastPathStats::default(),
             events,
+            trim_after_cycle: false,
         })
     }
 
@@ -348,11 +351,23 @@ impl Daemon {
         if self.last_flush.elapsed() >= self.config.usage_flush_interval.duration() {
             self.flush(&now);
         }
+        if std::mem::take(&mut self.trim_after_cycle) {
+            // This cycle forgot a flood's short-lived sockets: hand the freed memory back, so
+            // the daemon's RSS returns to what it needs (glibc keeps it otherwise).
+            // SAFETY: malloc_trim only releases free heap memory; no pointer is involved.
+            unsafe { libc::malloc_trim(0) };
+        }
     }
 
     /// Whether the BPF classifier reports new sockets, for [`Daemon::fast_path`].
     pub fn has_fast_path(&self) -> bool {
         self.bpf.is_some()
+    }
+
+    /// What the kernel could not report at once (a flood of new sockets), when the BPF
+    /// classifier is attached.
+    pub fn report_stats(&self) -> Option<crate::classify::ReportStats> {
+        self.bpf.as_ref().map(bpf::BpfState::report_stats)
     }
 
     /// Between cycles: waits up to `timeout` for sockets the classifier reports as new and
@@ -364,12 +379,15 @@ impl Daemon {
             return;
         };
         let new = bpf.classifier_mut().poll_new_sockets(timeout);
+        bpf.forget_execs();
+        bpf.warn_of_floods();
         if new.is_empty() {
             return;
         }
         let started = Instant::now();
         let cpu_started = latency::thread_cpu();
         let count = new.len();
+        self.trim_after_cycle |= count >= 1024;
         let sockets = new.iter().map(bpf::created_socket).collect();
         let links = Vec::new();
         let mut fast_timings = Timings::default();

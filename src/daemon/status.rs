@@ -410,8 +410,8 @@ impl StatusReport {
             dry_run: daemon.options.dry_run,
             classifier: daemon.classifier().to_string(),
             fast_path: daemon
-                .has_fast_path()
-                .then(|| daemon.fast_path_stats.status()),
+                .report_stats()
+                .map(|reports| daemon.fast_path_stats.status(reports)),
             rate: daemon.rate.last.map(Limit::from),
             connection_rate: daemon.connection_rate.last.map(Limit::from),
             link,

@@ -653,7 +653,7 @@ fn bpf_programs_go_with_the_classifier_and_with_a_killed_owner() {
     // Dropped in this process.
     let c = lab.attach(&cg);
     let ids = c.program_ids();
-    assert_eq!(ids.len(), 5);
+    assert_eq!(ids.len(), 6, "five programs and the exec hook");
     assert!(ids.iter().all(|id| loaded(*id)));
     drop(c);
     wait_unloaded(&ids);
@@ -666,7 +666,7 @@ fn bpf_programs_go_with_the_classifier_and_with_a_killed_owner() {
         .iter()
         .map(|w| w.parse().unwrap())
         .collect();
-    assert_eq!(ids.len(), 5);
+    assert_eq!(ids.len(), 6, "five programs and the exec hook");
     assert!(ids.iter().all(|id| loaded(*id)));
     owner.child.kill().unwrap();
     owner.child.wait().unwrap();
