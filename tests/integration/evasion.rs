@@ -83,16 +83,7 @@ fn setup(classifier: &str) -> Setup {
 
 impl Setup {
     fn python(&self, script: &str, extra: &[&str]) -> Child {
-        let port = self.listener.local_addr().unwrap().port().to_string();
-        let mut cmd = self.pair.a.command("python3");
-        cmd.args(["-c", script, &NetnsPair::B_V4.to_string(), &port])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        let procs = self.cgroup.enter(&mut cmd);
-        let child = cmd.spawn().expect("start python3");
-        drop(procs);
-        child
+        python(&self.pair, &self.cgroup, &self.listener, script, extra)
     }
 
     /// The (class, process) of each connection to the listener, from `status --all --json`.
@@ -128,6 +119,26 @@ impl Setup {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
     }
+}
+
+/// `python3 -c SCRIPT B_V4 PORT EXTRA…` in namespace `a` and `cgroup`.
+fn python(
+    pair: &NetnsPair,
+    cgroup: &TestCgroup,
+    listener: &TcpListener,
+    script: &str,
+    extra: &[&str],
+) -> Child {
+    let port = listener.local_addr().unwrap().port().to_string();
+    let mut cmd = pair.a.command("python3");
+    cmd.args(["-c", script, &NetnsPair::B_V4.to_string(), &port])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let procs = cgroup.enter(&mut cmd);
+    let child = cmd.spawn().expect("start python3");
+    drop(procs);
+    child
 }
 
 struct Kill(Child);
@@ -236,4 +247,88 @@ fn a_killed_runs_cls_bpf_filter_is_removed_whatever_classifier_starts_next() {
                 .contains("removed the first-packet classifier's filter")
         );
     }
+}
+
+const FLOOD_POLICY: &str = r#"
+classes = { victim = { ceil = "4mbit" }, flood = {}, default = {} }
+function classify(conn)
+  local p = conn.process
+  if p and p.name == "victim" then return "victim" end
+  if p and p.name == "flooder" then return "flood" end
+  return "default"
+end
+"#;
+
+/// Opens, uses and closes UDP sockets as fast as it can (each socket's one datagram makes the
+/// kernel report it).
+const FLOODER: &str = r#"
+import ctypes, socket, sys, time
+ctypes.CDLL(None).prctl(15, b"flooder", 0, 0, 0)
+addr = (sys.argv[1], 9)
+end = time.time() + float(sys.argv[3])
+while time.time() < end:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.sendto(b"x", addr)
+    s.close()
+"#;
+
+const VICTIM: &str = r#"
+import ctypes, socket, sys, time
+ctypes.CDLL(None).prctl(15, b"victim", 0, 0, 0)
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+while True:
+    s.send(b"x" * 100)
+    time.sleep(0.05)
+"#;
+
+/// A flood of new sockets from a process that already has a class, while the daemon cannot
+/// drain the kernel's queue (stopped: what a busy machine does to it, made certain): the
+/// flooder's reports are deferred and counted instead of filling the queue, so a process never
+/// seen before still gets its report through and its class once the daemon runs again.
+#[test]
+fn a_socket_flood_is_deferred_and_counted_and_a_new_process_still_gets_its_class() {
+    let pair = NetnsPair::new();
+    let cgroup = TestCgroup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = DaemonProcess::start_bpf_policy(&pair.a, dir.path(), &cgroup, FLOOD_POLICY, &[]);
+    let listener = pair
+        .b
+        .run(|| TcpListener::bind((NetnsPair::B_V4, 0)).unwrap());
+    let _flooder = Kill(python(&pair, &cgroup, &listener, FLOODER, &["20"]));
+    // The flooder is known (its class is in the kernel) once its first sockets were decided.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let pid = daemon.pid();
+    // SAFETY: plain syscalls on our child's pid.
+    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let _victim = Kill(python(&pair, &cgroup, &listener, VICTIM, &[]));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+    let port = format!(":{}", listener.local_addr().unwrap().port());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let s = daemon.status_all();
+        let victim = s["connections"].as_array().is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c["connection"].as_str().is_some_and(|t| t.contains(&port))
+                    && c["class"] == "victim"
+            })
+        });
+        if victim && s["fast_path"]["deferred"].as_u64() > Some(0) {
+            eprintln!("fast path after the flood: {}", s["fast_path"]);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the victim in its class and the flood counted: {s:#}\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let metrics = String::from_utf8_lossy(&daemon.control(&["metrics"]).stdout).into_owned();
+    assert!(
+        metrics.contains("shaper_fast_path_reports_total{outcome=\"deferred\"}"),
+        "{metrics}"
+    );
 }

@@ -181,6 +181,11 @@ impl DaemonProcess {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// `shaper status --all --json` (with every connection).
     pub fn status_all(&self) -> serde_json::Value {
         let out = self.control(&["status", "--all", "--json"]);
