@@ -94,8 +94,15 @@ pub struct EngineOptions {
     pub cycle_budget: u64,
     /// Bytes the VM may allocate.
     pub memory_limit: usize,
-    /// Wall-clock time a cycle (or loading the script) may take before it is abandoned.
+    /// Wall-clock time a cycle may take before it is abandoned: the daemon cycles every second,
+    /// so a cycle stuck in a long C call must not hold the shaping back for longer.
     pub deadline: Duration,
+    /// Wall-clock time loading the script (building its VM and running its top level) may take,
+    /// and a reload waits for stopped VMs to end. Loading happens once per start or reload, not
+    /// every cycle, so this is generous: a slow or loaded machine (an emulated VM, a debug
+    /// build beside a compiler) must not fail a start that would succeed a second later. The
+    /// instruction budget and memory limit still stop a top level that loops or allocates.
+    pub load_deadline: Duration,
     /// Refuse a script or module that is not owned by root or is writable by group or others
     /// (sshd's StrictModes): set when running as root.
     pub strict_permissions: bool,
@@ -108,6 +115,7 @@ impl Default for EngineOptions {
             cycle_budget: 200_000_000,
             memory_limit: 64 << 20,
             deadline: Duration::from_millis(750),
+            load_deadline: Duration::from_secs(10),
             strict_permissions: false,
         }
     }
@@ -224,7 +232,7 @@ impl Abandoned {
 }
 
 impl Worker {
-    /// Starts a thread, builds the VM there and waits (up to the deadline) for it to load. A
+    /// Starts a thread, builds the VM there and waits (up to the load deadline) for it to load. A
     /// load that overruns the deadline is cancelled and its thread joins `abandoned`.
     fn spawn(
         script: Arc<Script>,
@@ -279,7 +287,7 @@ impl Worker {
             required,
             classify_at,
         };
-        match ready_rx.recv_timeout(options.deadline) {
+        match ready_rx.recv_timeout(options.load_deadline) {
             Ok(Ok((required, classify_at))) => Ok(worker(required, classify_at)),
             Ok(Err(e)) => Err(e),
             Err(RecvTimeoutError::Timeout) => {
@@ -291,7 +299,7 @@ impl Worker {
                 abandoned.push(worker(Vec::new(), String::new()));
                 Err(PolicyError::Load(Fault::Deadline {
                     at,
-                    deadline: options.deadline,
+                    deadline: options.load_deadline,
                     loading: true,
                 }))
             }
@@ -366,14 +374,15 @@ impl Engine {
     }
 
     /// Re-reads the script and swaps it in if it loads; on error the running script stays.
-    /// If too many cancelled VMs are still running, waits up to the deadline for them to end.
+    /// If too many cancelled VMs are still running, waits up to the load deadline for them to
+    /// end.
     pub fn reload(&mut self) -> Result<(), PolicyError> {
         let script = Arc::new(Script::read_checked(
             &self.script.path,
             self.options.strict_permissions,
         )?);
         self.abandoned
-            .make_room(self.options.deadline)
+            .make_room(self.options.load_deadline)
             .map_err(PolicyError::Load)?;
         let worker = Worker::spawn(script.clone(), &self.options, &mut self.abandoned)?;
         self.script = script;
