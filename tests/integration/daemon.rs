@@ -301,9 +301,9 @@ fn a_tree_changed_by_hand_is_repaired_within_a_cycle() {
         .args(["qdisc", "del", "dev", "veth0", "root"])
         .output()
         .unwrap();
+    // Deleted (tc succeeded); not checked as gone afterwards, which would race the repair.
     assert!(out.status.success());
-    assert!(!classes(&pair.a).contains("5a:"), "the tree is gone");
-    // 200 ms cycles: repaired well within a second, without any connection changing.
+    // Repaired at the next cycle, without any connection changing.
     daemon.wait_for(2, "the tree repaired", |_| {
         classes(&pair.a).contains("ceil 1Mbit")
     });
