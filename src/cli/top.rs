@@ -475,7 +475,10 @@ pub fn run(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
                 Ok(s) => status = s,
                 Err(e) => {
                     drop(screen);
-                    eprintln!("shaper top: the daemon went away: {e:#}");
+                    eprintln!(
+                        "shaper top: the daemon went away: {}",
+                        super::error_chain(&e)
+                    );
                     return Ok(ExitCode::from(3));
                 }
             }

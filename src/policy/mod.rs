@@ -61,9 +61,9 @@ pub struct Script {
 pub fn read_source(path: &Path, strict: bool) -> Result<String, PolicyError> {
     use crate::trust::TrustError;
     crate::trust::read_text(path, strict).map_err(|e| match e {
-        TrustError::Open { path, source } => PolicyError::Read {
+        TrustError::Open { path, error } => PolicyError::Read {
             path: path.display().to_string(),
-            message: source.to_string(),
+            message: error.to_string(),
         },
         unsafe_or_odd => PolicyError::Unsafe(format!(
             "{unsafe_or_odd} (or run with --allow-insecure-script while developing)"
