@@ -28,6 +28,7 @@
 mod api;
 mod decide;
 mod errors;
+pub mod lint;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -183,6 +184,15 @@ struct Worker {
     required: Vec<PathBuf>,
     /// `file:line` of `classify`.
     classify_at: String,
+    /// Its first and last lines in the script.
+    classify_span: Option<(usize, usize)>,
+}
+
+/// What a VM reports once it has loaded.
+struct Loaded {
+    required: Vec<PathBuf>,
+    classify_at: String,
+    classify_span: Option<(usize, usize)>,
 }
 
 /// The threads of VMs the engine gave up on at a deadline (or replaced at a reload). Each was
@@ -241,7 +251,7 @@ impl Worker {
     ) -> Result<Worker, PolicyError> {
         let (req_tx, req_rx) = mpsc::channel::<Request>();
         let (rep_tx, rep_rx) = mpsc::channel::<VmReply>();
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<(Vec<PathBuf>, String), PolicyError>>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<Loaded, PolicyError>>();
         let progress = Arc::new(Mutex::new(vm::Progress::default()));
         let cancelled = Arc::new(AtomicBool::new(false));
         let thread_options = options.clone();
@@ -257,8 +267,11 @@ impl Worker {
                     thread_cancelled.clone(),
                 ) {
                     Ok(vm) => {
-                        let _ = ready_tx
-                            .send(Ok((vm.required.borrow().clone(), vm.classify_at.clone())));
+                        let _ = ready_tx.send(Ok(Loaded {
+                            required: vm.required.borrow().clone(),
+                            classify_at: vm.classify_at.clone(),
+                            classify_span: vm.classify_span,
+                        }));
                         vm
                     }
                     Err(e) => {
@@ -278,17 +291,18 @@ impl Worker {
                     "cannot start the policy thread: {e}"
                 )))
             })?;
-        let worker = |required, classify_at| Worker {
+        let worker = |loaded: Loaded| Worker {
             requests: req_tx,
             replies: rep_rx,
             progress: progress.clone(),
             abandoned: cancelled.clone(),
             thread,
-            required,
-            classify_at,
+            required: loaded.required,
+            classify_at: loaded.classify_at,
+            classify_span: loaded.classify_span,
         };
         match ready_rx.recv_timeout(options.load_deadline) {
-            Ok(Ok((required, classify_at))) => Ok(worker(required, classify_at)),
+            Ok(Ok(loaded)) => Ok(worker(loaded)),
             Ok(Err(e)) => Err(e),
             Err(RecvTimeoutError::Timeout) => {
                 let at = progress
@@ -296,7 +310,11 @@ impl Worker {
                     .ok()
                     .and_then(|p| p.last_location())
                     .map_or(script_name, |at| at.to_string());
-                abandoned.push(worker(Vec::new(), String::new()));
+                abandoned.push(worker(Loaded {
+                    required: Vec::new(),
+                    classify_at: String::new(),
+                    classify_span: None,
+                }));
                 Err(PolicyError::Load(Fault::Deadline {
                     at,
                     deadline: options.load_deadline,
@@ -355,6 +373,12 @@ impl Engine {
 
     pub fn script(&self) -> &Script {
         &self.script
+    }
+
+    /// The first and last lines of `classify` in the script, while a VM is loaded and
+    /// `classify` is defined in the script itself (not in a module).
+    pub fn classify_span(&self) -> Option<(usize, usize)> {
+        self.worker.as_ref().and_then(|w| w.classify_span)
     }
 
     /// The script and every module it required from its folder: the files to watch for reload.

@@ -259,30 +259,31 @@ fn cycle_past_its_deadline_is_abandoned_and_the_vm_rebuilt() {
 }
 
 #[test]
-fn unknown_class_is_reported_at_classify() {
+fn unknown_class_is_reported_at_its_return() {
     assert_contained(
         "    return \"bulkk\"",
-        2,
-        "unknown class \"bulkk\"; declared classes: bulk, default",
+        4,
+        "unknown class \"bulkk\" (did you mean `bulk`?); declared classes: bulk, default",
     );
 }
 
+/// What is wrong with what classify returned is reported at the `return` that returned it.
 #[test]
 fn negative_limit_is_refused() {
-    assert_contained("    return \"bulk\", -5", 2, "rate \"-5\" is negative");
+    assert_contained("    return \"bulk\", -5", 4, "rate \"-5\" is negative");
 }
 
 #[test]
 fn wrong_types_are_refused() {
     assert_contained(
         "    return {}",
-        2,
+        4,
         "must return a class name (a string) or nil; got a table",
     );
-    assert_contained("    return \"bulk\", true", 2, "got a boolean");
+    assert_contained("    return \"bulk\", true", 4, "got a boolean");
     assert_contained(
         "    return \"bulk\", { up = \"1mbit\", left = 1 }",
-        2,
+        4,
         "unknown key \"left\"",
     );
 }
@@ -291,7 +292,7 @@ fn wrong_types_are_refused() {
 fn tc_style_kbps_is_refused_as_ambiguous() {
     assert_contained(
         "    return \"bulk\", \"512kbps\"",
-        2,
+        4,
         "\"512kbit\" for kilobits/s or \"512KB/s\"",
     );
 }
