@@ -93,6 +93,12 @@ fn metrics_parse_and_their_byte_counters_match_the_status() {
     let after = daemon.status();
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.ends_with("# EOF\n"), "{text}");
+    // UDP is counted too (with the BPF classifier): the help says so, not "TCP bytes".
+    assert!(
+        text.contains("# HELP shaper_bytes Bytes per class since the daemon started: TCP, and UDP")
+            && !text.contains("TCP bytes"),
+        "{text}"
+    );
 
     let mut python = pair
         .a

@@ -265,6 +265,11 @@ fn a_normal_users_dry_run_keeps_its_files_in_the_users_runtime_dir() {
     let exit = daemon.exit_within(5);
     assert!(exit.success(), "{exit}: {}", daemon.log_text());
     assert!(
+        daemon.log_text().contains("`shaper stop`: stopping"),
+        "the stop is logged: {}",
+        daemon.log_text()
+    );
+    assert!(
         xdg.path().join("shaper/state/usage.ron").exists(),
         "usage saved in the user's state dir"
     );
