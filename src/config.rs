@@ -690,6 +690,41 @@ mod tests {
         assert!(msg.contains("/nonexistent/shaper.ron"), "{msg}");
     }
 
+    /// Issue 28, item 4: the shipped `shaper.ron` (what the packages install) sets every key the
+    /// configuration has, to its default, each under a comment (a comment may cover a group of
+    /// keys, such as uplink and downlink).
+    #[test]
+    fn the_shipped_config_has_every_key_commented_and_at_its_default() {
+        let text = include_str!("../packaging/etc/shaper.ron");
+        assert_eq!(
+            parse(text).unwrap(),
+            Config::default(),
+            "the defaults, shown"
+        );
+        let defaults = Config::default().to_ron();
+        let key = |line: &str| {
+            let (name, _) = line.trim().split_once(':')?;
+            (line.starts_with("    ")
+                && !line.trim_start().starts_with("//")
+                && name.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+            .then(|| name.to_string())
+        };
+        let expected: Vec<String> = defaults.lines().filter_map(key).collect();
+        assert!(expected.len() >= 20, "{defaults}");
+        let lines: Vec<&str> = text.lines().collect();
+        let shipped: Vec<String> = lines.iter().filter_map(|l| key(l)).collect();
+        assert_eq!(shipped, expected, "every key, in the struct's order");
+        for (i, line) in lines.iter().enumerate() {
+            let Some(name) = key(line) else { continue };
+            let commented = lines[..i]
+                .iter()
+                .rev()
+                .find(|l| key(l).is_none())
+                .is_some_and(|l| l.trim_start().starts_with("//"));
+            assert!(commented, "{name} has no comment above it");
+        }
+    }
+
     #[test]
     fn printed_config_parses_back() {
         let c = Config {

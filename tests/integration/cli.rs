@@ -741,3 +741,43 @@ fn a_computed_class_name_is_reported_at_its_return_with_the_closest_class() {
         "{json:#}"
     );
 }
+
+/// Issue 28, item 4: the unit's ExecStartPre checks the script shaper.ron names (the one `run`
+/// will load), not a fixed /etc/shaper/policy.lua. Run here with the test's config (the unit's
+/// own is /etc/shaper/shaper.ron).
+#[test]
+fn the_units_pre_start_check_follows_the_configured_script() {
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/systemd/shaper.service"),
+    )
+    .unwrap();
+    let pre: Vec<&str> = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStartPre="))
+        .expect("an ExecStartPre= line")
+        .split_whitespace()
+        .collect();
+    assert_eq!(pre[0], "/usr/bin/shaper", "{pre:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("elsewhere.lua");
+    std::fs::write(&broken, "function classify(conn\n").unwrap();
+    let config = dir.path().join("shaper.ron");
+    std::fs::write(
+        &config,
+        format!("(script: {:?})", broken.display().to_string()),
+    )
+    .unwrap();
+    let run = || output(shaper().arg("--config").arg(&config).args(&pre[1..]));
+    let out = run();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "the broken script named: {err}");
+    assert!(err.contains("elsewhere.lua:2:"), "{err}");
+    std::fs::write(&broken, "function classify(conn) return nil end\n").unwrap();
+    let out = run();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("elsewhere.lua: OK"));
+}
