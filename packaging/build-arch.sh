@@ -43,7 +43,7 @@ files=$(tar -tf "$pkg")
 for f in usr/bin/shaper usr/lib/systemd/system/shaper.service etc/shaper/policy.lua \
          etc/shaper/shaper.ron usr/share/man/man1/shaper.1.gz usr/share/man/man7/shaper-policy.7.gz \
          usr/share/licenses/shaper/LICENSE-MIT usr/share/doc/shaper/examples/sample.ron \
-         usr/share/zsh/site-functions/_shaper; do
+         usr/share/zsh/site-functions/_shaper usr/lib/shaper/shaper-notify; do
     grep -qx -- "$f" <<<"$files" || { echo "build-arch: $f is missing from $pkg" >&2; exit 1; }
 done
 echo "build-arch: built $pkg"

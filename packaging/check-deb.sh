@@ -16,7 +16,9 @@ for f in ./usr/bin/shaper ./usr/lib/systemd/system/shaper.service ./etc/shaper/p
          ./usr/share/bash-completion/completions/shaper ./usr/share/zsh/vendor-completions/_shaper \
          ./usr/share/fish/vendor_completions.d/shaper.fish ./usr/share/doc/shaper/examples/sample.ron \
          ./usr/share/doc/shaper/LICENSE-MIT ./usr/share/doc/shaper/LICENSE-APACHE \
-         ./usr/share/doc/shaper/CHANGELOG.md ./usr/share/doc/shaper/copyright; do
+         ./usr/share/doc/shaper/changelog.gz ./usr/share/doc/shaper/changelog.Debian.gz \
+         ./usr/share/doc/shaper/copyright ./usr/libexec/shaper/shaper-notify \
+         ./usr/share/doc/shaper/examples/notify.conf; do
     grep -qx -- "$f" <<<"$files" || { echo "check-deb: $f is missing from $deb" >&2; exit 1; }
 done
 

@@ -7,10 +7,11 @@ rpm_file=${1:?usage: check-rpm.sh PACKAGE.rpm}
 files=$(rpm -qlp "$rpm_file")
 for f in /usr/bin/shaper /usr/lib/systemd/system/shaper.service /etc/shaper/policy.lua \
          /etc/shaper/shaper.ron /usr/share/shaper/lua/shaper.lua /usr/share/shaper/lua/meta.lua \
-         /usr/share/doc/shaper/examples/priorities.lua /usr/share/man/man1/shaper.1 \
-         /usr/share/man/man7/shaper-policy.7 /usr/share/bash-completion/completions/shaper \
+         /usr/share/doc/shaper/examples/priorities.lua /usr/share/man/man1/shaper.1.gz \
+         /usr/share/man/man7/shaper-policy.7.gz /usr/share/bash-completion/completions/shaper \
          /usr/share/zsh/site-functions/_shaper /usr/share/fish/vendor_completions.d/shaper.fish \
          /usr/share/doc/shaper/examples/sample.ron /usr/share/doc/shaper/CHANGELOG.md \
+         /usr/libexec/shaper/shaper-notify /usr/share/doc/shaper/examples/notify.conf \
          /usr/share/licenses/shaper/LICENSE-MIT /usr/share/licenses/shaper/LICENSE-APACHE; do
     grep -qx -- "$f" <<<"$files" || { echo "check-rpm: $f is missing from $rpm_file" >&2; exit 1; }
 done

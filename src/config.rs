@@ -22,10 +22,10 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/shaper/shaper.ron";
 /// Why the configuration could not be loaded. Messages name the file, line and key or value.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}:{line}:{col}: {message}")]
     Parse {
@@ -176,9 +176,9 @@ impl Config {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
                 Ok(Config::default())
             }
-            Err(source) => Err(ConfigError::Read {
+            Err(error) => Err(ConfigError::Read {
                 path: path.to_path_buf(),
-                source,
+                error,
             }),
         }
     }
@@ -688,6 +688,41 @@ mod tests {
         assert_eq!(Config::load(missing, false).unwrap(), Config::default());
         let msg = Config::load(missing, true).unwrap_err().to_string();
         assert!(msg.contains("/nonexistent/shaper.ron"), "{msg}");
+    }
+
+    /// Issue 28, item 4: the shipped `shaper.ron` (what the packages install) sets every key the
+    /// configuration has, to its default, each under a comment (a comment may cover a group of
+    /// keys, such as uplink and downlink).
+    #[test]
+    fn the_shipped_config_has_every_key_commented_and_at_its_default() {
+        let text = include_str!("../packaging/etc/shaper.ron");
+        assert_eq!(
+            parse(text).unwrap(),
+            Config::default(),
+            "the defaults, shown"
+        );
+        let defaults = Config::default().to_ron();
+        let key = |line: &str| {
+            let (name, _) = line.trim().split_once(':')?;
+            (line.starts_with("    ")
+                && !line.trim_start().starts_with("//")
+                && name.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+            .then(|| name.to_string())
+        };
+        let expected: Vec<String> = defaults.lines().filter_map(key).collect();
+        assert!(expected.len() >= 20, "{defaults}");
+        let lines: Vec<&str> = text.lines().collect();
+        let shipped: Vec<String> = lines.iter().filter_map(|l| key(l)).collect();
+        assert_eq!(shipped, expected, "every key, in the struct's order");
+        for (i, line) in lines.iter().enumerate() {
+            let Some(name) = key(line) else { continue };
+            let commented = lines[..i]
+                .iter()
+                .rev()
+                .find(|l| key(l).is_none())
+                .is_some_and(|l| l.trim_start().starts_with("//"));
+            assert!(commented, "{name} has no comment above it");
+        }
     }
 
     #[test]

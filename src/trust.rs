@@ -21,10 +21,10 @@ pub const SMALL_FILE_LIMIT: u64 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrustError {
-    #[error("cannot open {}: {source}", path.display())]
+    #[error("cannot open {}: {error}", path.display())]
     Open {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Someone other than root could change the file (or a folder on its path).
     #[error("refusing {path}: {reason}, and shaper runs as root. Fix: {fix}")]
@@ -43,14 +43,14 @@ pub enum TrustError {
 
 impl TrustError {
     pub fn is_not_found(&self) -> bool {
-        matches!(self, TrustError::Open { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+        matches!(self, TrustError::Open { error, .. } if error.kind() == std::io::ErrorKind::NotFound)
     }
 }
 
 fn open_error(path: &Path, e: impl Into<std::io::Error>) -> TrustError {
     TrustError::Open {
         path: path.to_path_buf(),
-        source: e.into(),
+        error: e.into(),
     }
 }
 

@@ -477,9 +477,9 @@ fn parse_event(bytes: &[u8]) -> Option<NewSocket> {
 
 /// Opens a cgroup v2 directory, refusing anything else (a v1 hierarchy, a plain directory).
 fn open_cgroup(path: &Path) -> Result<File, BpfError> {
-    let dir = File::open(path).map_err(|source| BpfError::Open {
+    let dir = File::open(path).map_err(|error| BpfError::Open {
         path: path.to_owned(),
-        source,
+        error,
     })?;
     let is_dir = dir.metadata().map(|m| m.is_dir()).unwrap_or(false);
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
@@ -496,9 +496,9 @@ fn open_cgroup(path: &Path) -> Result<File, BpfError> {
 /// The cgroup v2 mount point from /proc/mounts (`/sys/fs/cgroup` on most distributions,
 /// `/sys/fs/cgroup/unified` in hybrid mode).
 pub fn cgroup2_root() -> Result<std::path::PathBuf, BpfError> {
-    let mounts = std::fs::read_to_string("/proc/mounts").map_err(|source| BpfError::Open {
+    let mounts = std::fs::read_to_string("/proc/mounts").map_err(|error| BpfError::Open {
         path: "/proc/mounts".into(),
-        source,
+        error,
     })?;
     mounts
         .lines()
@@ -618,7 +618,7 @@ fn program_error(name: &'static str, e: ProgramError) -> BpfError {
             let lines: Vec<&str> = log.lines().collect();
             BpfError::Verifier {
                 program: name,
-                source: io_error,
+                error: io_error,
                 log: lines[lines.len().saturating_sub(12)..].join(" | "),
             }
         }

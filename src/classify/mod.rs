@@ -79,10 +79,10 @@ pub enum BpfError {
     NotCgroup2 { path: PathBuf },
     #[error("no cgroup v2 hierarchy is mounted (no cgroup2 line in /proc/mounts)")]
     NoCgroup2Mount,
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot open {path}: {error}")]
     Open {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
         "the kernel refused BPF ({what}: {source}); run as root or grant CAP_BPF, \
@@ -100,10 +100,10 @@ pub enum BpfError {
         what: String,
         source: std::io::Error,
     },
-    #[error("the verifier rejected program {program}: {source}; verifier log (end): {log}")]
+    #[error("the verifier rejected program {program}: {error}; verifier log (end): {log}")]
     Verifier {
         program: &'static str,
-        source: std::io::Error,
+        error: std::io::Error,
         log: String,
     },
     #[error("cannot attach the download program to the ingress of {interface}: {message}")]

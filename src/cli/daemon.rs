@@ -1,10 +1,13 @@
 //! `shaper run`, `status`, `reload` and `stop`.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Args;
 
 use super::ConfigArgs;
+use crate::config::Config;
 use crate::daemon::RunOptions;
 use crate::daemon::service::{self, Request};
 
@@ -51,8 +54,40 @@ pub struct ControlArgs {
 }
 
 pub fn run(cli: &super::Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
-    let config = cli.effective_config(&args.config)?;
+    let mut config = cli.effective_config(&args.config)?;
     super::logging::init(cli.verbose, cli.quiet, Some(&config.log_level));
+    // A normal user's dry run (or a daemon granted CAP_NET_ADMIN without root's folders); a
+    // run that will stop for want of the capability says only that.
+    let may_run = args.dry_run || crate::daemon::startup::require_net_admin().is_ok();
+    if !rustix::process::geteuid().is_root() && may_run {
+        for (dir, default, sub, what) in [
+            (
+                &mut config.runtime_dir,
+                Config::default().runtime_dir,
+                "",
+                "runtime_dir",
+            ),
+            (
+                &mut config.state_dir,
+                Config::default().state_dir,
+                "state",
+                "state_dir",
+            ),
+        ] {
+            if *dir == default && !writable(dir) {
+                let base = user_dir()?;
+                let mine = if sub.is_empty() { base } else { base.join(sub) };
+                tracing::info!(
+                    "not root and {} is not writable: using {} as the {what} (set {what} or \
+                     --{} to choose)",
+                    dir.display(),
+                    mine.display(),
+                    what.replace('_', "-")
+                );
+                *dir = mine;
+            }
+        }
+    }
     service::run(
         config,
         RunOptions {
@@ -64,15 +99,79 @@ pub fn run(cli: &super::Cli, args: &RunArgs) -> anyhow::Result<ExitCode> {
     )
 }
 
-/// The runtime dir given, else the configured one.
+/// The runtime dir given, else the configured one. Not root, with the default runtime dir and
+/// no daemon there, the user's own ([`user_dir`]) if a daemon answers there: what `shaper run
+/// --dry-run` uses when a normal user starts it.
 pub(super) fn runtime_dir(
     cli: &super::Cli,
     given: &Option<std::path::PathBuf>,
 ) -> anyhow::Result<std::path::PathBuf> {
-    match given {
-        Some(d) => Ok(d.clone()),
-        None => Ok(cli.effective_config(&ConfigArgs::default())?.runtime_dir),
+    if let Some(d) = given {
+        return Ok(d.clone());
     }
+    let configured = cli.effective_config(&ConfigArgs::default())?.runtime_dir;
+    if configured == Config::default().runtime_dir
+        && !rustix::process::geteuid().is_root()
+        && !configured.join(service::SOCKET_NAME).exists()
+        && let Some(mine) = user_runtime_base()
+        && mine.join(service::SOCKET_NAME).exists()
+    {
+        return Ok(mine);
+    }
+    Ok(configured)
+}
+
+/// Whether this process may create files in `dir`, or create `dir` (its nearest existing
+/// ancestor is writable).
+fn writable(dir: &Path) -> bool {
+    use rustix::fs::{Access, access};
+    dir.ancestors()
+        .find(|d| d.exists())
+        .is_some_and(|d| access(d, Access::WRITE_OK | Access::EXEC_OK).is_ok())
+}
+
+/// `$XDG_RUNTIME_DIR/shaper` when the session has one (an absolute path), else
+/// `/tmp/shaper-UID`.
+fn user_runtime_base() -> Option<PathBuf> {
+    match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+        Some(xdg) if xdg.is_absolute() && xdg.is_dir() => Some(xdg.join("shaper")),
+        _ => Some(PathBuf::from(format!(
+            "/tmp/shaper-{}",
+            rustix::process::geteuid().as_raw()
+        ))),
+    }
+}
+
+/// The folder a daemon started by a normal user keeps its runtime and state in, when the
+/// defaults (`/run/shaper`, `/var/lib/shaper`: root's) were not configured and cannot be
+/// written: [`user_runtime_base`]. In `/tmp`, the folder is made 0700 and used only if it is
+/// the user's own, not a symlink and open to no one else (another user could have made it
+/// first).
+pub fn user_dir() -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let dir = user_runtime_base().expect("a fallback always exists");
+    if dir.starts_with("/tmp") {
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot create {}", dir.display()));
+            }
+        }
+        let meta = std::fs::symlink_metadata(&dir)
+            .with_context(|| format!("cannot read {}", dir.display()))?;
+        let uid = rustix::process::geteuid().as_raw();
+        if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
+            anyhow::bail!(
+                "{} is not a folder of yours open to no one else (uid {}, mode {:04o}); remove \
+                 it, or set --runtime-dir and --state-dir",
+                dir.display(),
+                meta.uid(),
+                meta.mode() & 0o7777
+            );
+        }
+    }
+    Ok(dir)
 }
 
 pub fn status(cli: &super::Cli, args: &StatusArgs) -> anyhow::Result<ExitCode> {

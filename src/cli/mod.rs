@@ -160,10 +160,12 @@ pub struct ConfigArgs {
     /// File holding the current --connection-rate, re-read every cycle
     #[arg(long, value_name = "FILE", value_parser = path_arg)]
     pub connection_rate_file: Option<PathBuf>,
-    /// Directory for persisted usage counters [default: /var/lib/shaper]
+    /// Directory for persisted usage counters [default: /var/lib/shaper; a normal user's dry
+    /// run: $XDG_RUNTIME_DIR/shaper/state]
     #[arg(long, value_name = "DIR", value_parser = path_arg)]
     pub state_dir: Option<PathBuf>,
-    /// Directory for the control socket and pid file [default: /run/shaper]
+    /// Directory for the control socket and pid file [default: /run/shaper; a normal user's dry
+    /// run: $XDG_RUNTIME_DIR/shaper, or /tmp/shaper-UID]
     #[arg(long, value_name = "DIR", value_parser = path_arg)]
     pub runtime_dir: Option<PathBuf>,
     /// How often usage counters are saved, with its unit [default: 10s]
@@ -263,13 +265,32 @@ impl Cli {
     }
 }
 
+/// An error and its causes, `: `-separated, each said once: a cause whose text the message
+/// already holds (an error that prints its source and also returns it as `source()`) is not
+/// repeated, so `cannot open /run/shaper: Permission denied (os error 13)` does not end in a
+/// second `: Permission denied (os error 13)`.
+pub fn error_chain(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let part = cause.to_string();
+        if part.is_empty() || text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
+}
+
 /// Parses the command line, sets up logging and runs the subcommand.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(&cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("shaper: error: {e:#}");
+            eprintln!("shaper: error: {}", error_chain(&e));
             match e.downcast_ref::<crate::daemon::startup::StartError>() {
                 Some(start) => ExitCode::from(start.exit_code()),
                 None => ExitCode::FAILURE,
@@ -342,6 +363,44 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    /// An error that prints its cause and also returns it as its source, as a `thiserror`
+    /// variant with a `source` field and `{source}` in its message does.
+    #[derive(Debug)]
+    struct Both(std::io::Error);
+    impl std::fmt::Display for Both {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "cannot open /run/shaper: {}", self.0)
+        }
+    }
+    impl std::error::Error for Both {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn error_chains_say_each_cause_once() {
+        let denied = || std::io::Error::from_raw_os_error(libc::EACCES);
+        let e = anyhow::Error::new(Both(denied())).context("the runtime dir");
+        assert_eq!(
+            error_chain(&e),
+            "the runtime dir: cannot open /run/shaper: Permission denied (os error 13)"
+        );
+        // Causes that are not repeated all appear, in order.
+        let e = anyhow::Error::new(denied())
+            .context("reading x")
+            .context("loading y");
+        assert_eq!(
+            error_chain(&e),
+            "loading y: reading x: Permission denied (os error 13)"
+        );
+        // The library's own errors print their cause without also chaining it.
+        let e = crate::trust::read_text(std::path::Path::new("/nonexistent/p.lua"), false)
+            .map_err(anyhow::Error::new)
+            .unwrap_err();
+        assert_eq!(e.chain().count(), 1, "{e:#}");
+    }
 
     #[test]
     fn cli_definition_is_consistent() {

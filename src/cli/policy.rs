@@ -51,6 +51,10 @@ pub struct CheckArgs {
     /// As root, accept a script not owned by root or writable by others (as `run` would refuse)
     #[arg(long)]
     pub allow_insecure_script: bool,
+    /// Also fail (exit 1) on the class-name warnings: a class name `classify` returns that no
+    /// declared class matches, a declared class it never returns
+    #[arg(long)]
+    pub strict: bool,
     #[command(flatten)]
     pub when: WhenArgs,
 }
@@ -282,12 +286,18 @@ pub fn check(cli: &super::Cli, args: &CheckArgs) -> anyhow::Result<ExitCode> {
         cycle.flows().len()
     );
     print_table(&decision_rows(cycle.flows()));
+    let decisions = cycle.flows().decisions();
     let unused: Vec<&str> = outcome
         .classes
         .classes
         .keys()
-        .filter(|k| cycle.flows().decisions().iter().all(|d| &d.class != *k))
+        .filter(|k| decisions.iter().all(|d| &d.class != *k))
         .map(|k| k.as_ref())
+        .collect();
+    let lint = class_names(cycle.engine(), &outcome, decisions);
+    let unused: Vec<&str> = unused
+        .into_iter()
+        .filter(|u| !lint.never_returned.iter().any(|w| w.class == *u))
         .collect();
     if !unused.is_empty() {
         println!(
@@ -295,18 +305,51 @@ pub fn check(cli: &super::Cli, args: &CheckArgs) -> anyhow::Result<ExitCode> {
             unused.join(", ")
         );
     }
+    for w in lint.unknown.iter().chain(&lint.never_returned) {
+        eprintln!("warning: {w}");
+    }
     if let Some(w) = cycle.capacity_warning() {
         eprintln!("warning: {w}");
     }
     let errors = cycle.engine().errors();
-    if errors.is_empty() {
+    let strict_failures = if args.strict {
+        lint.unknown.len() + lint.never_returned.len()
+    } else {
+        0
+    };
+    if errors.is_empty() && strict_failures == 0 {
         println!("{name}: OK");
         Ok(ExitCode::SUCCESS)
     } else {
         print_errors(errors.entries());
-        eprintln!("{name}: {} problem(s)", errors.entries().len());
+        if strict_failures > 0 {
+            eprintln!("{name}: {strict_failures} class-name warning(s), failing with --strict");
+        }
+        if !errors.is_empty() {
+            eprintln!("{name}: {} problem(s)", errors.entries().len());
+        }
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// The class-name findings of [`crate::policy::lint`] for the script `engine` runs, with the
+/// classes the run's connections went to counted as returned. None when the cycle failed as a
+/// whole (its error says why): the classes it declares are then unknown.
+fn class_names(
+    engine: &Engine,
+    outcome: &Outcome,
+    decisions: &[crate::policy::Decision],
+) -> crate::policy::lint::ClassNames {
+    if outcome.failure.is_some() {
+        return Default::default();
+    }
+    let returned = decisions.iter().map(|d| d.class.as_ref()).collect();
+    crate::policy::lint::class_names(
+        engine.script(),
+        engine.classify_span(),
+        &outcome.classes,
+        &returned,
+    )
 }
 
 /// "now", or the time `--at` chose, with the usage file when one was given.
@@ -352,6 +395,8 @@ struct SimulateJson<'a> {
     classes: Vec<&'a crate::policy::ClassDef>,
     decisions: Vec<DecisionRow>,
     errors: &'a [ErrorEntry],
+    /// Class names `classify` returns (as literals) that no declared class matches.
+    warnings: Vec<&'a str>,
     /// What the policy raised with `shaper.notify` (the daemon would pass each once a period).
     notices: &'a [crate::policy::Notice],
 }
@@ -376,12 +421,16 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<ExitCode> {
     );
     let rows = decision_rows(cycle.flows());
     let errors = cycle.engine().errors();
+    // What simulate adds to the run: names no declared class matches, in classify's own
+    // returns (a class never returned over one snapshot is no finding: `check` reports that).
+    let unknown = class_names(cycle.engine(), &outcome, cycle.flows().decisions()).unknown;
     if args.json {
         let out = SimulateJson {
             at,
             classes: outcome.classes.classes.values().collect(),
             decisions: rows,
             errors: errors.entries(),
+            warnings: unknown.iter().map(|w| w.message.as_str()).collect(),
             notices: &outcome.notices,
         };
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -395,6 +444,9 @@ pub fn simulate(args: &SimulateArgs) -> anyhow::Result<ExitCode> {
             );
         }
         print_errors(errors.entries());
+        for w in &unknown {
+            eprintln!("warning: {w}");
+        }
     }
     Ok(if errors.is_empty() {
         ExitCode::SUCCESS

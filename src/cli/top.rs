@@ -182,7 +182,12 @@ impl Item {
     }
 }
 
-/// Each view's columns: header and width (the first column takes what is left).
+/// The widest a column other than the first grows to fit its entries (the first takes what is
+/// left, and at least 10).
+const WIDEST_COLUMN: usize = 20;
+
+/// Each view's columns: header and least width (the first column takes what is left; the
+/// others grow to their longest entry, up to [`WIDEST_COLUMN`]).
 fn columns(view: View) -> &'static [(&'static str, u16)] {
     match view {
         // Who runs a process is in the user view: here the name gets the room.
@@ -401,14 +406,27 @@ pub fn render(frame: &mut Frame, status: &StatusReport, state: &ViewState) {
         Cell::from(text)
     }))
     .style(Style::default().add_modifier(Modifier::BOLD));
-    let widths = cols.iter().map(|&(_, w)| {
-        if w == 0 {
-            Constraint::Min(10)
-        } else {
-            Constraint::Length(w)
-        }
-    });
-    let rows = items(status, state)
+    let items = items(status, state);
+    let widths: Vec<Constraint> = cols
+        .iter()
+        .enumerate()
+        .map(|(c, &(_, w))| {
+            if w == 0 {
+                Constraint::Min(10)
+            } else {
+                // Widened to the longest entry (up to a limit), so a class name is not cut to
+                // `interac` while the first column has room to give.
+                let longest = items
+                    .iter()
+                    .filter_map(|i| i.cells.get(c))
+                    .map(|t| t.chars().count())
+                    .max()
+                    .unwrap_or(0);
+                Constraint::Length(w.max(u16::try_from(longest.min(WIDEST_COLUMN)).unwrap_or(w)))
+            }
+        })
+        .collect();
+    let rows = items
         .into_iter()
         .map(|i| Row::new(i.cells.into_iter().map(Cell::from)));
     frame.render_widget(
@@ -475,7 +493,10 @@ pub fn run(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
                 Ok(s) => status = s,
                 Err(e) => {
                     drop(screen);
-                    eprintln!("shaper top: the daemon went away: {e:#}");
+                    eprintln!(
+                        "shaper top: the daemon went away: {}",
+                        super::error_chain(&e)
+                    );
                     return Ok(ExitCode::from(3));
                 }
             }
@@ -580,6 +601,32 @@ mod tests {
         assert!(
             row_of(&lines, "zulu") < row_of(&lines, "alpha"),
             "by DOWN:\n{text}"
+        );
+    }
+
+    /// Issue 28, item 8: a class name longer than the column's least width is shown whole, in
+    /// 80 columns and on a wide terminal, where the process column took everything else.
+    #[test]
+    fn a_long_class_name_is_not_cut() {
+        let mut status = report();
+        status.processes[0].classes = vec!["interactive".into()];
+        status.connections.as_mut().unwrap()[0].class = "interactive".into();
+        let mut state = ViewState::default();
+        for width in [80, 160] {
+            let lines = screen(&status, &state, width, 24);
+            let zulu = &lines[row_of(&lines, "zulu 100")];
+            assert!(
+                zulu.contains("interactive "),
+                "{width}: {}",
+                lines.join("\n")
+            );
+        }
+        state.view = View::Connection;
+        let lines = screen(&status, &state, 80, 24);
+        assert!(
+            lines[row_of(&lines, "10.0.0.1")].contains("interactive"),
+            "{}",
+            lines.join("\n")
         );
     }
 

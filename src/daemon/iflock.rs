@@ -23,11 +23,11 @@ pub enum LockError {
          it first (`shaper stop --runtime-dir DIR` with its runtime dir) or shape another interface"
     )]
     Held { interface: String, holder: String },
-    #[error("cannot claim {interface} for this daemon (abstract socket {name:?}): {source}")]
+    #[error("cannot claim {interface} for this daemon (abstract socket {name:?}): {error}")]
     Io {
         interface: String,
         name: String,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -56,10 +56,10 @@ impl InterfaceLock {
 
 fn claim(interface: &str) -> Result<OwnedFd, LockError> {
     let name = lock_name(interface);
-    let io = |source: std::io::Error| LockError::Io {
+    let io = |error: std::io::Error| LockError::Io {
         interface: interface.to_string(),
         name: name.clone(),
-        source,
+        error,
     };
     let addr = SocketAddrUnix::new_abstract_name(name.as_bytes()).map_err(|e| io(e.into()))?;
     let socket = socket_with(

@@ -65,17 +65,17 @@ pub fn render(daemon: &Daemon) -> String {
     let class_bytes = counters(
         &mut registry,
         "bytes",
-        "TCP bytes per class since the daemon started",
+        "Bytes per class since the daemon started: TCP, and UDP with the BPF classifier (sock_diag counts no UDP bytes)",
     );
     let user_bytes = counters(
         &mut registry,
         "user_bytes",
-        "TCP bytes per user since the daemon started",
+        "Bytes per user since the daemon started: TCP, and UDP with the BPF classifier (sock_diag counts no UDP bytes)",
     );
     let process_bytes = counters(
         &mut registry,
         "process_bytes",
-        "TCP bytes per process name since the daemon started",
+        "Bytes per process name since the daemon started: TCP, and UDP with the BPF classifier (sock_diag counts no UDP bytes)",
     );
     for (key, u) in daemon.accounting.totals().usage() {
         let (family, extra) = match key {

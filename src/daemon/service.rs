@@ -546,6 +546,7 @@ fn cycle_loop(daemon: &mut Daemon, interval: Duration, inbox: &mpsc::Receiver<Co
                 }
             }
             Request::Stop => {
+                tracing::info!("`shaper stop`: stopping");
                 daemon.shutdown();
                 let _ = command.reply.send(Response::ok());
                 return;

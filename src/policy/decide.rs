@@ -270,8 +270,9 @@ pub(crate) fn class_value(v: &Value, classes: &ClassSet) -> Result<Arc<str>, Str
             match classes.classes.get_key_value(&*name) {
                 Some((k, _)) => Ok(k.clone()),
                 None => Err(format!(
-                    "classify returned unknown class {:?}; declared classes: {}",
+                    "classify returned unknown class {:?}{}; declared classes: {}",
                     &*name,
+                    did_you_mean(&name, classes),
                     classes.names()
                 )),
             }
@@ -281,6 +282,25 @@ pub(crate) fn class_value(v: &Value, classes: &ClassSet) -> Result<Arc<str>, Str
             type_name(other)
         )),
     }
+}
+
+/// The declared class closest to `wanted`, if it is close enough to be a typo: at most two
+/// edits (a swap of neighbours counting as one), and fewer than the name has letters.
+pub fn closest_class<'a>(wanted: &str, classes: &'a ClassSet) -> Option<&'a str> {
+    classes
+        .classes
+        .keys()
+        .map(|name| (strsim::osa_distance(wanted, name), name.as_ref()))
+        .filter(|&(d, _)| d <= 2 && d < wanted.chars().count())
+        .min()
+        .map(|(_, name)| name)
+}
+
+/// `" (did you mean `video`?)"` for a class name no declared class matches, or nothing.
+pub fn did_you_mean(wanted: &str, classes: &ClassSet) -> String {
+    closest_class(wanted, classes)
+        .map(|name| format!(" (did you mean `{name}`?)"))
+        .unwrap_or_default()
 }
 
 /// Where in the script text a class seems to be declared: the first line that assigns its name.

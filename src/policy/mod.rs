@@ -28,6 +28,7 @@
 mod api;
 mod decide;
 mod errors;
+pub mod lint;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -61,9 +62,9 @@ pub struct Script {
 pub fn read_source(path: &Path, strict: bool) -> Result<String, PolicyError> {
     use crate::trust::TrustError;
     crate::trust::read_text(path, strict).map_err(|e| match e {
-        TrustError::Open { path, source } => PolicyError::Read {
+        TrustError::Open { path, error } => PolicyError::Read {
             path: path.display().to_string(),
-            message: source.to_string(),
+            message: error.to_string(),
         },
         unsafe_or_odd => PolicyError::Unsafe(format!(
             "{unsafe_or_odd} (or run with --allow-insecure-script while developing)"
@@ -94,8 +95,15 @@ pub struct EngineOptions {
     pub cycle_budget: u64,
     /// Bytes the VM may allocate.
     pub memory_limit: usize,
-    /// Wall-clock time a cycle (or loading the script) may take before it is abandoned.
+    /// Wall-clock time a cycle may take before it is abandoned: the daemon cycles every second,
+    /// so a cycle stuck in a long C call must not hold the shaping back for longer.
     pub deadline: Duration,
+    /// Wall-clock time loading the script (building its VM and running its top level) may take,
+    /// and a reload waits for stopped VMs to end. Loading happens once per start or reload, not
+    /// every cycle, so this is generous: a slow or loaded machine (an emulated VM, a debug
+    /// build beside a compiler) must not fail a start that would succeed a second later. The
+    /// instruction budget and memory limit still stop a top level that loops or allocates.
+    pub load_deadline: Duration,
     /// Refuse a script or module that is not owned by root or is writable by group or others
     /// (sshd's StrictModes): set when running as root.
     pub strict_permissions: bool,
@@ -108,6 +116,7 @@ impl Default for EngineOptions {
             cycle_budget: 200_000_000,
             memory_limit: 64 << 20,
             deadline: Duration::from_millis(750),
+            load_deadline: Duration::from_secs(10),
             strict_permissions: false,
         }
     }
@@ -175,6 +184,15 @@ struct Worker {
     required: Vec<PathBuf>,
     /// `file:line` of `classify`.
     classify_at: String,
+    /// Its first and last lines in the script.
+    classify_span: Option<(usize, usize)>,
+}
+
+/// What a VM reports once it has loaded.
+struct Loaded {
+    required: Vec<PathBuf>,
+    classify_at: String,
+    classify_span: Option<(usize, usize)>,
 }
 
 /// The threads of VMs the engine gave up on at a deadline (or replaced at a reload). Each was
@@ -224,7 +242,7 @@ impl Abandoned {
 }
 
 impl Worker {
-    /// Starts a thread, builds the VM there and waits (up to the deadline) for it to load. A
+    /// Starts a thread, builds the VM there and waits (up to the load deadline) for it to load. A
     /// load that overruns the deadline is cancelled and its thread joins `abandoned`.
     fn spawn(
         script: Arc<Script>,
@@ -233,7 +251,7 @@ impl Worker {
     ) -> Result<Worker, PolicyError> {
         let (req_tx, req_rx) = mpsc::channel::<Request>();
         let (rep_tx, rep_rx) = mpsc::channel::<VmReply>();
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<(Vec<PathBuf>, String), PolicyError>>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<Loaded, PolicyError>>();
         let progress = Arc::new(Mutex::new(vm::Progress::default()));
         let cancelled = Arc::new(AtomicBool::new(false));
         let thread_options = options.clone();
@@ -249,8 +267,11 @@ impl Worker {
                     thread_cancelled.clone(),
                 ) {
                     Ok(vm) => {
-                        let _ = ready_tx
-                            .send(Ok((vm.required.borrow().clone(), vm.classify_at.clone())));
+                        let _ = ready_tx.send(Ok(Loaded {
+                            required: vm.required.borrow().clone(),
+                            classify_at: vm.classify_at.clone(),
+                            classify_span: vm.classify_span,
+                        }));
                         vm
                     }
                     Err(e) => {
@@ -270,17 +291,18 @@ impl Worker {
                     "cannot start the policy thread: {e}"
                 )))
             })?;
-        let worker = |required, classify_at| Worker {
+        let worker = |loaded: Loaded| Worker {
             requests: req_tx,
             replies: rep_rx,
             progress: progress.clone(),
             abandoned: cancelled.clone(),
             thread,
-            required,
-            classify_at,
+            required: loaded.required,
+            classify_at: loaded.classify_at,
+            classify_span: loaded.classify_span,
         };
-        match ready_rx.recv_timeout(options.deadline) {
-            Ok(Ok((required, classify_at))) => Ok(worker(required, classify_at)),
+        match ready_rx.recv_timeout(options.load_deadline) {
+            Ok(Ok(loaded)) => Ok(worker(loaded)),
             Ok(Err(e)) => Err(e),
             Err(RecvTimeoutError::Timeout) => {
                 let at = progress
@@ -288,10 +310,14 @@ impl Worker {
                     .ok()
                     .and_then(|p| p.last_location())
                     .map_or(script_name, |at| at.to_string());
-                abandoned.push(worker(Vec::new(), String::new()));
+                abandoned.push(worker(Loaded {
+                    required: Vec::new(),
+                    classify_at: String::new(),
+                    classify_span: None,
+                }));
                 Err(PolicyError::Load(Fault::Deadline {
                     at,
-                    deadline: options.deadline,
+                    deadline: options.load_deadline,
                     loading: true,
                 }))
             }
@@ -352,6 +378,12 @@ impl Engine {
         &self.script
     }
 
+    /// The first and last lines of `classify` in the script, while a VM is loaded and
+    /// `classify` is defined in the script itself (not in a module).
+    pub fn classify_span(&self) -> Option<(usize, usize)> {
+        self.worker.as_ref().and_then(|w| w.classify_span)
+    }
+
     /// The script and every module it required from its folder: the files to watch for reload.
     pub fn files(&self) -> Vec<PathBuf> {
         let mut files = vec![self.script.path.clone()];
@@ -369,14 +401,15 @@ impl Engine {
     }
 
     /// Re-reads the script and swaps it in if it loads; on error the running script stays.
-    /// If too many cancelled VMs are still running, waits up to the deadline for them to end.
+    /// If too many cancelled VMs are still running, waits up to the load deadline for them to
+    /// end.
     pub fn reload(&mut self) -> Result<(), PolicyError> {
         let script = Arc::new(Script::read_checked(
             &self.script.path,
             self.options.strict_permissions,
         )?);
         self.abandoned
-            .make_room(self.options.deadline)
+            .make_room(self.options.load_deadline)
             .map_err(PolicyError::Load)?;
         let worker = Worker::spawn(script.clone(), &self.options, &mut self.abandoned)?;
         self.script = script;

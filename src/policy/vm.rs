@@ -191,15 +191,38 @@ fn caller_location(lua: &Lua) -> Option<Location> {
         .map(|(script, line)| Location { script, line })
 }
 
+/// What the VM hook records besides its budget checks, each too slow for every cycle and used
+/// only to locate an error after the fact, by running the failing call again.
+#[derive(Clone, Copy, PartialEq)]
+enum Trace {
+    /// Positions sampled at the budget checks.
+    Sampled,
+    /// Every line: where a memory error happened.
+    Lines,
+    /// Every return from the script's own code (not the prelude, the shaper library or C):
+    /// the last is the `return` whose value `classify` gave back.
+    Returns,
+}
+
 /// Installs the VM hook: budget checks every [`HOOK_EVERY`] instructions (global, so coroutines
-/// are covered) and, with `every_line`, a position record on every line (used only to locate a
-/// memory error, too slow for every cycle).
-fn install_hook(lua: &Lua, state: HookState, every_line: bool) -> mlua::Result<()> {
+/// are covered), recording positions as `trace` says.
+fn install_hook(lua: &Lua, state: HookState, trace: Trace) -> mlua::Result<()> {
     let mut triggers = HookTriggers::new().every_nth_instruction(HOOK_EVERY);
-    if every_line {
-        triggers = triggers.every_line();
+    match trace {
+        Trace::Sampled => {}
+        Trace::Lines => triggers = triggers.every_line(),
+        Trace::Returns => triggers = triggers.on_returns(),
     }
     lua.set_global_hook(triggers, move |lua, debug| {
+        if debug.event() == mlua::debug::DebugEvent::Ret {
+            let source = debug.source();
+            let here = source.short_src.unwrap_or_default();
+            let library = here.starts_with('[') || here.starts_with(LIBRARY_DIR);
+            if let (false, Some(line)) = (library, debug.current_line()) {
+                state.record(&here, line);
+            }
+            return Ok(VmState::Continue);
+        }
         let (here, line) = script_position(lua, debug);
         state.record(&here, line);
         if debug.event() != mlua::debug::DebugEvent::Count {
@@ -246,8 +269,13 @@ pub(crate) struct VmCycle {
 pub(crate) struct Vm {
     lua: Lua,
     classify: Function,
-    /// `file:line` where `classify` is defined, for errors about what it returned.
+    /// `file:line` where `classify` is defined, for a stuck cycle's message.
     pub classify_at: String,
+    /// The first and last lines of `classify` in the script (where `check` looks for the
+    /// class names it returns), if it is defined there.
+    pub classify_span: Option<(usize, usize)>,
+    /// Where each distinct problem with what `classify` returned was located (its `return`).
+    return_at: std::cell::RefCell<std::collections::HashMap<String, Option<Location>>>,
     make_ctx: Function,
     /// The metatable of process tables.
     process_meta: Table,
@@ -306,7 +334,7 @@ impl Vm {
             progress: progress.clone(),
             abandoned,
         };
-        install_hook(&lua, hook.clone(), false).map_err(load_err)?;
+        install_hook(&lua, hook.clone(), Trace::Sampled).map_err(load_err)?;
 
         let required = Rc::new(std::cell::RefCell::new(Vec::new()));
         let raw = lua.create_table().map_err(load_err)?;
@@ -395,10 +423,20 @@ impl Vm {
             info.short_src.as_deref().unwrap_or(&name),
             info.line_defined.unwrap_or(0)
         );
+        let classify_span = match (info.line_defined, info.last_line_defined) {
+            (Some(first), Some(last))
+                if info.short_src.as_deref() == Some(name.as_str()) && first > 0 =>
+            {
+                Some((first, last))
+            }
+            _ => None,
+        };
         Ok(Vm {
             lua,
             classify,
             classify_at,
+            classify_span,
+            return_at: Default::default(),
             make_ctx,
             process_meta,
             hook,
@@ -514,7 +552,17 @@ impl Vm {
             budget.start_call();
             self.start_call(Some(i));
             let decision = match self.call_classify(i, &ctx) {
-                Ok((class, limit)) => self.decision(&class, &limit, &classes),
+                Ok((class, limit)) => self.decision(&class, &limit, &classes).map_err(|problem| {
+                    let at = self.return_at(i, &ctx, &problem);
+                    Fault::Script {
+                        message: format!(
+                            "{}: {problem}",
+                            at.as_ref()
+                                .map_or_else(|| self.classify_at.clone(), Location::to_string)
+                        ),
+                        at,
+                    }
+                }),
                 Err(e) if is_memory_error(&e) && !located_memory_error => {
                     located_memory_error = true;
                     let at = self.locate_memory_error(i, &ctx);
@@ -570,7 +618,30 @@ impl Vm {
     /// finds the line that allocates. Done once per cycle, only when memory ran out.
     fn locate_memory_error(&self, i: usize, ctx: &Table) -> Option<Location> {
         let _ = self.lua.gc_collect();
-        install_hook(&self.lua, self.hook.clone(), true).ok()?;
+        let at = self.rerun_traced(i, ctx, Trace::Lines);
+        let _ = self.lua.gc_collect();
+        at
+    }
+
+    /// The `return` that gave back what `classify` returned for connection `i`, when that was
+    /// wrong (`problem`): a value carries no position, so the call runs once more with a hook
+    /// on returns. Each distinct problem is located once per VM (a script that returns a
+    /// misspelt class for every connection is run twice for the first only).
+    fn return_at(&self, i: usize, ctx: &Table, problem: &str) -> Option<Location> {
+        if let Some(at) = self.return_at.borrow().get(problem) {
+            return at.clone();
+        }
+        let at = self.rerun_traced(i, ctx, Trace::Returns);
+        self.return_at
+            .borrow_mut()
+            .insert(problem.to_string(), at.clone());
+        at
+    }
+
+    /// Runs `classify` for connection `i` again with `trace`, and returns the last position it
+    /// recorded in that call.
+    fn rerun_traced(&self, i: usize, ctx: &Table, trace: Trace) -> Option<Location> {
+        install_hook(&self.lua, self.hook.clone(), trace).ok()?;
         self.hook.budget.start_call();
         self.start_call(Some(i));
         let _ = self.call_classify(i, ctx);
@@ -580,21 +651,19 @@ impl Vm {
             .lock()
             .ok()
             .and_then(|p| p.location_in_call());
-        let _ = install_hook(&self.lua, self.hook.clone(), false);
-        let _ = self.lua.gc_collect();
+        let _ = install_hook(&self.lua, self.hook.clone(), Trace::Sampled);
         at
     }
 
+    /// The decision `classify` returned, or what is wrong with it (without a position).
     fn decision(
         &self,
         class: &Value,
         limit: &Value,
         classes: &ClassSet,
-    ) -> Result<Decision, Fault> {
-        let at = &self.classify_at;
-        let broken = |e: String| Fault::script(format!("{at}: {e}"));
-        let class = decide::class_value(class, classes).map_err(broken)?;
-        let limit = decide::limit_value(limit, "the limit classify returned").map_err(broken)?;
+    ) -> Result<Decision, String> {
+        let class = decide::class_value(class, classes)?;
+        let limit = decide::limit_value(limit, "the limit classify returned")?;
         Ok(Decision { class, limit })
     }
 }

@@ -83,7 +83,7 @@ impl DiagScanner {
         let mut sink = Vec::new();
         self.dump(AF_INET, Proto::Tcp, "tcp/ipv4", &mut sink)
             .map_err(|e| match e {
-                ScanError::Diag { source, .. } => ScanError::DiagUnavailable(source),
+                ScanError::Diag { error, .. } => ScanError::DiagUnavailable(error),
                 other => other,
             })
     }
@@ -145,20 +145,17 @@ impl DiagScanner {
             let mark = out.len();
             let sent = self.send_tcp_compat_request();
             match sent
-                .map_err(|source| ScanError::Diag {
-                    what: "tcp",
-                    source,
-                })
+                .map_err(|error| ScanError::Diag { what: "tcp", error })
                 .and_then(|()| self.read_dump(Proto::Tcp, "tcp", out))
             {
                 Ok(()) => return Ok(()),
-                Err(ScanError::Diag { source, .. })
+                Err(ScanError::Diag { error, .. })
                     if matches!(
-                        source.raw_os_error(),
+                        error.raw_os_error(),
                         Some(libc::EINVAL | libc::ENOENT | libc::EOPNOTSUPP)
                     ) =>
                 {
-                    tracing::debug!("TCPDIAG_GETSOCK refused ({source}); dumping TCP per family");
+                    tracing::debug!("TCPDIAG_GETSOCK refused ({error}); dumping TCP per family");
                     out.truncate(mark);
                     self.tcp_single_walk = false;
                 }
@@ -179,7 +176,7 @@ impl DiagScanner {
         out: &mut Vec<Socket>,
     ) -> Result<(), ScanError> {
         self.send_request(family, proto)
-            .map_err(|source| ScanError::Diag { what, source })?;
+            .map_err(|error| ScanError::Diag { what, error })?;
         self.read_dump(proto, what, out)
     }
 
@@ -190,7 +187,7 @@ impl DiagScanner {
         what: &'static str,
         out: &mut Vec<Socket>,
     ) -> Result<(), ScanError> {
-        let io_err = |source| ScanError::Diag { what, source };
+        let io_err = |error| ScanError::Diag { what, error };
         let malformed = |message: String| ScanError::Malformed { what, message };
         loop {
             let n = self

@@ -198,10 +198,10 @@ pub enum ScanError {
         "sock_diag is not available ({0}); is the inet_diag module (tcp_diag, udp_diag) loaded?"
     )]
     DiagUnavailable(std::io::Error),
-    #[error("sock_diag dump of {what} failed: {source}")]
+    #[error("sock_diag dump of {what} failed: {error}")]
     Diag {
         what: &'static str,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("sock_diag answered with a malformed message for {what}: {message}")]
     Malformed { what: &'static str, message: String },

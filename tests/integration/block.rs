@@ -12,7 +12,7 @@ use shaper::scan::Proto;
 use shaper::shape::model::Leaf;
 use shaper::shape::{Capacity, Features, Handles, PlanInput, plan};
 
-use crate::support::daemon::DaemonProcess;
+use crate::support::daemon::{DaemonProcess, allowance};
 use crate::support::netns::NetnsPair;
 use crate::support::shaping::{class_set, decision, flow};
 
@@ -81,19 +81,24 @@ fn a_blocked_class_sends_its_connections_to_a_dropping_leaf() {
     assert_ne!(desired.upload.leaves[&open.leaf], Leaf::Pfifo { limit: 0 });
 }
 
-/// Reads what arrives on `stream` within `wait`.
-fn received(stream: &mut TcpStream, wait: Duration) -> usize {
-    stream.set_read_timeout(Some(wait)).unwrap();
+/// Reads from `stream` until `want` bytes have arrived, it closes, or `wait` has passed; how
+/// many arrived. Waiting for what must arrive allows a loaded machine the whole
+/// [`allowance`]; a wait for what must *not* arrive can be short, since a slow machine only
+/// makes it less likely to arrive (and what the kernel holds is checked besides).
+fn received(stream: &mut TcpStream, want: usize, wait: Duration) -> usize {
+    let deadline = std::time::Instant::now() + wait;
     let mut buf = [0u8; 4096];
     let mut total = 0;
-    while let Ok(n) = stream.read(&mut buf) {
-        if n == 0 {
+    while total < want {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
             break;
         }
-        total += n;
-        stream
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => total += n,
+        }
     }
     total
 }
@@ -143,15 +148,15 @@ fn a_blocked_connection_gets_nothing_through_and_its_neighbour_still_works() {
     blocked_server.write_all(&payload).unwrap();
     open_client.write_all(&payload).unwrap();
     open_server.write_all(&payload).unwrap();
-    assert_eq!(received(&mut open_server, Duration::from_secs(3)), 1000);
-    assert_eq!(received(&mut open_client, Duration::from_secs(3)), 1000);
+    assert_eq!(received(&mut open_server, 1000, allowance(3)), 1000);
+    assert_eq!(received(&mut open_client, 1000, allowance(3)), 1000);
     assert_eq!(
-        received(&mut blocked_server, Duration::from_millis(1500)),
+        received(&mut blocked_server, 1000, Duration::from_millis(1500)),
         0,
         "upload of the blocked connection arrived"
     );
     assert_eq!(
-        received(&mut blocked_client, Duration::from_millis(500)),
+        received(&mut blocked_client, 1000, Duration::from_millis(500)),
         0,
         "download of the blocked connection arrived"
     );
@@ -172,17 +177,19 @@ fn a_blocked_connection_gets_nothing_through_and_its_neighbour_still_works() {
             .any(|l| l.starts_with("blocked ") && l.contains(" blocked ")),
         "status shows the class as blocked: {text}"
     );
-    // Stopped, shaper's leaf goes and the blocked connection flows again.
+    // Stopped, shaper's leaf goes and the blocked connection flows again (at TCP's next
+    // retransmission, whose backoff grows with the time the test took).
     drop(daemon);
     assert_eq!(
-        received(&mut blocked_server, Duration::from_secs(5)),
+        received(&mut blocked_server, 1000, allowance(5)),
         1000,
         "retransmitted once unblocked"
     );
 }
 
-/// What arrives on the next connection to `listener` within `wait` (0 if none is accepted).
-fn first_connection_bytes(listener: &TcpListener, wait: Duration) -> usize {
+/// What arrives on the next connection to `listener` within `wait`, up to `want` bytes (0 if
+/// none is accepted).
+fn first_connection_bytes(listener: &TcpListener, want: usize, wait: Duration) -> usize {
     listener.set_nonblocking(true).unwrap();
     let deadline = std::time::Instant::now() + wait;
     while std::time::Instant::now() < deadline {
@@ -190,6 +197,7 @@ fn first_connection_bytes(listener: &TcpListener, wait: Duration) -> usize {
             stream.set_nonblocking(false).unwrap();
             return received(
                 &mut stream,
+                want,
                 deadline.saturating_duration_since(std::time::Instant::now()),
             );
         }
@@ -217,21 +225,33 @@ fn with_bpf_a_blocked_connection_gets_nothing_through_and_its_neighbour_still_wo
         port(&blocked)
     );
     let daemon = DaemonProcess::start_bpf_policy(&pair.a, dir.path(), &cgroup, &policy, &[]);
-    // One process, two connections, each written to after the fast path has had time to
-    // decide it (a connection's first packets go to default until then).
+    // One process, two connections, each written to once the daemon has decided it (a
+    // connection's first packets go to default until then): told by status, not by a sleep.
     let b = NetnsPair::B_V4;
     let mut cmd = pair.a.command("bash");
-    cmd.arg("-c").arg(format!(
-        "exec 3<>/dev/tcp/{b}/{}; exec 4<>/dev/tcp/{b}/{}; sleep 0.5; \
-         printf blocked >&3; printf open >&4; sleep 4",
-        port(&blocked),
-        port(&open)
-    ));
+    cmd.arg("-c")
+        .arg(format!(
+            "exec 3<>/dev/tcp/{b}/{}; exec 4<>/dev/tcp/{b}/{}; read go; \
+             printf blocked >&3; printf open >&4; read done",
+            port(&blocked),
+            port(&open)
+        ))
+        .stdin(std::process::Stdio::piped());
     let procs = cgroup.enter(&mut cmd);
     let mut child = cmd.spawn().unwrap();
     drop(procs);
-    let open_bytes = first_connection_bytes(&open, Duration::from_secs(3));
-    let blocked_bytes = first_connection_bytes(&blocked, Duration::from_millis(1500));
+    daemon.wait_for(5, "the blocked connection classified", |s| {
+        s["classes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "blocked" && c["connections"] == 1)
+    });
+    let mut go = child.stdin.take().unwrap();
+    go.write_all(b"go\n").unwrap();
+    let open_bytes = first_connection_bytes(&open, 4, allowance(3));
+    let blocked_bytes = first_connection_bytes(&blocked, 7, Duration::from_millis(1500));
+    drop(go);
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(

@@ -3,7 +3,7 @@
 
 use std::net::{TcpListener, TcpStream};
 
-use crate::support::daemon::DaemonProcess;
+use crate::support::daemon::{DaemonProcess, allowance};
 use crate::support::netns::{Netns, NetnsPair};
 
 fn kernel_view(ns: &Netns) -> (String, String) {
@@ -104,25 +104,18 @@ fn script_edits_apply_and_broken_edits_keep_the_previous_policy() {
         "function classify(conn) return nil, \"3mbit\" end\n",
     )
     .unwrap();
+    // Nothing but the file watcher reloads the script: no reload is sent.
     let start = std::time::Instant::now();
-    daemon.wait_for(5, "the edit applied", |_| {
+    daemon.wait_for(1, "the edit applied", |_| {
         classes(&pair.a).contains("ceil 3Mbit")
     });
     eprintln!("edit applied after {:?} (cycle 200 ms)", start.elapsed());
-    assert!(
-        start.elapsed() < std::time::Duration::from_millis(1500),
-        "within two cycles (and the poll)"
-    );
     std::fs::write(&script, "function classify(conn)\n  return nil, \n").unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(800));
+    daemon.wait_for_log(1, "policy.lua:3:");
+    daemon.cycles_pass(2);
     assert!(
         classes(&pair.a).contains("ceil 3Mbit"),
         "the previous shaping stays"
-    );
-    assert!(
-        daemon.log_text().contains("policy.lua:3:"),
-        "{}",
-        daemon.log_text()
     );
     let out = daemon.control(&["reload"]);
     assert!(!out.status.success());
@@ -165,23 +158,17 @@ fn rate_files_move_the_limit_and_deletion_keeps_it() {
     let tmp = dir.path().join("connection-rate.tmp");
     std::fs::write(&tmp, "2mbit\n").unwrap();
     std::fs::rename(&tmp, &file).unwrap();
-    let start = std::time::Instant::now();
-    daemon.wait_for(5, "the file's value", |_| {
+    daemon.wait_for(1, "the file's value", |_| {
         classes(&pair.a).contains("ceil 2Mbit")
     });
-    assert!(
-        start.elapsed() < std::time::Duration::from_millis(1500),
-        "{:?}",
-        start.elapsed()
-    );
     std::fs::remove_file(&file).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(600));
+    daemon.cycles_pass(2);
     assert!(
         classes(&pair.a).contains("ceil 2Mbit"),
         "deleting the file keeps the last value"
     );
     std::fs::write(&file, "fast").unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(600));
+    daemon.cycles_pass(2);
     assert!(
         classes(&pair.a).contains("ceil 2Mbit"),
         "a malformed file keeps the last value"
@@ -204,30 +191,28 @@ fn a_missing_interface_is_waited_for() {
         ])
     };
     let mut d = DaemonProcess::spawn(&pair.a, dir.path(), &["-i", "dummy9"]);
-    std::thread::sleep(std::time::Duration::from_millis(800));
+    d.wait_for_log(1, "dummy9: interface not present; waiting");
+    let dummy9 = |s: &serde_json::Value, state: &str| {
+        s["interfaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["name"] == "dummy9" && i["state"] == state)
+    };
+    d.wait_for(1, "the daemon answers while it waits", |s| {
+        dummy9(s, "waiting")
+    });
     assert!(
         d.child.as_mut().unwrap().try_wait().unwrap().is_none(),
         "still running: {}",
         d.log_text()
     );
-    assert!(
-        d.log_text()
-            .contains("dummy9: interface not present; waiting"),
-        "{}",
-        d.log_text()
-    );
     add();
     pair.a.ip(&["link", "set", "dummy9", "up"]);
-    d.wait_for(5, "dummy9 shaped", |s| {
-        s["interfaces"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|i| i["name"] == "dummy9" && i["state"] == "shaping")
-    });
+    d.wait_for(5, "dummy9 shaped", |s| dummy9(s, "shaping"));
     // The interface goes away and comes back (a ppp redial): reinstalled within a cycle or two.
     pair.a.ip(&["link", "del", "dummy9"]);
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    d.wait_for(1, "dummy9 missed", |s| dummy9(s, "waiting"));
     add();
     d.wait_for(5, "dummy9 shaped again", |_| {
         let out = pair
@@ -251,42 +236,42 @@ fn ingress_filters(ns: &Netns) -> String {
 
 /// Breaks the IFB with `ip FAULT` while a daemon runs: inbound traffic must flow again at once
 /// (not at the next cycle), and the next cycle must rebuild the IFB, up, with the redirect.
+/// "At once" is told by the cycle count, not the clock: with 20 s between cycles, traffic must
+/// flow again, and the watcher log it, while no cycle has run.
 fn ifb_fault_leaves_inbound_flowing_and_is_repaired(fault: &[&str]) {
     let pair = NetnsPair::new();
     let dir = tempfile::tempdir().unwrap();
-    // A long cycle: the redirect must go at once, not when the next cycle comes.
-    let daemon = DaemonProcess::start(&pair.a, dir.path(), &["--interval", "3s"]);
+    let daemon = DaemonProcess::start(&pair.a, dir.path(), &["--interval", "20s"]);
     daemon.wait_for(10, "shaping", shaping);
     assert!(pair.inbound_opens(), "inbound TCP before the fault");
+    let cycles = |s: &serde_json::Value| s["cycles"].as_u64().unwrap();
+    let before = cycles(&daemon.status());
     pair.a.ip(fault);
-    // Well before the next cycle (3 s).
     assert!(
-        pair.inbound_opens_within(std::time::Duration::from_secs(2)),
+        pair.inbound_opens_within(allowance(2)),
         "inbound TCP still dropped after `ip {fault:?}`; ingress: {}\nlog:\n{}",
         ingress_filters(&pair.a),
         daemon.log_text()
     );
     // The watcher logs right after its deletion, which the connection above may beat.
-    let logged = std::time::Instant::now();
-    while !daemon.log_text().contains("inbound traffic flows unshaped") {
-        assert!(
-            logged.elapsed() < std::time::Duration::from_secs(1),
-            "the watcher, not a cycle, removed the redirect:\n{}",
-            daemon.log_text()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    daemon.wait_for_log(1, "inbound traffic flows unshaped");
+    assert_eq!(
+        cycles(&daemon.status()),
+        before,
+        "the watcher, not a cycle, removed the redirect:\n{}",
+        daemon.log_text()
+    );
     // The next cycle rebuilds the IFB (up), its tree and the redirect.
-    daemon.wait_for(10, "the IFB (up) and the redirect rebuilt", |_| {
+    daemon.wait_for(20, "the IFB (up) and the redirect rebuilt", |_| {
         ingress_filters(&pair.a).contains("Redirect to device shp-veth0")
             && pair
                 .a
                 .ip(&["-o", "link", "show", "shp-veth0"])
                 .contains(",UP")
     });
-    daemon.wait_for(10, "shaping again", shaping);
+    daemon.wait_for(20, "shaping again", shaping);
     assert!(
-        pair.inbound_opens_within(std::time::Duration::from_secs(3)),
+        pair.inbound_opens_within(allowance(3)),
         "inbound TCP after the rebuild"
     );
 }
@@ -316,9 +301,9 @@ fn a_tree_changed_by_hand_is_repaired_within_a_cycle() {
         .args(["qdisc", "del", "dev", "veth0", "root"])
         .output()
         .unwrap();
+    // Deleted (tc succeeded); not checked as gone afterwards, which would race the repair.
     assert!(out.status.success());
-    assert!(!classes(&pair.a).contains("5a:"), "the tree is gone");
-    // 200 ms cycles: repaired well within a second, without any connection changing.
+    // Repaired at the next cycle, without any connection changing.
     daemon.wait_for(2, "the tree repaired", |_| {
         classes(&pair.a).contains("ceil 1Mbit")
     });
@@ -341,19 +326,7 @@ fn two_daemons_on_one_interface_refuse_each_other_whatever_their_runtime_dirs() 
     let pid = first.child.as_ref().unwrap().id();
 
     let mut second = DaemonProcess::spawn(&pair.a, dir2.path(), &["--connection-rate", "3mbit"]);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let exit = loop {
-        if let Some(exit) = second.child.as_mut().unwrap().try_wait().unwrap() {
-            second.child = None;
-            break exit;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the second daemon kept running:\n{}",
-            second.log_text()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    let exit = second.exit_within(5);
     assert!(!exit.success(), "the second daemon must refuse to start");
     let log = second.log_text();
     assert!(
@@ -362,7 +335,7 @@ fn two_daemons_on_one_interface_refuse_each_other_whatever_their_runtime_dirs() 
         )),
         "{log}"
     );
-    std::thread::sleep(std::time::Duration::from_millis(600));
+    first.cycles_pass(2);
     assert_eq!(classes(&pair.a), tree, "the first daemon's tree is intact");
     first.wait_for(5, "still shaping", shaping);
 
@@ -551,15 +524,15 @@ fn footprint(daemon: &DaemonProcess) -> (usize, u64) {
     (threads, rss)
 }
 
-/// Whether a TCP connection from `a` to `b` opens within `secs` (outbound passes the upload
+/// Whether a TCP connection from `a` to `b` opens within `limit` (outbound passes the upload
 /// tree; its answers pass the ingress redirect).
-fn outbound_opens_within(pair: &NetnsPair, secs: u64) -> bool {
+fn outbound_opens_within(pair: &NetnsPair, limit: std::time::Duration) -> bool {
     let listener = pair
         .b
         .run(|| TcpListener::bind((NetnsPair::B_V4, 0)).unwrap());
     let addr = listener.local_addr().unwrap();
     let start = std::time::Instant::now();
-    while start.elapsed() < std::time::Duration::from_secs(secs) {
+    while start.elapsed() < limit {
         let opened = pair.a.run(|| {
             TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(500)).is_ok()
         });
@@ -586,12 +559,12 @@ fn under_each_fault_traffic_flows_and_the_daemon_stays_bounded() {
     let (threads, rss) = footprint(&daemon);
     let check = |fault: &str| {
         assert!(
-            pair.inbound_opens_within(std::time::Duration::from_secs(3)),
+            pair.inbound_opens_within(allowance(3)),
             "{fault}: inbound TCP\nlog:\n{}",
             daemon.log_text()
         );
         assert!(
-            outbound_opens_within(&pair, 3),
+            outbound_opens_within(&pair, allowance(3)),
             "{fault}: outbound TCP\nlog:\n{}",
             daemon.log_text()
         );
@@ -617,10 +590,12 @@ fn under_each_fault_traffic_flows_and_the_daemon_stays_bounded() {
     check("root qdisc deleted by hand");
 
     std::fs::write(&script, "function classify(conn) while true do end end\n").unwrap();
-    std::thread::sleep(std::time::Duration::from_secs(3));
+    daemon.wait_for_log(3, "instruction budget exceeded");
+    daemon.cycles_pass(2);
     check("a policy that never returns");
     std::fs::write(&script, "function classify(conn)\n  return nil, \n").unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(600));
+    daemon.wait_for_log(1, "policy.lua:3:");
+    daemon.cycles_pass(2);
     check("a policy with a syntax error");
     std::fs::write(&script, good).unwrap();
 
@@ -631,10 +606,9 @@ fn under_each_fault_traffic_flows_and_the_daemon_stays_bounded() {
     let mut long = std::os::unix::net::UnixStream::connect(&socket).unwrap();
     let _ = std::io::Write::write_all(&mut long, &vec![b'x'; 8 << 20]);
     check("100 idle control clients and an 8 MB request line");
-    let started = std::time::Instant::now();
+    // Served one after another, the idle clients (2 s each) would keep status past its 30 s.
     let out = daemon.control(&["status"]);
     assert!(out.status.success(), "status answers beside idle clients");
-    assert!(started.elapsed() < std::time::Duration::from_secs(1));
     drop(idle);
 
     daemon.wait_for(10, "shaping again", |s| {

@@ -125,21 +125,30 @@ fn evening_bulk_caps_downloads_only_in_the_evening() {
 }
 
 #[test]
-fn monthly_quota_slows_down_gradually() {
+fn monthly_quota_lowers_class_ceilings_gradually() {
     let usage = |gb: u32| format!("(usage: {{ month: {{ \"link\": (down: \"{gb}GB\") }} }})");
     let early = Simulation::example("monthly-quota.lua", "2026-11-10 12:00", Some(&usage(50)));
-    assert_eq!(early.limit("steam"), None);
+    assert_eq!(early.class_def("default")["ceil"], "unlimited");
     let later = Simulation::example("monthly-quota.lua", "2026-11-20 12:00", Some(&usage(85)));
-    assert_eq!(later.limit("steam").as_deref(), Some("10500kbit"));
-    assert_eq!(later.limit("ssh").as_deref(), Some("10500kbit"));
+    assert_eq!(later.class_def("default")["ceil"], "10500kbit");
+    assert_eq!(later.class_def("interactive")["ceil"], "10500kbit");
     let over = Simulation::example("monthly-quota.lua", "2026-11-28 12:00", Some(&usage(120)));
-    assert_eq!(over.limit("steam").as_deref(), Some("512kbit"));
+    assert_eq!(over.class_def("default")["ceil"], "512kbit");
     assert_eq!(
-        over.limit("ssh").as_deref(),
-        Some("2mbit"),
+        over.class_def("interactive")["ceil"],
+        "2mbit",
         "interactive keeps 2 Mbit/s"
     );
     assert_eq!(over.class("ssh"), "interactive");
+    assert_eq!(over.class("steam"), "default");
+    // As docs/policy.md advises: a class ceiling, never a limit per connection.
+    for sim in [&early, &later, &over] {
+        assert!(
+            sim.decisions().iter().all(|d| d["limit"].is_null()),
+            "{:#}",
+            sim.json
+        );
+    }
     // The warnings it would raise: none at 50 %, 80 % at 85 %, both past the cap.
     let notices = |s: &Simulation| -> Vec<String> {
         s.json["notices"]
@@ -153,6 +162,75 @@ fn monthly_quota_slows_down_gradually() {
     let warn = |p: u32| format!("\"quota\" \"month\" \"{p} % of this month's 100 GB used\"");
     assert_eq!(notices(&later), [warn(80)]);
     assert_eq!(notices(&over), [warn(80), warn(95)]);
+}
+
+/// The sample connections with rsync's process renamed to `mpv` (a player streaming), for the
+/// metered-4G story.
+fn sample_with_mpv() -> (tempfile::TempDir, PathBuf) {
+    let text = std::fs::read_to_string(sample()).unwrap();
+    assert!(text.contains("name: \"rsync\""));
+    temp_file(
+        "sample.ron",
+        &text.replace("name: \"rsync\"", "name: \"mpv\""),
+    )
+}
+
+/// examples/metered-4g.lua across day and night, under and over its 30 GB quota: calls first
+/// and never slowed, streaming capped, updates blocked by day and capped at night, everything
+/// lowered past the quota, with the warnings on the way.
+#[test]
+fn metered_4g_across_day_and_night_and_the_quota() {
+    let (_dir, snapshot) = sample_with_mpv();
+    let script = root().join("examples/metered-4g.lua");
+    let usage = |gb: u32| format!("(usage: {{ month: {{ \"link\": (down: \"{gb}GB\") }} }})");
+    let run = |at: &str, gb: u32| Simulation::run(&script, &snapshot, at, Some(&usage(gb)));
+
+    let day = run("2026-11-23 12:00", 10);
+    assert_eq!(day.class("zoom"), "calls");
+    assert_eq!(day.class("mpv"), "streaming");
+    assert_eq!(
+        day.class("http (3100)"),
+        "updates",
+        "apt's method, by ancestry"
+    );
+    assert_eq!(day.class("steam"), "updates");
+    assert_eq!(day.class("firefox (2300)"), "default");
+    assert_eq!(day.class_def("calls")["prio"], 0);
+    assert_eq!(day.class_def("streaming")["ceil"], "unlimited:3mbit");
+    assert_eq!(day.class_def("updates")["block"], true, "blocked by day");
+    assert_eq!(day.class_def("default")["ceil"], "unlimited");
+    assert!(day.json["notices"].as_array().unwrap().is_empty());
+    assert!(day.json["warnings"].as_array().unwrap().is_empty());
+
+    let night = run("2026-11-23 23:30", 10);
+    assert_eq!(night.class("http (3100)"), "updates");
+    assert_eq!(
+        night.class_def("updates")["block"],
+        false,
+        "allowed at night"
+    );
+    assert_eq!(night.class_def("updates")["ceil"], "5mbit");
+
+    let warned = run("2026-11-23 12:00", 25);
+    let messages: Vec<&str> = warned.json["notices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(messages, ["80 % of this month's 30 GB used"]);
+
+    for at in ["2026-11-23 12:00", "2026-11-23 23:30"] {
+        let over = run(at, 31);
+        assert_eq!(over.class("zoom"), "calls");
+        assert!(over.class_def("calls")["ceil"] == "unlimited", "calls stay");
+        assert_eq!(over.class_def("default")["ceil"], "1mbit", "{at}");
+        assert_eq!(over.class_def("streaming")["ceil"], "512kbit", "{at}");
+        assert_eq!(over.class_def("updates")["block"], true, "{at}: blocked");
+        assert_eq!(over.json["notices"].as_array().unwrap().len(), 2, "{at}");
+    }
+    // Class ceilings only: no connection carries a limit of its own.
+    assert!(day.decisions().iter().all(|d| d["limit"].is_null()));
 }
 
 #[test]

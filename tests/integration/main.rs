@@ -14,6 +14,7 @@ mod examples;
 mod fastpath;
 mod metrics;
 mod netns_kit;
+mod notify;
 mod policy;
 mod probe;
 mod scan;

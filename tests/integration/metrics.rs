@@ -24,10 +24,10 @@ def parse(text):
             out.setdefault(s.name, []).append([s.labels, s.value])
     return out
 cli = sys.stdin.read()
-with urllib.request.urlopen("http://127.0.0.1:9639/metrics", timeout=5) as r:
+with urllib.request.urlopen("http://127.0.0.1:9639/metrics", timeout=60) as r:
     ctype, http = r.headers["Content-Type"], r.read().decode()
 try:
-    urllib.request.urlopen("http://127.0.0.1:9639/", timeout=5)
+    urllib.request.urlopen("http://127.0.0.1:9639/", timeout=60)
     sys.exit("/ should be 404")
 except urllib.error.HTTPError as e:
     assert e.code == 404, e.code
@@ -93,6 +93,12 @@ fn metrics_parse_and_their_byte_counters_match_the_status() {
     let after = daemon.status();
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.ends_with("# EOF\n"), "{text}");
+    // UDP is counted too (with the BPF classifier): the help says so, not "TCP bytes".
+    assert!(
+        text.contains("# HELP shaper_bytes Bytes per class since the daemon started: TCP, and UDP")
+            && !text.contains("TCP bytes"),
+        "{text}"
+    );
 
     let mut python = pair
         .a

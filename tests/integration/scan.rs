@@ -120,7 +120,7 @@ fn upload_counter_grows_by_the_bytes_sent() {
     .unwrap();
     const N: u64 = 300_000;
     probe.send(N as usize);
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + crate::support::daemon::allowance(10);
     loop {
         let snap = snapshot_in(&pair, Backend::Diag, &mut table);
         let after = find(&snap, Proto::Tcp, local).socket.bytes_up.unwrap();

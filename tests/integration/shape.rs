@@ -2,8 +2,6 @@
 //! back, reconciled, adopted after a kill, refused next to foreign qdiscs, and torn down. Rates
 //! measured through these trees are in the `rates` test binary.
 
-use std::time::Duration;
-
 use shaper::policy::{Decision, Each};
 use shaper::scan::{Proto, Socket};
 use shaper::shape::model::{Class, Direction, Family, Filter, Key};
@@ -138,12 +136,12 @@ fn a_redirect_whose_ifb_is_gone_is_removed_by_reconcile_and_by_clear() {
     assert_eq!(plan.ops[0].to_string(), "tc qdisc del dev veth0 ingress");
     let installed = shaper.backend.installed(NetnsPair::IFNAME).unwrap();
     assert_eq!(installed.ingress, Slot::Ours(Redirect::ToIfb));
-    assert!(pair.inbound_opens_within(Duration::from_secs(3)));
+    assert!(pair.inbound_opens_within(crate::support::daemon::allowance(3)));
     // `shaper clear` (no daemon) removes it in the same state.
     pair.a.ip(&["link", "del", "shp-veth0"]);
     shaper_clear(&pair.a);
     assert_eq!(kernel_view(&pair.a), before);
-    assert!(pair.inbound_opens_within(Duration::from_secs(3)));
+    assert!(pair.inbound_opens_within(crate::support::daemon::allowance(3)));
 }
 
 /// Versions before the cookie put the redirect at pref 1 (now the cls_bpf filter's): such a

@@ -166,3 +166,147 @@ fn a_refused_interface_shows_in_status_while_another_is_waited_for() {
     let log = daemon.log_text();
     assert!(log.contains("--replace"), "{log}");
 }
+
+/// Runs `shaper ARGS` as `nobody` (no capabilities), with `env`.
+fn as_nobody(args: &[&str], env: &[(&str, &std::path::Path)]) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_shaper"));
+    command
+        .args(args)
+        .env_remove("XDG_RUNTIME_DIR")
+        .envs(env.iter().map(|(k, v)| (*k, *v)))
+        .env("SHAPER_LOG", "info")
+        .uid(65534)
+        .gid(65534);
+    command
+}
+
+/// A world-readable folder (nobody must read the policy in it), removed on drop.
+fn open_folder() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+/// Issue 28, item 3: the exit-4 message says `--dry-run` needs no capabilities, and so it is: a
+/// normal user's dry run keeps its runtime and state under `$XDG_RUNTIME_DIR/shaper` (root's
+/// /run/shaper and /var/lib/shaper are not writable), answers `status` and `stop` from that
+/// user, and says where it put them.
+#[test]
+fn a_normal_users_dry_run_keeps_its_files_in_the_users_runtime_dir() {
+    use std::os::unix::fs::PermissionsExt;
+    let files = open_folder();
+    let script = policy(files.path());
+    let xdg = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(xdg.path(), Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(xdg.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let env = [("XDG_RUNTIME_DIR", xdg.path())];
+    let log = files.path().join("shaper.log");
+    let mut daemon = as_nobody(
+        &[
+            "run",
+            "--dry-run",
+            "-i",
+            "lo",
+            "--interval",
+            "200ms",
+            "--script",
+            &script,
+        ],
+        &env,
+    );
+    let child = daemon
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut daemon = DaemonProcess {
+        child: Some(child),
+        dir: xdg.path().join("shaper"),
+        log,
+    };
+    let deadline = std::time::Instant::now() + crate::support::daemon::allowance(10);
+    let status = loop {
+        let out = as_nobody(&["status", "--json"], &env).output().unwrap();
+        if out.status.success() {
+            break serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
+        }
+        if let Some(exit) = daemon.child.as_mut().unwrap().try_wait().unwrap() {
+            daemon.child = None;
+            panic!("the dry run exited with {exit}:\n{}", daemon.log_text());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "status as nobody: {}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            daemon.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(status["dry_run"], true, "{status:#}");
+    assert!(xdg.path().join("shaper/shaper.sock").exists());
+    let text = daemon.log_text();
+    assert!(
+        text.contains(&format!(
+            "using {}/shaper as the runtime_dir",
+            xdg.path().display()
+        )) && text.contains(&format!(
+            "using {}/shaper/state as the state_dir",
+            xdg.path().display()
+        )),
+        "{text}"
+    );
+    let out = as_nobody(&["stop"], &env).output().unwrap();
+    assert!(
+        out.status.success(),
+        "stop as the daemon's own user: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let exit = daemon.exit_within(5);
+    assert!(exit.success(), "{exit}: {}", daemon.log_text());
+    assert!(
+        daemon.log_text().contains("`shaper stop`: stopping"),
+        "the stop is logged: {}",
+        daemon.log_text()
+    );
+    assert!(
+        xdg.path().join("shaper/state/usage.ron").exists(),
+        "usage saved in the user's state dir"
+    );
+}
+
+/// An error whose cause is printed in its message is not followed by that cause again
+/// (`cannot open /root/x: Permission denied (os error 13): Permission denied (os error 13)`).
+#[test]
+fn a_refused_runtime_dir_says_its_cause_once() {
+    let files = open_folder();
+    let script = policy(files.path());
+    let out = as_nobody(
+        &[
+            "run",
+            "--dry-run",
+            "-i",
+            "lo",
+            "--script",
+            &script,
+            "--runtime-dir",
+            "/root/shaper-test-run",
+            "--state-dir",
+            "/root/shaper-test-state",
+        ],
+        &[],
+    )
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("shaper: error:"))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(
+        line.contains("the runtime dir: cannot open /root/shaper-test-run: Permission denied"),
+        "{line}"
+    );
+    assert_eq!(line.matches("Permission denied").count(), 1, "{line}");
+}

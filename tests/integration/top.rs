@@ -74,9 +74,9 @@ impl Tmux {
         String::from_utf8_lossy(&out.stdout).trim() == "1"
     }
 
-    /// Waits until the screen satisfies `ok`; panics with the screen after 20 s.
+    /// Waits until the screen satisfies `ok`; panics with the screen after the allowance.
     fn wait(&self, what: &str, ok: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + crate::support::daemon::allowance(20);
         loop {
             let screen = self.screen();
             if ok(&screen) {

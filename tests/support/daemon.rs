@@ -14,6 +14,14 @@ pub fn cpu_ticks(pid: u32) -> u64 {
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
+/// How long a wait for something the daemon must do allows, when it normally takes `secs`: a
+/// wait is a hang detector, not a speed test, so a loaded machine (the suite beside a build, a
+/// debug binary on an emulated VM) gets ten times that, and at least a minute. A test that
+/// passes only when something happens fast is a benchmark.
+pub fn allowance(secs: u64) -> Duration {
+    Duration::from_secs(secs.saturating_mul(10).max(60))
+}
+
 pub struct DaemonProcess {
     pub child: Option<Child>,
     pub dir: PathBuf,
@@ -137,10 +145,10 @@ impl DaemonProcess {
         }
     }
 
-    /// Waits up to `secs` for the daemon to exit (a refusal at start); panics with the log if
-    /// it is still running then (the guard then stops it).
+    /// Waits for the daemon to exit (a refusal at start), which normally takes `secs`; panics
+    /// with the log if it is still running after the [`allowance`] (the guard then stops it).
     pub fn exit_within(&mut self, secs: u64) -> std::process::ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(secs);
+        let deadline = Instant::now() + allowance(secs);
         let child = self.child.as_mut().expect("running");
         loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -149,7 +157,8 @@ impl DaemonProcess {
             }
             assert!(
                 Instant::now() < deadline,
-                "still running after {secs} s:\n{}",
+                "still running after {:?}:\n{}",
+                allowance(secs),
                 self.log_text()
             );
             std::thread::sleep(Duration::from_millis(20));
@@ -197,12 +206,18 @@ impl DaemonProcess {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
-    /// Waits until `ok(status)` holds, or panics after `secs` with the last status and the log.
+    /// Waits until `ok(status)` holds, which normally takes up to `secs`, or panics after the
+    /// [`allowance`] with the last status and the log.
     pub fn wait_for(&self, secs: u64, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(secs);
+        let deadline = Instant::now() + allowance(secs);
         loop {
-            let s = self.status();
-            if ok(&s) {
+            // A daemon only spawned may not answer yet.
+            let out = self.control(&["status", "--json"]);
+            let s = match serde_json::from_slice(&out.stdout) {
+                Ok(s) if out.status.success() => s,
+                _ => serde_json::Value::String(String::from_utf8_lossy(&out.stderr).into()),
+            };
+            if s.is_object() && ok(&s) {
                 return;
             }
             assert!(
@@ -211,6 +226,30 @@ impl DaemonProcess {
                 self.log_text()
             );
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until `n` whole cycles have run after this call: what a test waits for instead of
+    /// sleeping "long enough" before asserting that something did *not* change. (Status is
+    /// answered between cycles, so a count read here is of finished cycles.)
+    pub fn cycles_pass(&self, n: u64) {
+        let count = |s: &serde_json::Value| s["cycles"].as_u64().expect("a cycle count");
+        let from = count(&self.status());
+        self.wait_for(n, &format!("{n} cycles after cycle {from}"), |s| {
+            count(s) >= from + n
+        });
+    }
+
+    /// Waits until the log contains `text`, which normally takes up to `secs`.
+    pub fn wait_for_log(&self, secs: u64, text: &str) {
+        let deadline = Instant::now() + allowance(secs);
+        while !self.log_text().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "{text:?} not logged:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

@@ -32,8 +32,10 @@ impl Server {
             .stderr(Stdio::null())
             .spawn()
             .expect("start iperf3 (install it: apt-get install iperf3)");
-        // Wait until it listens.
-        for _ in 0..100 {
+        let mut server = Server { child, port };
+        // Wait until it listens (a loaded machine may take seconds to start it).
+        let deadline = std::time::Instant::now() + super::daemon::allowance(2);
+        loop {
             let listening = ns
                 .command("ss")
                 .args(["-Hltn", &format!("sport = :{port}")])
@@ -41,11 +43,17 @@ impl Server {
                 .map(|o| !o.stdout.is_empty())
                 .unwrap_or(false);
             if listening {
-                break;
+                return server;
             }
+            if let Ok(Some(exit)) = server.child.try_wait() {
+                panic!("iperf3 -s -p {port} exited with {exit} before listening");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "iperf3 -s -p {port} is not listening"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Server { child, port }
     }
 }
 
