@@ -563,9 +563,12 @@ pub enum StateError {
     Corrupt(String),
 }
 
-/// The books of a usage file (none for a missing file), with what was damaged when only a part
-/// of it could be read.
-fn read_stored(path: &Path) -> Result<(Vec<(Period, Book)>, Option<String>), StateError> {
+/// The books of a usage file, by period, with what was damaged when only a part of it could be
+/// read (`None` when it was read whole).
+type ReadBooks = (Vec<(Period, Book)>, Option<String>);
+
+/// The books of a usage file (none for a missing file).
+fn read_stored(path: &Path) -> Result<ReadBooks, StateError> {
     let Some(bytes) = read_state(path, "usage")? else {
         return Ok((Vec::new(), None));
     };
