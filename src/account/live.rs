@@ -956,18 +956,26 @@ mod tests {
         );
     }
 
+    /// Saves `usage.ron` in `dir` once per figure, the link having sent that many bytes.
+    fn saved_usage(dir: &Path, sent: &[u64]) -> PathBuf {
+        let path = dir.join("usage.ron");
+        let now = at("2026-11-22T10:00:00", "UTC");
+        let mut c = curl();
+        let mut a = Accounting::new(1);
+        c.cycle(&mut a, &now, [0, 0, 0, 0]);
+        for &bytes in sent {
+            c.cycle(&mut a, &now, [0, 0, bytes, 0]);
+            a.save(&path, &now).unwrap();
+        }
+        path
+    }
+
     /// One byte that is not UTF-8 appended to the file (the case) loses nothing: the
     /// month resumes, the damaged file is kept aside, and the next save is whole again.
     #[test]
     fn a_stray_byte_in_the_usage_file_keeps_the_month() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("usage.ron");
-        let now = at("2026-11-22T10:00:00", "UTC");
-        let mut c = curl();
-        let mut a = Accounting::new(1);
-        c.cycle(&mut a, &now, [0, 0, 0, 0]);
-        c.cycle(&mut a, &now, [0, 0, 3_008_054, 0]);
-        a.save(&path, &now).unwrap();
+        let path = saved_usage(dir.path(), &[3_008_054]);
         let mut bytes = std::fs::read(&path).unwrap();
         bytes.push(0xff);
         std::fs::write(&path, &bytes).unwrap();
@@ -993,15 +1001,7 @@ mod tests {
     #[test]
     fn a_damaged_or_unreadable_usage_file_is_never_overwritten() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("usage.ron");
-        let now = at("2026-11-22T10:00:00", "UTC");
-        let mut c = curl();
-        let mut a = Accounting::new(1);
-        c.cycle(&mut a, &now, [0, 0, 0, 0]);
-        c.cycle(&mut a, &now, [0, 0, 1_000_000, 0]);
-        a.save(&path, &now).unwrap();
-        c.cycle(&mut a, &now, [0, 0, 2_000_000, 0]);
-        a.save(&path, &now).unwrap();
+        let path = saved_usage(dir.path(), &[1_000_000, 2_000_000]);
         let text = std::fs::read_to_string(&path).unwrap();
         let broken = text.replacen("version", "ver\u{1}sion", 1);
         std::fs::write(&path, &broken).unwrap();
