@@ -169,6 +169,10 @@ impl Daemon {
             let names: Vec<String> = daemon.interfaces.iter().map(|i| i.name.clone()).collect();
             daemon.bpf = bpf::BpfState::start(&daemon.config, &names)?;
             daemon.cycle.set_by_priority(daemon.bpf.is_some());
+            // aya attaches the cls_bpf download filter from a netlink socket of its own.
+            if let (Some(watch), Some(bpf)) = (&daemon.watch, &mut daemon.bpf) {
+                watch.set_own_programs(bpf.classifier_mut().program_ids());
+            }
         }
         Ok(daemon)
     }

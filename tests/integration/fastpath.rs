@@ -504,6 +504,52 @@ fn without_tcx_the_download_program_is_a_cls_bpf_filter_ahead_of_the_redirect() 
     );
 }
 
+/// aya attaches the cls_bpf download filter from a netlink socket of its own, not the
+/// backend's: the daemon still knows it for its own change (no "changed by another program;
+/// repairing" at start), and once it shapes, ten quiet cycles change nothing in the kernel's tc
+/// state (`tc monitor` in the namespace sees no message). On tcx (the host, unless
+/// `SHAPER_DOWNLOAD_HOOK=cls_bpf`) the same holds for the tcx path.
+#[test]
+fn the_daemons_own_download_filter_is_not_a_foreign_change_and_quiet_cycles_write_nothing() {
+    let pair = NetnsPair::new();
+    let cgroup = TestCgroup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = DaemonProcess::start_bpf_policy(&pair.a, dir.path(), &cgroup, SLOW_IPERF, &[]);
+    let cls_bpf = crate::support::kernel::download_hook() == shaper::classify::DownloadHook::ClsBpf;
+    assert_eq!(
+        cls_bpf_filters(&pair.a).len(),
+        usize::from(cls_bpf),
+        "{}",
+        daemon.log_text()
+    );
+    let cycles = |d: &DaemonProcess| d.status()["cycles"].as_u64().unwrap();
+    let first = cycles(&daemon);
+    let mut monitor = pair
+        .a
+        .command("tc")
+        .arg("monitor")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run tc monitor");
+    // `tc monitor` has joined the tc group once it runs; give it a moment to get there.
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.wait_for(60, "ten more cycles", |s| {
+        s["cycles"].as_u64().unwrap() >= first + 10
+    });
+    monitor.kill().unwrap();
+    let seen = monitor.wait_with_output().unwrap();
+    let log = daemon.log_text();
+    assert!(
+        !log.contains("changed by another program"),
+        "the daemon's own filter was taken for another program's change:\n{log}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&seen.stdout),
+        "",
+        "quiet cycles changed tc state:\n{log}"
+    );
+}
+
 /// A size in status JSON: bytes, as a number or as text with a unit.
 fn bytes_of(v: &serde_json::Value) -> u64 {
     v.as_u64().unwrap_or_else(|| {
