@@ -217,19 +217,29 @@ fn with_bpf_a_blocked_connection_gets_nothing_through_and_its_neighbour_still_wo
         port(&blocked)
     );
     let daemon = DaemonProcess::start_bpf_policy(&pair.a, dir.path(), &cgroup, &policy, &[]);
-    // One process, two connections, each written to after the fast path has had time to
-    // decide it (a connection's first packets go to default until then).
+    // One process, two connections, each written to once the daemon has decided it (a
+    // connection's first packets go to default until then): when its status counts one in the
+    // blocked class, however long that took on this machine.
     let b = NetnsPair::B_V4;
     let mut cmd = pair.a.command("bash");
     cmd.arg("-c").arg(format!(
-        "exec 3<>/dev/tcp/{b}/{}; exec 4<>/dev/tcp/{b}/{}; sleep 0.5; \
+        "exec 3<>/dev/tcp/{b}/{}; exec 4<>/dev/tcp/{b}/{}; read go; \
          printf blocked >&3; printf open >&4; sleep 4",
         port(&blocked),
         port(&open)
     ));
+    cmd.stdin(std::process::Stdio::piped());
     let procs = cgroup.enter(&mut cmd);
     let mut child = cmd.spawn().unwrap();
     drop(procs);
+    daemon.wait_for(30, "the blocked connection decided", |s| {
+        s["classes"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["name"] == "blocked" && c["connections"].as_u64() >= Some(1))
+        })
+    });
+    use std::io::Write as _;
+    writeln!(child.stdin.take().unwrap(), "go").unwrap();
     let open_bytes = first_connection_bytes(&open, Duration::from_secs(3));
     let blocked_bytes = first_connection_bytes(&blocked, Duration::from_millis(1500));
     let _ = child.kill();
