@@ -211,16 +211,26 @@ fn a_missing_interface_is_waited_for() {
         ])
     };
     let mut d = DaemonProcess::spawn(&pair.a, dir.path(), &["-i", "dummy9"]);
-    std::thread::sleep(std::time::Duration::from_millis(800));
+    // It says it waits (however long its start takes on this machine), and keeps running.
+    let waiting = "dummy9: interface not present; waiting";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !d.log_text().contains(waiting) {
+        assert!(
+            d.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+            "still running: {}",
+            d.log_text()
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{waiting}: {}",
+            d.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
     assert!(
         d.child.as_mut().unwrap().try_wait().unwrap().is_none(),
         "still running: {}",
-        d.log_text()
-    );
-    assert!(
-        d.log_text()
-            .contains("dummy9: interface not present; waiting"),
-        "{}",
         d.log_text()
     );
     add();
