@@ -21,6 +21,28 @@ use crate::shape::{Target, Targets};
 /// path kernels before 6.6 take, for tests.
 pub const DOWNLOAD_HOOK_ENV: &str = "SHAPER_DOWNLOAD_HOOK";
 
+/// The oldest Linux the BPF object loads on: `report_once` uses the result of an atomic fetch-or
+/// (BPF_FETCH, 5.12). The ring buffer needs 5.8; the download program's tcx hook 6.6 (before
+/// it, a cls_bpf filter); the rest is older.
+pub const OLDEST_LINUX: (u32, u32) = (5, 12);
+
+/// `(major, minor)` of the running kernel, if it can be read.
+fn kernel_release() -> Option<(u32, u32)> {
+    let text = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let mut parts = text.trim().split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// On a kernel older than [`OLDEST_LINUX`], why the classifier failed in one line, instead of
+/// the verifier's log of the first instruction it did not know.
+fn too_old(release: Option<(u32, u32)>) -> Option<String> {
+    let (major, minor) = release.filter(|r| *r < OLDEST_LINUX)?;
+    Some(format!(
+        "Linux {major}.{minor} is older than {}.{}, the oldest the BPF classifier loads on",
+        OLDEST_LINUX.0, OLDEST_LINUX.1
+    ))
+}
+
 /// Full classids (`5a:minor`) per direction; `None` = the default class.
 type Classids = (Option<u32>, Option<u32>);
 
@@ -107,8 +129,8 @@ impl BpfState {
             Some(v) if v == "cls_bpf" => DownloadHook::ClsBpf,
             _ => DownloadHook::Tcx,
         };
-        let classifier =
-            BpfClassifier::attach_with(&cgroup, interface, hook).map_err(|e| e.to_string())?;
+        let classifier = BpfClassifier::attach_with(&cgroup, interface, hook)
+            .map_err(|e| too_old(kernel_release()).unwrap_or_else(|| e.to_string()))?;
         Ok(BpfState {
             classifier,
             cgroup,
@@ -320,6 +342,21 @@ pub fn classid(minor: u16) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Debian 11's 5.10 fails to load the object: the line says the kernel's age, not the
+    /// verifier's log; from 5.12 the loader's own reason stands.
+    #[test]
+    fn a_kernel_before_5_12_is_named_as_the_reason() {
+        assert_eq!(
+            too_old(Some((5, 10))).as_deref(),
+            Some("Linux 5.10 is older than 5.12, the oldest the BPF classifier loads on")
+        );
+        assert_eq!(too_old(Some((4, 19))).map(|_| ()), Some(()));
+        assert_eq!(too_old(Some((5, 12))), None);
+        assert_eq!(too_old(Some((6, 1))), None);
+        assert_eq!(too_old(None), None);
+        assert!(kernel_release().is_some_and(|r| r >= (3, 0)));
+    }
 
     /// A map that records what it is told and fails the keys it is told to.
     #[derive(Default)]

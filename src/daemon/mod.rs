@@ -172,6 +172,10 @@ impl Daemon {
             daemon.bpf = bpf::BpfState::start(&daemon.config, &names)?;
             daemon.cycle.set_by_priority(daemon.bpf.is_some());
             daemon.remove_stale_download_filters();
+            // aya attaches the cls_bpf download filter from a netlink socket of its own.
+            if let (Some(watch), Some(bpf)) = (&daemon.watch, &mut daemon.bpf) {
+                watch.set_own_programs(bpf.classifier_mut().program_ids());
+            }
         }
         Ok(daemon)
     }

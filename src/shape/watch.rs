@@ -26,6 +26,7 @@ use std::time::Duration;
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::tc::{TcAttribute, TcFilterBpfOption, TcMessage, TcOption};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
 use super::netlink::NetlinkBackend;
@@ -40,6 +41,9 @@ const STOP_CHECK: Duration = Duration::from_millis(200);
 struct Shared {
     /// Shaped interfaces whose tc state (or IFB) another program changed since the last look.
     changed: Mutex<BTreeSet<String>>,
+    /// The daemon's BPF programs: a cls_bpf filter running one of them is the daemon's own,
+    /// though aya attaches it from a netlink socket of its own, not the backend's.
+    own_programs: Mutex<Vec<u32>>,
     stop: AtomicBool,
 }
 
@@ -79,6 +83,13 @@ impl Watch {
     pub fn take_changed(&self) -> BTreeSet<String> {
         std::mem::take(&mut *lock(&self.shared.changed))
     }
+
+    /// Tells the listener the kernel ids of the daemon's BPF programs: a tc filter added with
+    /// one of them (the download program's cls_bpf filter, where tcx is missing) is the
+    /// daemon's own change, not another program's, whatever netlink port it came from.
+    pub fn set_own_programs(&self, ids: Vec<u32>) {
+        *lock(&self.shared.own_programs) = ids;
+    }
 }
 
 impl Drop for Watch {
@@ -106,9 +117,10 @@ struct Listener {
 /// What one notification means for the daemon.
 #[derive(Debug, PartialEq, Eq)]
 enum Event {
-    /// tc state on this device changed.
+    /// tc state on this device changed; by adding a cls_bpf filter running `bpf_program`.
     Tc {
         ifindex: u32,
+        bpf_program: Option<u32>,
     },
     /// A device was deleted, or set down (`down`): for an IFB, either leaves its redirect
     /// dropping every packet.
@@ -153,7 +165,11 @@ impl Listener {
 
     fn handle(&mut self, port: u32, event: Event) {
         match event {
-            Event::Tc { ifindex } if port != self.own_port => {
+            Event::Tc {
+                bpf_program: Some(id),
+                ..
+            } if lock(&self.shared.own_programs).contains(&id) => {}
+            Event::Tc { ifindex, .. } if port != self.own_port => {
                 if let Some(iface) = name_of(ifindex).and_then(|n| self.shaped_by(&n)) {
                     tracing::info!("{iface}: tc state changed by another program; repairing");
                     lock(&self.shared.changed).insert(iface);
@@ -252,18 +268,33 @@ fn events(mut buf: &[u8]) -> Vec<(u32, Event)> {
 fn event_of(message: RouteNetlinkMessage) -> Event {
     use RouteNetlinkMessage as R;
     match message {
+        R::NewTrafficFilter(m) => Event::Tc {
+            ifindex: m.header.index as u32,
+            bpf_program: bpf_program(&m),
+        },
         R::NewQueueDiscipline(m)
         | R::DelQueueDiscipline(m)
         | R::NewTrafficClass(m)
         | R::DelTrafficClass(m)
-        | R::NewTrafficFilter(m)
         | R::DelTrafficFilter(m) => Event::Tc {
             ifindex: m.header.index as u32,
+            bpf_program: None,
         },
         R::DelLink(l) => link_gone(l, false),
         R::NewLink(l) if !l.header.flags.contains(LinkFlags::Up) => link_gone(l, true),
         _ => Event::Other,
     }
+}
+
+/// The program a cls_bpf filter runs (`TCA_BPF_ID`), if the message is about one.
+fn bpf_program(filter: &TcMessage) -> Option<u32> {
+    filter.attributes.iter().find_map(|a| match a {
+        TcAttribute::Options(options) => options.iter().find_map(|o| match o {
+            TcOption::Bpf(TcFilterBpfOption::ProgId(id)) => Some(*id),
+            _ => None,
+        }),
+        _ => None,
+    })
 }
 
 fn link_gone(link: LinkMessage, down: bool) -> Event {
@@ -328,7 +359,13 @@ mod tests {
         assert_eq!(
             events(&bytes),
             vec![
-                (4242, Event::Tc { ifindex: 7 }),
+                (
+                    4242,
+                    Event::Tc {
+                        ifindex: 7,
+                        bpf_program: None
+                    }
+                ),
                 (
                     0,
                     Event::LinkGone {
@@ -340,6 +377,46 @@ mod tests {
         );
         // A truncated datagram yields what is whole and stops.
         assert_eq!(events(&bytes[..bytes.len() - 3]).len(), 1);
+    }
+
+    /// The filter aya adds for the daemon (from a port of its own) names the program it runs.
+    #[test]
+    fn a_cls_bpf_filter_names_its_program() {
+        use netlink_packet_route::tc::{TcAttribute, TcFilterBpfOption, TcOption};
+        let mut filter = TcMessage::with_index(3);
+        filter.attributes.push(TcAttribute::Kind("bpf".into()));
+        filter
+            .attributes
+            .push(TcAttribute::Options(vec![TcOption::Bpf(
+                TcFilterBpfOption::ProgId(99),
+            )]));
+        let bytes = datagram(vec![
+            (77, RouteNetlinkMessage::NewTrafficFilter(filter)),
+            (
+                77,
+                RouteNetlinkMessage::NewTrafficFilter(TcMessage::with_index(3)),
+            ),
+        ]);
+        let got = events(&bytes);
+        assert_eq!(
+            got,
+            vec![
+                (
+                    77,
+                    Event::Tc {
+                        ifindex: 3,
+                        bpf_program: Some(99)
+                    }
+                ),
+                (
+                    77,
+                    Event::Tc {
+                        ifindex: 3,
+                        bpf_program: None
+                    }
+                ),
+            ]
+        );
     }
 
     #[test]

@@ -214,7 +214,10 @@ fn child_main() {
                 Ok("ok".into())
             }
             "attach" => {
-                let c = BpfClassifier::attach(Path::new(w[1]), w[2])
+                // As the daemon does on this kernel (the child is already in the namespace).
+                let hook = crate::support::kernel::download_hook();
+                let c = BpfClassifier::attach_with(Path::new(w[1]), w[2], hook)
+                    .and_then(|mut c| c.attach_cls_bpf().map(|()| c))
                     .map_err(|e| std::io::Error::other(e.to_string()))?;
                 let ids = c.program_ids();
                 classifier = Some(c);
@@ -337,14 +340,16 @@ impl Lab {
         Lab { pair }
     }
 
-    fn attach(&self, cgroup: &TestCgroup) -> BpfClassifier {
-        let c = self
-            .pair
-            .a
-            .run(|| BpfClassifier::attach(&cgroup.dir, "veth0"))
-            .unwrap_or_else(|e| panic!("attach: {e}"));
-        assert_eq!(c.download_hook(), DownloadHook::Tcx, "this kernel has tcx");
-        c
+    /// Attaches a classifier as the daemon does on this kernel: the download program on tcx from
+    /// Linux 6.6, else (or with `SHAPER_DOWNLOAD_HOOK=cls_bpf`) as a cls_bpf filter on veth0's
+    /// ingress qdisc — so each test below runs on the hook the kernel it runs on takes.
+    fn attach(&self, cgroup: &TestCgroup) -> Attached {
+        attach_as_the_daemon_does(&self.pair.a, &cgroup.dir, "veth0")
+    }
+
+    /// The cls_bpf download filters on veth0's ingress (`tc filter show` lines of kind `bpf`).
+    fn cls_bpf_filters(&self) -> Vec<String> {
+        cls_bpf_filters(self.pair.a.name())
     }
 
     /// `(packets, bytes)` of class `5a:minor` on `dev` in namespace `a` (`tc -s class show`;
@@ -373,6 +378,84 @@ impl Lab {
             _ => panic!("unexpected tc output for 5a:{minor:x} on {dev}: {text}"),
         }
     }
+}
+
+/// A classifier attached in a test's namespace and dropped there: a cls_bpf download filter is
+/// deleted by interface index in the dropping thread's namespace, which in the test's own would
+/// name another device.
+pub(crate) struct Attached {
+    classifier: Option<BpfClassifier>,
+    ns: std::fs::File,
+}
+
+impl std::ops::Deref for Attached {
+    type Target = BpfClassifier;
+    fn deref(&self) -> &BpfClassifier {
+        self.classifier.as_ref().expect("attached until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Attached {
+    fn deref_mut(&mut self) -> &mut BpfClassifier {
+        self.classifier.as_mut().expect("attached until dropped")
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        let classifier = self.classifier.take();
+        let ns = self.ns.as_raw_fd();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                // SAFETY: plain syscall on a descriptor `self` keeps open over the scope.
+                if unsafe { libc::setns(ns, libc::CLONE_NEWNET) } != 0 {
+                    panic!(
+                        "setns to drop the classifier: {}",
+                        std::io::Error::last_os_error()
+                    );
+                }
+                drop(classifier);
+            });
+        });
+    }
+}
+
+/// [`Lab::attach`] for any namespace, asserting the hook taken.
+fn attach_as_the_daemon_does(ns: &Netns, cgroup: &Path, dev: &str) -> Attached {
+    let expected = crate::support::kernel::download_hook();
+    let c = ns
+        .run(|| {
+            let mut c = BpfClassifier::attach_with(cgroup, dev, expected)?;
+            c.attach_cls_bpf()?;
+            Ok::<_, shaper::classify::BpfError>(c)
+        })
+        .unwrap_or_else(|e| panic!("attach: {e}"));
+    assert_eq!(
+        c.download_hook(),
+        expected,
+        "tcx from Linux 6.6 (this is {:?}), cls_bpf before it or when {}=cls_bpf",
+        crate::support::kernel::release(),
+        shaper::daemon::bpf::DOWNLOAD_HOOK_ENV
+    );
+    assert!(!c.download_pending(), "the download program is attached");
+    let ns = std::fs::File::open(format!("/run/netns/{}", ns.name())).expect("open the namespace");
+    Attached {
+        classifier: Some(c),
+        ns,
+    }
+}
+
+/// The cls_bpf download filters on veth0's ingress in namespace `ns`.
+fn cls_bpf_filters(ns: &str) -> Vec<String> {
+    let out = Command::new("tc")
+        .args(["-n", ns, "filter", "show", "dev", "veth0", "ingress"])
+        .output()
+        .expect("run tc");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(" bpf ") && l.contains(" tc_ingress "))
+        .map(str::to_string)
+        .collect()
 }
 
 fn tc(ns: &str, args: &str) {
@@ -650,13 +733,18 @@ fn bpf_programs_go_with_the_classifier_and_with_a_killed_owner() {
     let cg = TestCgroup::new();
     let sink = tcp_sink(&lab.pair.b, NetnsPair::B_V4.into());
 
+    let cls_bpf = crate::support::kernel::download_hook() == DownloadHook::ClsBpf;
+    let filters_while_attached = usize::from(cls_bpf);
+
     // Dropped in this process.
     let c = lab.attach(&cg);
     let ids = c.program_ids();
     assert_eq!(ids.len(), 6, "five programs and the exec hook");
     assert!(ids.iter().all(|id| loaded(*id)));
+    assert_eq!(lab.cls_bpf_filters().len(), filters_while_attached);
     drop(c);
     wait_unloaded(&ids);
+    assert_eq!(lab.cls_bpf_filters(), Vec::<String>::new(), "dropped");
 
     // Attached by a child that is then SIGKILLed (root: it loads programs).
     let other = TestCgroup::new();
@@ -668,8 +756,18 @@ fn bpf_programs_go_with_the_classifier_and_with_a_killed_owner() {
         .collect();
     assert_eq!(ids.len(), 6, "five programs and the exec hook");
     assert!(ids.iter().all(|id| loaded(*id)));
+    assert_eq!(lab.cls_bpf_filters().len(), filters_while_attached);
     owner.child.kill().unwrap();
     owner.child.wait().unwrap();
+    if cls_bpf {
+        // A tc filter is not a link: the killed owner's outlives it (the daemon's restart
+        // replaces it, `shaper clear` removes it with the ingress qdisc), holding the download
+        // program, and only that one.
+        let left = lab.cls_bpf_filters();
+        assert_eq!(left.len(), 1, "the killed owner's filter stays: {left:?}");
+        wait_unloaded_but(&ids, 1);
+        tc(lab.pair.a.name(), "filter del dev veth0 ingress pref 1");
+    }
     wait_unloaded(&ids);
 
     // Traffic still flows, both ways, for a process in the cgroup.
@@ -690,8 +788,13 @@ fn loaded(id: u32) -> bool {
 }
 
 fn wait_unloaded(ids: &[u32]) {
+    wait_unloaded_but(ids, 0);
+}
+
+/// Waits until at most `kept` of `ids` are still loaded.
+fn wait_unloaded_but(ids: &[u32], kept: usize) {
     let deadline = Instant::now() + crate::support::daemon::allowance(5);
-    while ids.iter().any(|id| loaded(*id)) {
+    while ids.iter().filter(|id| loaded(**id)).count() > kept {
         assert!(
             Instant::now() < deadline,
             "programs {ids:?} still loaded: something still holds them"
@@ -753,8 +856,14 @@ fn bpf_new_socket_event_latency() {
 fn bpf_runs_alongside_other_programs() {
     let lab = Lab::new();
     let cg = TestCgroup::new();
+    // Without tcx the download program is a cls_bpf filter at shaper's own pref and handle, one
+    // per interface (the daemon's interface lock keeps a second daemon off it): a second
+    // classifier's filter replaces the first's. So there, theirs only classifies uploads and
+    // downloads go through ours, then, without ours, unclassified through the redirect.
+    let tcx = crate::support::kernel::download_hook() == DownloadHook::Tcx;
     let mut theirs = lab.attach(&cg);
     let ours = lab.attach(&cg);
+    assert_eq!(lab.cls_bpf_filters().len(), usize::from(!tcx), "one filter");
     let mut kid = Kid::start(&lab.pair.a, &cg, true);
     theirs
         .set_process_default(kid.pid(), Some(C20), Some(C20))
@@ -771,15 +880,21 @@ fn bpf_runs_alongside_other_programs() {
     };
     both_ways(&mut kid);
     assert_eq!(lab.class("veth0", 0x20).0, 10, "their upload class holds");
-    assert_eq!(lab.class(IFB, 0x20).0, 10, "their download class holds");
+    let their_downloads = if tcx { 10 } else { 0 };
+    assert_eq!(
+        lab.class(IFB, 0x20).0,
+        their_downloads,
+        "their download class holds (tcx)"
+    );
     drop(ours);
+    assert_eq!(lab.cls_bpf_filters(), Vec::<String>::new(), "ours went");
     both_ways(&mut kid);
     assert_eq!(
         lab.class("veth0", 0x20).0,
         20,
         "and still does without ours"
     );
-    assert_eq!(lab.class(IFB, 0x20).0, 20);
+    assert_eq!(lab.class(IFB, 0x20).0, 2 * their_downloads);
 }
 
 /// `probe` says why BPF cannot be used, in words naming the fix, and loads everything when it can.

@@ -14,13 +14,20 @@ fn kernel_view(ns: &Netns) -> (String, String) {
     )
 }
 
+/// The HTB classes of veth0, as `tc class show` prints them. Only HTB's: an fq_codel leaf also
+/// lists a class per active flow (`class fq_codel 8001:3a5 parent 8001:`), which come and go
+/// with the traffic, not with shaper.
 fn classes(ns: &Netns) -> String {
     let out = ns
         .command("tc")
         .args(["class", "show", "dev", "veth0"])
         .output()
         .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("class htb "))
+        .map(|l| format!("{l}\n"))
+        .collect()
 }
 
 /// A TCP connection from `a` to `b`, kept open by the returned pair of streams.

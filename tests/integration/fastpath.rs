@@ -359,12 +359,13 @@ fn without_a_usable_cgroup_auto_falls_back_to_u32_and_bpf_refuses_to_start() {
 }
 
 /// What shaper may leave behind in a namespace and a cgroup: the programs attached to the
-/// cgroup and to veth0's ingress (tcx), the qdiscs and ingress filters of veth0, the links of the
+/// cgroup and to veth0's ingress (tcx links, or cls_bpf filters without tcx), the qdiscs and ingress filters of veth0, the links of the
 /// namespace (the IFB), and what is pinned in the BPF filesystem.
 #[derive(Debug, PartialEq)]
 struct Footprint {
     cgroup_programs: usize,
     tcx_programs: usize,
+    cls_bpf_filters: usize,
     qdiscs: String,
     ingress_filters: String,
     links: String,
@@ -391,6 +392,7 @@ fn footprint(ns: &Netns, cgroup: &TestCgroup) -> Footprint {
     Footprint {
         cgroup_programs: cgroup.attached_programs().len(),
         tcx_programs: tcx,
+        cls_bpf_filters: cls_bpf_filters(ns).len(),
         qdiscs: tc(ns, &["qdisc", "show", "dev", "veth0"]),
         ingress_filters: tc(ns, &["filter", "show", "dev", "veth0", "ingress"]),
         links: ns.ip(&["-br", "link", "show"]),
@@ -399,7 +401,7 @@ fn footprint(ns: &Netns, cgroup: &TestCgroup) -> Footprint {
 }
 
 /// Waits until no program is attached to the cgroup or veth0's ingress any more (the kernel
-/// frees links a moment after their owner dies).
+/// frees links a moment after their owner dies). A cls_bpf filter is not a link: it stays.
 fn wait_detached(ns: &Netns, cgroup: &TestCgroup) -> Footprint {
     let deadline = std::time::Instant::now() + allowance(5);
     loop {
@@ -434,13 +436,18 @@ fn a_killed_bpf_daemon_leaves_nothing_attached_and_a_restart_shapes_again() {
         "10mbit",
     ];
     let before = footprint(&pair.a, &cgroup);
-    assert_eq!((before.cgroup_programs, before.tcx_programs), (0, 0));
+    let none = (0, 0, 0);
+    let counts = |f: &Footprint| (f.cgroup_programs, f.tcx_programs, f.cls_bpf_filters);
+    assert_eq!(counts(&before), none);
+    // The download program is a tcx link from Linux 6.6, a cls_bpf filter before (or forced).
+    let tcx = crate::support::kernel::download_hook() == shaper::classify::DownloadHook::Tcx;
+    let (on_tcx, on_cls_bpf) = (usize::from(tcx), usize::from(!tcx));
     let attached = |daemon: &DaemonProcess| {
         daemon.wait_for(10, "shaping", |s| s["interfaces"][0]["state"] == "shaping");
         assert_eq!(daemon.status()["classifier"], "bpf");
         let now = footprint(&pair.a, &cgroup);
         // One program at each of the four cgroup hooks and one on the ingress: no more.
-        assert_eq!((now.cgroup_programs, now.tcx_programs), (4, 1), "{now:?}");
+        assert_eq!(counts(&now), (4, on_tcx, on_cls_bpf), "{now:?}");
         assert_eq!(now.pinned, before.pinned, "nothing is pinned");
     };
 
@@ -449,6 +456,8 @@ fn a_killed_bpf_daemon_leaves_nothing_attached_and_a_restart_shapes_again() {
     first.signal(libc::SIGKILL);
     let killed = wait_detached(&pair.a, &cgroup);
     assert_eq!(killed.pinned, before.pinned);
+    // A killed daemon's cls_bpf filter stays (the restart replaces it; `shaper clear` goes).
+    assert_eq!(counts(&killed), (0, 0, on_cls_bpf), "{killed:?}");
     // The tree stays (a restart adopts it) and traffic flows, unshaped by any program.
     assert!(pair.inbound_opens(), "inbound traffic after SIGKILL");
     let (leaf, _, _) = short_transfer(&pair, &cgroup, false);
@@ -568,6 +577,52 @@ fn without_tcx_the_download_program_is_a_cls_bpf_filter_ahead_of_the_redirect() 
         cls_bpf_filters(&pair.a),
         Vec::<String>::new(),
         "after SIGTERM"
+    );
+}
+
+/// aya attaches the cls_bpf download filter from a netlink socket of its own, not the
+/// backend's: the daemon still knows it for its own change (no "changed by another program;
+/// repairing" at start), and once it shapes, ten quiet cycles change nothing in the kernel's tc
+/// state (`tc monitor` in the namespace sees no message). On tcx (the host, unless
+/// `SHAPER_DOWNLOAD_HOOK=cls_bpf`) the same holds for the tcx path.
+#[test]
+fn the_daemons_own_download_filter_is_not_a_foreign_change_and_quiet_cycles_write_nothing() {
+    let pair = NetnsPair::new();
+    let cgroup = TestCgroup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = DaemonProcess::start_bpf_policy(&pair.a, dir.path(), &cgroup, SLOW_IPERF, &[]);
+    let cls_bpf = crate::support::kernel::download_hook() == shaper::classify::DownloadHook::ClsBpf;
+    assert_eq!(
+        cls_bpf_filters(&pair.a).len(),
+        usize::from(cls_bpf),
+        "{}",
+        daemon.log_text()
+    );
+    let cycles = |d: &DaemonProcess| d.status()["cycles"].as_u64().unwrap();
+    let first = cycles(&daemon);
+    let mut monitor = pair
+        .a
+        .command("tc")
+        .arg("monitor")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run tc monitor");
+    // `tc monitor` has joined the tc group once it runs; give it a moment to get there.
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.wait_for(60, "ten more cycles", |s| {
+        s["cycles"].as_u64().unwrap() >= first + 10
+    });
+    monitor.kill().unwrap();
+    let seen = monitor.wait_with_output().unwrap();
+    let log = daemon.log_text();
+    assert!(
+        !log.contains("changed by another program"),
+        "the daemon's own filter was taken for another program's change:\n{log}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&seen.stdout),
+        "",
+        "quiet cycles changed tc state:\n{log}"
     );
 }
 

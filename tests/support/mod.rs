@@ -5,6 +5,7 @@
 pub mod cgroup;
 pub mod crowd;
 pub mod daemon;
+pub mod kernel;
 pub mod latency;
 pub mod netns;
 pub mod probe;
