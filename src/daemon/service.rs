@@ -10,9 +10,13 @@
 //! uid is read with SO_PEERCRED, and others are refused with a message naming the group.
 //!
 //! No client can hold the daemon up: each is served by a task of its own, must send its request
-//! within [`CLIENT_TIMEOUT`] and in at most [`MAX_REQUEST`] bytes, and at most [`MAX_CLIENTS`]
-//! are served at once (more are told so and closed), so signals and other clients are handled
-//! whatever one client does, and memory stays bounded.
+//! within [`CLIENT_TIMEOUT`] and in at most [`MAX_REQUEST`] bytes, and the clients served at
+//! once are bounded (more are told so and closed), so signals and other clients are handled
+//! whatever one client does, and memory stays bounded. The bounds are separate budgets, so
+//! that no one else can lock root out: root (and the daemon's own user) has [`MAX_CLIENTS`]
+//! slots of its own; every other user (a `status_group` member) at most
+//! [`MAX_CLIENTS_PER_USER`], of [`MAX_OTHER_CLIENTS`] they share; and `metrics_listen`'s HTTP
+//! clients have [`super::metrics::MAX_CLIENTS`] (the excess gets a `503`).
 //!
 //! Running as root, the runtime and state dirs must be root's and writable by no one else
 //! ([`crate::trust::private_dir`]): whoever can write there could replace the socket or plant
@@ -40,8 +44,14 @@ pub const PID_NAME: &str = "shaper.pid";
 
 /// The longest request line, in bytes; a request is one short JSON line.
 pub const MAX_REQUEST: usize = 64 * 1024;
-/// Control clients served at once; each may hold up to [`MAX_REQUEST`] bytes.
+/// Root's control clients (and the daemon's own user's) served at once; each may hold up to
+/// [`MAX_REQUEST`] bytes.
 pub const MAX_CLIENTS: usize = 128;
+/// Other users' control clients served at once, all together.
+pub const MAX_OTHER_CLIENTS: usize = 128;
+/// One other user's control clients served at once: one member of `status_group` cannot take
+/// every slot from the others.
+pub const MAX_CLIENTS_PER_USER: usize = 16;
 /// How long a client may take to send its request, and to take the answer.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 /// With the BPF classifier, how long the cycle thread waits for new sockets before it looks
@@ -187,6 +197,103 @@ impl StatusGroup {
             name: name.into(),
             gid: group.gid.as_raw(),
         })
+    }
+}
+
+/// The control socket's client slots: root's, and the other users' with a share per user
+/// (see the module docs).
+#[derive(Debug, Default)]
+struct Budget {
+    root: usize,
+    others: usize,
+    per_user: std::collections::HashMap<u32, usize>,
+}
+
+/// Why a control client was turned away.
+#[derive(Debug, Clone, Copy)]
+enum Busy {
+    Root,
+    Others,
+    User(u32),
+}
+
+impl Busy {
+    /// The answer to the client turned away, one JSON line.
+    fn answer(self) -> String {
+        let message = match self {
+            Busy::Root => {
+                format!("shaper is serving {MAX_CLIENTS} control clients already; try again")
+            }
+            Busy::Others => format!(
+                "shaper is serving {MAX_OTHER_CLIENTS} control clients of users other than root \
+                 already; try again"
+            ),
+            Busy::User(uid) => format!(
+                "shaper is serving {MAX_CLIENTS_PER_USER} control clients of uid {uid} already; \
+                 close some and try again"
+            ),
+        };
+        let mut line =
+            serde_json::to_string(&Response::error(message)).expect("a response always serialises");
+        line.push('\n');
+        line
+    }
+}
+
+/// A control client's slot, given back when its task ends.
+struct Slot {
+    budget: Arc<std::sync::Mutex<Budget>>,
+    /// `None` for root's slots.
+    user: Option<u32>,
+}
+
+/// Takes a slot for a client of `uid` (`privileged`: root or the daemon's own user).
+fn take_slot(
+    budget: &Arc<std::sync::Mutex<Budget>>,
+    uid: u32,
+    privileged: bool,
+) -> Result<Slot, Busy> {
+    let mut b = budget.lock().unwrap_or_else(|e| e.into_inner());
+    if privileged {
+        if b.root >= MAX_CLIENTS {
+            return Err(Busy::Root);
+        }
+        b.root += 1;
+        return Ok(Slot {
+            budget: budget.clone(),
+            user: None,
+        });
+    }
+    if b.others >= MAX_OTHER_CLIENTS {
+        return Err(Busy::Others);
+    }
+    let mine = b.per_user.entry(uid).or_default();
+    if *mine >= MAX_CLIENTS_PER_USER {
+        return Err(Busy::User(uid));
+    }
+    *mine += 1;
+    b.others += 1;
+    Ok(Slot {
+        budget: budget.clone(),
+        user: Some(uid),
+    })
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
+        match self.user {
+            None => b.root -= 1,
+            Some(uid) => {
+                b.others -= 1;
+                if let Some(n) = b.per_user.get_mut(&uid) {
+                    *n -= 1;
+                    if *n == 0 {
+                        b.per_user.remove(&uid);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -340,12 +447,10 @@ async fn serve(
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
+    let budget = Arc::new(std::sync::Mutex::new(Budget::default()));
+    let metrics_slots = Arc::new(tokio::sync::Semaphore::new(super::metrics::MAX_CLIENTS));
+    let own_uid = rustix::process::geteuid().as_raw();
     let (stop_tx, mut stop_rx) = tokio::sync::mpsc::channel::<()>(1);
-    let mut busy = serde_json::to_string(&Response::error(format!(
-        "shaper is serving {MAX_CLIENTS} control clients already; try again"
-    )))?;
-    busy.push('\n');
     notify(&[sd_notify::NotifyState::Ready]);
     tracing::info!("running; control socket {}", socket_path.display());
     loop {
@@ -363,13 +468,16 @@ async fn serve(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
-                // Metrics clients share the control clients' limit.
-                if let Ok(slot) = slots.clone().try_acquire_owned() {
-                    let commands = commands.clone();
-                    tokio::spawn(async move {
-                        super::metrics::serve_http(stream, ask_metrics(commands)).await;
-                        drop(slot);
-                    });
+                // Metrics clients have slots of their own, apart from the control socket's.
+                match metrics_slots.clone().try_acquire_owned() {
+                    Ok(slot) => {
+                        let commands = commands.clone();
+                        tokio::spawn(async move {
+                            super::metrics::serve_http(stream, ask_metrics(commands)).await;
+                            drop(slot);
+                        });
+                    }
+                    Err(_) => super::metrics::refuse_busy(stream),
                 }
             }
             _ = hup.recv() => {
@@ -387,10 +495,14 @@ async fn serve(
                         continue;
                     }
                 };
-                match slots.clone().try_acquire_owned() {
+                // Who connected (the kernel's record, taken at connect).
+                let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
+                let privileged = uid == 0 || uid == own_uid;
+                match take_slot(&budget, uid, privileged) {
                     Ok(slot) => {
                         tokio::spawn(serve_client(
                             stream,
+                            privileged,
                             group.clone(),
                             commands.clone(),
                             stop_tx.clone(),
@@ -398,9 +510,9 @@ async fn serve(
                         ));
                     }
                     // A new socket's send buffer is empty: this (non-blocking) write completes.
-                    Err(_) => {
+                    Err(busy) => {
                         if let Ok(mut stream) = stream.into_std() {
-                            let _ = stream.write(busy.as_bytes());
+                            let _ = stream.write(busy.answer().as_bytes());
                         }
                     }
                 }
@@ -430,15 +542,12 @@ fn refusal(request: &Request, group: Option<&str>) -> String {
 /// end after a `stop`.
 async fn serve_client(
     stream: tokio::net::UnixStream,
+    privileged: bool,
     group: Option<Arc<str>>,
     commands: mpsc::Sender<Command>,
     stop: tokio::sync::mpsc::Sender<()>,
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    _slot: Slot,
 ) {
-    let privileged = stream.peer_cred().is_ok_and(|c| {
-        let uid = rustix::process::geteuid().as_raw();
-        c.uid() == 0 || c.uid() == uid
-    });
     let (read, mut write) = stream.into_split();
     let mut line = Vec::new();
     let mut reader = tokio::io::BufReader::new(read).take(MAX_REQUEST as u64 + 1);
