@@ -10,6 +10,7 @@ pub mod flows;
 pub mod iflock;
 pub mod latency;
 pub mod metrics;
+pub mod rundir;
 pub mod service;
 pub mod startup;
 pub mod status;

@@ -21,10 +21,10 @@
 //! Running as root, the runtime and state dirs must be root's and writable by no one else
 //! ([`crate::trust::private_dir`]): whoever can write there could replace the socket or plant
 //! links where the pid file and usage are written.
+//! The pid file and the socket are put back when the runtime dir is cleaned under a running
+//! daemon ([`super::rundir`]), so `status` and `stop` keep finding it.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::AsFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -35,12 +35,12 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
+use super::rundir::RuntimeDir;
 use super::status::StatusReport;
 use super::{Daemon, RunOptions};
 use crate::config::Config;
 
-pub const SOCKET_NAME: &str = "shaper.sock";
-pub const PID_NAME: &str = "shaper.pid";
+pub use super::rundir::{PID_NAME, SOCKET_NAME};
 
 /// The longest request line, in bytes; a request is one short JSON line.
 pub const MAX_REQUEST: usize = 64 * 1024;
@@ -113,66 +113,6 @@ struct Command {
 
 fn notify(state: &[sd_notify::NotifyState]) {
     let _ = sd_notify::notify(state);
-}
-
-/// The pid file, locked for the daemon's lifetime: a second daemon on the same runtime dir
-/// finds it locked and refuses to start.
-struct PidLock {
-    path: PathBuf,
-    _file: std::fs::File,
-}
-
-impl PidLock {
-    /// Opens (never through a symlink) and locks the pid file in `dir`, which the caller has
-    /// checked ([`crate::trust::private_dir`]).
-    fn acquire(dir: &Path) -> anyhow::Result<PidLock> {
-        let path = dir.join(PID_NAME);
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .with_context(|| {
-                format!(
-                    "cannot open the pid file {} (if it is a symlink, remove it)",
-                    path.display()
-                )
-            })?;
-        let meta = file.metadata()?;
-        if !meta.is_file() || meta.nlink() != 1 {
-            anyhow::bail!(
-                "the pid file {} is not a plain file (a hard link or a special file); remove it",
-                path.display()
-            );
-        }
-        if rustix::fs::flock(
-            file.as_fd(),
-            rustix::fs::FlockOperation::NonBlockingLockExclusive,
-        )
-        .is_err()
-        {
-            let mut pid = String::new();
-            let _ = (&file).take(32).read_to_string(&mut pid);
-            anyhow::bail!(
-                "another shaper (pid {}) is running with runtime dir {}; stop it with `shaper stop` \
-                 or use another --runtime-dir",
-                pid.trim(),
-                dir.display()
-            );
-        }
-        file.set_len(0)?;
-        writeln!(file, "{}", std::process::id())?;
-        Ok(PidLock { path, _file: file })
-    }
-}
-
-impl Drop for PidLock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
 }
 
 /// The group that may read status through the socket (config `status_group`).
@@ -311,12 +251,16 @@ pub fn run(mut config: Config, options: RunOptions) -> anyhow::Result<ExitCode> 
     ] {
         crate::trust::private_dir(dir, strict).with_context(|| format!("the {what}"))?;
     }
-    let _pid = PidLock::acquire(&runtime_dir)?;
     let status_group = config
         .status_group
         .as_deref()
         .map(StatusGroup::resolve)
         .transpose()?;
+    let mut files = RuntimeDir::acquire(
+        &runtime_dir,
+        strict,
+        status_group.as_ref().map(|g| (g.name.clone(), g.gid)),
+    )?;
     // One daemon per interface whatever the runtime dir; a dry run changes nothing, so it may
     // watch alongside. The interfaces are resolved once, so the daemon shapes what it locked.
     config.interfaces = config.shaped_interfaces()?;
@@ -356,20 +300,18 @@ pub fn run(mut config: Config, options: RunOptions) -> anyhow::Result<ExitCode> 
         .recv()
         .context("the cycle thread stopped while starting")??;
 
-    let socket_path = runtime_dir.join(SOCKET_NAME);
-    let _ = std::fs::remove_file(&socket_path); // stale: we hold the lock
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let result = runtime.block_on(serve(
-        &socket_path,
-        status_group,
+        &mut files,
+        status_group.map(|g| g.name),
         metrics_listen,
         commands.clone(),
     ));
     // Closes the clients still connected.
     drop(runtime);
-    let _ = std::fs::remove_file(&socket_path);
+    files.remove_socket();
     notify(&[sd_notify::NotifyState::Stopping]);
     // Stop the cycle thread (teardown, flush) if it is still running.
     let (reply, done) = tokio::sync::oneshot::channel();
@@ -420,30 +362,17 @@ async fn ask_metrics(commands: mpsc::Sender<Command>) -> Option<String> {
 }
 
 async fn serve(
-    socket_path: &Path,
-    group: Option<StatusGroup>,
+    files: &mut RuntimeDir,
+    group: Option<Arc<str>>,
     metrics_listen: Option<std::net::SocketAddr>,
     commands: mpsc::Sender<Command>,
 ) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let metrics = metrics_listener(metrics_listen).await;
-    let listener = tokio::net::UnixListener::bind(socket_path)
-        .with_context(|| format!("cannot create the control socket {}", socket_path.display()))?;
-    let mode = match &group {
-        Some(g) => {
-            std::os::unix::fs::chown(socket_path, None, Some(g.gid)).with_context(|| {
-                format!(
-                    "cannot give the control socket {} to status_group {:?}",
-                    socket_path.display(),
-                    g.name
-                )
-            })?;
-            0o660
-        }
-        None => 0o600,
-    };
-    std::fs::set_permissions(socket_path, std::fs::Permissions::from_mode(mode))?;
-    let group = group.map(|g| g.name);
+    let mut listener = files.bind()?;
+    // The runtime dir may be cleaned under a running daemon: look for the files each second.
+    let mut check = tokio::time::interval(super::rundir::CHECK_INTERVAL);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -452,7 +381,7 @@ async fn serve(
     let own_uid = rustix::process::geteuid().as_raw();
     let (stop_tx, mut stop_rx) = tokio::sync::mpsc::channel::<()>(1);
     notify(&[sd_notify::NotifyState::Ready]);
-    tracing::info!("running; control socket {}", socket_path.display());
+    tracing::info!("running; control socket {}", files.socket_path().display());
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: stopping"); return Ok(()); }
@@ -478,6 +407,11 @@ async fn serve(
                         });
                     }
                     Err(_) => super::metrics::refuse_busy(stream),
+                }
+            }
+            _ = check.tick() => {
+                if let Some(restored) = files.restore() {
+                    listener = restored;
                 }
             }
             _ = hup.recv() => {

@@ -452,3 +452,68 @@ fn two_hundred_idle_clients_of_the_status_group_do_not_lock_root_out() {
     assert!(report.contains("\"busy\""), "{report}");
     assert!(!report.contains("closed"), "{report}");
 }
+
+#[test]
+fn status_and_stop_find_a_daemon_whose_runtime_dir_was_deleted() {
+    use std::os::unix::fs::PermissionsExt;
+    let pair = NetnsPair::new();
+    let before = qdiscs(&pair.a);
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = DaemonProcess::start(&pair.a, dir.path(), &["--rate", "10mbit:10mbit"]);
+    daemon.wait_for(10, "shaping", |s| s["interfaces"][0]["state"] == "shaping");
+    let pid = daemon.child.as_ref().unwrap().id();
+    let run = dir.path().join("run");
+    std::fs::remove_dir_all(&run).unwrap();
+    // Put back within a few cycles (polled: how soon depends on the machine's load).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = daemon.control(&["status", "--json"]);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status after the runtime dir was deleted: {}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // As at start: the dir root's and 0755, the socket 0600, the pid file names the daemon.
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&run), 0o755);
+    assert_eq!(mode(&run.join("shaper.sock")), 0o600);
+    let named = std::fs::read_to_string(run.join("shaper.pid")).unwrap();
+    assert_eq!(named.trim(), pid.to_string());
+    assert!(
+        daemon.log_text().contains("put back"),
+        "{}",
+        daemon.log_text()
+    );
+    // A second daemon on the same runtime dir is still refused (the pid file is locked again).
+    let second = tempfile::tempdir().unwrap();
+    let other = crate::support::output(
+        pair.a
+            .command(env!("CARGO_BIN_EXE_shaper"))
+            .args(["run", "--dry-run", "-i", "veth0", "--runtime-dir"])
+            .arg(&run)
+            .arg("--state-dir")
+            .arg(second.path()),
+    );
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert!(!other.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("another shaper (pid {pid}) is running")),
+        "{err}"
+    );
+    let out = daemon.control(&["stop"]);
+    assert!(
+        out.status.success(),
+        "stop: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let exit = daemon.exit_within(30);
+    assert!(exit.success(), "{exit}: {}", daemon.log_text());
+    assert_eq!(qdiscs(&pair.a), before, "torn down");
+    assert!(!run.join("shaper.sock").exists() && !run.join("shaper.pid").exists());
+}
