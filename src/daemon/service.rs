@@ -660,3 +660,42 @@ pub fn request(runtime_dir: &Path, request: &Request) -> anyhow::Result<Response
         })?;
     serde_json::from_str(&line).with_context(|| format!("bad answer from shaper: {line:?}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn other_users_cannot_take_roots_slots_nor_each_others() {
+        let budget = Arc::new(std::sync::Mutex::new(Budget::default()));
+        let nobody: Vec<Slot> = (0..MAX_CLIENTS_PER_USER)
+            .map(|_| take_slot(&budget, 65534, false).unwrap())
+            .collect();
+        assert!(matches!(
+            take_slot(&budget, 65534, false),
+            Err(Busy::User(65534))
+        ));
+        // Another member still gets in, and root has all its slots.
+        let other = take_slot(&budget, 1000, false).unwrap();
+        let root: Vec<Slot> = (0..MAX_CLIENTS)
+            .map(|_| take_slot(&budget, 0, true).unwrap())
+            .collect();
+        assert!(matches!(take_slot(&budget, 0, true), Err(Busy::Root)));
+        assert!(Busy::Root.answer().contains("128 control clients already"));
+        // Slots come back when their clients end.
+        drop((nobody, other, root));
+        let b = budget.lock().unwrap();
+        assert_eq!((b.root, b.others, b.per_user.len()), (0, 0, 0));
+    }
+
+    #[test]
+    fn other_users_share_a_bounded_pool() {
+        let budget = Arc::new(std::sync::Mutex::new(Budget::default()));
+        let many: Vec<Slot> = (0..MAX_OTHER_CLIENTS as u32)
+            .map(|i| take_slot(&budget, 1000 + i, false).unwrap())
+            .collect();
+        assert!(matches!(take_slot(&budget, 5000, false), Err(Busy::Others)));
+        assert!(take_slot(&budget, 0, true).is_ok());
+        drop(many);
+    }
+}
