@@ -19,5 +19,6 @@ pub mod policy;
 pub mod process;
 pub mod scan;
 pub mod shape;
+pub mod text;
 pub mod trust;
 pub mod units;

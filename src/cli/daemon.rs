@@ -186,7 +186,8 @@ pub fn status(cli: &super::Cli, args: &StatusArgs) -> anyhow::Result<ExitCode> {
         Err(e) => return Err(e),
     };
     let Some(status) = response.status else {
-        anyhow::bail!("{}", response.error.unwrap_or_else(|| "no status".into()));
+        let error = response.error.unwrap_or_else(|| "no status".into());
+        anyhow::bail!("{}", crate::text::escape(&error));
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
@@ -207,7 +208,9 @@ pub fn control(cli: &super::Cli, args: &ControlArgs, request: Request) -> anyhow
         println!("shaper {what}");
         Ok(ExitCode::SUCCESS)
     } else {
-        eprintln!("shaper: {}", response.error.unwrap_or_default());
+        // A failed reload quotes the policy's error, which may quote a process's name.
+        let error = response.error.unwrap_or_default();
+        eprintln!("shaper: {}", crate::text::escape(&error));
         Ok(ExitCode::FAILURE)
     }
 }

@@ -8,6 +8,10 @@
 //! except under systemd (`JOURNAL_STREAM` set), whose journal stamps every line itself. Colours
 //! are used only when stderr is a terminal and `NO_COLOR` is unset or empty (no-color.org), so a
 //! log file or `journalctl` never holds escape sequences.
+//!
+//! On stderr every field, the message included, is escaped ([`crate::text::escape`]): a log line
+//! names processes, users, classes and policy events, and a control character in one must
+//! neither reach the terminal nor split the line (forging another).
 
 use std::io::IsTerminal;
 
@@ -36,6 +40,22 @@ pub fn timestamp(now: &jiff::Zoned) -> String {
 /// but the empty string.
 pub fn use_color(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
     terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+/// Fields written as the default formatter does (`message`, then `name=value`), each escaped
+/// (tabs kept).
+pub fn escaped_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + 'static {
+    use tracing_subscriber::field::MakeExt;
+    tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
+        let text = format!("{value:?}");
+        let text = crate::text::escape_line(&text);
+        if field.name() == "message" {
+            write!(w, "{text}")
+        } else {
+            write!(w, "{}={text}", field.name())
+        }
+    })
+    .delimited(" ")
 }
 
 /// The environment variable holding an env-filter directive.
@@ -83,6 +103,7 @@ pub fn init(verbose: u8, quiet: u8, config_level: Option<&str>) {
         .with_writer(std::io::stderr)
         .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
         .with_target(false)
+        .fmt_fields(escaped_fields())
         .with_ansi(use_color(
             std::io::stderr().is_terminal(),
             std::env::var_os("NO_COLOR").as_deref(),
@@ -111,6 +132,44 @@ mod tests {
             use_color(true, Some(OsStr::new(""))),
             "empty NO_COLOR means unset"
         );
+    }
+
+    #[test]
+    fn a_log_line_stays_one_line_whatever_its_fields_hold() {
+        use std::sync::{Arc, Mutex};
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let sink = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .fmt_fields(escaped_fields())
+            .with_ansi(false)
+            .without_time()
+            .with_writer(move || Sink(sink.clone()))
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let name = "\x1b[31mevil\nWARN forged line";
+            tracing::warn!(shaper_event = %name, "event {name}: {}", "a\rb");
+        });
+        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(!text.contains('\x1b') && !text.contains('\r'), "{text}");
+        assert!(
+            text.contains("event \\x1b[31mevil\\nWARN forged line: a\\rb")
+                && text.contains("shaper_event=\\x1b[31mevil\\nWARN"),
+            "{text}"
+        );
+    }
+
+    /// A writer into a shared buffer.
+    struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
     }
 
     #[test]

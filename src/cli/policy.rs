@@ -221,8 +221,9 @@ fn print_table(rows: &[DecisionRow]) {
 
 fn print_errors(entries: &[ErrorEntry]) {
     for e in entries {
-        eprintln!("error: {}", e.message);
+        eprintln!("error: {}", crate::text::escape(&e.message));
         if let Some(ex) = &e.example {
+            let ex = crate::text::escape(ex);
             let more = if e.count > 1 {
                 format!(" and {} more", e.count - 1)
             } else {

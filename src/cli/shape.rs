@@ -129,7 +129,11 @@ pub fn run_plan(cli: &super::Cli, args: &PlanArgs) -> anyhow::Result<ExitCode> {
         print!("{ops}");
     }
     for e in cycle.engine().errors().entries() {
-        eprintln!("policy error: {} ({} times)", e.message, e.count);
+        eprintln!(
+            "policy error: {} ({} times)",
+            crate::text::escape(&e.message),
+            e.count
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

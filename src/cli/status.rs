@@ -1,9 +1,12 @@
-//! `shaper status` for people: the daemon's [`StatusReport`] as text.
+//! `shaper status` for people: the daemon's [`StatusReport`] as text. Names and messages others
+//! chose (processes, users, classes, policy errors and events) are escaped
+//! ([`crate::text::escape`]): in the tables by [`super::table`], on the other lines here.
 
 use std::fmt::Write as _;
 
 use super::table::{or_dash, render as table, render_rows};
 use crate::daemon::status::{Limit, StatusReport};
+use crate::text::escape;
 use crate::units::Rate;
 
 /// A rate in bits/s for people (`1.53mbit`).
@@ -25,7 +28,7 @@ pub fn render(report: &StatusReport) -> String {
         out,
         "shaper (pid {}) running {} since {}, {} cycles, classifier {}{}",
         report.pid,
-        report.policy,
+        escape(&report.policy),
         report.started,
         report.cycles,
         report.classifier,
@@ -60,19 +63,22 @@ pub fn render(report: &StatusReport) -> String {
         let detail = i
             .detail
             .as_ref()
-            .map(|d| format!(": {d}"))
+            .map(|d| format!(": {}", escape(d)))
             .unwrap_or_default();
         let _ = writeln!(
             out,
             "interface {}: {}{detail} ({} operations last cycle, {} failed in all{unplaced})",
-            i.name, i.state, i.operations, i.failures
+            escape(&i.name),
+            i.state,
+            i.operations,
+            i.failures
         );
     }
     let not_shaping: Vec<String> = report
         .interfaces
         .iter()
         .filter(|i| i.state != "shaping")
-        .map(|i| format!("{} is {}", i.name, i.state))
+        .map(|i| format!("{} is {}", escape(&i.name), i.state))
         .collect();
     if report.classes.iter().any(|c| !c.in_force) {
         let _ = writeln!(
@@ -82,17 +88,18 @@ pub fn render(report: &StatusReport) -> String {
         );
     }
     for w in &report.warnings {
-        let _ = writeln!(out, "warning: {w}");
+        let _ = writeln!(out, "warning: {}", escape(w));
     }
     if let Some(f) = &report.reload_error {
         let _ = writeln!(
             out,
             "reload failed at {}, the previous policy stays in force: {}",
-            f.at, f.message
+            f.at,
+            escape(&f.message)
         );
     }
     if let Some(f) = &report.usage_save_error {
-        let _ = writeln!(out, "usage save failed at {}: {}", f.at, f.message);
+        let _ = writeln!(out, "usage save failed at {}: {}", f.at, escape(&f.message));
     }
     if report.rate.is_some() || report.connection_rate.is_some() {
         let _ = writeln!(
@@ -205,7 +212,7 @@ pub fn render(report: &StatusReport) -> String {
     if !report.errors.is_empty() {
         out.push_str("\npolicy errors:\n");
         for e in &report.errors {
-            let _ = writeln!(out, "  {} (x{})", e.message, e.count);
+            let _ = writeln!(out, "  {} (x{})", escape(&e.message), e.count);
         }
     }
     if !report.events.is_empty() {
@@ -215,7 +222,13 @@ recent events:
 ",
         );
         for e in report.events.iter().rev().take(5) {
-            let _ = writeln!(out, "  {} {}: {}", e.at, e.name, e.message);
+            let _ = writeln!(
+                out,
+                "  {} {}: {}",
+                e.at,
+                escape(&e.name),
+                escape(&e.message)
+            );
         }
     }
     out

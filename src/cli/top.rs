@@ -6,6 +6,9 @@
 //! tested on ratatui's `TestBackend`; keys change only the [`ViewState`] ([`ViewState::key`]).
 //! The terminal is restored on `q`, Ctrl-C, a panic, and when the daemon stops (then the
 //! message is printed and `top` exits 3, as `status` does with no daemon).
+//!
+//! Names and messages others chose are escaped ([`crate::text::escape`]), and a process's pid
+//! stays on screen however long its (escaped) name: the name is cut, not the pid.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,7 +17,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use ratatui::Frame;
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
-use ratatui::layout::{Constraint, Layout};
+use ratatui::layout::{Constraint, Flex, Layout};
 use ratatui::style::{Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Cell, Paragraph, Row, Table};
@@ -22,6 +25,7 @@ use ratatui::widgets::{Cell, Paragraph, Row, Table};
 use super::status::rate;
 use crate::daemon::service::{self, Request};
 use crate::daemon::status::{Bytes, Limit, StatusReport};
+use crate::text::escape;
 use crate::units::{Rate, Size};
 
 #[derive(Debug, Args)]
@@ -149,8 +153,9 @@ impl Item {
             keys: Vec::new(),
         }
     }
+    /// A text cell, escaped.
     fn text(mut self, text: impl Into<String>) -> Item {
-        let text = text.into();
+        let text = escape(&text.into()).into_owned();
         self.keys.push(SortKey::Text(text.to_lowercase()));
         self.cells.push(text);
         self
@@ -328,7 +333,7 @@ fn header(status: &StatusReport) -> Vec<Line<'static>> {
         Line::from(format!(
             "shaper top  pid {}  {}  classifier {}  cycle {}{}",
             status.pid,
-            status.policy,
+            escape(&status.policy),
             status.classifier,
             status.cycles,
             if status.dry_run { "  DRY RUN" } else { "" }
@@ -362,6 +367,7 @@ fn header(status: &StatusReport) -> Vec<Line<'static>> {
     for i in status.interfaces.iter().filter(|i| i.state != "shaping") {
         problems.push(format!("interface {}: {}", i.name, i.state));
     }
+    let problems: Vec<String> = problems.iter().map(|p| escape(p).into_owned()).collect();
     let bad = Style::default().add_modifier(Modifier::BOLD);
     lines.push(match problems.first() {
         None => Line::from("no policy errors"),
@@ -426,12 +432,25 @@ pub fn render(frame: &mut Frame, status: &StatusReport, state: &ViewState) {
             }
         })
         .collect();
-    let rows = items
-        .into_iter()
-        .map(|i| Row::new(i.cells.into_iter().map(Cell::from)));
+    // The table's own column layout, to cut names to fit while keeping their pids.
+    let areas = Layout::horizontal(widths.clone())
+        .flex(Flex::Start)
+        .spacing(1)
+        .split(body);
+    let with_pid = pid_column(state.view);
+    let rows = items.into_iter().map(|i| {
+        Row::new(i.cells.into_iter().enumerate().map(|(c, text)| {
+            if Some(c) == with_pid {
+                Cell::from(fit_keeping_last_word(&text, usize::from(areas[c].width)))
+            } else {
+                Cell::from(text)
+            }
+        }))
+    });
     frame.render_widget(
         Table::new(rows, widths)
             .header(header_row)
+            .flex(Flex::Start)
             .column_spacing(1),
         body,
     );
@@ -451,6 +470,32 @@ pub fn render(frame: &mut Frame, status: &StatusReport, state: &ViewState) {
         )
     };
     frame.render_widget(Paragraph::new(Line::styled(footer, reverse)), foot);
+}
+
+/// The column of `view` whose cells end in a pid (`name 42`, `name (42)`), if any.
+fn pid_column(view: View) -> Option<usize> {
+    match view {
+        View::Process => Some(0),
+        View::Connection => Some(1),
+        View::Class | View::User => None,
+    }
+}
+
+/// `text` cut to `width` characters by shortening what comes before its last word (a pid),
+/// marked with `…`, so the pid stays whole.
+fn fit_keeping_last_word(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        return text.to_string();
+    }
+    let Some(at) = text.rfind(' ') else {
+        return text.to_string();
+    };
+    let (name, last) = text.split_at(at);
+    let keep = width.saturating_sub(last.chars().count() + 1);
+    let mut out: String = name.chars().take(keep).collect();
+    out.push('…');
+    out.push_str(last);
+    out
 }
 
 /// Asks the daemon for everything, connections included.
@@ -661,6 +706,43 @@ mod tests {
             screen(&status, &state, 80, 24)[23].contains("sort (CLASS)"),
             "kept per view"
         );
+    }
+
+    #[test]
+    fn control_characters_in_a_name_are_escaped_and_the_pid_kept() {
+        let mut status = report();
+        status.processes[0].name = "\x1b[31mevil\nzulu 7 fake row of a long name".to_string();
+        let state = ViewState {
+            view: View::Process,
+            ..ViewState::default()
+        };
+        let lines = screen(&status, &state, 80, 24);
+        let text = lines.join("\n");
+        assert!(!text.contains('\x1b'), "{text}");
+        let row = &lines[row_of(&lines, "\\x1b[31mev")];
+        assert!(row.contains("… 100 "), "the pid stays: {text}");
+        assert!(row.contains("-/8mbit"), "one row: {text}");
+        // The connection view's process column keeps it too.
+        let state = ViewState {
+            view: View::Connection,
+            ..ViewState::default()
+        };
+        let mut status = report();
+        status.connections.as_mut().unwrap()[0].process =
+            Some("\x1b[31mevil\nlong name (100)".to_string());
+        let lines = screen(&status, &state, 80, 24);
+        let text = lines.join("\n");
+        assert!(!text.contains('\x1b') && text.contains("… (100)"), "{text}");
+    }
+
+    #[test]
+    fn fitting_cuts_the_name_not_the_pid() {
+        assert_eq!(fit_keeping_last_word("firefox 42", 20), "firefox 42");
+        assert_eq!(
+            fit_keeping_last_word("a-very-long-name 4242", 12),
+            "a-very… 4242"
+        );
+        assert_eq!(fit_keeping_last_word("long name (77)", 10), "long… (77)");
     }
 
     #[test]

@@ -217,19 +217,68 @@ pub fn render(daemon: &Daemon) -> String {
 
 /// The longest request head the metrics responder reads.
 const MAX_HEAD: usize = 8 * 1024;
-/// How long a metrics client may take to send its request.
-const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a metrics client may take to send its whole request head: a scraper sends it at
+/// once, so a client still sending after this is slow or hostile and loses its slot.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a metrics client may take to take the answer.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Metrics clients served at once. Their slots are their own: however many connect, the
+/// control socket's clients (root's `status`, `reload`, `stop`) are not kept waiting.
+pub const MAX_CLIENTS: usize = 32;
+
+/// Whether `head` holds a whole request head: an empty line, after CRLF or bare-LF lines
+/// (RFC 9112 §2.2 lets a server take a bare LF as a line end, and some clients send them).
+fn head_complete(head: &[u8]) -> bool {
+    head.windows(2).any(|w| w == b"\n\n") || head.windows(3).any(|w| w == b"\n\r\n")
+}
+
+/// One HTTP/1.0 answer with `Connection: close`; `extra` is more header lines, each ending in
+/// CRLF.
+fn answer(status: &str, content_type: &str, extra: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         {extra}Connection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Turns away a client beyond [`MAX_CLIENTS`] with a `503` at once, without a task of its own
+/// (so a flood of clients costs no memory): what it sent already is read and dropped (closing
+/// with unread data would reset the connection and lose the answer), then the answer is
+/// written without waiting (a new socket's send buffer has room) and the connection closed.
+pub fn refuse_busy(stream: tokio::net::TcpStream) {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = stream.into_std() else {
+        return;
+    };
+    let mut sink = [0u8; 2048];
+    for _ in 0..4 {
+        match stream.read(&mut sink) {
+            Ok(n) if n > 0 => continue,
+            _ => break,
+        }
+    }
+    let text = answer(
+        "503 Service Unavailable",
+        "text/plain",
+        "Retry-After: 1\r\n",
+        &format!("shaper is serving {MAX_CLIENTS} metrics clients already; try again\n"),
+    );
+    let _ = stream.write(text.as_bytes());
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+}
 
 /// Answers one HTTP connection: `GET /metrics` gets `metrics().await` (or 503 when it is
-/// `None`: the daemon is stopping); anything else 404 or 405.
+/// `None`: the daemon is stopping); anything else 404 or 405; a head not sent within
+/// [`HEAD_TIMEOUT`] a 408.
 pub async fn serve_http<F>(mut stream: tokio::net::TcpStream, metrics: F)
 where
     F: std::future::Future<Output = Option<String>>,
 {
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
-    let read = tokio::time::timeout(HTTP_TIMEOUT, async {
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_HEAD {
+    let read = tokio::time::timeout(HEAD_TIMEOUT, async {
+        while !head_complete(&head) && head.len() < MAX_HEAD {
             match stream.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => head.extend_from_slice(&buf[..n]),
@@ -238,6 +287,14 @@ where
     })
     .await;
     if read.is_err() {
+        let text = answer(
+            "408 Request Timeout",
+            "text/plain",
+            "",
+            &format!("no request within {HEAD_TIMEOUT:?}\n"),
+        );
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(text.as_bytes())).await;
+        let _ = stream.shutdown().await;
         return;
     }
     let line = head
@@ -266,11 +323,22 @@ where
             "shaper serves GET /metrics only\n".to_string(),
         ),
     };
-    let answer = format!(
-        "HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = tokio::time::timeout(HTTP_TIMEOUT, stream.write_all(answer.as_bytes())).await;
+    let text = answer(status, content_type, "", &body);
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(text.as_bytes())).await;
     let _ = stream.shutdown().await;
+}
+
+#[cfg(test)]
+mod http_tests {
+    use super::head_complete;
+
+    #[test]
+    fn a_head_ends_at_an_empty_line_after_crlf_or_bare_lf() {
+        assert!(head_complete(b"GET /metrics HTTP/1.0\r\n\r\n"));
+        assert!(head_complete(b"GET /metrics HTTP/1.0\n\n"));
+        assert!(head_complete(b"GET /metrics HTTP/1.1\nHost: x\r\n\r\n"));
+        assert!(head_complete(b"GET /metrics HTTP/1.1\r\nHost: x\n\n"));
+        assert!(!head_complete(b"GET /metrics HTTP/1.1\r\nHost: x\r\n"));
+        assert!(!head_complete(b"GET /metrics HTTP/1.1\n"));
+    }
 }

@@ -10,6 +10,7 @@ pub mod flows;
 pub mod iflock;
 pub mod latency;
 pub mod metrics;
+pub mod rundir;
 pub mod service;
 pub mod startup;
 pub mod status;
@@ -509,8 +510,10 @@ impl Daemon {
         };
         iface.operations = plan.ops.ops.len();
         if self.options.dry_run {
-            if !plan.ops.is_empty() {
-                tracing::info!("{}: would apply:\n{}", iface.name, plan.ops);
+            // One log line per operation: a log line never holds a newline (see
+            // `cli::logging`), and each reads on its own in the journal.
+            for op in plan.ops.to_string().lines() {
+                tracing::info!("{}: would apply: {op}", iface.name);
             }
             iface.installed(plan);
             iface.state = ShapingState::DryRun;

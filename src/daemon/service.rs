@@ -10,17 +10,21 @@
 //! uid is read with SO_PEERCRED, and others are refused with a message naming the group.
 //!
 //! No client can hold the daemon up: each is served by a task of its own, must send its request
-//! within [`CLIENT_TIMEOUT`] and in at most [`MAX_REQUEST`] bytes, and at most [`MAX_CLIENTS`]
-//! are served at once (more are told so and closed), so signals and other clients are handled
-//! whatever one client does, and memory stays bounded.
+//! within [`CLIENT_TIMEOUT`] and in at most [`MAX_REQUEST`] bytes, and the clients served at
+//! once are bounded (more are told so and closed), so signals and other clients are handled
+//! whatever one client does, and memory stays bounded. The bounds are separate budgets, so
+//! that no one else can lock root out: root (and the daemon's own user) has [`MAX_CLIENTS`]
+//! slots of its own; every other user (a `status_group` member) at most
+//! [`MAX_CLIENTS_PER_USER`], of [`MAX_OTHER_CLIENTS`] they share; and `metrics_listen`'s HTTP
+//! clients have [`super::metrics::MAX_CLIENTS`] (the excess gets a `503`).
 //!
 //! Running as root, the runtime and state dirs must be root's and writable by no one else
 //! ([`crate::trust::private_dir`]): whoever can write there could replace the socket or plant
 //! links where the pid file and usage are written.
+//! The pid file and the socket are put back when the runtime dir is cleaned under a running
+//! daemon ([`super::rundir`]), so `status` and `stop` keep finding it.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::AsFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -31,17 +35,23 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
+use super::rundir::RuntimeDir;
 use super::status::StatusReport;
 use super::{Daemon, RunOptions};
 use crate::config::Config;
 
-pub const SOCKET_NAME: &str = "shaper.sock";
-pub const PID_NAME: &str = "shaper.pid";
+pub use super::rundir::{PID_NAME, SOCKET_NAME};
 
 /// The longest request line, in bytes; a request is one short JSON line.
 pub const MAX_REQUEST: usize = 64 * 1024;
-/// Control clients served at once; each may hold up to [`MAX_REQUEST`] bytes.
+/// Root's control clients (and the daemon's own user's) served at once; each may hold up to
+/// [`MAX_REQUEST`] bytes.
 pub const MAX_CLIENTS: usize = 128;
+/// Other users' control clients served at once, all together.
+pub const MAX_OTHER_CLIENTS: usize = 128;
+/// One other user's control clients served at once: one member of `status_group` cannot take
+/// every slot from the others.
+pub const MAX_CLIENTS_PER_USER: usize = 16;
 /// How long a client may take to send its request, and to take the answer.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 /// With the BPF classifier, how long the cycle thread waits for new sockets before it looks
@@ -105,66 +115,6 @@ fn notify(state: &[sd_notify::NotifyState]) {
     let _ = sd_notify::notify(state);
 }
 
-/// The pid file, locked for the daemon's lifetime: a second daemon on the same runtime dir
-/// finds it locked and refuses to start.
-struct PidLock {
-    path: PathBuf,
-    _file: std::fs::File,
-}
-
-impl PidLock {
-    /// Opens (never through a symlink) and locks the pid file in `dir`, which the caller has
-    /// checked ([`crate::trust::private_dir`]).
-    fn acquire(dir: &Path) -> anyhow::Result<PidLock> {
-        let path = dir.join(PID_NAME);
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .with_context(|| {
-                format!(
-                    "cannot open the pid file {} (if it is a symlink, remove it)",
-                    path.display()
-                )
-            })?;
-        let meta = file.metadata()?;
-        if !meta.is_file() || meta.nlink() != 1 {
-            anyhow::bail!(
-                "the pid file {} is not a plain file (a hard link or a special file); remove it",
-                path.display()
-            );
-        }
-        if rustix::fs::flock(
-            file.as_fd(),
-            rustix::fs::FlockOperation::NonBlockingLockExclusive,
-        )
-        .is_err()
-        {
-            let mut pid = String::new();
-            let _ = (&file).take(32).read_to_string(&mut pid);
-            anyhow::bail!(
-                "another shaper (pid {}) is running with runtime dir {}; stop it with `shaper stop` \
-                 or use another --runtime-dir",
-                pid.trim(),
-                dir.display()
-            );
-        }
-        file.set_len(0)?;
-        writeln!(file, "{}", std::process::id())?;
-        Ok(PidLock { path, _file: file })
-    }
-}
-
-impl Drop for PidLock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
 /// The group that may read status through the socket (config `status_group`).
 #[derive(Debug, Clone)]
 struct StatusGroup {
@@ -190,6 +140,103 @@ impl StatusGroup {
     }
 }
 
+/// The control socket's client slots: root's, and the other users' with a share per user
+/// (see the module docs).
+#[derive(Debug, Default)]
+struct Budget {
+    root: usize,
+    others: usize,
+    per_user: std::collections::HashMap<u32, usize>,
+}
+
+/// Why a control client was turned away.
+#[derive(Debug, Clone, Copy)]
+enum Busy {
+    Root,
+    Others,
+    User(u32),
+}
+
+impl Busy {
+    /// The answer to the client turned away, one JSON line.
+    fn answer(self) -> String {
+        let message = match self {
+            Busy::Root => {
+                format!("shaper is serving {MAX_CLIENTS} control clients already; try again")
+            }
+            Busy::Others => format!(
+                "shaper is serving {MAX_OTHER_CLIENTS} control clients of users other than root \
+                 already; try again"
+            ),
+            Busy::User(uid) => format!(
+                "shaper is serving {MAX_CLIENTS_PER_USER} control clients of uid {uid} already; \
+                 close some and try again"
+            ),
+        };
+        let mut line =
+            serde_json::to_string(&Response::error(message)).expect("a response always serialises");
+        line.push('\n');
+        line
+    }
+}
+
+/// A control client's slot, given back when its task ends.
+struct Slot {
+    budget: Arc<std::sync::Mutex<Budget>>,
+    /// `None` for root's slots.
+    user: Option<u32>,
+}
+
+/// Takes a slot for a client of `uid` (`privileged`: root or the daemon's own user).
+fn take_slot(
+    budget: &Arc<std::sync::Mutex<Budget>>,
+    uid: u32,
+    privileged: bool,
+) -> Result<Slot, Busy> {
+    let mut b = budget.lock().unwrap_or_else(|e| e.into_inner());
+    if privileged {
+        if b.root >= MAX_CLIENTS {
+            return Err(Busy::Root);
+        }
+        b.root += 1;
+        return Ok(Slot {
+            budget: budget.clone(),
+            user: None,
+        });
+    }
+    if b.others >= MAX_OTHER_CLIENTS {
+        return Err(Busy::Others);
+    }
+    let mine = b.per_user.entry(uid).or_default();
+    if *mine >= MAX_CLIENTS_PER_USER {
+        return Err(Busy::User(uid));
+    }
+    *mine += 1;
+    b.others += 1;
+    Ok(Slot {
+        budget: budget.clone(),
+        user: Some(uid),
+    })
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
+        match self.user {
+            None => b.root -= 1,
+            Some(uid) => {
+                b.others -= 1;
+                if let Some(n) = b.per_user.get_mut(&uid) {
+                    *n -= 1;
+                    if *n == 0 {
+                        b.per_user.remove(&uid);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Runs the daemon until it is stopped. Fails before anything is installed if the script does
 /// not load or another daemon holds the runtime dir.
 pub fn run(mut config: Config, options: RunOptions) -> anyhow::Result<ExitCode> {
@@ -204,12 +251,16 @@ pub fn run(mut config: Config, options: RunOptions) -> anyhow::Result<ExitCode> 
     ] {
         crate::trust::private_dir(dir, strict).with_context(|| format!("the {what}"))?;
     }
-    let _pid = PidLock::acquire(&runtime_dir)?;
     let status_group = config
         .status_group
         .as_deref()
         .map(StatusGroup::resolve)
         .transpose()?;
+    let mut files = RuntimeDir::acquire(
+        &runtime_dir,
+        strict,
+        status_group.as_ref().map(|g| (g.name.clone(), g.gid)),
+    )?;
     // One daemon per interface whatever the runtime dir; a dry run changes nothing, so it may
     // watch alongside. The interfaces are resolved once, so the daemon shapes what it locked.
     config.interfaces = config.shaped_interfaces()?;
@@ -249,20 +300,18 @@ pub fn run(mut config: Config, options: RunOptions) -> anyhow::Result<ExitCode> 
         .recv()
         .context("the cycle thread stopped while starting")??;
 
-    let socket_path = runtime_dir.join(SOCKET_NAME);
-    let _ = std::fs::remove_file(&socket_path); // stale: we hold the lock
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let result = runtime.block_on(serve(
-        &socket_path,
-        status_group,
+        &mut files,
+        status_group.map(|g| g.name),
         metrics_listen,
         commands.clone(),
     ));
     // Closes the clients still connected.
     drop(runtime);
-    let _ = std::fs::remove_file(&socket_path);
+    files.remove_socket();
     notify(&[sd_notify::NotifyState::Stopping]);
     // Stop the cycle thread (teardown, flush) if it is still running.
     let (reply, done) = tokio::sync::oneshot::channel();
@@ -313,41 +362,26 @@ async fn ask_metrics(commands: mpsc::Sender<Command>) -> Option<String> {
 }
 
 async fn serve(
-    socket_path: &Path,
-    group: Option<StatusGroup>,
+    files: &mut RuntimeDir,
+    group: Option<Arc<str>>,
     metrics_listen: Option<std::net::SocketAddr>,
     commands: mpsc::Sender<Command>,
 ) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let metrics = metrics_listener(metrics_listen).await;
-    let listener = tokio::net::UnixListener::bind(socket_path)
-        .with_context(|| format!("cannot create the control socket {}", socket_path.display()))?;
-    let mode = match &group {
-        Some(g) => {
-            std::os::unix::fs::chown(socket_path, None, Some(g.gid)).with_context(|| {
-                format!(
-                    "cannot give the control socket {} to status_group {:?}",
-                    socket_path.display(),
-                    g.name
-                )
-            })?;
-            0o660
-        }
-        None => 0o600,
-    };
-    std::fs::set_permissions(socket_path, std::fs::Permissions::from_mode(mode))?;
-    let group = group.map(|g| g.name);
+    let mut listener = files.bind()?;
+    // The runtime dir may be cleaned under a running daemon: look for the files each second.
+    let mut check = tokio::time::interval(super::rundir::CHECK_INTERVAL);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
+    let budget = Arc::new(std::sync::Mutex::new(Budget::default()));
+    let metrics_slots = Arc::new(tokio::sync::Semaphore::new(super::metrics::MAX_CLIENTS));
+    let own_uid = rustix::process::geteuid().as_raw();
     let (stop_tx, mut stop_rx) = tokio::sync::mpsc::channel::<()>(1);
-    let mut busy = serde_json::to_string(&Response::error(format!(
-        "shaper is serving {MAX_CLIENTS} control clients already; try again"
-    )))?;
-    busy.push('\n');
     notify(&[sd_notify::NotifyState::Ready]);
-    tracing::info!("running; control socket {}", socket_path.display());
+    tracing::info!("running; control socket {}", files.socket_path().display());
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: stopping"); return Ok(()); }
@@ -363,13 +397,21 @@ async fn serve(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
-                // Metrics clients share the control clients' limit.
-                if let Ok(slot) = slots.clone().try_acquire_owned() {
-                    let commands = commands.clone();
-                    tokio::spawn(async move {
-                        super::metrics::serve_http(stream, ask_metrics(commands)).await;
-                        drop(slot);
-                    });
+                // Metrics clients have slots of their own, apart from the control socket's.
+                match metrics_slots.clone().try_acquire_owned() {
+                    Ok(slot) => {
+                        let commands = commands.clone();
+                        tokio::spawn(async move {
+                            super::metrics::serve_http(stream, ask_metrics(commands)).await;
+                            drop(slot);
+                        });
+                    }
+                    Err(_) => super::metrics::refuse_busy(stream),
+                }
+            }
+            _ = check.tick() => {
+                if let Some(restored) = files.restore() {
+                    listener = restored;
                 }
             }
             _ = hup.recv() => {
@@ -387,10 +429,14 @@ async fn serve(
                         continue;
                     }
                 };
-                match slots.clone().try_acquire_owned() {
+                // Who connected (the kernel's record, taken at connect).
+                let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
+                let privileged = uid == 0 || uid == own_uid;
+                match take_slot(&budget, uid, privileged) {
                     Ok(slot) => {
                         tokio::spawn(serve_client(
                             stream,
+                            privileged,
                             group.clone(),
                             commands.clone(),
                             stop_tx.clone(),
@@ -398,9 +444,9 @@ async fn serve(
                         ));
                     }
                     // A new socket's send buffer is empty: this (non-blocking) write completes.
-                    Err(_) => {
+                    Err(busy) => {
                         if let Ok(mut stream) = stream.into_std() {
-                            let _ = stream.write(busy.as_bytes());
+                            let _ = stream.write(busy.answer().as_bytes());
                         }
                     }
                 }
@@ -430,15 +476,12 @@ fn refusal(request: &Request, group: Option<&str>) -> String {
 /// end after a `stop`.
 async fn serve_client(
     stream: tokio::net::UnixStream,
+    privileged: bool,
     group: Option<Arc<str>>,
     commands: mpsc::Sender<Command>,
     stop: tokio::sync::mpsc::Sender<()>,
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    _slot: Slot,
 ) {
-    let privileged = stream.peer_cred().is_ok_and(|c| {
-        let uid = rustix::process::geteuid().as_raw();
-        c.uid() == 0 || c.uid() == uid
-    });
     let (read, mut write) = stream.into_split();
     let mut line = Vec::new();
     let mut reader = tokio::io::BufReader::new(read).take(MAX_REQUEST as u64 + 1);
@@ -617,4 +660,43 @@ pub fn request(runtime_dir: &Path, request: &Request) -> anyhow::Result<Response
             )
         })?;
     serde_json::from_str(&line).with_context(|| format!("bad answer from shaper: {line:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn other_users_cannot_take_roots_slots_nor_each_others() {
+        let budget = Arc::new(std::sync::Mutex::new(Budget::default()));
+        let nobody: Vec<Slot> = (0..MAX_CLIENTS_PER_USER)
+            .map(|_| take_slot(&budget, 65534, false).unwrap())
+            .collect();
+        assert!(matches!(
+            take_slot(&budget, 65534, false),
+            Err(Busy::User(65534))
+        ));
+        // Another member still gets in, and root has all its slots.
+        let other = take_slot(&budget, 1000, false).unwrap();
+        let root: Vec<Slot> = (0..MAX_CLIENTS)
+            .map(|_| take_slot(&budget, 0, true).unwrap())
+            .collect();
+        assert!(matches!(take_slot(&budget, 0, true), Err(Busy::Root)));
+        assert!(Busy::Root.answer().contains("128 control clients already"));
+        // Slots come back when their clients end.
+        drop((nobody, other, root));
+        let b = budget.lock().unwrap();
+        assert_eq!((b.root, b.others, b.per_user.len()), (0, 0, 0));
+    }
+
+    #[test]
+    fn other_users_share_a_bounded_pool() {
+        let budget = Arc::new(std::sync::Mutex::new(Budget::default()));
+        let many: Vec<Slot> = (0..MAX_OTHER_CLIENTS as u32)
+            .map(|i| take_slot(&budget, 1000 + i, false).unwrap())
+            .collect();
+        assert!(matches!(take_slot(&budget, 5000, false), Err(Busy::Others)));
+        assert!(take_slot(&budget, 0, true).is_ok());
+        drop(many);
+    }
 }

@@ -495,11 +495,14 @@ fn plan_prints_what_a_dry_run_would_apply() {
         s["interfaces"][0]["state"] == "dry-run"
     });
     let logged = daemon.log_text();
-    let would = logged
-        .split_once("would apply:")
-        .unwrap_or_else(|| panic!("no plan logged:\n{logged}"))
-        .1;
-    assert_eq!(operations(would), planned, "log:\n{logged}");
+    // One log line per operation.
+    let would: Vec<String> = logged
+        .lines()
+        .filter_map(|l| l.split_once("would apply: "))
+        .map(|(_, op)| op.trim().to_string())
+        .collect();
+    assert!(!would.is_empty(), "no plan logged:\n{logged}");
+    assert_eq!(would, planned, "log:\n{logged}");
     assert!(classes(&pair.a).is_empty(), "a dry run installs nothing");
     // With a daemon running, the plan says it is not made from that daemon's configuration.
     let again = pair

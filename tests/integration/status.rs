@@ -188,3 +188,137 @@ fn a_status_group_that_does_not_exist_fails_the_start_naming_the_fix() {
     assert!(!exit.success(), "{log}");
     assert!(log.contains("groupadd nosuchgroup-shp"), "{log}");
 }
+
+/// A process in namespace `a` that names itself `name` (prctl PR_SET_NAME), connects to `to`,
+/// sends 2 MB and holds the connection; prints `ready` once sent.
+const NAMED: &str = r#"
+import ctypes, socket, sys, time
+ctypes.CDLL(None).prctl(15, sys.argv[1].encode(), 0, 0, 0)
+s = socket.create_connection((sys.argv[2], int(sys.argv[3])))
+s.sendall(b"x" * 2_000_000)
+print("ready", flush=True)
+time.sleep(120)
+"#;
+
+#[test]
+fn control_characters_in_names_are_escaped_for_people_and_raw_in_json() {
+    use std::io::{BufRead, BufReader, Read};
+    const RAW: &str = "\x1b[31mev\nil";
+    const SHOWN: &str = "\\x1b[31mev\\nil";
+    let pair = NetnsPair::new();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("policy.lua");
+    std::fs::write(
+        &script,
+        "local shaper = require(\"shaper\")\n\
+         classes = { default = { prio = 4 } }\n\
+         function classify(conn, ctx)\n\
+         \x20 if conn.process then shaper.notify(\"seen\", \"from \" .. conn.process.name) end\n\
+         \x20 return \"default\"\n\
+         end\n",
+    )
+    .unwrap();
+    let daemon = DaemonProcess::start(&pair.a, dir.path(), &["--script", script.to_str().unwrap()]);
+    let listener = pair
+        .b
+        .run(|| TcpListener::bind((NetnsPair::B_V4, 0)).unwrap());
+    let addr = listener.local_addr().unwrap();
+    let mut named = pair
+        .a
+        .command("/usr/bin/python3")
+        .args([
+            "-c",
+            NAMED,
+            RAW,
+            &addr.ip().to_string(),
+            &addr.port().to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let (mut server, _) = listener.accept().unwrap();
+    let mut sink = vec![0u8; 2_000_000];
+    server.read_exact(&mut sink).unwrap();
+    let mut ready = String::new();
+    BufReader::new(named.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready.trim(), "ready");
+    let pid = named.id();
+    // JSON keeps the raw name.
+    daemon.wait_for(20, "the named process is seen", |s| {
+        s["processes"]
+            .as_array()
+            .is_some_and(|ps| ps.iter().any(|p| p["name"] == RAW && p["pid"] == pid))
+    });
+    let text = |args: &[&str]| {
+        let out = daemon.control(args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // People see it escaped, on one row with its pid, and nothing raw reaches the terminal.
+    let status = text(&["status"]);
+    let row = format!("{SHOWN} ({pid})");
+    assert!(status.lines().any(|l| l.starts_with(&row)), "{status}");
+    assert!(
+        !status.contains('\x1b') && !status.contains("\nil"),
+        "{status}"
+    );
+    assert!(
+        status.contains(&format!("seen: from {SHOWN}")),
+        "the event escaped: {status}"
+    );
+    let all = text(&["status", "--all"]);
+    assert!(
+        all.lines()
+            .any(|l| l.starts_with("tcp ") && l.contains(&row)),
+        "{all}"
+    );
+    assert!(!all.contains('\x1b') && !all.contains("\nil"), "{all}");
+    let events = &daemon.status()["events"];
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["message"] == format!("from {RAW}")),
+        "{events}"
+    );
+    // The event's log line: one line, escaped.
+    let log = daemon.log_text();
+    assert!(log.contains(&format!("event seen: from {SHOWN}")), "{log}");
+    assert!(!log.contains('\x1b') && !log.contains("\nil"), "{log}");
+    // Usage, once saved (every second here): escaped by name, raw in JSON.
+    let usage = |json: bool| {
+        let mut cmd = crate::support::shaper();
+        cmd.args(["usage", "--by", "process", "--state-dir"])
+            .arg(dir.path().join("state"));
+        if json {
+            cmd.arg("--json");
+        }
+        let out = crate::support::output(&mut cmd);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let json: serde_json::Value = serde_json::from_str(&usage(true)).unwrap();
+        let rows = json["rows"].as_array().unwrap();
+        if rows
+            .iter()
+            .any(|r| r["name"] == RAW && r["up"].as_u64() >= Some(2_000_000))
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{json:#}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let table = usage(false);
+    assert!(table.lines().any(|l| l.starts_with(SHOWN)), "{table}");
+    assert!(
+        !table.contains('\x1b') && !table.contains("\nil"),
+        "{table}"
+    );
+    let _ = named.kill();
+    let _ = named.wait();
+}
