@@ -417,4 +417,18 @@ int on_exec(void *ctx)
 	return 0;
 }
 
+/* exit: a process's class for new connections goes with it (the daemon keeps it while the
+ * process lives, connections or not, so its next connection is classified at once, and a flood
+ * of its sockets can be deferred); its pid may be reused by another program. */
+SEC("raw_tracepoint/sched_process_exit")
+int on_exit(void *ctx)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tgid = pid_tgid >> 32;
+
+	if ((__u32)pid_tgid == tgid)
+		bpf_map_delete_elem(&proc_class, &tgid);
+	return 0;
+}
+
 char LICENSE[] SEC("license") = "Dual MIT/GPL";

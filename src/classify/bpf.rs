@@ -219,14 +219,20 @@ impl BpfClassifier {
         // Not required: without it an exec'd process's new sockets keep the class decided for
         // the program it ran before until the daemon reads the process again (its next report
         // or scan).
-        let exec_hook_error = program::<RawTracePoint>(&mut ebpf, "on_exec")
-            .and_then(|p| {
-                p.load().map_err(|e| program_error("on_exec", e))?;
-                p.attach("sched_process_exec")
-                    .map_err(|e| program_error("on_exec", e))
-            })
-            .err()
-            .map(|e| e.to_string());
+        let exec_hook_error = [
+            ("on_exec", "sched_process_exec"),
+            ("on_exit", "sched_process_exit"),
+        ]
+        .into_iter()
+        .find_map(|(name, tracepoint)| {
+            program::<RawTracePoint>(&mut ebpf, name)
+                .and_then(|p| {
+                    p.load().map_err(|e| program_error(name, e))?;
+                    p.attach(tracepoint).map_err(|e| program_error(name, e))
+                })
+                .err()
+        })
+        .map(|e| e.to_string());
         Ok(BpfClassifier {
             interface: interface.into(),
             cls_bpf: None,
@@ -386,7 +392,8 @@ impl BpfClassifier {
         std::mem::take(&mut self.execs)
     }
 
-    /// Why the kernel does not report exec, when its hook could not be attached.
+    /// Why the kernel does not see exec and exit, when their hooks could not be attached
+    /// (processes' classes for new connections are then kept only while they have connections).
     pub fn exec_hook_error(&self) -> Option<&str> {
         self.exec_hook_error.as_deref()
     }

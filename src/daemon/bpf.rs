@@ -58,6 +58,8 @@ pub struct BpfState {
     failed: usize,
     /// The kernel's report figures as last logged, and when (one line a minute at most).
     warned_reports: (ReportStats, Option<std::time::Instant>),
+    /// When lingering process entries were last checked against `/proc`.
+    lingering_checked: Option<std::time::Instant>,
     /// Why the cls_bpf download filter could not be attached, as last logged.
     download_error: Option<String>,
 }
@@ -138,6 +140,7 @@ impl BpfState {
             processes: FxHashMap::default(),
             failed: 0,
             warned_reports: (ReportStats::default(), None),
+            lingering_checked: None,
             download_error: None,
         })
     }
@@ -246,8 +249,15 @@ impl BpfState {
                 }
             }
         }
-        let processes: FxHashMap<u32, Classids> =
+        let mut processes: FxHashMap<u32, Classids> =
             processes.into_iter().map(|(p, (_, c))| (p, c)).collect();
+        // A process whose connections are all closed keeps its class for new connections while
+        // it lives (the kernel drops it at exit): its next connection is classified from its
+        // first packet, and under a flood of its sockets their reports can be deferred. Without
+        // the exit hook, entries go with the process's last connection, as before.
+        if self.classifier.exec_hook_error().is_none() {
+            self.linger(&mut processes);
+        }
 
         let mut failed = 0;
         self.connections = reconcile_map(
@@ -273,6 +283,25 @@ impl BpfState {
             );
         }
         self.failed = failed;
+    }
+
+    /// Adds to `processes` the entries written earlier for processes that have no connection now
+    /// but still run (checked at most once a second: a stat of `/proc/<tgid>` each).
+    fn linger(&mut self, processes: &mut FxHashMap<u32, Classids>) {
+        let check = self
+            .lingering_checked
+            .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1));
+        if check {
+            self.lingering_checked = Some(std::time::Instant::now());
+        }
+        for (&tgid, &classes) in &self.processes {
+            if processes.contains_key(&tgid) {
+                continue;
+            }
+            if !check || std::path::Path::new(&format!("/proc/{tgid}")).exists() {
+                processes.insert(tgid, classes);
+            }
+        }
     }
 
     /// Connections and processes the maps hold (for status and tests).

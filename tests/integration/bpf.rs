@@ -739,7 +739,7 @@ fn bpf_programs_go_with_the_classifier_and_with_a_killed_owner() {
     // Dropped in this process.
     let c = lab.attach(&cg);
     let ids = c.program_ids();
-    assert_eq!(ids.len(), 6, "five programs and the exec hook");
+    assert_eq!(ids.len(), 7, "five programs and the exec and exit hooks");
     assert!(ids.iter().all(|id| loaded(*id)));
     assert_eq!(lab.cls_bpf_filters().len(), filters_while_attached);
     drop(c);
@@ -754,7 +754,7 @@ fn bpf_programs_go_with_the_classifier_and_with_a_killed_owner() {
         .iter()
         .map(|w| w.parse().unwrap())
         .collect();
-    assert_eq!(ids.len(), 6, "five programs and the exec hook");
+    assert_eq!(ids.len(), 7, "five programs and the exec and exit hooks");
     assert!(ids.iter().all(|id| loaded(*id)));
     assert_eq!(lab.cls_bpf_filters().len(), filters_while_attached);
     owner.child.kill().unwrap();
