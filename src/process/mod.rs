@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-pub use info::{Identity, Pid, Process, cgroup_path, identity, parse_stat, unit_of_cgroup};
+pub use info::{Pid, Process, cgroup_path, unit_of_cgroup};
 pub use text::ProcString;
 
 use crate::scan::Socket;

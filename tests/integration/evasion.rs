@@ -6,7 +6,7 @@ use std::net::TcpListener;
 use std::process::{Child, Stdio};
 
 use crate::support::cgroup::TestCgroup;
-use crate::support::daemon::DaemonProcess;
+use crate::support::daemon::{DaemonProcess, wait_until};
 use crate::support::netns::NetnsPair;
 
 const POLICY: &str = r#"
@@ -86,39 +86,29 @@ impl Setup {
         python(&self.pair, &self.cgroup, &self.listener, script, extra)
     }
 
-    /// The (class, process) of each connection to the listener, from `status --all --json`.
-    fn classes(&self) -> Vec<(String, String)> {
-        let port = format!(":{}", self.listener.local_addr().unwrap().port());
-        let s = self.daemon.status_all();
-        s["connections"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|c| c["connection"].as_str().unwrap().contains(&port))
-            .map(|c| {
-                (
-                    c["class"].as_str().unwrap_or("").to_string(),
-                    c["process"].as_str().unwrap_or("").to_string(),
-                )
-            })
-            .collect()
-    }
-
+    /// Waits until `ok` holds for the (class, process) of each connection to the listener.
     fn wait_for_classes(&self, what: &str, ok: impl Fn(&[(String, String)]) -> bool) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        loop {
-            let now = self.classes();
-            if ok(&now) {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{what}: {now:?}\n{}",
-                self.daemon.log_text()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+        let port = self.listener.local_addr().unwrap().port();
+        self.daemon
+            .wait_for_all(2, what, |s| ok(&connections_to(s, port)));
     }
+}
+
+/// The (class, process) of each connection to `port` in a `status --all --json`.
+fn connections_to(status: &serde_json::Value, port: u16) -> Vec<(String, String)> {
+    let port = format!(":{port}");
+    status["connections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["connection"].as_str().is_some_and(|t| t.contains(&port)))
+        .map(|c| {
+            (
+                c["class"].as_str().unwrap_or("").to_string(),
+                c["process"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
 }
 
 /// `python3 -c SCRIPT B_V4 PORT EXTRA…` in namespace `a` and `cgroup`.
@@ -222,15 +212,12 @@ fn a_killed_runs_cls_bpf_filter_is_removed_whatever_classifier_starts_next() {
     for next in [&["--classifier", "u32"][..], &bpf[..]] {
         let mut killed = DaemonProcess::start_with_env(&pair.a, dir.path(), &bpf, &env);
         killed.wait_for(10, "shaping", |s| s["interfaces"][0]["state"] == "shaping");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while cls_bpf_filters(&pair.a).len() != 1 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the cls_bpf filter attached:\n{}",
-                killed.log_text()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        wait_until(1, "the cls_bpf filter attached", || {
+            match cls_bpf_filters(&pair.a) {
+                f if f.len() == 1 => Ok(()),
+                f => Err(format!("{f:?}\n{}", killed.log_text())),
+            }
+        });
         killed.signal(libc::SIGKILL);
         assert_eq!(cls_bpf_filters(&pair.a).len(), 1, "left by SIGKILL");
         let daemon = DaemonProcess::start(&pair.a, dir.path(), next);
@@ -260,22 +247,30 @@ end
 "#;
 
 /// Opens, uses and closes UDP sockets as fast as it can (each socket's one datagram makes the
-/// kernel report it).
+/// kernel report it) until killed, writing how many it made to the file argv[3] every 500.
 const FLOODER: &str = r#"
-import ctypes, socket, sys, time
+import ctypes, os, socket, sys
 ctypes.CDLL(None).prctl(15, b"flooder", 0, 0, 0)
-addr = (sys.argv[1], 9)
-end = time.time() + float(sys.argv[3])
-while time.time() < end:
+addr, count = (sys.argv[1], 9), sys.argv[3]
+n = 0
+while True:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.sendto(b"x", addr)
     s.close()
+    n += 1
+    if n % 500 == 0:
+        with open(count + ".tmp", "w") as f:
+            f.write(str(n))
+        os.replace(count + ".tmp", count)
 "#;
 
+/// Holds a connection it writes to, and creates the file argv[3] once it has sent on it.
 const VICTIM: &str = r#"
 import ctypes, socket, sys, time
 ctypes.CDLL(None).prctl(15, b"victim", 0, 0, 0)
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+s.send(b"x" * 100)
+open(sys.argv[3], "w").close()
 while True:
     s.send(b"x" * 100)
     time.sleep(0.05)
@@ -294,38 +289,63 @@ fn a_socket_flood_is_deferred_and_counted_and_a_new_process_still_gets_its_class
     let listener = pair
         .b
         .run(|| TcpListener::bind((NetnsPair::B_V4, 0)).unwrap());
-    let _flooder = Kill(python(&pair, &cgroup, &listener, FLOODER, &["20"]));
-    // The flooder is known (its class is in the kernel) once its first sockets were decided.
-    std::thread::sleep(std::time::Duration::from_secs(2));
+    let count_file = dir.path().join("flooded");
+    let sent = dir.path().join("victim-sent");
+    let flooded = || -> u64 {
+        std::fs::read_to_string(&count_file)
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0)
+    };
+    let _flooder = Kill(python(
+        &pair,
+        &cgroup,
+        &listener,
+        FLOODER,
+        &[count_file.to_str().unwrap()],
+    ));
+    // The flooder has a class in the kernel once its first sockets were decided.
+    daemon.wait_for(2, "the flooder's sockets decided", |s| {
+        s["fast_path"]["sockets"].as_u64() > Some(0)
+    });
     let pid = daemon.pid();
     // SAFETY: plain syscalls on our child's pid.
     unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
-    std::thread::sleep(std::time::Duration::from_secs(2));
-    let _victim = Kill(python(&pair, &cgroup, &listener, VICTIM, &[]));
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // 2,000 unread reports (about 190 KiB) are well past the 64 KiB where deferral starts.
+    let from = flooded();
+    wait_until(
+        2,
+        "2,000 sockets flooded while the daemon is stopped",
+        || {
+            let n = flooded();
+            (n >= from + 2_000)
+                .then_some(())
+                .ok_or(format!("{n} from {from}"))
+        },
+    );
+    let _victim = Kill(python(
+        &pair,
+        &cgroup,
+        &listener,
+        VICTIM,
+        &[sent.to_str().unwrap()],
+    ));
+    wait_until(2, "the victim sent on its connection", || {
+        sent.exists().then_some(()).ok_or(String::new())
+    });
     // SAFETY: as above.
     unsafe { libc::kill(pid as i32, libc::SIGCONT) };
-    let port = format!(":{}", listener.local_addr().unwrap().port());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let s = daemon.status_all();
-        let victim = s["connections"].as_array().is_some_and(|cs| {
-            cs.iter().any(|c| {
-                c["connection"].as_str().is_some_and(|t| t.contains(&port))
-                    && c["class"] == "victim"
-            })
-        });
-        if victim && s["fast_path"]["deferred"].as_u64() > Some(0) {
-            eprintln!("fast path after the flood: {}", s["fast_path"]);
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the victim in its class and the flood counted: {s:#}\n{}",
-            daemon.log_text()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let port = listener.local_addr().unwrap().port();
+    daemon.wait_for_all(5, "the victim in its class and the flood counted", |s| {
+        connections_to(s, port)
+            .iter()
+            .any(|(class, _)| class == "victim")
+            && s["fast_path"]["deferred"].as_u64() > Some(0)
+    });
+    eprintln!(
+        "fast path after the flood: {}",
+        daemon.status()["fast_path"]
+    );
     let metrics = String::from_utf8_lossy(&daemon.control(&["metrics"]).stdout).into_owned();
     assert!(
         metrics.contains("shaper_fast_path_reports_total{outcome=\"deferred\"}"),

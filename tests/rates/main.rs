@@ -985,15 +985,17 @@ fn short_transfers_of_a_new_process_hold_under_a_flood_of_new_sockets() {
     );
 }
 
-/// Holds a connection as python3, then execs a program of another name (a symlink to this
-/// Python) that downloads argv[3] bytes on a new connection and prints the seconds it took.
+/// Holds a connection as python3 until the file argv[5] appears, then execs a program of another
+/// name (a symlink to this Python) that downloads argv[3] bytes on a new connection and prints
+/// the seconds it took.
 const EXEC_THEN_DOWNLOAD: &str = r#"
 import os, socket, sys, time
-host, port, size, link = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+host, port, size, link, go = sys.argv[1:6]
 s = socket.create_connection((host, int(port)))
 s.set_inheritable(True)
 os.symlink(sys.executable, link)
-time.sleep(1)
+while not os.path.exists(go):
+    time.sleep(0.02)
 after = """
 import socket, sys, time
 start = time.time()
@@ -1018,7 +1020,7 @@ fn after_exec_a_limited_program_holds_its_limit() {
     let pair = NetnsPair::new();
     let cgroup = TestCgroup::new();
     let dir = tempfile::tempdir().unwrap();
-    let _daemon = DaemonProcess::start_bpf_policy(
+    let daemon = DaemonProcess::start_bpf_policy(
         &pair.a,
         dir.path(),
         &cgroup,
@@ -1040,6 +1042,7 @@ fn after_exec_a_limited_program_holds_its_limit() {
         s.write_all(&vec![0x5a_u8; SIZE]).unwrap();
     });
     let link = dir.path().join("limitedprog");
+    let go = dir.path().join("go");
     let mut cmd = pair.a.command("python3");
     cmd.args([
         "-c",
@@ -1048,11 +1051,23 @@ fn after_exec_a_limited_program_holds_its_limit() {
         &port.to_string(),
         &SIZE.to_string(),
         link.to_str().unwrap(),
+        go.to_str().unwrap(),
     ])
     .stdout(std::process::Stdio::piped());
     let procs = cgroup.enter(&mut cmd);
     let child = cmd.spawn().expect("start python3");
     drop(procs);
+    // Exec only once python3's connection was judged (as `default`, unlimited).
+    let held = format!(":{port}");
+    daemon.wait_for_all(2, "python3's connection in default", |s| {
+        s["connections"].as_array().is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c["connection"].as_str().is_some_and(|t| t.contains(&held))
+                    && c["class"] == "default"
+            })
+        })
+    });
+    std::fs::write(&go, "").unwrap();
     let out = child.wait_with_output().unwrap();
     server.join().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -22,6 +22,19 @@ pub fn allowance(secs: u64) -> Duration {
     Duration::from_secs(secs.saturating_mul(10).max(60))
 }
 
+/// Waits until `ok()` holds, which normally takes up to `secs`, or panics after the
+/// [`allowance`] with `what` and the last `ok`'s explanation.
+pub fn wait_until(secs: u64, what: &str, mut ok: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + allowance(secs);
+    loop {
+        match ok() {
+            Ok(()) => return,
+            Err(why) => assert!(Instant::now() < deadline, "{what}: not reached; {why}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub struct DaemonProcess {
     pub child: Option<Child>,
     pub dir: PathBuf,
@@ -209,10 +222,25 @@ impl DaemonProcess {
     /// Waits until `ok(status)` holds, which normally takes up to `secs`, or panics after the
     /// [`allowance`] with the last status and the log.
     pub fn wait_for(&self, secs: u64, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
+        self.wait_on(&["status", "--json"], secs, what, ok);
+    }
+
+    /// [`Self::wait_for`] on `status --all --json` (with every connection).
+    pub fn wait_for_all(&self, secs: u64, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
+        self.wait_on(&["status", "--all", "--json"], secs, what, ok);
+    }
+
+    fn wait_on(
+        &self,
+        command: &[&str],
+        secs: u64,
+        what: &str,
+        ok: impl Fn(&serde_json::Value) -> bool,
+    ) {
         let deadline = Instant::now() + allowance(secs);
         loop {
             // A daemon only spawned may not answer yet.
-            let out = self.control(&["status", "--json"]);
+            let out = self.control(command);
             let s = match serde_json::from_slice(&out.stdout) {
                 Ok(s) if out.status.success() => s,
                 _ => serde_json::Value::String(String::from_utf8_lossy(&out.stderr).into()),
