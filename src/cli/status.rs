@@ -54,6 +54,15 @@ pub fn render(report: &StatusReport) -> String {
                 .map_or("-".to_string(), |c| format!("{c:.0} µs"))
         );
     }
+    if let Some(ns) = &report.own_pid_namespace {
+        let _ = writeln!(
+            out,
+            "PID namespace of its own: new sockets' owners found by socket {}, by an earlier \
+             tie {}, not found {} (classified by what can be seen); {} processes tied to their \
+             host pid",
+            ns.by_socket, ns.by_tie, ns.unresolved, ns.processes
+        );
+    }
     for i in &report.interfaces {
         let unplaced = if i.unplaced > 0 {
             format!("; {} classes or filters without a tc handle", i.unplaced)

@@ -3,9 +3,10 @@
 //! applied — each connection's leaves by socket cookie, and each process's leaves for the
 //! connections it opens before a cycle has seen them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
 
 use super::flows::FlowTable;
 use crate::classify::{
@@ -13,7 +14,8 @@ use crate::classify::{
 };
 use crate::config::{ClassifierChoice, Config};
 use crate::process::Pid;
-use crate::scan::{Proto, Socket, SocketKey, State};
+use crate::process::pidns::{PidTranslation, numbers_as_the_kernel};
+use crate::scan::{Proto, Socket, SocketKey, SocketSource, State};
 use crate::shape::model::MAJOR;
 use crate::shape::{Target, Targets};
 
@@ -46,6 +48,41 @@ fn too_old(release: Option<(u32, u32)>) -> Option<String> {
 /// Full classids (`5a:minor`) per direction; `None` = the default class.
 type Classids = (Option<u32>, Option<u32>);
 
+/// How the owners of reported sockets were found while the daemon's `/proc` is not the initial
+/// PID namespace's (see [`crate::process::pidns`]), for `status`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnPidNamespace {
+    /// Reported sockets whose owner was found by the socket (sock_diag, then the descriptors).
+    pub by_socket: u64,
+    /// Reported sockets gone before they could be looked up, owned by their creator through a
+    /// tie learnt from one of its earlier sockets.
+    pub by_tie: u64,
+    /// Reported sockets no owner was found for (a process outside the namespace, or a socket
+    /// closed at once): classified by what can be seen of them.
+    pub unresolved: u64,
+    /// Processes whose host tgid is known, so the kernel holds their class for new connections.
+    pub processes: usize,
+}
+
+/// A reported socket whose owner the fast path looked up by the socket: what to learn from.
+#[derive(Debug)]
+struct Lookup {
+    cookie: u64,
+    host_tgid: u32,
+    comm: String,
+    first_inbound: bool,
+}
+
+/// Owners while the daemon's `/proc` is not the initial PID namespace's.
+#[derive(Debug)]
+struct OwnNamespace {
+    translation: PidTranslation,
+    figures: OwnPidNamespace,
+    /// The reports of the last [`BpfState::owners_of`], for [`BpfState::learn_owners`].
+    lookups: Vec<Lookup>,
+    warned_unresolved: bool,
+}
+
 /// The attached classifier and what its maps hold.
 pub struct BpfState {
     classifier: BpfClassifier,
@@ -62,6 +99,8 @@ pub struct BpfState {
     lingering_checked: Option<std::time::Instant>,
     /// Why the cls_bpf download filter could not be attached, as last logged.
     download_error: Option<String>,
+    /// Set when the kernel's tgids are not the daemon's pids (a PID namespace of its own).
+    own_namespace: Option<OwnNamespace>,
 }
 
 impl std::fmt::Debug for BpfState {
@@ -92,6 +131,18 @@ impl BpfState {
                     interfaces[0],
                     state.classifier.download_hook()
                 );
+                if state.own_namespace.is_some() {
+                    tracing::warn!(
+                        "classifier: shaper runs in a PID namespace of its own (a container, \
+                         PrivatePIDs=, a pod): the kernel names a new socket's process by its pid \
+                         on the host, which is not ours. Each new socket's owner is found by the \
+                         socket instead (sock_diag, then the descriptors under /proc); a \
+                         process's class for new connections reaches the kernel once one of its \
+                         sockets has tied its host pid to ours. Sockets of processes outside \
+                         this namespace are classified by what can be seen of them (addresses, \
+                         ports, uid), never by another process's pid"
+                    );
+                }
                 if let Some(e) = state.classifier.exec_hook_error() {
                     tracing::warn!(
                         "classifier: exec is not seen in the kernel ({e}): a process that execs \
@@ -133,6 +184,16 @@ impl BpfState {
         };
         let classifier = BpfClassifier::attach_with(&cgroup, interface, hook)
             .map_err(|e| too_old(kernel_release()).unwrap_or_else(|| e.to_string()))?;
+        // Not knowing is taken as a namespace of its own: owners found by the socket are right
+        // in either, a tgid taken for a pid only in the initial one.
+        let proc_root = Path::new("/proc");
+        let own_namespace =
+            (numbers_as_the_kernel(proc_root) != Some(true)).then(|| OwnNamespace {
+                translation: PidTranslation::new(proc_root),
+                figures: OwnPidNamespace::default(),
+                lookups: Vec::new(),
+                warned_unresolved: false,
+            });
         Ok(BpfState {
             classifier,
             cgroup,
@@ -142,7 +203,116 @@ impl BpfState {
             warned_reports: (ReportStats::default(), None),
             lingering_checked: None,
             download_error: None,
+            own_namespace,
         })
+    }
+
+    /// How owners were found in a PID namespace of the daemon's own (`None` in the initial one).
+    pub fn own_pid_namespace(&self) -> Option<OwnPidNamespace> {
+        self.own_namespace.as_ref().map(|ns| OwnPidNamespace {
+            processes: ns.translation.len(),
+            ..ns.figures
+        })
+    }
+
+    /// The sockets of `new` (reported by the kernel) as the fast path's cycle takes them, each
+    /// with the pid of its creator where that is a pid of ours. In the initial PID namespace
+    /// that is the reported tgid. In a namespace of its own, a tgid is never taken for a pid:
+    /// one scan (`scanner`, in the daemon's network namespace) gives each socket still open
+    /// its inode, by which the cycle finds the process holding it; a socket already closed
+    /// gets its creator only through a tie learnt earlier ([`PidTranslation`]), else no owner.
+    pub fn owners_of(
+        &mut self,
+        new: &[NewSocket],
+        scanner: &mut dyn SocketSource,
+    ) -> Vec<(Socket, Option<Pid>)> {
+        let Some(ns) = &mut self.own_namespace else {
+            return new
+                .iter()
+                .map(|n| {
+                    let (socket, tgid) = created_socket(n);
+                    (socket, Some(tgid))
+                })
+                .collect();
+        };
+        let wanted: FxHashMap<u64, usize> =
+            new.iter().enumerate().map(|(i, n)| (n.cookie, i)).collect();
+        let mut open: Vec<Option<Socket>> = vec![None; new.len()];
+        match scanner.scan() {
+            Ok(all) => {
+                for s in all {
+                    if let Some(&i) = wanted.get(&s.cookie).filter(|_| s.inode != 0) {
+                        open[i] = Some(s);
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(
+                "fast path: the scan for new sockets' inodes failed ({e}); their owners wait \
+                 for the next cycle"
+            ),
+        }
+        ns.lookups.clear();
+        new.iter()
+            .zip(open)
+            .map(|(n, open)| match open {
+                Some(socket) => {
+                    ns.lookups.push(Lookup {
+                        cookie: n.cookie,
+                        host_tgid: n.tgid,
+                        comm: n.comm.clone(),
+                        first_inbound: n.first_inbound,
+                    });
+                    (socket, None)
+                }
+                None => {
+                    let pid = ns.translation.local(n.tgid);
+                    if pid.is_some() {
+                        ns.figures.by_tie += 1;
+                    } else {
+                        ns.figures.unresolved += 1;
+                    }
+                    (created_socket(n).0, pid)
+                }
+            })
+            .collect()
+    }
+
+    /// After the fast path's cycle: counts the owners [`Self::owners_of`] had looked up by the
+    /// socket, and learns from each found which local process its creator's host tgid is —
+    /// only where nothing else can explain the holder: the socket is held by one process alone,
+    /// whose name is the creator's, and its first packet went out (not an accepted connection,
+    /// whose creator is its listener's). A tie learnt wrongly would be contradicted by the next
+    /// socket of the same tgid held elsewhere, and dropped ([`PidTranslation::learn`]).
+    pub fn learn_owners(&mut self, flows: &FlowTable) {
+        let Some(ns) = &mut self.own_namespace else {
+            return;
+        };
+        for lookup in ns.lookups.drain(..) {
+            let found = flows
+                .get(lookup.cookie)
+                .and_then(|f| Some((f.connection.owner.as_ref()?, f.process?)));
+            let Some((owner, process)) = found else {
+                ns.figures.unresolved += 1;
+                continue;
+            };
+            ns.figures.by_socket += 1;
+            if owner.others.is_empty()
+                && !lookup.first_inbound
+                && process.name.as_bytes() == lookup.comm.as_bytes()
+            {
+                ns.translation
+                    .learn(lookup.host_tgid, owner.pid, process.start_time);
+            }
+        }
+        if ns.figures.unresolved > 0 && !ns.warned_unresolved {
+            ns.warned_unresolved = true;
+            tracing::warn!(
+                "classifier: a new socket's owner was not found in shaper's PID namespace (its \
+                 process runs outside it, or closed it at once): such sockets are classified \
+                 by what can be seen of them until a scan finds their owner; `shaper status` \
+                 counts them"
+            );
+        }
     }
 
     pub fn report_stats(&self) -> ReportStats {
@@ -234,7 +404,8 @@ impl BpfState {
             (full(&t.up), full(&t.down))
         };
         let mut connections = FxHashMap::default();
-        // Per owner: its newest connection (cookies grow) and that one's process leaves.
+        // Per owner (by the tgid the kernel knows it by): its newest connection (cookies grow)
+        // and that one's process leaves.
         let mut processes: FxHashMap<u32, (u64, Classids)> = FxHashMap::default();
         for c in flows.connections() {
             let cookie = c.socket.cookie;
@@ -242,8 +413,18 @@ impl BpfState {
                 continue;
             };
             connections.insert(cookie, classids(t, |t| t.leaf));
-            if let Some(owner) = &c.owner {
-                let newest = processes.entry(owner.pid).or_insert((0, (None, None)));
+            let tgid = match (&c.owner, &self.own_namespace) {
+                (Some(owner), None) => Some(owner.pid),
+                // A process whose host tgid is not known gets no class for new connections:
+                // its connections have theirs by cookie.
+                (Some(owner), Some(ns)) => flows
+                    .get(c.socket.key())
+                    .and_then(|f| f.process)
+                    .and_then(|p| ns.translation.host(owner.pid, p.start_time)),
+                (None, _) => None,
+            };
+            if let Some(tgid) = tgid {
+                let newest = processes.entry(tgid).or_insert((0, (None, None)));
                 if cookie >= newest.0 {
                     *newest = (cookie, classids(t, |t| t.process));
                 }
@@ -293,12 +474,21 @@ impl BpfState {
             .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1));
         if check {
             self.lingering_checked = Some(std::time::Instant::now());
+            if let Some(ns) = &mut self.own_namespace {
+                ns.translation.prune();
+            }
         }
         for (&tgid, &classes) in &self.processes {
             if processes.contains_key(&tgid) {
                 continue;
             }
-            if !check || std::path::Path::new(&format!("/proc/{tgid}")).exists() {
+            // The entries are keyed by host tgid: in a namespace of its own, whether the
+            // process still runs is asked of the tie, which knows its pid here.
+            let mut runs = || match &mut self.own_namespace {
+                None => Path::new(&format!("/proc/{tgid}")).exists(),
+                Some(ns) => ns.translation.local(tgid).is_some(),
+            };
+            if !check || runs() {
                 processes.insert(tgid, classes);
             }
         }

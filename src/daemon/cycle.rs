@@ -42,8 +42,9 @@ pub enum Sockets {
     /// Every live connection, already joined with its owner (a recorded snapshot).
     Recorded(Snapshot),
     /// New sockets with the process that created them (the BPF classifier's reports): decided
-    /// like [`Sockets::New`], the owner read from `/proc/<tgid>` without a descriptor walk.
-    Created(Vec<(Socket, Pid)>),
+    /// like [`Sockets::New`], the owner read from `/proc/<pid>` without a descriptor walk; a
+    /// socket without a pid (the daemon in a PID namespace of its own) by its inode instead.
+    Created(Vec<(Socket, Option<Pid>)>),
 }
 
 /// The whole-interface and per-connection limits in force (`--rate`, `--connection-rate` and

@@ -369,6 +369,12 @@ impl Daemon {
         self.bpf.is_some()
     }
 
+    /// How the owners of new sockets are found when the daemon's `/proc` is not the initial PID
+    /// namespace's (`None` there, and without the BPF classifier).
+    pub fn own_pid_namespace(&self) -> Option<bpf::OwnPidNamespace> {
+        self.bpf.as_ref().and_then(bpf::BpfState::own_pid_namespace)
+    }
+
     /// What the kernel could not report at once (a flood of new sockets), when the BPF
     /// classifier is attached.
     pub fn report_stats(&self) -> Option<crate::classify::ReportStats> {
@@ -376,7 +382,8 @@ impl Daemon {
     }
 
     /// Between cycles: waits up to `timeout` for sockets the classifier reports as new and
-    /// shapes them at once — lookup (by the creating tgid, no descriptor walk) and policy for
+    /// shapes them at once — lookup (by the creating tgid, no descriptor walk; by the socket in
+    /// a PID namespace of the daemon's own, see [`bpf::BpfState::owners_of`]) and policy for
     /// those alone, then plan, apply and map writes — instead of at the next scan. Returns
     /// without waiting when there is no classifier.
     pub fn fast_path(&mut self, timeout: std::time::Duration) {
@@ -393,7 +400,7 @@ impl Daemon {
         let cpu_started = latency::thread_cpu();
         let count = new.len();
         self.trim_after_cycle |= count >= 1024;
-        let sockets = new.iter().map(bpf::created_socket).collect();
+        let sockets = bpf.owners_of(&new, self.sockets.as_mut());
         let links = Vec::new();
         let mut fast_timings = Timings::default();
         let now = (self.clock)();
@@ -413,6 +420,9 @@ impl Daemon {
             // The status shows whole cycles' stage times.
             &mut fast_timings,
         );
+        if let Some(bpf) = &mut self.bpf {
+            bpf.learn_owners(self.cycle.flows());
+        }
         if let Some(e) = &outcome.failure {
             tracing::debug!("fast path: policy failed ({e}); the next cycle decides again");
         }

@@ -235,6 +235,10 @@ pub struct StatusReport {
     /// What the first-packet fast path costs (`None` with the u32 classifier, which has none).
     #[serde(default)]
     pub fast_path: Option<FastPathStatus>,
+    /// Set when the daemon's `/proc` is not the initial PID namespace's (a container): how the
+    /// owners of new sockets were found, since the kernel's pids are not the daemon's.
+    #[serde(default)]
+    pub own_pid_namespace: Option<super::bpf::OwnPidNamespace>,
     /// `--rate`/`rate` in force, bits/s (`None`: not set).
     pub rate: Option<Limit>,
     /// `--connection-rate`/`connection_rate` in force, bits/s (`None`: not set).
@@ -412,6 +416,7 @@ impl StatusReport {
             fast_path: daemon
                 .report_stats()
                 .map(|reports| daemon.fast_path_stats.status(reports)),
+            own_pid_namespace: daemon.own_pid_namespace(),
             rate: daemon.rate.last.map(Limit::from),
             connection_rate: daemon.connection_rate.last.map(Limit::from),
             link,

@@ -18,6 +18,7 @@
 
 mod fdwalk;
 mod info;
+pub mod pidns;
 mod text;
 
 use std::collections::BTreeMap;
@@ -354,21 +355,33 @@ impl ProcessTable {
         }))
     }
 
-    /// Sockets reported with the process that created them (the BPF classifier's new sockets,
-    /// which carry no inode yet): the owner is read from `/proc/<tgid>` alone, with no
-    /// descriptor walk. A process that has exited leaves its socket without an owner.
-    pub fn snapshot_created(&mut self, sockets: Vec<(Socket, Pid)>) -> Snapshot {
+    /// Sockets reported as new by the BPF classifier, which carry no inode yet, each with the
+    /// process that created it when that is known by a pid this table can read: the owner is
+    /// read from `/proc/<pid>` alone, with no descriptor walk. A socket without a pid (the
+    /// daemon in a PID namespace of its own, where the kernel's tgids are not ours) is looked up
+    /// by its inode, when it has one, as [`ProcessTable::add`] does. A process that has exited
+    /// leaves its socket without an owner.
+    pub fn snapshot_created(&mut self, sockets: Vec<(Socket, Option<Pid>)>) -> Snapshot {
+        let by_inode: Vec<Socket> = sockets
+            .iter()
+            .filter(|(s, pid)| pid.is_none() && s.inode != 0)
+            .map(|(s, _)| s.clone())
+            .collect();
+        if !by_inode.is_empty() {
+            self.add(&by_inode);
+        }
         let mut verified = HashSet::default();
         let mut stats = LookupStats::default();
         let owned: Vec<(Socket, Option<Owner>)> = sockets
             .into_iter()
-            .map(|(socket, tgid)| {
-                let owner = self
-                    .load(tgid, &mut verified, &mut stats, 0)
-                    .map(|p| Owner {
+            .map(|(socket, pid)| {
+                let owner = match pid {
+                    Some(pid) => self.load(pid, &mut verified, &mut stats, 0).map(|p| Owner {
                         pid: p.pid,
                         others: Vec::new(),
-                    });
+                    }),
+                    None => self.owner(socket.inode).cloned(),
+                };
                 (socket, owner)
             })
             .collect();
@@ -453,24 +466,24 @@ impl Snapshot {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::scan::{Proto, State};
 
     /// A fake `/proc` with processes built from this process's own `stat` and `status`, so the
     /// files have every field procfs expects.
-    struct FakeProc {
-        dir: tempfile::TempDir,
+    pub(super) struct FakeProc {
+        pub(super) dir: tempfile::TempDir,
     }
 
     impl FakeProc {
-        fn new() -> Self {
+        pub(super) fn new() -> Self {
             FakeProc {
                 dir: tempfile::tempdir().unwrap(),
             }
         }
 
-        fn add(&self, pid: Pid, ppid: Pid, name: &str, start: u64, sockets: &[u64]) {
+        pub(super) fn add(&self, pid: Pid, ppid: Pid, name: &str, start: u64, sockets: &[u64]) {
             let d = self.dir.path().join(pid.to_string());
             let _ = std::fs::remove_dir_all(&d);
             std::fs::create_dir_all(d.join("fd")).unwrap();
@@ -510,7 +523,7 @@ mod tests {
             }
         }
 
-        fn remove(&self, pid: Pid) {
+        pub(super) fn remove(&self, pid: Pid) {
             std::fs::remove_dir_all(self.dir.path().join(pid.to_string())).unwrap();
         }
 
@@ -587,8 +600,28 @@ mod tests {
         assert_eq!(p.exe, Some("/usr/bin/limited".into()));
         // The fast path's lookup by tgid notices it too.
         fake.add(100, 0, "curl", 1000, &[555]);
-        let snap = table.snapshot_created(vec![(socket(556), 100)]);
+        let snap = table.snapshot_created(vec![(socket(556), Some(100))]);
         assert_eq!(snap.processes[&100].name, "curl");
+    }
+
+    /// In a PID namespace of its own the daemon has no usable pid for a reported socket: the
+    /// socket's inode finds its owner, and a socket already closed (no inode) has none.
+    #[test]
+    fn a_created_socket_without_a_pid_is_owned_by_the_process_holding_it() {
+        let fake = FakeProc::new();
+        fake.add(100, 0, "curl", 1000, &[555]);
+        let mut table = fake.table();
+        let mut closed = socket(0);
+        closed.cookie = 777;
+        let snap = table.snapshot_created(vec![(socket(555), None), (closed, None)]);
+        assert_eq!(snap.connections[0].owner.as_ref().map(|o| o.pid), Some(100));
+        assert_eq!(snap.processes[&100].name, "curl");
+        assert_eq!(snap.connections[1].owner, None);
+        assert_eq!(
+            table.owner(555).map(|o| o.pid),
+            Some(100),
+            "known to the next scan"
+        );
     }
 
     #[test]

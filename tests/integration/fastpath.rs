@@ -11,16 +11,16 @@ use crate::support::daemon::{DaemonProcess, allowance};
 use crate::support::netns::{Netns, NetnsPair};
 use crate::support::traffic::Server;
 
-const IFB: &str = "shp-veth0";
+pub(crate) const IFB: &str = "shp-veth0";
 
-fn tc(ns: &Netns, args: &[&str]) -> String {
+pub(crate) fn tc(ns: &Netns, args: &[&str]) -> String {
     let out = ns.command("tc").args(args).output().unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Bytes sent through the HTB classes of `dev` whose ceiling is `ceil` (as tc prints it,
 /// e.g. `2Mbit`), and through the link class `5a:1` (everything the tree sent).
-fn class_bytes(ns: &Netns, dev: &str, ceil: &str) -> (u64, u64) {
+pub(crate) fn class_bytes(ns: &Netns, dev: &str, ceil: &str) -> (u64, u64) {
     let text = tc(ns, &["-s", "class", "show", "dev", dev]);
     let sent = |block: &str| -> u64 {
         block
@@ -175,7 +175,7 @@ fn forced_to_u32_a_connection_lands_in_its_leaf_through_its_filter() {
 }
 
 /// Process `iperf3` in class `slow`, 2 Mbit/s up and 4 Mbit/s down for the class as a whole.
-const SLOW_IPERF: &str = r#"
+pub(crate) const SLOW_IPERF: &str = r#"
 classes = { slow = { ceil = { up = "2mbit", down = "4mbit" } }, default = {} }
 function classify(conn)
   if conn.process and conn.process.name == "iperf3" then return "slow" end

@@ -15,6 +15,7 @@ mod fastpath;
 mod metrics;
 mod netns_kit;
 mod notify;
+mod pidns;
 mod policy;
 mod probe;
 mod scan;

@@ -72,6 +72,7 @@ fn without_cap_net_admin_run_exits_at_once_naming_the_capability() {
         child: Some(child),
         dir: dir.path().to_path_buf(),
         log,
+        inner: None,
     };
     let exit = daemon.exit_within(5);
     let text = daemon.log_text();
@@ -224,6 +225,7 @@ fn a_normal_users_dry_run_keeps_its_files_in_the_users_runtime_dir() {
         child: Some(child),
         dir: xdg.path().join("shaper"),
         log,
+        inner: None,
     };
     let deadline = std::time::Instant::now() + crate::support::daemon::allowance(10);
     let status = loop {

@@ -39,6 +39,9 @@ pub struct DaemonProcess {
     pub child: Option<Child>,
     pub dir: PathBuf,
     pub log: PathBuf,
+    /// The daemon's own pid (in the test's PID namespace) when `child` is the `unshare` that
+    /// started it in a PID namespace of its own: signals go to it (`unshare` ignores SIGTERM).
+    pub inner: Option<u32>,
 }
 
 impl DaemonProcess {
@@ -56,7 +59,81 @@ impl DaemonProcess {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> DaemonProcess {
-        let mut d = DaemonProcess::spawn_with_env(ns, dir, args, env);
+        let d = DaemonProcess::spawn_with_env(ns, dir, args, env, &[]);
+        d.wait_answering()
+    }
+
+    /// As [`DaemonProcess::start_bpf_policy`], with the daemon in a PID namespace of its own
+    /// (`unshare --pid --fork --mount-proc`, in `ns`): its `/proc` numbers processes otherwise
+    /// than the kernel's BPF helpers, as in a container. Processes for it to see are started
+    /// with [`DaemonProcess::in_pid_namespace`].
+    pub fn start_bpf_policy_in_own_pid_namespace(
+        ns: &Netns,
+        dir: &Path,
+        cgroup: &super::cgroup::TestCgroup,
+        policy: &str,
+        args: &[&str],
+    ) -> DaemonProcess {
+        let script = dir.join("policy.lua");
+        std::fs::write(&script, policy).unwrap();
+        let cgroup = cgroup.dir.to_str().expect("a UTF-8 cgroup path");
+        let mut all = vec![
+            "--classifier",
+            "bpf",
+            "--cgroup",
+            cgroup,
+            "--script",
+            script.to_str().expect("a UTF-8 path"),
+        ];
+        all.extend_from_slice(args);
+        let unshare = [
+            "unshare",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "--kill-child=SIGTERM",
+        ];
+        let mut d = DaemonProcess::spawn_with_env(ns, dir, &all, &[], &unshare);
+        let outer = d.pid();
+        let deadline = Instant::now() + allowance(2);
+        d.inner = loop {
+            let children = std::fs::read_to_string(format!("/proc/{outer}/task/{outer}/children"))
+                .unwrap_or_default();
+            if let Some(pid) = children.split_whitespace().next() {
+                break Some(pid.parse().unwrap());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "unshare started no daemon:\n{}",
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let d = d.wait_answering();
+        d.wait_for(10, "shaping", |s| s["interfaces"][0]["state"] == "shaping");
+        d
+    }
+
+    /// A command that runs `program` in the daemon's PID (and mount) namespace, in `ns`: a
+    /// process the daemon sees under its own pid numbers. Only for a daemon started with
+    /// [`DaemonProcess::start_bpf_policy_in_own_pid_namespace`].
+    pub fn in_pid_namespace(&self, ns: &Netns, program: &str) -> std::process::Command {
+        let inner = self.inner.expect("a daemon in a PID namespace of its own");
+        let mut cmd = ns.command("nsenter");
+        cmd.args([
+            "--target",
+            &inner.to_string(),
+            "--pid",
+            "--mount",
+            "--",
+            program,
+        ]);
+        cmd
+    }
+
+    /// Waits until the daemon answers on its socket.
+    fn wait_answering(mut self) -> DaemonProcess {
+        let d = &mut self;
         // The socket answers once the first cycle has applied its plan: seconds for a tree of
         // 10,000 classes (the daemon benchmark).
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -72,7 +149,7 @@ impl DaemonProcess {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        d
+        self
     }
 
     /// As [`DaemonProcess::start`], with the BPF classifier on `cgroup` (`--classifier bpf
@@ -109,14 +186,17 @@ impl DaemonProcess {
 
     /// Starts without waiting (for tests of refusals).
     pub fn spawn(ns: &Netns, dir: &Path, args: &[&str]) -> DaemonProcess {
-        DaemonProcess::spawn_with_env(ns, dir, args, &[])
+        DaemonProcess::spawn_with_env(ns, dir, args, &[], &[])
     }
 
+    /// Spawns the daemon in `ns`, under `wrapper` (a command and its arguments, before the
+    /// daemon's) if not empty.
     fn spawn_with_env(
         ns: &Netns,
         dir: &Path,
         args: &[&str],
         env: &[(&str, &str)],
+        wrapper: &[&str],
     ) -> DaemonProcess {
         let log = dir.join(format!(
             "shaper-{}.log",
@@ -125,8 +205,16 @@ impl DaemonProcess {
                 .unwrap()
                 .as_nanos()
         ));
-        let child = ns
-            .command(env!("CARGO_BIN_EXE_shaper"))
+        let shaper = env!("CARGO_BIN_EXE_shaper");
+        let mut command = match wrapper {
+            [] => ns.command(shaper),
+            [program, rest @ ..] => {
+                let mut c = ns.command(program);
+                c.args(rest).arg(shaper);
+                c
+            }
+        };
+        let child = command
             .arg("run")
             .args(["-i", "veth0", "--usage-flush-interval", "1s"])
             .args(if args.contains(&"--interval") {
@@ -155,6 +243,7 @@ impl DaemonProcess {
             child: Some(child),
             dir: dir.to_path_buf(),
             log,
+            inner: None,
         }
     }
 
@@ -284,8 +373,9 @@ impl DaemonProcess {
     /// Sends a signal and waits for the process.
     pub fn signal(&mut self, sig: i32) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
-        // SAFETY: plain syscall on our child's pid.
-        unsafe { libc::kill(child.id() as i32, sig) };
+        let pid = self.inner.unwrap_or(child.id());
+        // SAFETY: plain syscall on our child's (or its child's) pid.
+        unsafe { libc::kill(pid as i32, sig) };
         child.wait().unwrap()
     }
 }
@@ -293,8 +383,9 @@ impl DaemonProcess {
 impl Drop for DaemonProcess {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            // SAFETY: plain syscall on our child's pid.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let pid = self.inner.unwrap_or(child.id());
+            // SAFETY: plain syscall on our child's (or its child's) pid.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {

@@ -1,0 +1,151 @@
+//! The BPF classifier with the daemon in a PID namespace of its own (`unshare --pid --fork
+//! --mount-proc`, as in a container): the kernel reports a new socket's creator by its pid on
+//! the host, which names no process (or another one) in the daemon's `/proc`. The owner is found
+//! by the socket instead. Asserted on what the CPU cannot move: which HTB class counted the
+//! packets while no cycle ran, and the pid the status shows against the kernel's own record of
+//! the process's pid in that namespace (`NSpid` in the host's `/proc`).
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::fastpath::{IFB, SLOW_IPERF, class_bytes, tc};
+use crate::support::cgroup::TestCgroup;
+use crate::support::daemon::{DaemonProcess, allowance};
+use crate::support::netns::NetnsPair;
+use crate::support::traffic::Server;
+
+/// The first child of `pid` (nsenter forks the program it runs into the PID namespace).
+fn child_of(pid: u32) -> u32 {
+    let deadline = Instant::now() + allowance(2);
+    loop {
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        if let Some(child) = children.split_whitespace().next() {
+            return child.parse().unwrap();
+        }
+        assert!(Instant::now() < deadline, "{pid} started no child");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A process's pid in its own PID namespace, as the kernel says (`NSpid:` of the host's
+/// `/proc/<pid>/status`, innermost last).
+fn pid_in_namespace(host_pid: u32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{host_pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
+    line.split_whitespace().last().unwrap().parse().unwrap()
+}
+
+/// A process started after the daemon, in the daemon's PID namespace and in class `slow` by
+/// its name: with a cycle a minute away, its upload and download land in the class's leaves (the
+/// fast path found the process by its socket), the status shows its connections under its name
+/// and its pid in that namespace, and the tie to its host pid that lets the kernel classify its
+/// next connections is counted.
+#[test]
+fn a_daemon_in_its_own_pid_namespace_finds_a_new_processs_owner_by_its_socket() {
+    let pair = NetnsPair::new();
+    let cgroup = TestCgroup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = DaemonProcess::start_bpf_policy_in_own_pid_namespace(
+        &pair.a,
+        dir.path(),
+        &cgroup,
+        SLOW_IPERF,
+        &[
+            "--uplink",
+            "10mbit",
+            "--downlink",
+            "10mbit",
+            "--interval",
+            "60s",
+        ],
+    );
+    let status = daemon.status();
+    assert_eq!(
+        status["pid"], 1,
+        "the daemon is its namespace's first process"
+    );
+    assert_eq!(status["classifier"], "bpf", "{}", daemon.log_text());
+    assert!(status["own_pid_namespace"].is_object(), "{status}");
+    let log = daemon.log_text();
+    assert_eq!(
+        log.matches("runs in a PID namespace of its own").count(),
+        1,
+        "said once:\n{log}"
+    );
+    let cycles = || daemon.status()["cycles"].as_u64().unwrap();
+
+    for (reverse, dev, ceil, cport) in [
+        (false, "veth0", "2Mbit", 40223_u16),
+        (true, IFB, "4Mbit", 40224),
+    ] {
+        let port = 5231 + u16::from(reverse);
+        let _server = Server::start(&pair.b, port);
+        let before = class_bytes(&pair.a, dev, ceil);
+        let cycles_before = cycles();
+        let mut cmd = daemon.in_pid_namespace(&pair.a, "iperf3");
+        cmd.args(["-c", &NetnsPair::B_V4.to_string(), "-p", &port.to_string()])
+            .args(["--cport", &cport.to_string(), "-t", "600", "-b", "8M"])
+            .args(if reverse { &["-R"][..] } else { &[][..] })
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let procs = cgroup.enter(&mut cmd);
+        let mut nsenter = cmd.spawn().expect("start nsenter iperf3");
+        drop(procs);
+        let iperf3 = child_of(nsenter.id());
+        let local_pid = pid_in_namespace(iperf3);
+        assert_ne!(
+            local_pid, iperf3,
+            "iperf3 runs in the daemon's PID namespace"
+        );
+
+        let what = |text: &str| {
+            format!(
+                "reverse {reverse}: {text}\nstatus:\n{}\nclasses:\n{}\nlog:\n{}",
+                String::from_utf8_lossy(&daemon.control(&["status", "--all"]).stdout),
+                tc(&pair.a, &["-s", "class", "show", "dev", dev]),
+                daemon.log_text()
+            )
+        };
+        let deadline = Instant::now() + allowance(3);
+        while class_bytes(&pair.a, dev, ceil).0 < before.0 + 64 * 1024 {
+            assert!(
+                Instant::now() < deadline,
+                "{}",
+                what("the class's leaf counted under 64 KiB")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(cycles(), cycles_before, "{}", what("a cycle ran"));
+        // The data connection, under its process's name and its pid here, in its class.
+        let all = daemon.status_all();
+        let connection = all["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| {
+                c["connection"]
+                    .as_str()
+                    .is_some_and(|t| t.contains(&format!(":{cport} ")))
+            })
+            .cloned()
+            .unwrap_or_else(|| panic!("{}", what("no connection from port {cport}")));
+        assert_eq!(
+            connection["process"],
+            format!("iperf3 ({local_pid})"),
+            "{connection}"
+        );
+        assert_eq!(connection["pid"], local_pid, "{connection}");
+        assert_eq!(connection["class"], "slow", "{connection}");
+        let ns = &all["own_pid_namespace"];
+        assert!(ns["by_socket"].as_u64().unwrap() >= 2, "{ns}");
+        assert!(
+            ns["processes"].as_u64().unwrap() >= 1,
+            "iperf3's host pid is tied to its pid here: {ns}"
+        );
+
+        // SAFETY: plain syscall on a process this test started (nsenter's child).
+        unsafe { libc::kill(iperf3 as i32, libc::SIGKILL) };
+        let _ = nsenter.wait();
+    }
+}
