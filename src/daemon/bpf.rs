@@ -280,9 +280,10 @@ impl BpfState {
     /// After the fast path's cycle: counts the owners [`Self::owners_of`] had looked up by the
     /// socket, and learns from each found which local process its creator's host tgid is —
     /// only where nothing else can explain the holder: the socket is held by one process alone,
-    /// whose name is the creator's, and its first packet went out (not an accepted connection,
-    /// whose creator is its listener's). A tie learnt wrongly would be contradicted by the next
-    /// socket of the same tgid held elsewhere, and dropped ([`PidTranslation::learn`]).
+    /// which is named as the creating thread was (the process or one of its threads), and its
+    /// first packet went out (not an accepted connection, whose creator is its listener's). A
+    /// tie learnt wrongly would be contradicted by the next socket of the same tgid held
+    /// elsewhere, and dropped ([`PidTranslation::learn`]).
     pub fn learn_owners(&mut self, flows: &FlowTable) {
         let Some(ns) = &mut self.own_namespace else {
             return;
@@ -296,12 +297,14 @@ impl BpfState {
                 continue;
             };
             ns.figures.by_socket += 1;
+            let (pid, start) = (owner.pid, process.start_time);
+            let comm = lookup.comm.as_bytes();
             if owner.others.is_empty()
                 && !lookup.first_inbound
-                && process.name.as_bytes() == lookup.comm.as_bytes()
+                && !ns.translation.ties(lookup.host_tgid, pid, start)
+                && (process.name.as_bytes() == comm || ns.translation.has_thread_named(pid, comm))
             {
-                ns.translation
-                    .learn(lookup.host_tgid, owner.pid, process.start_time);
+                ns.translation.learn(lookup.host_tgid, pid, start);
             }
         }
         if ns.figures.unresolved > 0 && !ns.warned_unresolved {

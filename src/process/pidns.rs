@@ -113,6 +113,23 @@ impl PidTranslation {
         }
     }
 
+    /// Whether host tgid `host` is already tied to local process `pid` started at `start_time`.
+    pub fn ties(&self, host: u32, pid: Pid, start_time: u64) -> bool {
+        self.by_host.get(&host) == Some(&Local { pid, start_time })
+    }
+
+    /// Whether local process `pid` has a thread named `comm` (the kernel reports the name of
+    /// the thread that created a socket, which in a threaded program is not the process's).
+    pub fn has_thread_named(&self, pid: Pid, comm: &[u8]) -> bool {
+        let Ok(tasks) = std::fs::read_dir(self.proc_root.join(pid.to_string()).join("task")) else {
+            return false;
+        };
+        tasks.flatten().any(|task| {
+            std::fs::read(task.path().join("comm"))
+                .is_ok_and(|name| name.strip_suffix(b"\n").unwrap_or(&name) == comm)
+        })
+    }
+
     /// Processes whose host tgid is known.
     pub fn len(&self) -> usize {
         self.by_host.len()
@@ -185,6 +202,22 @@ mod tests {
         fake.remove(7);
         t.learn(40_007, 8, 1001);
         assert_eq!(t.local(40_007), Some(8));
+    }
+
+    #[test]
+    fn a_creator_is_recognised_by_any_of_its_threads_names() {
+        let fake = FakeProc::new();
+        fake.add(7, 1, "rates-main", 1000, &[]);
+        for (tid, name) in [(7, "rates-main"), (9, "transfers_child")] {
+            let task = fake.dir.path().join(format!("7/task/{tid}"));
+            std::fs::create_dir_all(&task).unwrap();
+            std::fs::write(task.join("comm"), format!("{name}\n")).unwrap();
+        }
+        let t = PidTranslation::new(fake.dir.path());
+        assert!(t.has_thread_named(7, b"transfers_child"));
+        assert!(t.has_thread_named(7, b"rates-main"));
+        assert!(!t.has_thread_named(7, b"curl"));
+        assert!(!t.has_thread_named(8, b"rates-main"), "no such process");
     }
 
     #[test]

@@ -455,6 +455,31 @@ fn sequential_transfers(
     bytes: usize,
     up: bool,
 ) -> f64 {
+    let exe = std::env::current_exe().unwrap();
+    transfers_by(
+        pair.a.command(exe),
+        pair,
+        cgroup,
+        host,
+        port,
+        count,
+        bytes,
+        up,
+    )
+}
+
+/// [`sequential_transfers`] by the child `cmd` starts (this binary, or a command that runs it).
+#[allow(clippy::too_many_arguments)]
+fn transfers_by(
+    mut cmd: std::process::Command,
+    pair: &NetnsPair,
+    cgroup: &TestCgroup,
+    host: std::net::IpAddr,
+    port: u16,
+    count: usize,
+    bytes: usize,
+    up: bool,
+) -> f64 {
     let listener = pair
         .b
         .run(|| std::net::TcpListener::bind((host, port)).unwrap());
@@ -471,8 +496,6 @@ fn sequential_transfers(
             }
         }
     });
-    let exe = std::env::current_exe().unwrap();
-    let mut cmd = pair.a.command(exe);
     cmd.args(["--exact", "transfers_child", "--ignored", "--nocapture"])
         .env(
             TRANSFERS_ENV,
@@ -562,6 +585,108 @@ fn short_transfers_of_a_new_process_stay_within_its_limit() {
 #[test]
 fn short_transfers_over_ipv6_stay_within_the_limit() {
     short_transfers_stay_within_the_limit(6);
+}
+
+/// Issue 21's acceptance: the daemon in a PID namespace of its own (`unshare --pid --fork
+/// --mount-proc`, as in a container), and a process started after it in that namespace, in a
+/// class by its name alone (no port in the policy): its 40 sequential 256 KB transfers each way
+/// average at most 1.15× its limit, and its bytes are charged to it. The kernel reports the
+/// process by its host pid, which names no process in the daemon's `/proc`: before the owner
+/// was found by the socket, they ran at 24× (down) and 48× (up) the limit.
+#[test]
+fn short_transfers_of_a_new_process_in_the_daemons_pid_namespace_stay_within_its_limit() {
+    let _serial = rate_lock();
+    let pair = NetnsPair::new();
+    let cgroup = TestCgroup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    // The process's name: its executable's, as the kernel keeps it (15 bytes at most).
+    let name: String = exe
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .chars()
+        .take(15)
+        .collect();
+    let policy = format!(
+        r#"
+classes = {{ slow = {{ ceil = {{ up = "2mbit", down = "4mbit" }} }}, default = {{}} }}
+function classify(conn)
+  if conn.process and conn.process.name == "{name}" then return "slow" end
+  return "default"
+end
+"#
+    );
+    let daemon = DaemonProcess::start_bpf_policy_in_own_pid_namespace(
+        &pair.a,
+        dir.path(),
+        &cgroup,
+        &policy,
+        &["--uplink", "100mbit", "--downlink", "100mbit"],
+    );
+    let (count, bytes) = (40, 256 * 1024);
+    let server = NetnsPair::b_addr(4);
+    let transfers = |port, up| {
+        let cmd = daemon.in_pid_namespace(&pair.a, exe.to_str().unwrap());
+        transfers_by(cmd, &pair, &cgroup, server, port, count, bytes, up)
+    };
+    let up = transfers(5701, true);
+    let down = transfers(5702, false);
+    eprintln!(
+        "owners in the daemon's PID namespace: {}",
+        daemon.status()["own_pid_namespace"]
+    );
+    assert_within(
+        "40 short uploads of a new process, daemon in its own PID namespace",
+        up,
+        2e6,
+        0.5,
+        1.15,
+    );
+    assert_within(
+        "40 short downloads, daemon in its own PID namespace",
+        down,
+        4e6,
+        0.5,
+        1.15,
+    );
+    // Charged to it, under its name: what the daemon saved (flushed every second). Half, not
+    // all: until bytes are charged at close (issue 21's close harvest), each connection's bytes
+    // after its last scan are lost — measured 91 % up and 78-80 % down here (a 4 Mbit/s
+    // download of 256 KB lasts about two 200 ms cycles). With the harvest, raise this to 95 %.
+    let moved = (count * bytes) as u64;
+    let enough = moved / 2;
+    let charged = |direction: &str| -> u64 {
+        let out = support::shaper()
+            .args(["usage", "--by", "process", "--json", "--state-dir"])
+            .arg(dir.path().join("state"))
+            .output()
+            .unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        report["rows"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["name"] == name.as_str())
+            .filter_map(|r| r[direction].as_u64())
+            .sum()
+    };
+    let deadline = std::time::Instant::now() + support::daemon::allowance(2);
+    let (mut up_charged, mut down_charged) = (0, 0);
+    while std::time::Instant::now() < deadline {
+        (up_charged, down_charged) = (charged("up"), charged("down"));
+        if up_charged >= enough && down_charged >= enough {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("charged to {name}: {up_charged} up, {down_charged} down of {moved} each way");
+    assert!(
+        up_charged >= enough && down_charged >= enough,
+        "{name} was charged {up_charged} up and {down_charged} down of {moved} bytes each way\n{}",
+        daemon.log_text()
+    );
 }
 
 /// Issue 11's acceptance: iperf3 started after the daemon, in a class by its process name,
