@@ -137,6 +137,7 @@ fn a_daemon_in_its_own_pid_namespace_finds_a_new_processs_owner_by_its_socket() 
         );
         assert_eq!(connection["pid"], local_pid, "{connection}");
         assert_eq!(connection["class"], "slow", "{connection}");
+        eprintln!("reverse {reverse}: fast path {}", all["fast_path"]);
         let ns = &all["own_pid_namespace"];
         assert!(ns["by_socket"].as_u64().unwrap() >= 2, "{ns}");
         assert!(

@@ -633,9 +633,10 @@ end
     };
     let up = transfers(5701, true);
     let down = transfers(5702, false);
+    let status = daemon.status();
     eprintln!(
-        "owners in the daemon's PID namespace: {}",
-        daemon.status()["own_pid_namespace"]
+        "owners in the daemon's PID namespace: {}; fast path: {}",
+        status["own_pid_namespace"], status["fast_path"]
     );
     assert_within(
         "40 short uploads of a new process, daemon in its own PID namespace",
