@@ -218,9 +218,10 @@ impl BpfState {
     /// The sockets of `new` (reported by the kernel) as the fast path's cycle takes them, each
     /// with the pid of its creator where that is a pid of ours. In the initial PID namespace
     /// that is the reported tgid. In a namespace of its own, a tgid is never taken for a pid:
-    /// one scan (`scanner`, in the daemon's network namespace) gives each socket still open
-    /// its inode, by which the cycle finds the process holding it; a socket already closed
-    /// gets its creator only through a tie learnt earlier ([`PidTranslation`]), else no owner.
+    /// `scanner` (in the daemon's network namespace) looks each socket up by its tuple and
+    /// cookie and gives one still open its inode, by which the cycle finds the process holding
+    /// it; a socket already closed gets its creator only through a tie learnt earlier
+    /// ([`PidTranslation`]), else no owner.
     pub fn owners_of(
         &mut self,
         new: &[NewSocket],
@@ -235,21 +236,24 @@ impl BpfState {
                 })
                 .collect();
         };
-        let wanted: FxHashMap<u64, usize> =
-            new.iter().enumerate().map(|(i, n)| (n.cookie, i)).collect();
-        let mut open: Vec<Option<Socket>> = vec![None; new.len()];
-        match scanner.scan() {
-            Ok(all) => {
-                for s in all {
-                    if let Some(&i) = wanted.get(&s.cookie).filter(|_| s.inode != 0) {
-                        open[i] = Some(s);
+        let mut failed = None;
+        let open: Vec<Option<Socket>> = new
+            .iter()
+            .map(
+                |n| match scanner.find(n.proto, n.local, n.remote, n.cookie) {
+                    Ok(found) => found.filter(|s| s.inode != 0),
+                    Err(e) => {
+                        failed = Some(e);
+                        None
                     }
-                }
-            }
-            Err(e) => tracing::debug!(
-                "fast path: the scan for new sockets' inodes failed ({e}); their owners wait \
+                },
+            )
+            .collect();
+        if let Some(e) = failed {
+            tracing::debug!(
+                "fast path: looking new sockets up by cookie failed ({e}); their owners wait \
                  for the next cycle"
-            ),
+            );
         }
         ns.lookups.clear();
         new.iter()

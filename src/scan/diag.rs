@@ -7,6 +7,7 @@
 //! most of a 10,000-socket scan's user-space cost.
 
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 
 use netlink_packet_core::{
     NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NetlinkBuffer, NetlinkHeader,
@@ -277,7 +278,134 @@ fn read_u64(bytes: &[u8], offset: usize) -> Option<u64> {
         .map(|b| u64::from_ne_bytes(b.try_into().unwrap()))
 }
 
+impl DiagScanner {
+    /// One exact lookup (no `NLM_F_DUMP`): the kernel finds the socket by its tuple in its hash
+    /// tables and checks the cookie, so the answer is this socket or none, whatever else is
+    /// open. `src`/`dst` are as the request carries them (see [`SocketSource::find`]).
+    fn find_exact(
+        &mut self,
+        family: u8,
+        proto: Proto,
+        src: SocketAddr,
+        dst: SocketAddr,
+        cookie: u64,
+    ) -> Result<Option<Socket>, ScanError> {
+        const WHAT: &str = "exact lookup";
+        let io_err = |error| ScanError::Diag { what: WHAT, error };
+        let malformed = |message: String| ScanError::Malformed {
+            what: WHAT,
+            message,
+        };
+        self.sequence = self.sequence.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST;
+        header.sequence_number = self.sequence;
+        let mut message = NetlinkMessage::new(
+            header,
+            SockDiagMessage::InetRequest(InetRequest {
+                family,
+                protocol: proto.number(),
+                extensions: ExtensionFlags::empty(),
+                states: StateFlags::all(),
+                socket_id: SocketId {
+                    source_port: src.port(),
+                    destination_port: dst.port(),
+                    source_address: src.ip(),
+                    destination_address: dst.ip(),
+                    interface_id: 0,
+                    cookie: cookie.to_ne_bytes(),
+                },
+            })
+            .into(),
+        );
+        message.finalize();
+        self.request.resize(message.buffer_len(), 0);
+        message.serialize(&mut self.request);
+        self.socket.send(&self.request, 0).map_err(io_err)?;
+        loop {
+            let n = self
+                .socket
+                .recv(&mut &mut self.buf[..], 0)
+                .map_err(io_err)?;
+            let mut offset = 0;
+            while offset < n {
+                let msg = NetlinkBuffer::new_checked(&self.buf[offset..n])
+                    .map_err(|e| malformed(e.to_string()))?;
+                let len = msg.length() as usize;
+                if len == 0 {
+                    return Err(malformed("zero-length message".into()));
+                }
+                if msg.sequence_number() == self.sequence {
+                    match msg.message_type() {
+                        NLMSG_ERROR => {
+                            let code = msg
+                                .payload()
+                                .get(..4)
+                                .map(|b| i32::from_ne_bytes(b.try_into().unwrap()))
+                                .unwrap_or(0);
+                            // ENOENT: no socket with that tuple; ESTALE: one with another
+                            // cookie (the tuple was reused).
+                            return match -code {
+                                0 | libc::ENOENT | libc::ESTALE => Ok(None),
+                                e => Err(io_err(io::Error::from_raw_os_error(e))),
+                            };
+                        }
+                        SOCK_DIAG_BY_FAMILY => {
+                            return parse_socket(proto, msg.payload())
+                                .map(Some)
+                                .map_err(malformed);
+                        }
+                        _ => {}
+                    }
+                }
+                offset += (len + 3) & !3;
+            }
+        }
+    }
+}
+
+/// The address as a socket of `family` holds it: an IPv4 address in an IPv6 socket is mapped.
+fn in_family(addr: SocketAddr, family: u8) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(v4) if family == AF_INET6 => {
+            SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), addr.port())
+        }
+        _ => addr,
+    }
+}
+
 impl SocketSource for DiagScanner {
+    fn find(
+        &mut self,
+        proto: Proto,
+        local: SocketAddr,
+        remote: SocketAddr,
+        cookie: u64,
+    ) -> Result<Option<Socket>, ScanError> {
+        // An IPv4 connection may be an IPv6 socket's (mapped addresses, reported as IPv4).
+        let families: &[u8] = if local.is_ipv4() {
+            &[AF_INET, AF_INET6]
+        } else {
+            &[AF_INET6]
+        };
+        for &family in families {
+            let (local, remote) = (in_family(local, family), in_family(remote, family));
+            // TCP takes the socket's own view (source = local); UDP's lookup has source and
+            // destination swapped (net/ipv4/udp_diag.c, "for historical reasons"). Both are
+            // tried: the cookie makes a wrong match impossible.
+            let orders = match proto {
+                Proto::Tcp => [(local, remote), (remote, local)],
+                Proto::Udp => [(remote, local), (local, remote)],
+            };
+            for (src, dst) in orders {
+                if let Some(s) = self.find_exact(family, proto, src, dst, cookie)? {
+                    return Ok(Some(s));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     fn scan(&mut self) -> Result<Vec<Socket>, ScanError> {
         let mut out = Vec::with_capacity(self.last_len + self.last_len / 8);
         self.dump_tcp(&mut out)?;

@@ -213,6 +213,25 @@ pub enum ScanError {
 pub trait SocketSource: Send {
     /// All sockets of interest, in the calling thread's network namespace.
     fn scan(&mut self) -> Result<Vec<Socket>, ScanError>;
+    /// The socket with this tuple (as the scan reports it) and cookie, `None` when the kernel
+    /// no longer has it. sock_diag answers from its hash tables; this default scans everything
+    /// and matches the cookie (or, from a source without cookies, the tuple).
+    fn find(
+        &mut self,
+        proto: Proto,
+        local: SocketAddr,
+        remote: SocketAddr,
+        cookie: u64,
+    ) -> Result<Option<Socket>, ScanError> {
+        Ok(self.scan()?.into_iter().find(|s| {
+            s.proto == proto
+                && if s.cookie != 0 {
+                    s.cookie == cookie
+                } else {
+                    (s.local, s.remote) == (local, remote)
+                }
+        }))
+    }
     /// Short name for logs and `status`.
     fn name(&self) -> &'static str;
 }

@@ -254,7 +254,7 @@ fn child_main() {
     drop(classifier);
 }
 
-fn cookie(s: &socket2::Socket) -> u64 {
+pub(crate) fn cookie(s: &socket2::Socket) -> u64 {
     let mut v = 0u64;
     let mut len = size_of::<u64>() as libc::socklen_t;
     // SAFETY: getsockopt into a u64 of the size given.

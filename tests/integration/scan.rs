@@ -219,3 +219,82 @@ fn steady_cycle_does_not_walk_proc_again() {
         Some(probe.pid())
     );
 }
+
+/// The fast path's lookup of one reported socket (the daemon in a PID namespace of its own): by
+/// tuple and cookie, each kind of socket the classifier reports is found with its inode (the
+/// one its descriptor has), an IPv6 socket talking IPv4 included; a cookie of another socket
+/// finds nothing. On sock_diag an exact request, on /proc/net the default (scan, match).
+#[test]
+fn one_socket_is_found_by_its_tuple_and_cookie() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+
+    use socket2::{Domain, SockAddr, Socket as Raw, Type};
+
+    let pair = NetnsPair::new();
+    let tcp4 = pair
+        .b
+        .run(|| std::net::TcpListener::bind((NetnsPair::B_V4, 0)).unwrap());
+    let tcp6 = pair
+        .b
+        .run(|| std::net::TcpListener::bind((NetnsPair::B_V6, 0)).unwrap());
+    let udp_peer: SocketAddr = (NetnsPair::B_V4, 5999).into();
+    let mapped: SocketAddr = format!(
+        "[::ffff:{}]:{}",
+        NetnsPair::B_V4,
+        tcp4.local_addr().unwrap().port()
+    )
+    .parse()
+    .unwrap();
+    pair.a.run(|| {
+        let connect = |domain, ty, to: SocketAddr| {
+            let s = Raw::new(domain, ty, None).unwrap();
+            if to.port() != 0 {
+                s.connect(&SockAddr::from(to)).unwrap();
+            } else {
+                s.bind(&SockAddr::from(to)).unwrap();
+            }
+            s
+        };
+        let sockets = [
+            (
+                Proto::Tcp,
+                connect(Domain::IPV4, Type::STREAM, tcp4.local_addr().unwrap()),
+            ),
+            (
+                Proto::Tcp,
+                connect(Domain::IPV6, Type::STREAM, tcp6.local_addr().unwrap()),
+            ),
+            (Proto::Tcp, connect(Domain::IPV6, Type::STREAM, mapped)),
+            (Proto::Udp, connect(Domain::IPV4, Type::DGRAM, udp_peer)),
+            (
+                Proto::Udp,
+                connect(Domain::IPV6, Type::DGRAM, "[::]:0".parse().unwrap()),
+            ),
+        ];
+        for backend in [Backend::Diag, Backend::Proc] {
+            let mut source = scan::open(backend).unwrap();
+            for (proto, s) in &sockets {
+                let normal = |a: Option<SocketAddr>| {
+                    scan::normalize_addr(a.unwrap_or_else(|| "[::]:0".parse().unwrap()))
+                };
+                let local = normal(s.local_addr().unwrap().as_socket());
+                let remote = normal(s.peer_addr().ok().and_then(|a| a.as_socket()));
+                let cookie = crate::bpf::cookie(s);
+                let inode = std::fs::metadata(format!("/proc/self/fd/{}", s.as_raw_fd()))
+                    .unwrap()
+                    .ino();
+                let found = source.find(*proto, local, remote, cookie).unwrap();
+                assert_eq!(
+                    found.map(|f| (f.inode, f.local, f.remote)),
+                    Some((inode, local, remote)),
+                    "{backend:?} {proto} {local} -> {remote}"
+                );
+                if backend == Backend::Diag {
+                    let other = source.find(*proto, local, remote, cookie + 1).unwrap();
+                    assert_eq!(other, None, "{proto} {local} -> {remote}, another cookie");
+                }
+            }
+        }
+    });
+}
