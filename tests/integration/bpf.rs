@@ -39,12 +39,16 @@ pub(crate) struct Kid {
 impl Kid {
     pub(crate) fn start(ns: &Netns, cgroup: &TestCgroup, as_nobody: bool) -> Kid {
         let exe = std::env::current_exe().expect("test binary path");
+        Kid::start_by(ns.command(exe), cgroup, as_nobody)
+    }
+
+    /// As [`Kid::start`], by `cmd`: this test binary, or a command that runs it (`nsenter`).
+    pub(crate) fn start_by(mut cmd: Command, cgroup: &TestCgroup, as_nobody: bool) -> Kid {
         let procs = std::fs::OpenOptions::new()
             .write(true)
             .open(cgroup.dir.join("cgroup.procs"))
             .expect("open cgroup.procs");
         let procs_fd: RawFd = procs.as_raw_fd();
-        let mut cmd = ns.command(exe);
         cmd.args([
             "--exact",
             "bpf::child_main",

@@ -8,6 +8,7 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use crate::bpf::Kid;
 use crate::fastpath::{IFB, SLOW_IPERF, class_bytes, tc};
 use crate::support::cgroup::TestCgroup;
 use crate::support::daemon::{DaemonProcess, allowance};
@@ -149,4 +150,130 @@ fn a_daemon_in_its_own_pid_namespace_finds_a_new_processs_owner_by_its_socket() 
         unsafe { libc::kill(iperf3 as i32, libc::SIGKILL) };
         let _ = nsenter.wait();
     }
+}
+
+/// Sends SIGCONT to a stopped daemon when dropped, so a failing test does not leave it stopped
+/// (its guard could not stop it then).
+struct Stopped(u32);
+
+impl Stopped {
+    fn new(pid: u32) -> Stopped {
+        // SAFETY: plain syscall on the daemon this test started.
+        unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
+    }
+}
+
+/// A TCP sink in `b` that reads every connection to the end, on threads of its own.
+fn sink(pair: &NetnsPair) -> std::net::SocketAddr {
+    let listener = pair
+        .b
+        .run(|| std::net::TcpListener::bind((NetnsPair::B_V4, 0)).unwrap());
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut &stream, &mut std::io::sink());
+            });
+        }
+    });
+    addr
+}
+
+/// The kernel's class for a process's new connections is keyed by its host pid: once a first
+/// socket has tied a process's host pid to its pid in the daemon's namespace, its next
+/// connections are classified by the kernel alone. With the daemon stopped (SIGSTOP), a new
+/// connection of the tied process lands in its class's leaf, and one of a process that was
+/// never tied (started while the daemon is stopped) does not.
+#[test]
+fn once_tied_a_process_is_classified_by_the_kernel_while_the_daemon_is_stopped() {
+    let pair = NetnsPair::new();
+    let cgroup = TestCgroup::new();
+    let dir = tempfile::tempdir().unwrap();
+    // The kids run this test binary: `integration-<hash>`, cut to 15 bytes by the kernel.
+    let policy = r#"
+classes = { slow = { ceil = { up = "2mbit", down = "4mbit" } }, default = {} }
+function classify(conn)
+  if conn.process and conn.process.name:sub(1, 12) == "integration-" then return "slow" end
+  return "default"
+end
+"#;
+    let daemon = DaemonProcess::start_bpf_policy_in_own_pid_namespace(
+        &pair.a,
+        dir.path(),
+        &cgroup,
+        policy,
+        &["--uplink", "10mbit", "--downlink", "10mbit"],
+    );
+    let to = sink(&pair);
+    let exe = std::env::current_exe().unwrap();
+    let kid = || {
+        let cmd = daemon.in_pid_namespace(&pair.a, exe.to_str().unwrap());
+        Kid::start_by(cmd, &cgroup, false)
+    };
+    let mut tied = kid();
+    let (first, _) = tied.socket("tcp4");
+    let from = tied.connect(first, to);
+    tied.ask(&format!("send {first} 1000"));
+    daemon.wait_for_all(
+        5,
+        "the first connection decided and its process tied",
+        |s| {
+            let decided = s["connections"].as_array().is_some_and(|cs| {
+                cs.iter().any(|c| {
+                    c["class"] == "slow"
+                        && c["connection"]
+                            .as_str()
+                            .is_some_and(|t| t.contains(&format!("{from} ")))
+                })
+            });
+            decided && s["own_pid_namespace"]["processes"].as_u64() >= Some(1)
+        },
+    );
+    let mut untied = kid();
+
+    let stopped = Stopped::new(daemon.inner.unwrap());
+    let leaf = || class_bytes(&pair.a, "veth0", "2Mbit");
+    let what = |text: &str| {
+        format!(
+            "{text}\nclasses:\n{}\nlog:\n{}",
+            tc(&pair.a, &["-s", "class", "show", "dev", "veth0"]),
+            daemon.log_text()
+        )
+    };
+    let wait = |text: &str, done: &dyn Fn((u64, u64)) -> bool| {
+        let deadline = Instant::now() + allowance(3);
+        while !done(leaf()) {
+            assert!(Instant::now() < deadline, "{}", what(text));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let before = leaf();
+    let (other, _) = untied.socket("tcp4");
+    untied.connect(other, to);
+    untied.ask(&format!("send {other} 65536"));
+    wait("the untied process's 64 KiB through the tree", &|now| {
+        now.1 >= before.1 + 65536
+    });
+    assert_eq!(
+        leaf().0,
+        before.0,
+        "{}",
+        what("nothing classified the untied process's connection while the daemon was stopped")
+    );
+    let (second, _) = tied.socket("tcp4");
+    tied.connect(second, to);
+    tied.ask(&format!("send {second} 65536"));
+    wait(
+        "the tied process's next connection in its class's leaf",
+        &|now| now.0 >= before.0 + 65536,
+    );
+    drop(stopped);
 }
