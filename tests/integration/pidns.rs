@@ -277,3 +277,62 @@ end
     );
     drop(stopped);
 }
+
+/// A process outside the daemon's PID namespace (here the test's own, the host's) has no pid
+/// the daemon could name: its connections are classified by what can be seen of them (here the
+/// port), shown without an owner, never under another process's pid; the log says so once and
+/// the status counts them.
+#[test]
+fn a_process_outside_the_daemons_pid_namespace_is_classified_by_what_can_be_seen() {
+    let pair = NetnsPair::new();
+    let cgroup = TestCgroup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let to = sink(&pair);
+    let policy = format!(
+        r#"
+classes = {{ seen = {{ ceil = "2mbit" }}, named = {{ ceil = "3mbit" }}, default = {{}} }}
+function classify(conn)
+  if conn.process then return "named" end
+  if conn.remote_port == {} then return "seen" end
+  return "default"
+end
+"#,
+        to.port()
+    );
+    let daemon = DaemonProcess::start_bpf_policy_in_own_pid_namespace(
+        &pair.a,
+        dir.path(),
+        &cgroup,
+        &policy,
+        &["--uplink", "10mbit", "--downlink", "10mbit"],
+    );
+    let mut outside = Kid::start(&pair.a, &cgroup, false);
+    let mut locals = Vec::new();
+    for _ in 0..2 {
+        let (s, _) = outside.socket("tcp4");
+        locals.push(outside.connect(s, to));
+        outside.ask(&format!("send {s} 1000"));
+    }
+    daemon.wait_for_all(5, "both connections decided, without an owner", |s| {
+        let conns = s["connections"].as_array().cloned().unwrap_or_default();
+        locals.iter().all(|local| {
+            conns.iter().any(|c| {
+                c["connection"]
+                    .as_str()
+                    .is_some_and(|t| t.contains(&format!("{local} ")))
+                    && c["class"] == "seen"
+                    && c["pid"].is_null()
+                    && c["process"].is_null()
+            })
+        }) && s["own_pid_namespace"]["unresolved"].as_u64() >= Some(2)
+    });
+    let log = daemon.log_text();
+    assert_eq!(
+        log.matches("was not found in shaper's PID namespace")
+            .count(),
+        1,
+        "said once:\n{log}"
+    );
+    let text = String::from_utf8_lossy(&daemon.control(&["status"]).stdout).into_owned();
+    assert!(text.contains("PID namespace of its own"), "{text}");
+}
