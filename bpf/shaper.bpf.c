@@ -22,6 +22,13 @@
 //
 // An exec drops the process's class for new connections (the program it ran before was judged,
 // not this one) and is reported as a struct exec_event, so the daemon reads the process again.
+//
+// Bytes are counted only on the shaped interface (`shaped_ifaces`; loopback and other links are
+// not the bill), per segment on the wire at the IP layer: a GSO/GRO packet counts its headers
+// once per segment it stands for. A socket's totals leave with it: when a TCP connection reaches
+// TCP_CLOSE (its last data sent, a sockops state callback) or a UDP socket is released, a
+// struct close_event carries its final counts, owner and classes, and its counter is deleted, so
+// a process that lived less than a cycle, and every connection's tail, are charged.
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -44,6 +51,8 @@
 #define OWNER_REPORTED 2u
 #define OWNER_DEFERRED 4u
 #define OWNER_LOST 8u
+/* A TCP socket whose close is reported from its TCP_CLOSE state callback, not its release. */
+#define OWNER_STATE_CB 16u
 
 /* Unread bytes in `events` past which sockets of processes that have a class are not reported
  * (1/16 of the buffer: about 700 events, so a new process's report waits behind at most those). */
@@ -95,11 +104,29 @@ struct exec_event {
 	__u32 _pad;
 };
 
+/* A socket's final counts, reported once when it closes. Told from the others by its size. */
+struct close_event {
+	__u64 cookie;
+	__u64 cgroup_id; /* 0 when the owner is not known (a socket older than the programs) */
+	__u64 up;
+	__u64 down;
+	__u32 tgid; /* 0 when the owner is not known */
+	__u32 uid;
+	__u32 class_up; /* the classes its packets had at the end, 0 = none (the default class) */
+	__u32 class_down;
+	char comm[16];
+	__u8 protocol;
+	__u8 _pad[7];
+};
+
 /* Reports that could not be made at once, since the programs were attached. */
 struct report_stats {
 	__u64 deferred; /* sockets not reported (yet) because the buffer was filling */
 	__u64 lost;     /* sockets whose report found the buffer full (retried later) */
 	__u64 exec_lost; /* exec reports that found the buffer full */
+	__u64 close_lost; /* closes that found the buffer full: their bytes are below */
+	__u64 close_lost_up;
+	__u64 close_lost_down;
 };
 
 struct {
@@ -129,6 +156,15 @@ struct {
 	__type(key, __u64);
 	__type(value, struct counters);
 } sock_bytes SEC(".maps");
+
+/* The shaped interfaces' indexes (in the daemon's network namespace): bytes are counted there
+ * only. Written by the daemon. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16);
+	__type(key, __u32);
+	__type(value, __u8);
+} shaped_ifaces SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -172,8 +208,45 @@ static __always_inline __u32 class_of(__u64 cookie, struct owner *o, int down)
 	return id;
 }
 
+/* The IP and transport headers' length of a packet (skb->data is the network header here). */
+static __always_inline __u32 header_len(struct __sk_buff *skb, __u32 protocol)
+{
+	__u8 b;
+	__u32 l3;
+
+	if (bpf_skb_load_bytes(skb, 0, &b, 1))
+		return 0;
+	if ((b >> 4) == 4)
+		l3 = (b & 0xf) * 4;
+	else if ((b >> 4) == 6)
+		l3 = 40;
+	else
+		return 0;
+	if (protocol == IPPROTO_UDP)
+		return l3 + 8;
+	if (bpf_skb_load_bytes(skb, l3 + 12, &b, 1))
+		return l3 + 20;
+	return l3 + (b >> 4) * 4;
+}
+
+/* The packet's bytes on the wire at the IP layer, 0 when it does not cross a shaped interface. */
+static __always_inline __u32 wire_len(struct __sk_buff *skb, __u32 protocol)
+{
+	__u32 ifindex = skb->ifindex;
+	__u32 len = skb->len;
+	__u32 segs = skb->gso_segs;
+
+	if (!bpf_map_lookup_elem(&shaped_ifaces, &ifindex))
+		return 0;
+	if (segs > 1 && segs < 65536)
+		len += (segs - 1) * header_len(skb, protocol);
+	return len;
+}
+
 static __always_inline void count(__u64 cookie, __u32 len, int down)
 {
+	if (!len)
+		return;
 	struct counters *c = bpf_map_lookup_elem(&sock_bytes, &cookie);
 
 	if (!c) {
@@ -285,7 +358,7 @@ static __always_inline int on_skb(struct __sk_buff *skb, int down)
 	__u64 cookie = bpf_get_socket_cookie(skb);
 	struct owner *o = bpf_sk_storage_get(&owners, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 
-	count(cookie, skb->len, down);
+	count(cookie, wire_len(skb, sk->protocol), down);
 	if (o) {
 		if (o->cookie != cookie && sk->state != TCP_LISTEN)
 			o->cookie = cookie;
@@ -312,22 +385,92 @@ int skb_ingress(struct __sk_buff *skb)
 	return on_skb(skb, 1);
 }
 
-/* An accepted socket's storage is a copy of its listener's: give it its own cookie before its
- * first inbound data packet is classified on the interface. */
+/* A socket's final counts, owner and classes, once; its counter goes. Nothing counted on the
+ * shaped interface: nothing to report. */
+static __always_inline void report_close(__u64 cookie, struct owner *o, __u8 protocol)
+{
+	struct counters *c = bpf_map_lookup_elem(&sock_bytes, &cookie);
+
+	if (!c)
+		return;
+	__u64 up = c->up;
+	__u64 down = c->down;
+
+	bpf_map_delete_elem(&sock_bytes, &cookie);
+	struct close_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		struct report_stats *st = stats();
+
+		if (st) {
+			__sync_fetch_and_add(&st->close_lost, 1);
+			__sync_fetch_and_add(&st->close_lost_up, up);
+			__sync_fetch_and_add(&st->close_lost_down, down);
+		}
+		return;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->cookie = cookie;
+	e->up = up;
+	e->down = down;
+	e->protocol = protocol;
+	e->class_up = class_of(cookie, o, 0);
+	e->class_down = class_of(cookie, o, 1);
+	if (o && (o->flags & OWNER_KNOWN)) {
+		e->cgroup_id = o->cgroup_id;
+		e->tgid = o->tgid;
+		e->uid = o->uid;
+		__builtin_memcpy(e->comm, o->comm, sizeof(e->comm));
+	}
+	bpf_ringbuf_submit(e, 0);
+}
+
+/* Established: an accepted socket's storage is a copy of its listener's, so it gets its own
+ * cookie before its first inbound data packet is classified on the interface; and either way
+ * the connection's close is reported from its TCP_CLOSE state, after its last data was sent
+ * (data a process wrote before close() is still sent, and counted, after its release). */
 SEC("sockops")
 int sock_ops(struct bpf_sock_ops *skops)
 {
-	if (skops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
-		return 1;
 	struct bpf_sock *sk = skops->sk;
+	struct owner *o;
 
 	if (!sk)
 		return 1;
+	switch (skops->op) {
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		o = bpf_sk_storage_get(&owners, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (!o)
+			return 1;
+		if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+			o->cookie = bpf_get_socket_cookie(skops);
+		if (!bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+						   BPF_SOCK_OPS_STATE_CB_FLAG))
+			__sync_fetch_and_or(&o->flags, OWNER_STATE_CB);
+		return 1;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] != BPF_TCP_CLOSE)
+			return 1;
+		o = bpf_sk_storage_get(&owners, sk, 0, 0);
+		report_close(bpf_get_socket_cookie(skops), o, IPPROTO_TCP);
+		return 1;
+	}
+	return 1;
+}
+
+/* Release: a UDP socket's close (and a TCP socket's whose state is not followed: one older than
+ * the programs). */
+SEC("cgroup/sock_release")
+int sock_release(struct bpf_sock *sk)
+{
+	if (!is_tcp_or_udp(sk->protocol))
+		return ALLOW;
 	struct owner *o = bpf_sk_storage_get(&owners, sk, 0, 0);
 
-	if (o)
-		o->cookie = bpf_get_socket_cookie(skops);
-	return 1;
+	if (sk->protocol == IPPROTO_TCP && o && (o->flags & OWNER_STATE_CB))
+		return ALLOW;
+	report_close(bpf_get_socket_cookie(sk), o, sk->protocol);
+	return ALLOW;
 }
 
 /* Download: find the local socket of an inbound packet and set the IFB's class. Headers are read

@@ -84,7 +84,7 @@ fn cap(usage: Figures, names: usize) -> Figures {
     let mut out = Figures::new();
     for (key, u) in usage {
         let kind = match key {
-            UsageKey::Link => {
+            UsageKey::Link | UsageKey::Unattributed => {
                 out.insert(key, u);
                 continue;
             }

@@ -1,9 +1,13 @@
 //! Live accounting: byte deltas per cycle, recent rates, and usage per period, persisted so
 //! quotas survive restarts and crashes.
 //!
-//! Sources: the interface's own counters (what an ISP counts) for the `link` key, and sock_diag's
-//! TCP byte counters for per-connection figures attributed to `process:NAME`, `user:NAME` and
-//! `class:NAME`. UDP has no per-socket counters; it is in `link` but not in the per-key figures.
+//! Sources: the interface's own counters (what an ISP counts) for the `link` key; per connection,
+//! the BPF classifier's counters (TCP and UDP, on the shaped interface, IP bytes per segment) or,
+//! without it, sock_diag's TCP counters with headers estimated per segment, attributed to
+//! `process:NAME`, `user:NAME` and `class:NAME`; a connection's last bytes at its close
+//! ([`Charge`]), so neither a connection that lived less than a cycle nor any connection's tail
+//! is lost. What the link moved and no process was charged for is `unattributed`. Connections
+//! over loopback are not the link's and charge nothing.
 //!
 //! Periods follow local civil time from the zone of `now` (hour, day, ISO week from Monday,
 //! month from `month_start_day`), computed afresh every cycle: a DST change moves the day's end
@@ -50,6 +54,34 @@ pub struct ConnTrack {
 }
 
 impl ConnTrack {
+    /// A closed connection's final counts (`up`, `down`) against what accounting counted of it
+    /// (`track`; `None`: nothing yet): returns the bytes not yet counted, and records the final
+    /// counts as counted, so a scan that still lists the connection counts nothing twice.
+    pub fn settle(track: &mut Option<ConnTrack>, up: u64, down: u64) -> (u64, u64) {
+        let delta = match track {
+            Some(t) => (up.saturating_sub(t.up), down.saturating_sub(t.down)),
+            None => (up, down),
+        };
+        match track {
+            Some(t) => {
+                t.up = t.up.max(up);
+                t.down = t.down.max(down);
+            }
+            None => {
+                *track = Some(ConnTrack {
+                    up,
+                    down,
+                    first_seen: 0,
+                    last_seen: 0,
+                    rate_up: 0.0,
+                    rate_down: 0.0,
+                    buckets: [None, None],
+                })
+            }
+        }
+        delta
+    }
+
     /// The figures the policy reads.
     pub fn stats(&self) -> ConnStats {
         ConnStats {
@@ -70,6 +102,36 @@ pub struct Observed<'a> {
     pub class: &'a str,
     pub limit: RatePair,
     pub track: &'a mut Option<ConnTrack>,
+}
+
+/// Bytes a connection moved since accounting last saw it, counted when it closed: its close
+/// report's totals less what earlier cycles counted (see `FlowTable::close`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Charge {
+    pub process: Option<String>,
+    pub user: Option<String>,
+    pub class: String,
+    pub up: u64,
+    pub down: u64,
+}
+
+impl Charge {
+    fn keys(&self) -> Vec<UsageKey> {
+        let mut keys = Vec::with_capacity(3);
+        if let Some(p) = &self.process {
+            keys.push(UsageKey::Process(p.clone()));
+        }
+        if let Some(u) = &self.user {
+            keys.push(UsageKey::User(u.clone()));
+        }
+        keys.push(UsageKey::Class(self.class.clone()));
+        keys
+    }
+}
+
+/// Whether a connection stays on this machine (loopback): not the link's bytes.
+fn is_local(socket: &Socket) -> bool {
+    socket.local.ip().is_loopback() || socket.remote.ip().is_loopback()
 }
 
 /// Keeps `slot` a bucket for `limit` (a new one when the limit changed), or none.
@@ -139,6 +201,7 @@ impl Totals {
         if !self.usage.contains_key(key) {
             let (kind, other) = match key {
                 UsageKey::Link => (None, UsageKey::Link),
+                UsageKey::Unattributed => (None, UsageKey::Unattributed),
                 UsageKey::Process(_) => (Some(0), UsageKey::Process(OTHER.into())),
                 UsageKey::User(_) => (Some(1), UsageKey::User(OTHER.into())),
                 UsageKey::Class(_) => (Some(2), UsageKey::Class(OTHER.into())),
@@ -236,12 +299,14 @@ impl Accounting {
     }
 
     /// Takes one cycle's counters: every live connection (their tracks are updated in place;
-    /// a connection not given here is gone), the ceilings of the classes limited as a whole
-    /// (`each = "class"`), and the interfaces' counters.
+    /// a connection not given here is gone), the last bytes of connections that closed
+    /// (`closed`), the ceilings of the classes limited as a whole (`each = "class"`), and the
+    /// interfaces' counters.
     pub fn observe<'a>(
         &mut self,
         now: &jiff::Zoned,
         connections: impl IntoIterator<Item = Observed<'a>>,
+        closed: &[Charge],
         class_ceilings: &[(&str, RatePair)],
         links: &[LinkCounters],
     ) {
@@ -255,6 +320,9 @@ impl Accounting {
         self.last = Some(t);
         let alpha = dt.map_or(1.0, |dt| 1.0 - (-dt / RATE_WINDOW).exp());
 
+        let mut link = [0u64; 2];
+        // Bytes charged to a process this cycle, per direction.
+        let mut attributed = [0u64; 2];
         for l in links {
             let (up, down) = match self.links.get(&l.interface) {
                 // A counter that went down belongs to a re-created interface: start again.
@@ -269,6 +337,8 @@ impl Accounting {
                 add(&mut book.usage, &UsageKey::Link, up, down);
             }
             self.totals.add(&UsageKey::Link, up, down);
+            link[0] += up;
+            link[1] += down;
         }
 
         let mut classes: BTreeMap<String, ClassStats> = BTreeMap::new();
@@ -321,14 +391,24 @@ impl Accounting {
                     b.update(dt.unwrap_or(0.0), used);
                 }
             }
+            let local = is_local(c.socket);
+            let (delta_up, delta_down) = if local {
+                (0, 0)
+            } else {
+                (delta_up, delta_down)
+            };
             let mut keys = Vec::with_capacity(3);
-            if let Some(p) = c.process {
+            if let Some(p) = c.process.filter(|_| !local) {
                 keys.push(UsageKey::Process(p.name.to_string()));
                 keys.push(UsageKey::User(
                     p.user.clone().unwrap_or_else(|| p.uid.to_string()),
                 ));
+                attributed[0] += delta_up;
+                attributed[1] += delta_down;
             }
-            keys.push(UsageKey::Class(c.class.to_string()));
+            if !local {
+                keys.push(UsageKey::Class(c.class.to_string()));
+            }
             let d = class_deltas.entry(c.class.to_string()).or_default();
             d[0] += delta_up;
             d[1] += delta_down;
@@ -345,6 +425,31 @@ impl Accounting {
                 self.totals.add(k, delta_up, delta_down);
             }
             *c.track = Some(track);
+        }
+        for charge in closed {
+            let keys = charge.keys();
+            if charge.process.is_some() {
+                attributed[0] += charge.up;
+                attributed[1] += charge.down;
+            }
+            let d = class_deltas.entry(charge.class.clone()).or_default();
+            d[0] += charge.up;
+            d[1] += charge.down;
+            for book in self.books.values_mut() {
+                for k in &keys {
+                    add(&mut book.usage, k, charge.up, charge.down);
+                }
+            }
+            for k in &keys {
+                self.totals.add(k, charge.up, charge.down);
+            }
+        }
+        let [up, down] = [0, 1].map(|i| link[i].saturating_sub(attributed[i]));
+        if up > 0 || down > 0 {
+            for book in self.books.values_mut() {
+                add(&mut book.usage, &UsageKey::Unattributed, up, down);
+            }
+            self.totals.add(&UsageKey::Unattributed, up, down);
         }
         // Class buckets: for classes whose ceiling applies to the class as a whole.
         let mut buckets = std::mem::take(&mut self.class_buckets);
@@ -770,6 +875,7 @@ mod tests {
             a.observe(
                 now,
                 [observed],
+                &[],
                 &[("bulk", "1mbit:unlimited".parse().unwrap())],
                 &[LinkCounters {
                     interface: "eth0".into(),

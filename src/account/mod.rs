@@ -10,7 +10,7 @@ mod live;
 
 pub use history::{Past, periods_ago};
 pub(crate) use live::write_atomically;
-pub use live::{Accounting, ConnTrack, LinkCounters, Observed, StateError, period_id};
+pub use live::{Accounting, Charge, ConnTrack, LinkCounters, Observed, StateError, period_id};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -70,6 +70,10 @@ impl FromStr for Period {
 #[serde(into = "String", try_from = "String")]
 pub enum UsageKey {
     Link,
+    /// Bytes on the link no owner was found for (the link's counters less every process's
+    /// bytes; link-layer framing, ICMP and ARP are in it too), so the processes' lines and this
+    /// one add up to the link.
+    Unattributed,
     Process(String),
     User(String),
     Class(String),
@@ -79,6 +83,7 @@ impl fmt::Display for UsageKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             UsageKey::Link => f.write_str("link"),
+            UsageKey::Unattributed => f.write_str("unattributed"),
             UsageKey::Process(name) => write!(f, "process:{name}"),
             UsageKey::User(name) => write!(f, "user:{name}"),
             UsageKey::Class(name) => write!(f, "class:{name}"),
@@ -92,6 +97,9 @@ impl FromStr for UsageKey {
         if s == "link" {
             return Ok(UsageKey::Link);
         }
+        if s == "unattributed" {
+            return Ok(UsageKey::Unattributed);
+        }
         let parsed = s.split_once(':').and_then(|(kind, name)| {
             let name = name.to_string();
             match kind {
@@ -103,8 +111,8 @@ impl FromStr for UsageKey {
         });
         parsed.ok_or_else(|| {
             format!(
-                "unknown usage key {s:?}: use \"link\", \"process:NAME\", \"user:NAME\" or \
-                 \"class:NAME\""
+                "unknown usage key {s:?}: use \"link\", \"unattributed\", \"process:NAME\", \
+                 \"user:NAME\" or \"class:NAME\""
             )
         })
     }

@@ -23,7 +23,7 @@ use aya::programs::{
 };
 use aya::{Ebpf, EbpfError, EbpfLoader, Pod};
 
-use super::{BpfError, ByteCounters, NewSocket, ReportStats};
+use super::{BpfError, ByteCounters, ClosedSocket, NewSocket, ReportStats, SocketOwner};
 use crate::scan::{Proto, normalize_addr};
 
 /// The compiled programs (`bpf/build.sh` rebuilds it from `bpf/shaper.bpf.c`).
@@ -92,6 +92,24 @@ struct RawExec {
     _pad: u32,
 }
 
+/// `struct close_event` in shaper.bpf.c: a socket's final counts. Told from the others by its
+/// size.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct RawClose {
+    cookie: u64,
+    cgroup_id: u64,
+    up: u64,
+    down: u64,
+    tgid: u32,
+    uid: u32,
+    class_up: u32,
+    class_down: u32,
+    comm: [u8; 16],
+    protocol: u8,
+    _pad: [u8; 7],
+}
+
 /// `struct report_stats` in shaper.bpf.c.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
@@ -99,6 +117,9 @@ struct RawReportStats {
     deferred: u64,
     lost: u64,
     exec_lost: u64,
+    close_lost: u64,
+    close_lost_up: u64,
+    close_lost_down: u64,
 }
 
 // SAFETY: plain `repr(C)` integers and byte arrays without padding holes the kernel relies on;
@@ -124,11 +145,14 @@ pub struct BpfClassifier {
     conn_class: HashMap<MapData, u64, RawClasses>,
     proc_class: HashMap<MapData, u32, RawClasses>,
     sock_bytes: HashMap<MapData, u64, RawCounters>,
+    shaped_ifaces: HashMap<MapData, u32, u8>,
     events: RingBuf<MapData>,
     report_stats: Array<MapData, RawReportStats>,
     download: DownloadHook,
     /// Processes that called exec, reported since [`Self::take_execs`] last ran.
     execs: Vec<u32>,
+    /// Sockets that closed, reported since [`Self::take_closed`] last ran.
+    closed: Vec<ClosedSocket>,
     /// Why exec is not noticed in the kernel, if the hook could not be attached.
     exec_hook_error: Option<String>,
 }
@@ -184,14 +208,12 @@ impl BpfClassifier {
         hook: DownloadHook,
     ) -> Result<BpfClassifier, BpfError> {
         let cgroup_dir = open_cgroup(cgroup)?;
-        let name = std::ffi::CString::new(interface).unwrap_or_default();
-        // SAFETY: a NUL-terminated string that outlives the call.
-        if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
+        let Some(ifindex) = interface_index(interface) else {
             return Err(BpfError::Interface {
                 interface: interface.into(),
                 message: "no such interface".into(),
             });
-        }
+        };
         let mut ebpf = load_object()?;
         load_programs(&mut ebpf)?;
         // The owner recorder first, so a socket created while attaching has its owner when its
@@ -204,6 +226,9 @@ impl BpfClassifier {
         program::<SockOps>(&mut ebpf, "sock_ops")?
             .attach(&cgroup_dir, mode)
             .map_err(|e| program_error("sock_ops", e))?;
+        program::<CgroupSock>(&mut ebpf, "sock_release")?
+            .attach(&cgroup_dir, mode)
+            .map_err(|e| program_error("sock_release", e))?;
         for (name, kind) in [
             ("skb_egress", CgroupSkbAttachType::Egress),
             ("skb_ingress", CgroupSkbAttachType::Ingress),
@@ -233,12 +258,13 @@ impl BpfClassifier {
                 .err()
         })
         .map(|e| e.to_string());
-        Ok(BpfClassifier {
+        let mut classifier = BpfClassifier {
             interface: interface.into(),
             cls_bpf: None,
             conn_class: take_map(&mut ebpf, "conn_class")?,
             proc_class: take_map(&mut ebpf, "proc_class")?,
             sock_bytes: take_map(&mut ebpf, "sock_bytes")?,
+            shaped_ifaces: take_map(&mut ebpf, "shaped_ifaces")?,
             events: RingBuf::try_from(
                 ebpf.take_map("events")
                     .ok_or_else(|| missing("map", "events"))?,
@@ -252,8 +278,24 @@ impl BpfClassifier {
             ebpf,
             download,
             execs: Vec::new(),
+            closed: Vec::new(),
             exec_hook_error,
-        })
+        };
+        classifier.set_shaped_interface(None, ifindex)?;
+        Ok(classifier)
+    }
+
+    /// Counts bytes on the interface with index `new` (the shaped one, re-created or first
+    /// seen), no longer on `old`. Bytes on other interfaces (loopback, a bridge) are not the
+    /// bill and are not counted.
+    pub fn set_shaped_interface(&mut self, old: Option<u32>, new: u32) -> Result<(), BpfError> {
+        if let Some(old) = old.filter(|&o| o != new) {
+            ignore_missing(self.shaped_ifaces.remove(&old))
+                .map_err(|e| map_error("shaped_ifaces", e))?;
+        }
+        self.shaped_ifaces
+            .insert(new, 1, 0)
+            .map_err(|e| map_error("shaped_ifaces", e))
     }
 
     /// How the download program is attached.
@@ -372,18 +414,26 @@ impl BpfClassifier {
         self.drain_new_sockets()
     }
 
-    /// Every new socket waiting in the ring buffer, without blocking; exec reports found on
-    /// the way are kept for [`Self::take_execs`].
+    /// Every new socket waiting in the ring buffer, without blocking; exec and close reports
+    /// found on the way are kept for [`Self::take_execs`] and [`Self::take_closed`].
     pub fn drain_new_sockets(&mut self) -> Vec<NewSocket> {
         let mut out = Vec::new();
         while let Some(item) = self.events.next() {
             if let Some(tgid) = parse_exec(&item) {
                 self.execs.push(tgid);
+            } else if let Some(c) = parse_close(&item) {
+                self.closed.push(c);
             } else if let Some(s) = parse_event(&item) {
                 out.push(s);
             }
         }
         out
+    }
+
+    /// The sockets that closed since the last call, with their final counts (reports read by
+    /// [`Self::drain_new_sockets`]).
+    pub fn take_closed(&mut self) -> Vec<ClosedSocket> {
+        std::mem::take(&mut self.closed)
     }
 
     /// The processes (tgids) that called exec since the last call, as reported by the kernel,
@@ -405,6 +455,11 @@ impl BpfClassifier {
             deferred: s.deferred,
             lost: s.lost,
             exec_lost: s.exec_lost,
+            close_lost: s.close_lost,
+            close_lost_bytes: ByteCounters {
+                up: s.close_lost_up,
+                down: s.close_lost_down,
+            },
         }
     }
 
@@ -445,8 +500,43 @@ fn parse_exec(bytes: &[u8]) -> Option<u32> {
     Some(e.tgid)
 }
 
+fn parse_close(bytes: &[u8]) -> Option<ClosedSocket> {
+    if bytes.len() != size_of::<RawClose>() {
+        return None;
+    }
+    // SAFETY: the right length, and every bit pattern is a valid RawClose.
+    let e: RawClose = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let proto = match i32::from(e.protocol) {
+        libc::IPPROTO_TCP => Proto::Tcp,
+        libc::IPPROTO_UDP => Proto::Udp,
+        _ => return None,
+    };
+    let comm_len = e.comm.iter().position(|&c| c == 0).unwrap_or(e.comm.len());
+    let class = |id: u32| (id != 0).then_some(id);
+    Some(ClosedSocket {
+        cookie: e.cookie,
+        proto,
+        owner: (e.tgid != 0).then(|| SocketOwner {
+            tgid: e.tgid,
+            uid: e.uid,
+            comm: String::from_utf8_lossy(&e.comm[..comm_len]).into_owned(),
+            cgroup_id: e.cgroup_id,
+        }),
+        bytes: ByteCounters {
+            up: e.up,
+            down: e.down,
+        },
+        classes: (class(e.class_up), class(e.class_down)),
+    })
+}
+
+/// An interface's index in this network namespace.
+pub fn interface_index(name: &str) -> Option<u32> {
+    nix::net::if_::if_nametoindex(name).ok()
+}
+
 fn parse_event(bytes: &[u8]) -> Option<NewSocket> {
-    if bytes.len() < size_of::<RawEvent>() {
+    if bytes.len() != size_of::<RawEvent>() {
         return None;
     }
     // SAFETY: long enough, and every bit pattern is a valid RawEvent.
@@ -534,6 +624,10 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), BpfError> {
         program::<CgroupSock>(ebpf, "sock_create")?.load(),
     )?;
     loaded("sock_ops", program::<SockOps>(ebpf, "sock_ops")?.load())?;
+    loaded(
+        "sock_release",
+        program::<CgroupSock>(ebpf, "sock_release")?.load(),
+    )?;
     loaded(
         "skb_egress",
         program::<CgroupSkb>(ebpf, "skb_egress")?.load(),
@@ -663,8 +757,10 @@ mod tests {
         assert_eq!(size_of::<RawEvent>(), 88);
         // struct exec_event: u64, 2 u32 (its size is what tells it from an event).
         assert_eq!(size_of::<RawExec>(), 16);
-        // struct report_stats: 3 u64.
-        assert_eq!(size_of::<RawReportStats>(), 24);
+        // struct report_stats: 6 u64.
+        assert_eq!(size_of::<RawReportStats>(), 48);
+        // struct close_event: 4 u64, 4 u32, comm[16], u8 + 7 padding.
+        assert_eq!(size_of::<RawClose>(), 72);
     }
 
     #[test]

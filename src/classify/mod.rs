@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use bpf::{
-    BpfClassifier, CLS_BPF_PREF, DownloadHook, cgroup_id, cgroup2_root, probe,
+    BpfClassifier, CLS_BPF_PREF, DownloadHook, cgroup_id, cgroup2_root, interface_index, probe,
     remove_stale_download_filter,
 };
 
@@ -58,10 +58,41 @@ pub struct ReportStats {
     /// exec reports that found the ring buffer full (the process is read again when its name
     /// or executable is next compared).
     pub exec_lost: u64,
+    /// Close reports that found the ring buffer full: their sockets' bytes reach no owner and
+    /// are counted as unattributed.
+    pub close_lost: u64,
+    /// The bytes of those sockets.
+    pub close_lost_bytes: ByteCounters,
 }
 
-/// Bytes a socket sent and received, IP headers included (GSO packets counted whole), since the
-/// programs were attached.
+/// Who created a socket, as recorded in the kernel when it was created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketOwner {
+    pub tgid: u32,
+    pub uid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+}
+
+/// A socket's final byte counts, reported once by the kernel when it closed: a TCP connection
+/// once it reached TCP_CLOSE (its last data sent), a UDP socket when it was released. Its owner
+/// and classes come with it, so a connection that lived less than a cycle is charged too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClosedSocket {
+    pub cookie: u64,
+    pub proto: Proto,
+    /// `None` for a socket older than the programs (its creation was not seen).
+    pub owner: Option<SocketOwner>,
+    /// Everything it moved on the shaped interface since the programs were attached.
+    pub bytes: ByteCounters,
+    /// The full classids its packets had at the end, per direction (`None`: the default
+    /// class).
+    pub classes: (Option<u32>, Option<u32>),
+}
+
+/// Bytes a socket sent and received on the shaped interface since the programs were attached, at
+/// the IP layer: every segment with its headers (a GSO/GRO packet counts its headers once per
+/// segment it stands for), as the sock_diag fallback estimates them too.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ByteCounters {
     pub up: u64,

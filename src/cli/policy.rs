@@ -170,6 +170,7 @@ pub fn run_once(
             usage,
             accounting: None,
             links: &[],
+            closed: Vec::new(),
             rates: inputs.rates,
         },
         &mut Timings::default(),

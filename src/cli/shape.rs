@@ -88,6 +88,7 @@ pub fn run_plan(cli: &super::Cli, args: &PlanArgs) -> anyhow::Result<ExitCode> {
             usage: Arc::new(accounting.view()),
             accounting: None,
             links: &[],
+            closed: Vec::new(),
             rates,
         },
         &mut Timings::default(),

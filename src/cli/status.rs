@@ -127,6 +127,18 @@ pub fn render(report: &StatusReport) -> String {
         .map(|(p, u)| format!("{p} {}", u.human()))
         .collect();
     let _ = writeln!(out, "usage (up/down): {}", usage.join(", "));
+    let unattributed: Vec<String> = report
+        .unattributed
+        .iter()
+        .map(|(p, u)| format!("{p} {}", u.human()))
+        .collect();
+    if !unattributed.is_empty() {
+        let _ = writeln!(
+            out,
+            "  of which (unattributed): {}",
+            unattributed.join(", ")
+        );
+    }
     let stages: Vec<String> = report
         .stages_ms
         .iter()

@@ -129,6 +129,9 @@ fn report(accounting: &Accounting, args: &UsageArgs, now: &jiff::Zoned, msd: u8)
                     (By::Process, UsageKey::Process(n))
                     | (By::User, UsageKey::User(n))
                     | (By::Class, UsageKey::Class(n)) => n.as_str(),
+                    // Bytes on the link no process was charged for: a line of their own, so
+                    // the processes' lines add up to the link.
+                    (By::Process | By::User, UsageKey::Unattributed) => "(unattributed)",
                     _ => continue,
                 };
                 let sum = sums.entry(name).or_default();

@@ -101,6 +101,8 @@ pub struct BpfState {
     download_error: Option<String>,
     /// Set when the kernel's tgids are not the daemon's pids (a PID namespace of its own).
     own_namespace: Option<OwnNamespace>,
+    /// The programs are on the cgroup v2 root: every socket's bytes are theirs to count.
+    sees_every_socket: bool,
 }
 
 impl std::fmt::Debug for BpfState {
@@ -173,10 +175,14 @@ impl BpfState {
                 interfaces.len()
             ));
         };
-        let cgroup = match &config.cgroup {
-            Some(path) => path.clone(),
-            None => cgroup2_root().map_err(|e| e.to_string())?,
+        let root = cgroup2_root().ok();
+        let cgroup = match (&config.cgroup, &root) {
+            (Some(path), _) => path.clone(),
+            (None, Some(root)) => root.clone(),
+            (None, None) => cgroup2_root().map_err(|e| e.to_string())?,
         };
+        let sees_every_socket = root
+            .is_some_and(|r| std::fs::canonicalize(&r).ok() == std::fs::canonicalize(&cgroup).ok());
         // Linux ≥ 6.6 has tcx; the cls_bpf path a kernel before it takes can be forced here.
         let hook = match std::env::var_os(DOWNLOAD_HOOK_ENV) {
             Some(v) if v == "cls_bpf" => DownloadHook::ClsBpf,
@@ -204,6 +210,7 @@ impl BpfState {
             lingering_checked: None,
             download_error: None,
             own_namespace,
+            sees_every_socket,
         })
     }
 
@@ -363,19 +370,40 @@ impl BpfState {
         &mut self.classifier
     }
 
-    /// Gives each scanned socket that has no byte counts from the scan (sock_diag has them for
-    /// TCP only) the classifier's per-socket counters, so UDP is counted per connection,
-    /// process and class like TCP. They count IP headers and start when the programs were
-    /// attached (or when the socket sent its first packet after that).
+    /// Gives each scanned socket the classifier's counters: what it moved on the shaped
+    /// interface since the programs were attached, TCP and UDP alike, the same figures its
+    /// close report ends with (see [`crate::classify::ByteCounters`]). A socket with none moved
+    /// nothing there: when the programs are on the root cgroup, which sees every socket, it
+    /// counts zero (loopback, another interface); under a narrower cgroup it may be outside
+    /// it, and keeps the scan's own estimate.
     pub fn fill_counters(&self, sockets: &mut [Socket]) {
-        for s in sockets
-            .iter_mut()
-            .filter(|s| s.cookie != 0 && s.bytes_up.is_none() && s.bytes_down.is_none())
-        {
-            if let Some(c) = self.classifier.counters(s.cookie) {
-                s.bytes_up = Some(c.up);
-                s.bytes_down = Some(c.down);
+        for s in sockets.iter_mut().filter(|s| s.cookie != 0) {
+            match self.classifier.counters(s.cookie) {
+                Some(c) => {
+                    s.bytes_up = Some(c.up);
+                    s.bytes_down = Some(c.down);
+                }
+                None if self.sees_every_socket => {
+                    s.bytes_up = Some(0);
+                    s.bytes_down = Some(0);
+                }
+                None => {}
             }
+        }
+    }
+
+    /// Sockets that closed since the last call, with their final counts.
+    pub fn take_closed(&mut self) -> Vec<crate::classify::ClosedSocket> {
+        self.classifier.take_closed()
+    }
+
+    /// The shaped interface has a new index (re-created): count bytes there.
+    pub fn interface_moved(&mut self, old: Option<u32>, new: u32) {
+        if let Err(e) = self.classifier.set_shaped_interface(old, new) {
+            tracing::warn!(
+                "classifier: cannot count bytes on the re-created interface ({e}); its \
+                 connections are charged only what the scan estimates"
+            );
         }
     }
 

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::flows::FlowTable;
+use super::flows::{Closed, FlowTable};
 use crate::account::{Accounting, LinkCounters, UsageView};
 use crate::config::Config;
 use crate::policy::{self, ClassSet, Decision, Each, Engine, EngineOptions, PolicyError, Script};
@@ -68,6 +68,9 @@ pub struct Inputs<'a> {
     pub accounting: Option<&'a mut Accounting>,
     /// The interfaces' counters, for the `link` usage.
     pub links: &'a [LinkCounters],
+    /// Sockets that closed since the last whole cycle (the BPF classifier's reports): their
+    /// last bytes are charged with this cycle's (whole cycles only).
+    pub closed: Vec<Closed>,
     pub rates: Rates,
 }
 
@@ -253,6 +256,7 @@ impl Cycle {
             usage,
             accounting,
             links,
+            closed,
             rates,
         } = input;
 
@@ -289,7 +293,8 @@ impl Cycle {
         if let Some(accounting) = accounting.filter(|_| !partial) {
             stage("account", &mut timings.account, || {
                 let ceilings = class_ceilings(&outcome.classes);
-                accounting.observe(&now, self.flows.observed(), &ceilings, links);
+                let charges = self.flows.close(&closed);
+                accounting.observe(&now, self.flows.observed(), &charges, &ceilings, links);
             });
         }
         // The rates in force are read once per whole cycle: a partial one keeps its capacity.
@@ -486,6 +491,11 @@ pub struct Interface {
 }
 
 impl Interface {
+    /// The policy class of a full classid (`5a:minor`) in the last plan.
+    pub fn class_of(&self, classid: u32) -> Option<&str> {
+        self.handles.class_of_minor((classid & 0xffff) as u16)
+    }
+
     pub fn new(name: String) -> Interface {
         Interface {
             name,

@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
-use crate::account::{ConnStats, ConnTrack, Observed};
+use crate::account::{Charge, ConnStats, ConnTrack, Observed};
+use crate::classify::ClosedSocket;
 use crate::policy::Decision;
 use crate::process::{Connection, Process, Snapshot};
 use crate::scan::SocketKey;
@@ -26,6 +27,33 @@ pub struct FlowTable {
     /// Parallel to `snapshot.connections`; `None` until accounting first saw the connection.
     tracks: Vec<Option<ConnTrack>>,
     index: FxHashMap<SocketKey, usize>,
+    /// Records the last whole cycles dropped (their sockets were not in the scan), by cookie,
+    /// kept for [`GONE_CYCLES`] cycles: a close report read after the scan that no longer saw
+    /// its socket still finds who it belonged to and what was counted of it.
+    gone: FxHashMap<u64, Gone>,
+    /// User names by uid, for closed sockets of owners the table never saw.
+    users: FxHashMap<u32, Option<String>>,
+}
+
+/// Whole cycles a dropped record waits for its close report.
+const GONE_CYCLES: u8 = 2;
+
+/// A record a whole cycle dropped, as a close report needs it.
+#[derive(Debug)]
+struct Gone {
+    process: Option<String>,
+    user: Option<String>,
+    class: String,
+    track: Option<ConnTrack>,
+    /// Whole cycles since it was dropped.
+    age: u8,
+}
+
+/// A closed socket, with the class its last packets went to as the last plan names it.
+#[derive(Debug, Clone)]
+pub struct Closed {
+    pub socket: ClosedSocket,
+    pub class: Option<String>,
 }
 
 /// One record, as read.
@@ -92,6 +120,33 @@ impl FlowTable {
     /// A whole cycle's answer: `snapshot` is every live connection, `decisions` parallel to it.
     /// Connections not in it are gone; the others keep their accounting.
     pub fn replace(&mut self, snapshot: Arc<Snapshot>, decisions: Vec<Decision>) {
+        self.gone.retain(|_, g| {
+            g.age += 1;
+            g.age < GONE_CYCLES
+        });
+        let live: rustc_hash::FxHashSet<u64> = snapshot
+            .connections
+            .iter()
+            .map(|c| c.socket.cookie)
+            .filter(|&c| c != 0)
+            .collect();
+        for (i, c) in self.snapshot.connections.iter().enumerate() {
+            let cookie = c.socket.cookie;
+            if cookie == 0 || live.contains(&cookie) {
+                continue;
+            }
+            let process = self.snapshot.owner_process(c);
+            self.gone.insert(
+                cookie,
+                Gone {
+                    process: process.map(|p| p.name.to_string()),
+                    user: process.map(|p| p.user.clone().unwrap_or_else(|| p.uid.to_string())),
+                    class: self.decisions[i].class.to_string(),
+                    track: self.tracks[i].take(),
+                    age: 0,
+                },
+            );
+        }
         let mut old = std::mem::take(&mut self.tracks);
         let tracks = snapshot
             .connections
@@ -136,6 +191,75 @@ impl FlowTable {
                 }
             }
         }
+    }
+
+    /// The bytes closed sockets moved that accounting has not counted: each close report's
+    /// totals less what earlier cycles counted of its connection (a live record, or one the
+    /// last cycles dropped), charged to that connection's process, user and class; a socket
+    /// the table never held (it lived between two looks) is charged to the owner the kernel
+    /// recorded at its creation and the class its packets went to.
+    pub fn close(&mut self, closed: &[Closed]) -> Vec<Charge> {
+        if closed.is_empty() {
+            return Vec::new();
+        }
+        let by_cookie: FxHashMap<u64, usize> = self
+            .snapshot
+            .connections
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.socket.cookie != 0)
+            .map(|(i, c)| (c.socket.cookie, i))
+            .collect();
+        let mut charges = Vec::with_capacity(closed.len());
+        for Closed { socket: s, class } in closed {
+            let (up, down) = (s.bytes.up, s.bytes.down);
+            let charge = if let Some(&i) = by_cookie.get(&s.cookie) {
+                let c = &self.snapshot.connections[i];
+                let process = self.snapshot.owner_process(c);
+                let (up, down) = ConnTrack::settle(&mut self.tracks[i], up, down);
+                Charge {
+                    process: process.map(|p| p.name.to_string()),
+                    user: process.map(|p| p.user.clone().unwrap_or_else(|| p.uid.to_string())),
+                    class: self.decisions[i].class.to_string(),
+                    up,
+                    down,
+                }
+            } else if let Some(mut g) = self.gone.remove(&s.cookie) {
+                let (up, down) = ConnTrack::settle(&mut g.track, up, down);
+                Charge {
+                    process: g.process,
+                    user: g.user,
+                    class: g.class,
+                    up,
+                    down,
+                }
+            } else {
+                let owner = s.owner.as_ref();
+                let user = owner.map(|o| {
+                    self.users
+                        .entry(o.uid)
+                        .or_insert_with(|| {
+                            nix::unistd::User::from_uid(o.uid.into())
+                                .ok()
+                                .flatten()
+                                .map(|u| u.name)
+                        })
+                        .clone()
+                        .unwrap_or_else(|| o.uid.to_string())
+                });
+                Charge {
+                    process: owner.map(|o| o.comm.clone()),
+                    user,
+                    class: class.clone().unwrap_or_else(|| "default".into()),
+                    up,
+                    down,
+                }
+            };
+            if charge.up > 0 || charge.down > 0 {
+                charges.push(charge);
+            }
+        }
+        charges
     }
 
     /// Every record as accounting takes it, with its class and limit.
@@ -196,7 +320,7 @@ mod tests {
     fn account(table: &mut FlowTable, accounting: &mut crate::account::Accounting, second: u8) {
         let now: jiff::civil::DateTime = format!("2026-11-23T10:00:{second:02}").parse().unwrap();
         let now = now.to_zoned(jiff::tz::TimeZone::UTC).unwrap();
-        accounting.observe(&now, table.observed(), &[], &[]);
+        accounting.observe(&now, table.observed(), &[], &[], &[]);
     }
 
     #[test]
@@ -229,5 +353,83 @@ mod tests {
         assert_eq!(classes, ["e", "a", "d"]);
         assert_eq!(table.get(1).unwrap().stats, one);
         assert_eq!(table.connections().len(), table.decisions().len());
+    }
+
+    fn closed(cookie: u64, up: u64, comm: Option<&str>) -> Closed {
+        Closed {
+            socket: ClosedSocket {
+                cookie,
+                proto: Proto::Tcp,
+                owner: comm.map(|c| crate::classify::SocketOwner {
+                    tgid: 9,
+                    uid: 0,
+                    comm: c.into(),
+                    cgroup_id: 1,
+                }),
+                bytes: crate::classify::ByteCounters { up, down: 0 },
+                classes: (Some(0x5a_0004), None),
+            },
+            class: Some("bulk".into()),
+        }
+    }
+
+    /// A close report charges what no cycle counted, once: for a connection still listed (its
+    /// next count is not added again), one the last scan no longer saw, and one no scan ever
+    /// saw (under the owner and class the kernel reported).
+    #[test]
+    fn a_close_charges_what_no_cycle_counted_and_nothing_twice() {
+        use crate::account::{Period, UsageKey};
+        let mut table = FlowTable::default();
+        let mut accounting = crate::account::Accounting::new(1);
+        let both = |a, b| snapshot(vec![connection(1, a), connection(2, b)]);
+        table.replace(Arc::new(both(0, 0)), vec![decision("a"), decision("b")]);
+        account(&mut table, &mut accounting, 0);
+        table.replace(
+            Arc::new(both(1000, 500)),
+            vec![decision("a"), decision("b")],
+        );
+        account(&mut table, &mut accounting, 1);
+        // The next scan lists 1 (closing) and no longer 2; 3 lived between two scans.
+        table.replace(
+            Arc::new(snapshot(vec![connection(1, 1200)])),
+            vec![decision("a")],
+        );
+        let charges = table.close(&[
+            closed(1, 1500, None),
+            closed(2, 800, None),
+            closed(3, 700, Some("curl")),
+        ]);
+        let seen: Vec<_> = charges
+            .iter()
+            .map(|c| (c.process.as_deref(), c.class.as_str(), c.up))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (None, "a", 500),
+                (None, "b", 300),
+                (Some("curl"), "bulk", 700)
+            ]
+        );
+        assert_eq!(charges[2].user.as_deref(), Some("root"));
+        let now: jiff::civil::DateTime = "2026-11-23T10:00:02".parse().unwrap();
+        let now = now.to_zoned(jiff::tz::TimeZone::UTC).unwrap();
+        accounting.observe(&now, table.observed(), &charges, &[], &[]);
+        let class = |n: &str| {
+            accounting
+                .usage(Period::Day, &UsageKey::Class(n.into()))
+                .up
+                .bytes()
+        };
+        assert_eq!((class("a"), class("b"), class("bulk")), (1500, 800, 700));
+        assert_eq!(
+            accounting
+                .usage(Period::Day, &UsageKey::Process("curl".into()))
+                .up
+                .bytes(),
+            700
+        );
+        // 2's dropped record went with its close.
+        assert!(table.gone.is_empty());
     }
 }

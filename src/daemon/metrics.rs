@@ -62,10 +62,15 @@ pub fn render(daemon: &Daemon) -> String {
         "link_bytes",
         "Bytes through the shaped interfaces (their own counters) since the daemon started",
     );
+    let unattributed = counters(
+        &mut registry,
+        "unattributed_bytes",
+        "Bytes through the shaped interfaces that no process was charged for since the daemon started (link-layer framing, ICMP, ARP, sockets no owner was found for)",
+    );
     let class_bytes = counters(
         &mut registry,
         "bytes",
-        "Bytes per class since the daemon started: TCP, and UDP with the BPF classifier (sock_diag counts no UDP bytes)",
+        "Bytes per class since the daemon started, IP headers included: TCP, and UDP with the BPF classifier (sock_diag counts no UDP bytes)",
     );
     let user_bytes = counters(
         &mut registry,
@@ -80,6 +85,7 @@ pub fn render(daemon: &Daemon) -> String {
     for (key, u) in daemon.accounting.totals().usage() {
         let (family, extra) = match key {
             UsageKey::Link => (&link, vec![]),
+            UsageKey::Unattributed => (&unattributed, vec![]),
             UsageKey::Class(n) => (&class_bytes, vec![("class", n.as_str())]),
             UsageKey::User(n) => (&user_bytes, vec![("user", n.as_str())]),
             UsageKey::Process(n) => (&process_bytes, vec![("process", n.as_str())]),
@@ -193,12 +199,15 @@ pub fn render(daemon: &Daemon) -> String {
             "fast_path_reports",
             "New-socket reports the kernel could not make at once since the classifier was \
              attached (a flood of new sockets): deferred (classified by their process's class) \
-             or lost (the queue was full; made again on a later packet)",
+             or lost (the queue was full; made again on a later packet); close_lost: close \
+             reports lost so (their sockets' last bytes are unattributed)",
         );
         fast.get_or_create(&vec![("outcome", "deferred".to_string())])
             .inc_by(reports.deferred);
         fast.get_or_create(&vec![("outcome", "lost".to_string())])
             .inc_by(reports.lost + reports.exec_lost);
+        fast.get_or_create(&vec![("outcome", "close_lost".to_string())])
+            .inc_by(reports.close_lost);
     }
     let events = counters(
         &mut registry,

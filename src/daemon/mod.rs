@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
 use cycle::stage;
+use flows::Closed;
 use startup::existing_interfaces_hint;
 
 pub use cycle::{
@@ -329,6 +330,7 @@ impl Daemon {
                 }
             }
         }
+        let closed = self.closed_sockets();
         let outcome = self.cycle.run(
             Sockets::All(sockets),
             Inputs {
@@ -337,6 +339,7 @@ impl Daemon {
                 usage: std::sync::Arc::new(self.accounting.view_at(&now)),
                 accounting: Some(&mut self.accounting),
                 links: &links,
+                closed,
                 rates,
             },
             &mut self.timings,
@@ -412,6 +415,7 @@ impl Daemon {
                 usage: std::sync::Arc::new(self.accounting.view_at(&now)),
                 accounting: None,
                 links: &links,
+                closed: Vec::new(),
                 rates: Rates {
                     rate: self.rate.last,
                     connection_rate: self.connection_rate.last,
@@ -445,6 +449,28 @@ impl Daemon {
         );
     }
 
+    /// The sockets the kernel reported closed since the last cycle, each with the policy class
+    /// its last packets went to (upload's, else download's) as the last plan names it.
+    fn closed_sockets(&mut self) -> Vec<Closed> {
+        let Some(bpf) = &mut self.bpf else {
+            return Vec::new();
+        };
+        let iface = self.interfaces.first();
+        bpf.take_closed()
+            .into_iter()
+            .map(|socket| {
+                let (up, down) = socket.classes;
+                let class = iface
+                    .and_then(|i| {
+                        up.and_then(|c| i.class_of(c))
+                            .or_else(|| down.and_then(|c| i.class_of(c)))
+                    })
+                    .map(str::to_string);
+                Closed { socket, class }
+            })
+            .collect()
+    }
+
     /// Interface byte counters, noting interfaces that appeared, vanished or were re-created.
     fn link_counters(&mut self) -> Vec<LinkCounters> {
         let mut out = Vec::new();
@@ -460,6 +486,9 @@ impl Daemon {
                                 "{}: re-created (index {index}); reinstalling",
                                 iface.name
                             );
+                        }
+                        if let Some(bpf) = &mut self.bpf {
+                            bpf.interface_moved(iface.ifindex, index);
                         }
                         iface.ifindex = Some(index);
                         iface.forget_installed();

@@ -250,6 +250,10 @@ pub struct StatusReport {
     pub stages_ms: BTreeMap<String, f64>,
     /// The link's usage in the current hour, day, week and month, bytes.
     pub usage: BTreeMap<Period, Bytes>,
+    /// Of that, what no process was charged for (link-layer framing, ICMP, ARP, sockets no
+    /// owner was found for), where there is any.
+    #[serde(default)]
+    pub unattributed: BTreeMap<Period, Bytes>,
     pub classes: Vec<ClassStatus>,
     pub processes: Vec<ProcessStatus>,
     #[serde(default)]
@@ -436,6 +440,12 @@ impl StatusReport {
             usage: Period::ALL
                 .into_iter()
                 .map(|p| (p, acct.usage(p, &UsageKey::Link).into()))
+                .collect(),
+            unattributed: Period::ALL
+                .into_iter()
+                .map(|p| (p, acct.usage(p, &UsageKey::Unattributed)))
+                .filter(|(_, u)| u.total() > 0)
+                .map(|(p, u)| (p, u.into()))
                 .collect(),
             classes,
             processes,

@@ -294,6 +294,7 @@ fn a_partial_cycle_decides_only_the_new_connections() {
             usage: Arc::new(crate::account::StaticUsage::default()),
             accounting: None,
             links: &[],
+            closed: Vec::new(),
             rates: super::Rates::default(),
         },
         &mut super::Timings::default(),

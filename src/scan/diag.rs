@@ -29,6 +29,13 @@ const INET_DIAG_INFO: u16 = 2;
 /// Offsets of `tcpi_bytes_acked` and `tcpi_bytes_received` in `struct tcp_info` (Linux ≥ 4.1/4.2).
 const TCPI_BYTES_ACKED: usize = 120;
 const TCPI_BYTES_RECEIVED: usize = 128;
+/// Offsets of `tcpi_segs_out` and `tcpi_segs_in` (Linux ≥ 4.2), right after them.
+const TCPI_SEGS_OUT: usize = 136;
+const TCPI_SEGS_IN: usize = 140;
+/// IP and TCP headers (with timestamps) of one segment, IPv4 and IPv6: `tcp_info` counts
+/// payload only, and the BPF classifier's counters (which these stand in for) count every
+/// segment with its headers.
+const SEGMENT_HEADERS: [u64; 2] = [52, 72];
 /// The kernel fills at most ~32 KiB per dump read; a larger buffer only wastes memory.
 const RECV_BUF: usize = 64 * 1024;
 
@@ -264,12 +271,23 @@ fn parse_socket(proto: Proto, payload: &[u8]) -> Result<Socket, String> {
             let nla = nla.map_err(|e| e.to_string())?;
             if nla.kind() == INET_DIAG_INFO {
                 let info = nla.value();
-                socket.bytes_up = read_u64(info, TCPI_BYTES_ACKED);
-                socket.bytes_down = read_u64(info, TCPI_BYTES_RECEIVED);
+                let headers = SEGMENT_HEADERS[usize::from(socket.local.is_ipv6())];
+                let with_headers = |bytes: usize, segs: usize| {
+                    let segs = read_u32(info, segs).map_or(0, u64::from);
+                    read_u64(info, bytes).map(|b| b + segs * headers)
+                };
+                socket.bytes_up = with_headers(TCPI_BYTES_ACKED, TCPI_SEGS_OUT);
+                socket.bytes_down = with_headers(TCPI_BYTES_RECEIVED, TCPI_SEGS_IN);
             }
         }
     }
     Ok(socket)
+}
+
+fn read_u32(bytes: &[u8], offset: usize) -> Option<u32> {
+    bytes
+        .get(offset..offset + 4)
+        .map(|b| u32::from_ne_bytes(b.try_into().unwrap()))
 }
 
 fn read_u64(bytes: &[u8], offset: usize) -> Option<u64> {

@@ -205,6 +205,20 @@ impl Handles {
         self.exhausted
     }
 
+    /// The policy class a minor belongs to in the last plan (its class, shared leaf, flow
+    /// bucket or process leaf); `None` for a connection's own leaf or a minor not in use.
+    pub fn class_of_minor(&self, minor: u16) -> Option<&str> {
+        self.minors.iter().find_map(|(slot, &m)| {
+            (m == minor).then_some(())?;
+            match slot {
+                Slot::Class(c) | Slot::Shared(c) | Slot::Bucket(c, _) | Slot::Process(c, _) => {
+                    Some(&**c)
+                }
+                Slot::Connection(_) => None,
+            }
+        })
+    }
+
     /// The minors of a policy class and of its shared leaf in the last plan, for `status`
     /// (the same on the interface and its IFB: one allocation serves both directions).
     pub fn class_minors(&self, class: &str) -> Option<(u16, u16)> {

@@ -743,7 +743,7 @@ fn bpf_programs_go_with_the_classifier_and_with_a_killed_owner() {
     // Dropped in this process.
     let c = lab.attach(&cg);
     let ids = c.program_ids();
-    assert_eq!(ids.len(), 7, "five programs and the exec and exit hooks");
+    assert_eq!(ids.len(), 8, "six programs and the exec and exit hooks");
     assert!(ids.iter().all(|id| loaded(*id)));
     assert_eq!(lab.cls_bpf_filters().len(), filters_while_attached);
     drop(c);
@@ -758,7 +758,7 @@ fn bpf_programs_go_with_the_classifier_and_with_a_killed_owner() {
         .iter()
         .map(|w| w.parse().unwrap())
         .collect();
-    assert_eq!(ids.len(), 7, "five programs and the exec and exit hooks");
+    assert_eq!(ids.len(), 8, "six programs and the exec and exit hooks");
     assert!(ids.iter().all(|id| loaded(*id)));
     assert_eq!(lab.cls_bpf_filters().len(), filters_while_attached);
     owner.child.kill().unwrap();

@@ -4,6 +4,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod attribution;
 mod block;
 mod bpf;
 mod cli;
