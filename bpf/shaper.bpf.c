@@ -24,11 +24,15 @@
 // not this one) and is reported as a struct exec_event, so the daemon reads the process again.
 //
 // Bytes are counted only on the shaped interface (`shaped_ifaces`; loopback and other links are
-// not the bill), per segment on the wire at the IP layer: a GSO/GRO packet counts its headers
-// once per segment it stands for. A socket's totals leave with it: when a TCP connection reaches
-// TCP_CLOSE (its last data sent, a sockops state callback) or a UDP socket is released, a
-// struct close_event carries its final counts, owner and classes, and its counter is deleted, so
-// a process that lived less than a cycle, and every connection's tail, are charged.
+// not the bill), per segment at the IP layer: a GSO/GRO packet counts its headers once per
+// segment it stands for. The egress hook runs before the qdiscs, so it also counts what the
+// shaper's own queues then drop: a TCP connection's figures are therefore its tcp_info's (payload
+// acknowledged and received, plus headers per segment, as the daemon's scan reads them too), its
+// counter here only saying that it crossed the shaped interface. A socket's totals leave with
+// it: when a TCP connection reaches TCP_CLOSE (its last data sent, a sockops state callback) or
+// a UDP socket is released, a struct close_event carries its final counts, owner and classes,
+// and its counter is deleted, so a process that lived less than a cycle, and every connection's
+// tail, are charged.
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -385,16 +389,22 @@ int skb_ingress(struct __sk_buff *skb)
 	return on_skb(skb, 1);
 }
 
+/* IP and TCP headers (with timestamps) of one segment: what the daemon adds to tcp_info's
+ * payload counts per segment (src/scan/diag.rs). */
+#define TCP_HEADERS_V4 52
+#define TCP_HEADERS_V6 72
+
 /* A socket's final counts, owner and classes, once; its counter goes. Nothing counted on the
- * shaped interface: nothing to report. */
-static __always_inline void report_close(__u64 cookie, struct owner *o, __u8 protocol)
+ * shaped interface: nothing to report. `tcp`: the counts to report instead of the counter's. */
+static __always_inline void report_close(__u64 cookie, struct owner *o, __u8 protocol,
+					 struct counters *tcp)
 {
 	struct counters *c = bpf_map_lookup_elem(&sock_bytes, &cookie);
 
 	if (!c)
 		return;
-	__u64 up = c->up;
-	__u64 down = c->down;
+	__u64 up = tcp ? tcp->up : c->up;
+	__u64 down = tcp ? tcp->down : c->down;
 
 	bpf_map_delete_elem(&sock_bytes, &cookie);
 	struct close_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
@@ -448,12 +458,19 @@ int sock_ops(struct bpf_sock_ops *skops)
 						   BPF_SOCK_OPS_STATE_CB_FLAG))
 			__sync_fetch_and_or(&o->flags, OWNER_STATE_CB);
 		return 1;
-	case BPF_SOCK_OPS_STATE_CB:
+	case BPF_SOCK_OPS_STATE_CB: {
 		if (skops->args[1] != BPF_TCP_CLOSE)
 			return 1;
+		__u64 headers = skops->family == AF_INET6 ? TCP_HEADERS_V6 : TCP_HEADERS_V4;
+		struct counters tcp = {
+			.up = skops->bytes_acked + (__u64)skops->segs_out * headers,
+			.down = skops->bytes_received + (__u64)skops->segs_in * headers,
+		};
+
 		o = bpf_sk_storage_get(&owners, sk, 0, 0);
-		report_close(bpf_get_socket_cookie(skops), o, IPPROTO_TCP);
+		report_close(bpf_get_socket_cookie(skops), o, IPPROTO_TCP, &tcp);
 		return 1;
+	}
 	}
 	return 1;
 }
@@ -469,7 +486,8 @@ int sock_release(struct bpf_sock *sk)
 
 	if (sk->protocol == IPPROTO_TCP && o && (o->flags & OWNER_STATE_CB))
 		return ALLOW;
-	report_close(bpf_get_socket_cookie(sk), o, sk->protocol);
+	/* A TCP socket older than the programs: its counter's figures, the best there is here. */
+	report_close(bpf_get_socket_cookie(sk), o, sk->protocol, 0);
 	return ALLOW;
 }
 

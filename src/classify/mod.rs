@@ -90,9 +90,10 @@ pub struct ClosedSocket {
     pub classes: (Option<u32>, Option<u32>),
 }
 
-/// Bytes a socket sent and received on the shaped interface since the programs were attached, at
-/// the IP layer: every segment with its headers (a GSO/GRO packet counts its headers once per
-/// segment it stands for), as the sock_diag fallback estimates them too.
+/// Bytes a socket sent and received at the IP layer, every segment with its headers. From its
+/// counter (UDP): on the shaped interface since the programs were attached, uploads before the
+/// qdiscs (a GSO/GRO packet counts its headers once per segment it stands for). In a TCP close
+/// report: tcp_info's payload plus headers per segment, as the scan reads them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ByteCounters {
     pub up: u64,

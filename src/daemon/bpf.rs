@@ -370,14 +370,19 @@ impl BpfState {
         &mut self.classifier
     }
 
-    /// Gives each scanned socket the classifier's counters: what it moved on the shaped
-    /// interface since the programs were attached, TCP and UDP alike, the same figures its
-    /// close report ends with (see [`crate::classify::ByteCounters`]). A socket with none moved
-    /// nothing there: when the programs are on the root cgroup, which sees every socket, it
-    /// counts zero (loopback, another interface); under a narrower cgroup it may be outside
-    /// it, and keeps the scan's own estimate.
+    /// Gives each scanned UDP socket (sock_diag has no counters for UDP) the classifier's
+    /// counters: what it moved on the shaped interface since the programs were attached, the
+    /// figures its close report ends with (see [`crate::classify::ByteCounters`]). A socket
+    /// with none moved nothing there: when the programs are on the root cgroup, which sees
+    /// every socket, it counts zero (loopback, another interface). TCP keeps the scan's
+    /// tcp_info figures, which a TCP close report ends with too: the egress program counts
+    /// before the qdiscs, so its figures include what the shaper's queues dropped (a 256 KB
+    /// upload under a 2 Mbit/s limit counted 0.37-1 MB there).
     pub fn fill_counters(&self, sockets: &mut [Socket]) {
-        for s in sockets.iter_mut().filter(|s| s.cookie != 0) {
+        for s in sockets
+            .iter_mut()
+            .filter(|s| s.cookie != 0 && s.proto == crate::scan::Proto::Udp)
+        {
             match self.classifier.counters(s.cookie) {
                 Some(c) => {
                     s.bytes_up = Some(c.up);
