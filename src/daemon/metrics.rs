@@ -70,7 +70,7 @@ pub fn render(daemon: &Daemon) -> String {
     let class_bytes = counters(
         &mut registry,
         "bytes",
-        "Bytes per class since the daemon started, IP headers included: TCP, and UDP with the BPF classifier (sock_diag counts no UDP bytes)",
+        "Bytes per class since the daemon started: TCP, and UDP with the BPF classifier (sock_diag counts no UDP bytes)",
     );
     let user_bytes = counters(
         &mut registry,
