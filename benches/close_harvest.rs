@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use shaper::account::Accounting;
 use shaper::classify::{ByteCounters, ClosedSocket, SocketOwner};
