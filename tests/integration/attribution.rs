@@ -229,6 +229,7 @@ fn short_lived_processes(bpf: bool) {
             }
         });
         let p = process(&metrics(&daemon));
+        eprintln!("{N} short-lived processes: {p} bytes charged for {moved} moved");
         assert!(p <= moved * 105 / 100, "{p} charged for {moved} moved");
     } else {
         wait_until(15, "the link's bytes counted", || {
@@ -287,6 +288,9 @@ fn long_transfers_lose_no_tail_with_bpf() {
             let acks = (SIZE.div_ceil(1448) * 52) as f64;
             let within = |v: f64| v >= data * 0.98 && v <= data * 1.02 + acks;
             if within(up) && within(down) {
+                eprintln!(
+                    "IPv{family}: up {up}, down {down}, of {data} each way (+{acks} of ACKs)"
+                );
                 Ok(())
             } else {
                 Err(format!(
