@@ -128,7 +128,7 @@ struct report_stats {
 	__u64 deferred; /* sockets not reported (yet) because the buffer was filling */
 	__u64 lost;     /* sockets whose report found the buffer full (retried later) */
 	__u64 exec_lost; /* exec reports that found the buffer full */
-	__u64 close_lost; /* closes that found the buffer full: their bytes are below */
+	__u64 close_lost; /* closes that found the buffer full or filling: their bytes below */
 	__u64 close_lost_up;
 	__u64 close_lost_down;
 };
@@ -407,7 +407,12 @@ static __always_inline void report_close(__u64 cookie, struct owner *o, __u8 pro
 	__u64 down = tcp ? tcp->down : c->down;
 
 	bpf_map_delete_elem(&sock_bytes, &cookie);
-	struct close_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	/* Past DEFER_ABOVE the room is kept for new sockets' reports (a flood of short connections
+	 * closes as fast as it opens): this close's bytes go unattributed, counted as lost. */
+	struct close_event *e = 0;
+
+	if (bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) <= DEFER_ABOVE)
+		e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		struct report_stats *st = stats();
 
