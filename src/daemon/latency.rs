@@ -30,6 +30,10 @@ pub struct FastPathStatus {
     /// New sockets whose report found the queue full (each reported again on a later packet).
     #[serde(default)]
     pub lost: u64,
+    /// Closed sockets whose final counts found the queue full or filling (a flood): their
+    /// bytes are unattributed.
+    #[serde(default)]
+    pub close_lost: u64,
 }
 
 /// The fast path's running figures.
@@ -99,6 +103,7 @@ impl FastPathStats {
         FastPathStatus {
             deferred: reports.deferred,
             lost: reports.lost + reports.exec_lost,
+            close_lost: reports.close_lost,
             sockets: self.sockets,
             p50_us: self.percentile(50.0),
             p99_us: self.percentile(99.0),
@@ -128,6 +133,7 @@ mod tests {
                 cpu_us_per_socket: None,
                 deferred: 0,
                 lost: 0,
+                close_lost: 0,
             }
         );
     }
