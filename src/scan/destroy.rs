@@ -24,8 +24,9 @@ use crate::classify::{ByteCounters, ClosedSocket};
 /// INET6_TCP_DESTROY, INET6_UDP_DESTROY.
 const SKNLGRP_INET_TCP_DESTROY: u32 = 1;
 const SKNLGRP_INET6_TCP_DESTROY: u32 = 3;
-/// One report is ~400 bytes; a 2 s cycle at 5,000 closes/s is 4 MB. The kernel drops what does
-/// not fit (`ENOBUFS` on the next read), so the buffer is sized for bursts, not for the average.
+/// One report is ~400 bytes of message in an skb of about twice that; a 2 s cycle at 2,000
+/// closes/s fills ~3 MB. The kernel drops what does not fit (`ENOBUFS` on the next read), so the
+/// buffer is sized for bursts, not for the average.
 const RCV_BUF: usize = 8 * 1024 * 1024;
 const READ_BUF: usize = 64 * 1024;
 
