@@ -130,7 +130,7 @@ impl Charge {
 }
 
 /// Whether a connection stays on this machine (loopback): not the link's bytes.
-fn is_local(socket: &Socket) -> bool {
+pub fn is_local(socket: &Socket) -> bool {
     socket.local.ip().is_loopback() || socket.remote.ip().is_loopback()
 }
 

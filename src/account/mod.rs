@@ -10,7 +10,9 @@ mod live;
 
 pub use history::{Past, periods_ago};
 pub(crate) use live::write_atomically;
-pub use live::{Accounting, Charge, ConnTrack, LinkCounters, Observed, StateError, period_id};
+pub use live::{
+    Accounting, Charge, ConnTrack, LinkCounters, Observed, StateError, is_local, period_id,
+};
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
-use crate::account::{Charge, ConnStats, ConnTrack, Observed};
+use crate::account::{Charge, ConnStats, ConnTrack, Observed, is_local};
 use crate::classify::ClosedSocket;
 use crate::policy::Decision;
 use crate::process::{Connection, Process, Snapshot};
@@ -45,6 +45,8 @@ struct Gone {
     user: Option<String>,
     class: String,
     track: Option<ConnTrack>,
+    /// Over loopback: its close charges nothing, as its scans did not.
+    local: bool,
     /// Whole cycles since it was dropped.
     age: u8,
 }
@@ -143,6 +145,7 @@ impl FlowTable {
                     user: process.map(|p| p.user.clone().unwrap_or_else(|| p.uid.to_string())),
                     class: self.decisions[i].class.to_string(),
                     track: self.tracks[i].take(),
+                    local: is_local(&c.socket),
                     age: 0,
                 },
             );
@@ -195,9 +198,12 @@ impl FlowTable {
 
     /// The bytes closed sockets moved that accounting has not counted: each close report's
     /// totals less what earlier cycles counted of its connection (a live record, or one the
-    /// last cycles dropped), charged to that connection's process, user and class; a socket
+    /// last cycles dropped), charged to that connection's process, user and class (nothing for
+    /// a loopback connection: its bytes never crossed the link); a socket
     /// the table never held (it lived between two looks) is charged to the owner the kernel
-    /// recorded at its creation and the class its packets went to.
+    /// recorded at its creation and the class its packets went to, or, when neither is known
+    /// (a u32-path destroy report of a socket no scan saw), to nobody: the link's remainder
+    /// counts it as unattributed.
     pub fn close(&mut self, closed: &[Closed]) -> Vec<Charge> {
         if closed.is_empty() {
             return Vec::new();
@@ -217,6 +223,9 @@ impl FlowTable {
                 let c = &self.snapshot.connections[i];
                 let process = self.snapshot.owner_process(c);
                 let (up, down) = ConnTrack::settle(&mut self.tracks[i], up, down);
+                if is_local(&c.socket) {
+                    continue;
+                }
                 Charge {
                     process: process.map(|p| p.name.to_string()),
                     user: process.map(|p| p.user.clone().unwrap_or_else(|| p.uid.to_string())),
@@ -226,6 +235,9 @@ impl FlowTable {
                 }
             } else if let Some(mut g) = self.gone.remove(&s.cookie) {
                 let (up, down) = ConnTrack::settle(&mut g.track, up, down);
+                if g.local {
+                    continue;
+                }
                 Charge {
                     process: g.process,
                     user: g.user,
@@ -233,6 +245,11 @@ impl FlowTable {
                     up,
                     down,
                 }
+            } else if s.owner.is_none() && class.is_none() {
+                // Nothing ties it to anyone: a TCP destroy report (the u32 path) of a socket no
+                // scan saw. Its bytes stay in the link's remainder, `(unattributed)`, rather
+                // than being charged to a class it may never have been in.
+                continue;
             } else {
                 let owner = s.owner.as_ref();
                 let user = owner.map(|o| {
@@ -431,5 +448,31 @@ mod tests {
         );
         // 2's dropped record went with its close.
         assert!(table.gone.is_empty());
+    }
+
+    /// The u32 path's close reports (no owner, no class): a known connection's tail goes to its
+    /// record's process and class; a socket no scan saw charges nobody, and a loopback
+    /// connection nothing.
+    #[test]
+    fn an_ownerless_close_charges_known_connections_only() {
+        let mut table = FlowTable::default();
+        let mut accounting = crate::account::Accounting::new(1);
+        let mut local = connection(2, 0);
+        local.socket.remote = "127.0.0.1:443".parse().unwrap();
+        local.socket.local = "127.0.0.1:1002".parse().unwrap();
+        table.replace(
+            Arc::new(snapshot(vec![connection(1, 100), local])),
+            vec![decision("a"), decision("b")],
+        );
+        account(&mut table, &mut accounting, 0);
+        // Both closed before the next scan.
+        table.replace(Arc::new(snapshot(vec![])), vec![]);
+        let ownerless = |cookie, up| Closed {
+            class: None,
+            ..closed(cookie, up, None)
+        };
+        let charges = table.close(&[ownerless(1, 900), ownerless(2, 5000), ownerless(3, 700)]);
+        let seen: Vec<_> = charges.iter().map(|c| (c.class.as_str(), c.up)).collect();
+        assert_eq!(seen, [("a", 800)]);
     }
 }

@@ -150,6 +150,9 @@ pub struct Daemon {
     /// The first-packet classifier, when attached: the plans then have no per-connection
     /// filters and its maps are written after each apply.
     bpf: Option<bpf::BpfState>,
+    /// Without the BPF classifier: sock_diag's TCP destroy reports, the u32 path's close
+    /// harvest (`None` with the classifier, in a dry run, or when the kernel refused them).
+    destroy: Option<scan::DestroyListener>,
     /// What the fast path costs (for `status`).
     fast_path_stats: latency::FastPathStats,
     /// Events the policy raised (`shaper.notify`).
@@ -177,6 +180,11 @@ impl Daemon {
             // aya attaches the cls_bpf download filter from a netlink socket of its own.
             if let (Some(watch), Some(bpf)) = (&daemon.watch, &mut daemon.bpf) {
                 watch.set_own_programs(bpf.classifier_mut().program_ids());
+            }
+            if daemon.bpf.is_none() {
+                daemon.destroy = scan::DestroyListener::new()
+                    .map_err(|e| tracing::warn!("{e}"))
+                    .ok();
             }
         }
         Ok(daemon)
@@ -271,6 +279,7 @@ impl Daemon {
             last_flush: Instant::now(),
             script_mtimes,
             bpf: None,
+            destroy: None,
             fast_path_stats: latency::FastPathStats::default(),
             events,
             trim_after_cycle: false,
@@ -453,7 +462,19 @@ impl Daemon {
     /// its last packets went to (upload's, else download's) as the last plan names it.
     fn closed_sockets(&mut self) -> Vec<Closed> {
         let Some(bpf) = &mut self.bpf else {
-            return Vec::new();
+            // The u32 path's reports name no class: a known connection is charged under its
+            // record's, an unknown one to nobody (see `FlowTable::close`).
+            return self
+                .destroy
+                .as_mut()
+                .map(scan::DestroyListener::drain)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|socket| Closed {
+                    socket,
+                    class: None,
+                })
+                .collect();
         };
         let iface = self.interfaces.first();
         bpf.take_closed()

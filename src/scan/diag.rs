@@ -251,7 +251,7 @@ fn request_filter(proto: Proto) -> (StateFlags, ExtensionFlags) {
 }
 
 /// One `inet_diag_msg` and its attributes.
-fn parse_socket(proto: Proto, payload: &[u8]) -> Result<Socket, String> {
+pub(super) fn parse_socket(proto: Proto, payload: &[u8]) -> Result<Socket, String> {
     let header = InetResponseHeader::parse(payload).map_err(|e| e.to_string())?;
     let id = &header.socket_id;
     let mut socket = Socket {

@@ -13,6 +13,7 @@
 //!
 //! Both sources see only the network namespace of the calling thread.
 
+mod destroy;
 mod diag;
 mod procnet;
 
@@ -21,6 +22,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
+pub use destroy::DestroyListener;
 pub use diag::DiagScanner;
 pub use procnet::ProcNetScanner;
 
@@ -205,6 +207,12 @@ pub enum ScanError {
     },
     #[error("sock_diag answered with a malformed message for {what}: {message}")]
     Malformed { what: &'static str, message: String },
+    #[error(
+        "cannot subscribe to sock_diag's TCP destroy notifications ({0}); they need the tcp_diag \
+         module and CAP_NET_ADMIN in the daemon's network namespace. Without them, on the u32 \
+         path, what a TCP connection moves after its last scan is counted only as unattributed"
+    )]
+    DestroyUnavailable(std::io::Error),
     #[error("cannot read {path}: {message}")]
     ProcNet { path: String, message: String },
 }

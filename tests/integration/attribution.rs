@@ -15,13 +15,16 @@ use crate::support::netns::{Netns, NetnsPair};
 /// A client that names itself `argv[1]` (prctl PR_SET_NAME, before its socket exists), then
 /// uploads (`up`) or downloads (`down`) `size` bytes over TCP and waits for the other end to
 /// close: every byte was delivered when it exits. An upload holds its connection open for
-/// `argv[6]` seconds after its data.
+/// `argv[6]` seconds after its data; `argv[7]` seconds pass between connecting and asking for
+/// or sending any data.
 const CLIENT: &str = r#"
 import ctypes, socket, sys, time
 ctypes.CDLL(None).prctl(15, sys.argv[1].encode(), 0, 0, 0)
 host, port, size, mode = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 hold = float(sys.argv[6]) if len(sys.argv) > 6 else 0
+idle = float(sys.argv[7]) if len(sys.argv) > 7 else 0
 s = socket.create_connection((host, port))
+time.sleep(idle)
 if mode == "up":
     s.sendall(b"u%d\n" % size)
     block = b"x" * 65536
@@ -92,7 +95,7 @@ fn transfer(
     size: u64,
     up: bool,
 ) {
-    transfer_holding(ns, cgroup, script, name, to, size, up, 0);
+    transfer_holding(ns, cgroup, script, name, to, size, up, 0, 0);
 }
 
 /// As [`transfer`], an upload's connection held open `hold` seconds after its data.
@@ -106,6 +109,7 @@ fn transfer_holding(
     size: u64,
     up: bool,
     hold: u32,
+    idle: u32,
 ) {
     let mut cmd: Command = ns.command("python3");
     cmd.arg(script).args([
@@ -115,6 +119,7 @@ fn transfer_holding(
         &size.to_string(),
         if up { "up" } else { "down" },
         &hold.to_string(),
+        &idle.to_string(),
     ]);
     let _procs = cgroup.enter(&mut cmd);
     let out = cmd.output().expect("python3 runs");
@@ -301,6 +306,56 @@ fn long_transfers_lose_no_tail_with_bpf() {
     }
 }
 
+/// On the u32 path, a connection a scan saw idle and that then moves 32 MiB and closes before
+/// the next scan: its close report (sock_diag's TCP destroy notification) charges what no scan
+/// saw to its process, both ways and in both address families.
+#[test]
+fn long_transfers_lose_no_tail_on_u32() {
+    let pair = NetnsPair::new();
+    let cgroup = TestCgroup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("client.py");
+    std::fs::write(&script, CLIENT).unwrap();
+    let daemon = daemon(&pair, dir.path(), &cgroup, false);
+    const SIZE: u64 = 32 << 20;
+    for (family, port) in [(4u8, 5906u16), (6, 5907)] {
+        let server = SocketAddr::new(NetnsPair::b_addr(family), port);
+        serve(&pair.b, server);
+        let name = format!("longlived{family}");
+        // Idle for more than a cycle (5 s), so a scan ties the connection to its process before
+        // the data moves; the data (about 1.5 s under bulk's 200 Mbit/s ceiling, or less before
+        // the next scan classifies it) ends at most one scan later, leaving a tail no scan sees.
+        for up in [true, false] {
+            transfer_holding(&pair.a, &cgroup, &script, &name, server, SIZE, up, 0, 6);
+        }
+        let wire = |payload: u64| match family {
+            4 => on_the_wire(payload),
+            _ => payload + payload.div_ceil(1428) * 72,
+        };
+        let data = wire(SIZE) as f64;
+        wait_until(15, "both transfers charged", || {
+            let m = metrics(&daemon);
+            let by = |d| {
+                counter(
+                    &m,
+                    "shaper_process_bytes_total",
+                    &[("direction", d), ("process", &name)],
+                )
+            };
+            let (up, down) = (by("up") as f64, by("down") as f64);
+            let acks = (SIZE.div_ceil(1448) * 52) as f64;
+            let within = |v: f64| v >= data * 0.98 && v <= data * 1.02 + acks;
+            if within(up) && within(down) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "IPv{family}: up {up}, down {down}, of {data} each way"
+                ))
+            }
+        });
+    }
+}
+
 /// Bytes between two processes of this machine never cross the link: a 4 MiB transfer over
 /// loopback, its connection open across two scans, changes no process's usage, on either path.
 #[test]
@@ -326,6 +381,7 @@ fn loopback_is_not_charged() {
             4 << 20,
             true,
             11,
+            0,
         );
         transfer(
             &pair.a,
