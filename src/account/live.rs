@@ -2,11 +2,10 @@
 //! quotas survive restarts and crashes.
 //!
 //! Sources: the interface's own counters (what an ISP counts) for the `link` key; per connection,
-//! the BPF classifier's counters (TCP and UDP, on the shaped interface, IP bytes per segment) or,
-//! without it, sock_diag's TCP counters with headers estimated per segment, attributed to
-//! `process:NAME`, `user:NAME` and `class:NAME`; a connection's last bytes at its close
-//! ([`Charge`]), so neither a connection that lived less than a cycle nor any connection's tail
-//! is lost. What the link moved and no process was charged for is `unattributed`. Connections
+//! sock_diag's TCP counters with headers estimated per segment and, with the BPF classifier, its
+//! UDP counters on the shaped interface, attributed to `process:NAME`, `user:NAME` and
+//! `class:NAME`; a connection's last bytes at its close ([`Charge`]), so neither a connection
+//! that lived less than a cycle nor any connection's tail is lost. What the link moved and no process was charged for is `unattributed`. Connections
 //! over loopback are not the link's and charge nothing.
 //!
 //! Periods follow local civil time from the zone of `now` (hour, day, ISO week from Monday,
