@@ -35,6 +35,14 @@ pub struct FlowTable {
     users: FxHashMap<u32, Option<String>>,
 }
 
+/// A process's name and user as usage keys name them.
+fn who(process: Option<&Process>) -> (Option<String>, Option<String>) {
+    (
+        process.map(|p| p.name.to_string()),
+        process.map(|p| p.user.clone().unwrap_or_else(|| p.uid.to_string())),
+    )
+}
+
 /// Whole cycles a dropped record waits for its close report.
 const GONE_CYCLES: u8 = 2;
 
@@ -126,23 +134,24 @@ impl FlowTable {
             g.age += 1;
             g.age < GONE_CYCLES
         });
-        let live: rustc_hash::FxHashSet<u64> = snapshot
+        let index: FxHashMap<SocketKey, usize> = snapshot
             .connections
             .iter()
-            .map(|c| c.socket.cookie)
-            .filter(|&c| c != 0)
+            .enumerate()
+            .map(|(i, c)| (c.socket.key(), i))
             .collect();
+        // A connection with a cookie is keyed by it: one missing from the new index is gone.
         for (i, c) in self.snapshot.connections.iter().enumerate() {
             let cookie = c.socket.cookie;
-            if cookie == 0 || live.contains(&cookie) {
+            if cookie == 0 || index.contains_key(&c.socket.key()) {
                 continue;
             }
-            let process = self.snapshot.owner_process(c);
+            let (process, user) = who(self.snapshot.owner_process(c));
             self.gone.insert(
                 cookie,
                 Gone {
-                    process: process.map(|p| p.name.to_string()),
-                    user: process.map(|p| p.user.clone().unwrap_or_else(|| p.uid.to_string())),
+                    process,
+                    user,
                     class: self.decisions[i].class.to_string(),
                     track: self.tracks[i].take(),
                     local: is_local(&c.socket),
@@ -161,12 +170,7 @@ impl FlowTable {
                     .and_then(Option::take)
             })
             .collect();
-        self.index = snapshot
-            .connections
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (c.socket.key(), i))
-            .collect();
+        self.index = index;
         self.snapshot = snapshot;
         self.decisions = decisions;
         self.tracks = tracks;
@@ -208,27 +212,25 @@ impl FlowTable {
         if closed.is_empty() {
             return Vec::new();
         }
-        let by_cookie: FxHashMap<u64, usize> = self
-            .snapshot
-            .connections
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.socket.cookie != 0)
-            .map(|(i, c)| (c.socket.cookie, i))
-            .collect();
         let mut charges = Vec::with_capacity(closed.len());
         for Closed { socket: s, class } in closed {
             let (up, down) = (s.bytes.up, s.bytes.down);
-            let charge = if let Some(&i) = by_cookie.get(&s.cookie) {
+            // A connection with a cookie is indexed by it (see `Socket::key`).
+            let live = self
+                .index
+                .get(&s.cookie)
+                .copied()
+                .filter(|&i| self.snapshot.connections[i].socket.cookie == s.cookie);
+            let charge = if let Some(i) = live {
                 let c = &self.snapshot.connections[i];
-                let process = self.snapshot.owner_process(c);
+                let (process, user) = who(self.snapshot.owner_process(c));
                 let (up, down) = ConnTrack::settle(&mut self.tracks[i], up, down);
                 if is_local(&c.socket) {
                     continue;
                 }
                 Charge {
-                    process: process.map(|p| p.name.to_string()),
-                    user: process.map(|p| p.user.clone().unwrap_or_else(|| p.uid.to_string())),
+                    process,
+                    user,
                     class: self.decisions[i].class.to_string(),
                     up,
                     down,
