@@ -6,28 +6,13 @@
 //! the process's pid in that namespace (`NSpid` in the host's `/proc`).
 
 use std::process::Stdio;
-use std::time::{Duration, Instant};
 
 use crate::bpf::Kid;
 use crate::fastpath::{IFB, SLOW_IPERF, class_bytes, tc};
 use crate::support::cgroup::TestCgroup;
-use crate::support::daemon::{DaemonProcess, allowance};
+use crate::support::daemon::{DaemonProcess, first_child, wait_until};
 use crate::support::netns::NetnsPair;
 use crate::support::traffic::Server;
-
-/// The first child of `pid` (nsenter forks the program it runs into the PID namespace).
-fn child_of(pid: u32) -> u32 {
-    let deadline = Instant::now() + allowance(2);
-    loop {
-        let children =
-            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-        if let Some(child) = children.split_whitespace().next() {
-            return child.parse().unwrap();
-        }
-        assert!(Instant::now() < deadline, "{pid} started no child");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// A process's pid in its own PID namespace, as the kernel says (`NSpid:` of the host's
 /// `/proc/<pid>/status`, innermost last).
@@ -93,7 +78,8 @@ fn a_daemon_in_its_own_pid_namespace_finds_a_new_processs_owner_by_its_socket() 
         let procs = cgroup.enter(&mut cmd);
         let mut nsenter = cmd.spawn().expect("start nsenter iperf3");
         drop(procs);
-        let iperf3 = child_of(nsenter.id());
+        // nsenter forks the program it runs into the PID namespace.
+        let iperf3 = first_child(nsenter.id(), "nsenter starting iperf3");
         let local_pid = pid_in_namespace(iperf3);
         assert_ne!(
             local_pid, iperf3,
@@ -108,15 +94,11 @@ fn a_daemon_in_its_own_pid_namespace_finds_a_new_processs_owner_by_its_socket() 
                 daemon.log_text()
             )
         };
-        let deadline = Instant::now() + allowance(3);
-        while class_bytes(&pair.a, dev, ceil).0 < before.0 + 64 * 1024 {
-            assert!(
-                Instant::now() < deadline,
-                "{}",
-                what("the class's leaf counted under 64 KiB")
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until(3, "the class's leaf counting 64 KiB", || {
+            (class_bytes(&pair.a, dev, ceil).0 >= before.0 + 64 * 1024)
+                .then_some(())
+                .ok_or_else(|| what("it counted less"))
+        });
         assert_eq!(cycles(), cycles_before, "{}", what("a cycle ran"));
         // The data connection, under its process's name and its pid here, in its class.
         let all = daemon.status_all();
@@ -249,11 +231,9 @@ end
         )
     };
     let wait = |text: &str, done: &dyn Fn((u64, u64)) -> bool| {
-        let deadline = Instant::now() + allowance(3);
-        while !done(leaf()) {
-            assert!(Instant::now() < deadline, "{}", what(text));
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until(3, text, || {
+            done(leaf()).then_some(()).ok_or_else(|| what(""))
+        });
     };
     let before = leaf();
     let (other, _) = untied.socket("tcp4");

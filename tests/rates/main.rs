@@ -674,21 +674,17 @@ end
             .filter_map(|r| r[direction].as_u64())
             .sum()
     };
-    let deadline = std::time::Instant::now() + support::daemon::allowance(2);
-    let (mut up_charged, mut down_charged) = (0, 0);
-    while std::time::Instant::now() < deadline {
-        (up_charged, down_charged) = (charged("up"), charged("down"));
-        if up_charged >= enough && down_charged >= enough {
-            break;
+    support::daemon::wait_until(2, "the transfers charged to their process", || {
+        let (up, down) = (charged("up"), charged("down"));
+        if up < enough || down < enough {
+            return Err(format!(
+                "{name} was charged {up} up and {down} down of {moved} bytes each way\n{}",
+                daemon.log_text()
+            ));
         }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    eprintln!("charged to {name}: {up_charged} up, {down_charged} down of {moved} each way");
-    assert!(
-        up_charged >= enough && down_charged >= enough,
-        "{name} was charged {up_charged} up and {down_charged} down of {moved} bytes each way\n{}",
-        daemon.log_text()
-    );
+        eprintln!("charged to {name}: {up} up, {down} down of {moved} each way");
+        Ok(())
+    });
 }
 
 /// Issue 11's acceptance: iperf3 started after the daemon, in a class by its process name,

@@ -35,6 +35,24 @@ pub fn wait_until(secs: u64, what: &str, mut ok: impl FnMut() -> Result<(), Stri
     }
 }
 
+/// The first child of `pid` (as `/proc/<pid>/task/<pid>/children` lists it), once it has one:
+/// what `unshare --fork` or `nsenter` started.
+pub fn first_child(pid: u32, what: &str) -> u32 {
+    let mut child = None;
+    wait_until(2, what, || {
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        child = children
+            .split_whitespace()
+            .next()
+            .and_then(|c| c.parse().ok());
+        child
+            .map(|_| ())
+            .ok_or_else(|| format!("{pid} has no child yet"))
+    });
+    child.expect("a child")
+}
+
 pub struct DaemonProcess {
     pub child: Option<Child>,
     pub dir: PathBuf,
@@ -95,20 +113,7 @@ impl DaemonProcess {
         ];
         let mut d = DaemonProcess::spawn_with_env(ns, dir, &all, &[], &unshare);
         let outer = d.pid();
-        let deadline = Instant::now() + allowance(2);
-        d.inner = loop {
-            let children = std::fs::read_to_string(format!("/proc/{outer}/task/{outer}/children"))
-                .unwrap_or_default();
-            if let Some(pid) = children.split_whitespace().next() {
-                break Some(pid.parse().unwrap());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "unshare started no daemon:\n{}",
-                d.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        d.inner = Some(first_child(outer, "unshare starting the daemon"));
         let d = d.wait_answering();
         d.wait_for(10, "shaping", |s| s["interfaces"][0]["state"] == "shaping");
         d
