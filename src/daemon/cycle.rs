@@ -491,9 +491,9 @@ pub struct Interface {
 }
 
 impl Interface {
-    /// The policy class of a full classid (`5a:minor`) in the last plan.
-    pub fn class_of(&self, classid: u32) -> Option<&str> {
-        self.handles.class_of_minor((classid & 0xffff) as u16)
+    /// The policy class of each minor of a full classid (`5a:minor`) in the last plan.
+    pub fn classes_by_minor(&self) -> rustc_hash::FxHashMap<u16, &str> {
+        self.handles.classes_by_minor()
     }
 
     pub fn new(name: String) -> Interface {

@@ -476,16 +476,23 @@ impl Daemon {
                 })
                 .collect();
         };
-        let iface = self.interfaces.first();
-        bpf.take_closed()
+        let closed = bpf.take_closed();
+        if closed.is_empty() {
+            return Vec::new();
+        }
+        let classes = self
+            .interfaces
+            .first()
+            .map(Interface::classes_by_minor)
+            .unwrap_or_default();
+        let class_of = |classid: u32| classes.get(&((classid & 0xffff) as u16)).copied();
+        closed
             .into_iter()
             .map(|socket| {
                 let (up, down) = socket.classes;
-                let class = iface
-                    .and_then(|i| {
-                        up.and_then(|c| i.class_of(c))
-                            .or_else(|| down.and_then(|c| i.class_of(c)))
-                    })
+                let class = up
+                    .and_then(class_of)
+                    .or_else(|| down.and_then(class_of))
                     .map(str::to_string);
                 Closed { socket, class }
             })

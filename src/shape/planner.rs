@@ -205,18 +205,18 @@ impl Handles {
         self.exhausted
     }
 
-    /// The policy class a minor belongs to in the last plan (its class, shared leaf, flow
-    /// bucket or process leaf); `None` for a connection's own leaf or a minor not in use.
-    pub fn class_of_minor(&self, minor: u16) -> Option<&str> {
-        self.minors.iter().find_map(|(slot, &m)| {
-            (m == minor).then_some(())?;
-            match slot {
+    /// The policy class of each minor in the last plan (its class, shared leaf, flow buckets
+    /// and process leaves; a connection's own leaf names none), for reading many classids.
+    pub fn classes_by_minor(&self) -> FxHashMap<u16, &str> {
+        self.minors
+            .iter()
+            .filter_map(|(slot, &m)| match slot {
                 Slot::Class(c) | Slot::Shared(c) | Slot::Bucket(c, _) | Slot::Process(c, _) => {
-                    Some(&**c)
+                    Some((m, &**c))
                 }
                 Slot::Connection(_) => None,
-            }
-        })
+            })
+            .collect()
     }
 
     /// The minors of a policy class and of its shared leaf in the last plan, for `status`
