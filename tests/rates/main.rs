@@ -138,9 +138,17 @@ fn two_classes_get_their_own_limits_at_once() {
 /// Bytes each HTB class of `veth0` in `ns` has sent, by minor (from `tc -s class show`: this
 /// iproute2 prints no JSON for classes).
 fn class_bytes(ns: &support::netns::Netns) -> std::collections::BTreeMap<u16, u64> {
+    class_bytes_on(ns, "veth0")
+}
+
+/// [`class_bytes`] of any device in `ns` (the IFB of a download).
+fn class_bytes_on(
+    ns: &support::netns::Netns,
+    device: &str,
+) -> std::collections::BTreeMap<u16, u64> {
     let out = ns
         .command("tc")
-        .args(["-s", "class", "show", "dev", "veth0"])
+        .args(["-s", "class", "show", "dev", device])
         .output()
         .expect("tc");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -243,11 +251,19 @@ fn a_changed_limit_applies_in_place_without_resetting_the_connection() {
     eprintln!("intervals: {:?}", result.intervals);
     let i = &result.intervals;
     assert!(i.len() >= 7, "{i:?}");
-    // Per-second figures still move in packet-sized steps: compare two-second averages.
+    // Per-second figures still move in packet-sized steps: compare two-second averages. Each
+    // ceiling holds; and the second lets through what the first could not (10 % over it), so
+    // the change took. How near a flow comes to its ceiling is the benchmark's business: a
+    // loaded machine's retransmission timeouts cost a second its tenth.
     let early = (i[1] + i[2]) / 2.0;
     let late = (i[i.len() - 2] + i[i.len() - 1]) / 2.0;
-    assert_within("before the change", early, 8e6, 0.90, 1.02);
-    assert_within("after the change", late, 16e6, 0.90, 1.02);
+    assert_within("before the change", early, 8e6, 0.0, 1.02);
+    assert_within("after the change", late, 16e6, 0.0, 1.02);
+    assert!(
+        late > 8e6 * 1.1,
+        "after the change the flow passes the old 8 Mbit/s ceiling: {:.3} Mbit/s",
+        late / 1e6
+    );
 }
 
 // ---- the daemon end to end ---------------------------------------------------------------
@@ -854,6 +870,12 @@ fn a_udp_flood_of_a_new_process_is_held_from_its_first_second() {
 /// Issue 11's acceptance: on the BPF path, a running connection whose class changes (here by a
 /// reloaded policy) moves to the new class within a cycle, without being reset: the kernel
 /// reads its class from the connection map on every packet.
+///
+/// What moved is read from the kernel, which the machine's load cannot change: the download's
+/// bytes are counted by the slow class until the daemon says the connection is fast, and by the
+/// fast class after. The speeds are held to their ceilings only: how close a flow comes to its
+/// limit is a benchmark (on a loaded CI machine, retransmission timeouts in the first seconds
+/// once left this flow at 89.6 % of the slow class: 3.24, 3.70 then 3.82 Mbit/s).
 #[test]
 fn with_bpf_a_running_connection_moves_to_its_new_class_without_a_reset() {
     let _serial = rate_lock();
@@ -879,29 +901,93 @@ fn with_bpf_a_running_connection_moves_to_its_new_class_without_a_reset() {
     );
     let script = dir.path().join("policy.lua");
     let _server = Server::start(&pair.b, 5701);
-    // Download (-R), so the client's per-second figures are the receiver's.
+    // Download (-R), so the client's per-second figures are the receiver's; its bytes go through
+    // the IFB's classes.
+    let ifb = shaper::shape::ifb_name("veth0");
     let mut run = Run::tcp(NetnsPair::b_addr(4), 5701, 40701);
     run.reverse = true;
-    run.seconds = 10;
+    run.seconds = 12;
     let measurement = run.start_in(&pair.a, &cgroup);
+    let the_flow = |s: &serde_json::Value, class: &str| {
+        s["connections"].as_array().is_some_and(|c| {
+            c.iter().any(|c| {
+                c["class"] == class
+                    && c["connection"]
+                        .as_str()
+                        .is_some_and(|c| c.contains(":40701 ->"))
+            })
+        })
+    };
+    daemon.wait_for_all(3, "the download listed in class slow", |s| {
+        the_flow(s, "slow")
+    });
+    let status = daemon.status();
+    let minor = |name: &str| {
+        let handle = status["classes"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["name"] == name))
+            .and_then(|c| c["handle"].as_str())
+            .unwrap_or_else(|| panic!("class {name} has a handle: {status:#}"))
+            .to_string();
+        let minor = handle.rsplit(':').next().expect("major:minor");
+        u16::from_str_radix(minor, 16).expect("a hex minor")
+    };
+    let (slow, fast) = (minor("slow"), minor("fast"));
+    // Listed within a cycle of its start: four more seconds put the reload after the three
+    // measured seconds the slow ceiling is checked over.
     std::thread::sleep(Duration::from_millis(4_000));
+    let before = class_bytes_on(&pair.a, &ifb);
     std::fs::write(&script, policy("fast")).unwrap();
     let reload = daemon.control(&["reload"]);
     assert!(reload.status.success(), "{reload:?}");
+    daemon.wait_for_all(3, "the download listed in class fast", |s| {
+        the_flow(s, "fast")
+    });
+    // The cycle that listed it also wrote the connection map; one more and nothing is left of
+    // the slow class's queue either.
+    daemon.cycles_pass(1);
+    let moved = class_bytes_on(&pair.a, &ifb);
     let result = measurement.finish(); // panics if iperf3 lost its connection
-    eprintln!("intervals: {:?}", result.intervals);
+    let after = class_bytes_on(&pair.a, &ifb);
+    let count = |at: &std::collections::BTreeMap<u16, u64>, minor| *at.get(&minor).unwrap_or(&0);
+    eprintln!(
+        "measured the move: slow 5a:{slow:x} counted {} / {} / {} bytes, fast 5a:{fast:x} {} / \
+         {} / {} (before the reload / once moved / at the end); receiver's seconds {:?}",
+        count(&before, slow),
+        count(&moved, slow),
+        count(&after, slow),
+        count(&before, fast),
+        count(&moved, fast),
+        count(&after, fast),
+        result.intervals
+    );
+    assert!(
+        count(&before, slow) > 1_000_000,
+        "the download went through the slow class from its first packet"
+    );
+    assert_eq!(count(&before, fast), 0, "nothing in the fast class before");
+    assert_eq!(
+        count(&after, slow),
+        count(&moved, slow),
+        "the slow class counted nothing once the connection moved"
+    );
+    assert!(
+        count(&after, fast) > count(&moved, fast),
+        "the fast class carried the rest of the download"
+    );
+    // The ceilings held, each over three seconds (per-second figures move in 64 KB GRO steps):
+    // the three before the reload (seconds 1-4 of the run), and three well after it, before the last (which iperf3 cuts).
     let i = &result.intervals;
-    assert!(i.len() >= 8, "{i:?}");
-    // Per-second figures move in 64 KB GRO steps, and a second that ends just before a burst
-    // of them is followed by one above the limit (seen: 2.6 then 5.1 Mbit/s): average the
-    // three seconds before the reload (seconds 1-4 of the run; the first is left out as slow
-    // start) and three well after it, before the last (whose end iperf3 cuts short now and then:
-    // seen at 4.3 Mbit/s).
+    assert!(i.len() >= 10, "{i:?}");
     let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
-    let early = mean(&i[..3]);
-    let late = mean(&i[i.len() - 4..i.len() - 1]);
-    assert_within("in the first class", early, 4e6, 0.90, 1.05);
-    assert_within("moved to the second class", late, 12e6, 0.90, 1.05);
+    assert_within("in the first class", mean(&i[..3]), 4e6, 0.0, 1.05);
+    assert_within(
+        "moved to the second class",
+        mean(&i[i.len() - 4..i.len() - 1]),
+        12e6,
+        0.0,
+        1.05,
+    );
 }
 
 // ---- latency inside and between classes (issue 12) ----------------------------------------
