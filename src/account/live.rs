@@ -1,7 +1,8 @@
 //! Live accounting: byte deltas per cycle, recent rates, and usage per period, persisted so
 //! quotas survive restarts and crashes.
 //!
-//! Sources: the interface's own counters (what an ISP counts) for the `link` key; per connection,
+//! Sources: the interface's own counters less each frame's link-layer header (the IP bytes an ISP
+//! counts) for the `link` key; per connection,
 //! sock_diag's TCP counters with headers estimated per segment and, with the BPF classifier, its
 //! UDP counters on the shaped interface, attributed to `process:NAME`, `user:NAME` and
 //! `class:NAME`; a connection's last bytes at its close ([`Charge`]), so neither a connection
@@ -30,7 +31,9 @@ const RATE_WINDOW: f64 = 2.0;
 /// Version of the state file format.
 const STATE_VERSION: u32 = 1;
 
-/// An interface's byte counters (from the kernel's link statistics).
+/// An interface's byte counters at the IP layer (from the kernel's link statistics, less each
+/// frame's link-layer header: [`crate::shape::LinkState::ip_bytes`]), the unit connections are
+/// charged in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkCounters {
     pub interface: String,

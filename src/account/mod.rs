@@ -72,9 +72,9 @@ impl FromStr for Period {
 #[serde(into = "String", try_from = "String")]
 pub enum UsageKey {
     Link,
-    /// Bytes on the link no owner was found for (the link's counters less every process's
-    /// bytes; link-layer framing, ICMP and ARP are in it too), so the processes' lines and this
-    /// one add up to the link.
+    /// Bytes on the link no owner was found for (the link's IP bytes less every process's;
+    /// ICMP, ARP and retransmitted payload are in it too), so the processes' lines and this one
+    /// add up to the link.
     Unattributed,
     Process(String),
     User(String),

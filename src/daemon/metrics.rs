@@ -60,12 +60,12 @@ pub fn render(daemon: &Daemon) -> String {
     let link = counters(
         &mut registry,
         "link_bytes",
-        "Bytes through the shaped interfaces (their own counters) since the daemon started",
+        "Bytes through the shaped interfaces at the IP layer (their own counters less each frame's link-layer header) since the daemon started",
     );
     let unattributed = counters(
         &mut registry,
         "unattributed_bytes",
-        "Bytes through the shaped interfaces that no process was charged for since the daemon started (link-layer framing, ICMP, ARP, sockets no owner was found for)",
+        "Bytes through the shaped interfaces that no process was charged for since the daemon started (ICMP, ARP, retransmitted payload, sockets no owner was found for)",
     );
     let class_bytes = counters(
         &mut registry,

@@ -521,10 +521,11 @@ impl Daemon {
                         iface.ifindex = Some(index);
                         iface.forget_installed();
                     }
+                    let (tx_bytes, rx_bytes) = link.ip_bytes();
                     out.push(LinkCounters {
                         interface: iface.name.clone(),
-                        tx_bytes: link.tx_bytes,
-                        rx_bytes: link.rx_bytes,
+                        tx_bytes,
+                        rx_bytes,
                     });
                 }
                 Ok(None) => {

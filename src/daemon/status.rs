@@ -250,7 +250,7 @@ pub struct StatusReport {
     pub stages_ms: BTreeMap<String, f64>,
     /// The link's usage in the current hour, day, week and month, bytes.
     pub usage: BTreeMap<Period, Bytes>,
-    /// Of that, what no process was charged for (link-layer framing, ICMP, ARP, sockets no
+    /// Of that, what no process was charged for (ICMP, ARP, retransmitted payload, sockets no
     /// owner was found for), where there is any.
     #[serde(default)]
     pub unattributed: BTreeMap<Period, Bytes>,

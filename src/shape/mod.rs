@@ -221,14 +221,35 @@ pub fn teardown(interface: &str, installed: &Installed) -> Plan {
 }
 
 /// A link as the kernel reports it: its index (a new one means the interface was re-created),
-/// its byte counters (what accounting counts for `link`) and its MTU (what the leaf queues are
-/// sized and GSO packets segmented by).
+/// its counters (what accounting counts for `link`, see [`LinkState::ip_bytes`]) and its MTU
+/// (what the leaf queues are sized and GSO packets segmented by).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LinkState {
     pub index: u32,
     pub tx_bytes: u64,
     pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub rx_packets: u64,
+    /// The link-layer header each of its frames carries (14 on Ethernet and Wi-Fi, 0 on tun,
+    /// WireGuard and PPP devices), which its byte counters include.
+    pub header_len: u32,
     pub mtu: u32,
+}
+
+impl LinkState {
+    /// Bytes sent and received at the IP layer: the counters less each frame's link-layer
+    /// header. The unit every process, class and user is charged in, so that the link less
+    /// their sum is what no one owns; with the frames' headers in it, `unattributed` was 14
+    /// bytes a frame of everything (a fifth of the ACK direction of a download).
+    pub fn ip_bytes(&self) -> (u64, u64) {
+        let header = u64::from(self.header_len);
+        (
+            self.tx_bytes
+                .saturating_sub(header.saturating_mul(self.tx_packets)),
+            self.rx_bytes
+                .saturating_sub(header.saturating_mul(self.rx_packets)),
+        )
+    }
 }
 
 /// The kernel edge of this stage: everything the daemon asks the kernel about links and tc.

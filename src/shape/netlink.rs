@@ -19,7 +19,7 @@ use netlink_packet_core::{
     NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::RouteNetlinkMessage;
-use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkLayerType, LinkMessage};
 use netlink_packet_route::tc::{TcHandle, TcMessage};
 use netlink_sys::AsyncSocket;
 use rtnetlink::{Handle, LinkIfb};
@@ -320,14 +320,16 @@ impl NetlinkBackend {
     /// A link's index, byte counters and MTU, or `None` if it does not exist.
     pub fn link_state(&mut self, name: &str) -> Result<Option<super::LinkState>, ShapeError> {
         Ok(self.link(name)?.map(|link| {
-            let (tx_bytes, rx_bytes) = link
+            let [tx_bytes, rx_bytes, tx_packets, rx_packets] = link
                 .attributes
                 .iter()
                 .find_map(|a| match a {
-                    LinkAttribute::Stats64(s) => Some((s.tx_bytes, s.rx_bytes)),
+                    LinkAttribute::Stats64(s) => {
+                        Some([s.tx_bytes, s.rx_bytes, s.tx_packets, s.rx_packets])
+                    }
                     _ => None,
                 })
-                .unwrap_or((0, 0));
+                .unwrap_or_default();
             let mtu = link
                 .attributes
                 .iter()
@@ -340,6 +342,9 @@ impl NetlinkBackend {
                 index: link.header.index,
                 tx_bytes,
                 rx_bytes,
+                tx_packets,
+                rx_packets,
+                header_len: header_len(link.header.link_layer_type),
                 mtu,
             }
         }))
@@ -703,6 +708,16 @@ fn classify_ingress(redirects: &[codec::Redirect], ifb: Option<IfbLink>) -> Slot
         Slot::Ours(Redirect::Dangling)
     } else {
         Slot::Foreign("ingress ffff: with other filters".into())
+    }
+}
+
+/// The link-layer header a device of this type puts on each frame (`hard_header_len`, which
+/// rtnetlink does not report): Ethernet's for Ethernet, Wi-Fi (shown as Ethernet) and loopback
+/// devices; none for the raw-IP ones (tun, WireGuard, PPP, IP tunnels).
+fn header_len(kind: LinkLayerType) -> u32 {
+    match kind {
+        LinkLayerType::Ether | LinkLayerType::Loopback => 14,
+        _ => 0,
     }
 }
 

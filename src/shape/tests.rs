@@ -771,3 +771,23 @@ fn default_connections_get_buckets_only_where_they_cost_no_filter() {
     assert_eq!(leaves(&bpf_path).len(), 5, "five connections, five buckets");
     assert!(bpf_path.upload.filters.is_empty());
 }
+
+#[test]
+fn a_links_ip_bytes_leave_out_each_frames_header() {
+    let link = super::LinkState {
+        index: 2,
+        tx_bytes: 10_000 + 14 * 10,
+        rx_bytes: 3_000 + 14 * 40,
+        tx_packets: 10,
+        rx_packets: 40,
+        header_len: 14,
+        mtu: 1500,
+    };
+    assert_eq!(link.ip_bytes(), (10_000, 3_000));
+    // A raw-IP device (tun, WireGuard) counts no link-layer header.
+    let tun = super::LinkState {
+        header_len: 0,
+        ..link
+    };
+    assert_eq!(tun.ip_bytes(), (tun.tx_bytes, tun.rx_bytes));
+}
