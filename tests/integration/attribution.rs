@@ -395,6 +395,119 @@ fn loopback_is_not_charged() {
     }
 }
 
+/// A UDP client that names itself `argv[1]`, then sends `argv[4]` datagrams of 1,000 bytes to
+/// `argv[2]`:`argv[3]` (`up`), or asks that server for as many (`down`) and takes what arrives
+/// until a second passes without one; prints how many it sent or received.
+const UDP_CLIENT: &str = r#"
+import ctypes, socket, sys, time
+ctypes.CDLL(None).prctl(15, sys.argv[1].encode(), 0, 0, 0)
+host, port, count, mode = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((host, port))
+if mode == "up":
+    for i in range(count):
+        s.send(b"u" * 1000)
+        if i % 50 == 49:
+            time.sleep(0.002)
+    print(count)
+else:
+    s.send(b"d%d" % count)
+    s.settimeout(1.0)
+    got = 0
+    try:
+        while got < count:
+            s.recv(2048)
+            got += 1
+    except socket.timeout:
+        pass
+    print(got)
+"#;
+
+/// A UDP server on `addr` in `ns`: answers `d<count>` with that many 1,000-byte datagrams, 50
+/// at a time (a burst no queue on the way drops), and takes anything else in silence.
+fn serve_udp(ns: &Netns, addr: SocketAddr) {
+    let socket = ns.run(|| std::net::UdpSocket::bind(addr).unwrap());
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let Some(count) = buf[..n]
+                .strip_prefix(b"d")
+                .and_then(|c| std::str::from_utf8(c).ok()?.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            for i in 0..count {
+                let _ = socket.send_to(&[b'y'; 1000], from);
+                if i % 50 == 49 {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+            }
+        }
+    });
+}
+
+/// UDP both ways, in both address families, by processes that exit between two scans: each is
+/// charged within 5 % of the datagrams it sent or received, headers included (the BPF
+/// classifier's per-socket counters, read at the socket's release).
+#[test]
+fn udp_both_ways_is_charged_with_bpf() {
+    let pair = NetnsPair::new();
+    let cgroup = TestCgroup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("udp_client.py");
+    std::fs::write(&script, UDP_CLIENT).unwrap();
+    let daemon = daemon(&pair, dir.path(), &cgroup, true);
+    const COUNT: u64 = 2_000;
+    for (family, port, headers) in [(4u8, 5911, 28u64), (6, 5912, 48)] {
+        let server = SocketAddr::new(NetnsPair::b_addr(family), port);
+        serve_udp(&pair.b, server);
+        let mut moved = Vec::new();
+        for mode in ["up", "down"] {
+            let name = format!("udp{mode}{family}");
+            let mut cmd: Command = pair.a.command("python3");
+            cmd.arg(&script).args([
+                name.as_str(),
+                &server.ip().to_string(),
+                &server.port().to_string(),
+                &COUNT.to_string(),
+                mode,
+            ]);
+            let _procs = cgroup.enter(&mut cmd);
+            let out = cmd.output().expect("python3 runs");
+            assert!(out.status.success(), "{name}: {out:?}");
+            let datagrams: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+            assert!(
+                datagrams >= COUNT * 9 / 10,
+                "{name}: {datagrams} of {COUNT} arrived"
+            );
+            moved.push((name, mode, datagrams * (1000 + headers)));
+        }
+        wait_until(15, "the datagrams charged", || {
+            let m = metrics(&daemon);
+            let charged: Vec<(String, u64, u64)> = moved
+                .iter()
+                .map(|(name, mode, bytes)| {
+                    let labels = [("direction", *mode), ("process", name.as_str())];
+                    (
+                        name.clone(),
+                        counter(&m, "shaper_process_bytes_total", &labels),
+                        *bytes,
+                    )
+                })
+                .collect();
+            let within = |(_, c, b): &(String, u64, u64)| {
+                *c as f64 >= *b as f64 * 0.95 && *c as f64 <= *b as f64 * 1.05
+            };
+            if charged.iter().all(within) {
+                eprintln!("IPv{family}: charged, and moved: {charged:?}");
+                Ok(())
+            } else {
+                Err(format!("IPv{family}: charged, and moved: {charged:?}"))
+            }
+        });
+    }
+}
+
 /// Echo requests of 1,000 bytes from a raw socket, one at a time, each answered before the next:
 /// traffic no socket scan or close report can tie to a process. `argv[1]` host, `argv[2]` count.
 const PINGER: &str = r#"
