@@ -14,24 +14,33 @@ use crate::support::netns::{Netns, NetnsPair};
 
 /// A client that names itself `argv[1]` (prctl PR_SET_NAME, before its socket exists), then
 /// uploads (`up`) or downloads (`down`) `size` bytes over TCP and waits for the other end to
-/// close: every byte was delivered when it exits. An upload holds its connection open for
-/// `argv[6]` seconds after its data; `argv[7]` seconds pass between connecting and asking for
-/// or sending any data.
+/// close: every byte was delivered when it exits. With a gate file `argv[6]` (not `-`), it
+/// waits for that file to exist: after its data with `hold`, before any with `idle` (`argv[7]`),
+/// so a test can let it go once the daemon has seen its connection; at the gate it writes its
+/// local port to `argv[6]` + `.port`.
 const CLIENT: &str = r#"
-import ctypes, socket, sys, time
+import ctypes, os, socket, sys, time
 ctypes.CDLL(None).prctl(15, sys.argv[1].encode(), 0, 0, 0)
 host, port, size, mode = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-hold = float(sys.argv[6]) if len(sys.argv) > 6 else 0
-idle = float(sys.argv[7]) if len(sys.argv) > 7 else 0
+gate = sys.argv[6] if len(sys.argv) > 6 and sys.argv[6] != "-" else None
+when = sys.argv[7] if len(sys.argv) > 7 else None
+def wait(at):
+    if not gate or when != at:
+        return
+    with open(gate + ".tmp", "w") as f:
+        f.write(str(s.getsockname()[1]))
+    os.rename(gate + ".tmp", gate + ".port")
+    while not os.path.exists(gate):
+        time.sleep(0.02)
 s = socket.create_connection((host, port))
-time.sleep(idle)
+wait("idle")
 if mode == "up":
     s.sendall(b"u%d\n" % size)
     block = b"x" * 65536
     left = size
     while left > 0:
         left -= s.send(block[:min(left, len(block))])
-    time.sleep(hold)
+    wait("hold")
     s.shutdown(socket.SHUT_WR)
     s.recv(1)
 else:
@@ -95,43 +104,97 @@ fn transfer(
     size: u64,
     up: bool,
 ) {
-    transfer_holding(ns, cgroup, script, name, to, size, up, Hold::default());
+    Client::start(ns, cgroup, script, name, to, size, up, None).finish();
 }
 
-/// How [`transfer_holding`] runs its client (see [`CLIENT`]); zeros are the defaults.
-#[derive(Default, Clone, Copy)]
-struct Hold {
-    /// Seconds an upload's connection stays open after its data.
-    after: u32,
-    /// Seconds between connecting and moving any data.
-    idle: u32,
+/// Where a gated client waits (see [`CLIENT`]).
+#[derive(Clone, Copy)]
+enum Gate {
+    /// Connected, before any data.
+    Idle,
+    /// After an upload's data, its connection still open.
+    Hold,
 }
 
-/// As [`transfer`], held as `hold` says.
-#[allow(clippy::too_many_arguments)]
-fn transfer_holding(
-    ns: &Netns,
-    cgroup: &TestCgroup,
-    script: &Path,
-    name: &str,
-    to: SocketAddr,
-    size: u64,
-    up: bool,
-    hold: Hold,
-) {
-    let mut cmd: Command = ns.command("python3");
-    cmd.arg(script).args([
-        name,
-        &to.ip().to_string(),
-        &to.port().to_string(),
-        &size.to_string(),
-        if up { "up" } else { "down" },
-        &hold.after.to_string(),
-        &hold.idle.to_string(),
-    ]);
-    let _procs = cgroup.enter(&mut cmd);
-    let out = cmd.output().expect("python3 runs");
-    assert!(out.status.success(), "client {name}: {out:?}");
+/// A running client, perhaps waiting at its gate.
+struct Client {
+    child: std::process::Child,
+    name: String,
+    gate: Option<tempfile::TempDir>,
+}
+
+impl Client {
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        ns: &Netns,
+        cgroup: &TestCgroup,
+        script: &Path,
+        name: &str,
+        to: SocketAddr,
+        size: u64,
+        up: bool,
+        gate: Option<Gate>,
+    ) -> Client {
+        let dir = gate.map(|_| tempfile::tempdir().unwrap());
+        let file = dir.as_ref().map(|d| d.path().join("open"));
+        let mut cmd: Command = ns.command("python3");
+        cmd.arg(script).args([
+            name,
+            &to.ip().to_string(),
+            &to.port().to_string(),
+            &size.to_string(),
+            if up { "up" } else { "down" },
+            file.as_ref().map_or("-", |f| f.to_str().unwrap()),
+            match gate {
+                Some(Gate::Idle) => "idle",
+                Some(Gate::Hold) => "hold",
+                None => "-",
+            },
+        ]);
+        let _procs = cgroup.enter(&mut cmd);
+        let child = cmd.spawn().expect("python3 runs");
+        Client {
+            child,
+            name: name.into(),
+            gate: dir,
+        }
+    }
+
+    /// Its local port, once it waits at its gate.
+    fn port_at_gate(&self) -> u16 {
+        let dir = self.gate.as_ref().expect("a gated client");
+        let file = dir.path().join("open.port");
+        let mut port = 0;
+        wait_until(10, &format!("{} at its gate", self.name), || {
+            let text = std::fs::read_to_string(&file).map_err(|e| e.to_string())?;
+            port = text.trim().parse().map_err(|e| format!("{text:?}: {e}"))?;
+            Ok(())
+        });
+        port
+    }
+
+    /// Waits until `status --all` lists its connection (waiting at its gate).
+    fn wait_listed(&self, daemon: &DaemonProcess) {
+        let local = format!(":{} ->", self.port_at_gate());
+        daemon.wait_for_all(10, &format!("{}'s connection listed", self.name), |s| {
+            s["connections"].as_array().is_some_and(|c| {
+                c.iter()
+                    .any(|c| c["connection"].as_str().is_some_and(|c| c.contains(&local)))
+            })
+        });
+    }
+
+    /// Lets it past its gate.
+    fn open(&self) {
+        let dir = self.gate.as_ref().expect("a gated client");
+        std::fs::write(dir.path().join("open"), "").unwrap();
+    }
+
+    /// Waits for it to end well.
+    fn finish(self) {
+        let out = self.child.wait_with_output().unwrap();
+        assert!(out.status.success(), "client {}: {out:?}", self.name);
+    }
 }
 
 /// A counter of `shaper metrics`: `family` (e.g. `shaper_process_bytes_total`) with these
@@ -266,23 +329,22 @@ fn short_lived_processes(bpf: bool) {
 /// the last scan) come with their close reports, so each is charged within 2 % of what it moved.
 #[test]
 fn long_transfers_lose_no_tail_with_bpf() {
-    long_transfers_lose_no_tail(true, [5902, 5903], 0);
+    long_transfers_lose_no_tail(true, [5902, 5903]);
 }
 
 /// On the u32 path, a connection a scan saw idle and that then moves 32 MiB and closes before
 /// the next scan: its close report (sock_diag's TCP destroy notification) charges what no scan
-/// saw to its process, both ways and in both address families. Idle for more than a cycle
-/// (5 s), so a scan ties the connection to its process before the data moves; the data (about
-/// 1.5 s under bulk's 200 Mbit/s ceiling, or less before the next scan classifies it) ends at
-/// most one scan later, leaving a tail no scan sees.
+/// saw to its process, both ways and in both address families. Idle until a scan has tied the
+/// connection to its process; the data (about 1.5 s under bulk's 200 Mbit/s ceiling) then ends
+/// at most one scan later (5 s cycles), leaving a tail no scan sees.
 #[test]
 fn long_transfers_lose_no_tail_on_u32() {
-    long_transfers_lose_no_tail(false, [5906, 5907], 6);
+    long_transfers_lose_no_tail(false, [5906, 5907]);
 }
 
-/// 32 MiB up and down by one process per address family, each connection idle `idle` seconds
-/// before its data, charged to the process within 2 % of the wire formula.
-fn long_transfers_lose_no_tail(bpf: bool, ports: [u16; 2], idle: u32) {
+/// 32 MiB up and down by one process per address family, charged to the process within 2 % of
+/// the wire formula. On u32 each connection waits, idle, until the daemon lists it.
+fn long_transfers_lose_no_tail(bpf: bool, ports: [u16; 2]) {
     let pair = NetnsPair::new();
     let cgroup = TestCgroup::new();
     let dir = tempfile::tempdir().unwrap();
@@ -295,11 +357,13 @@ fn long_transfers_lose_no_tail(bpf: bool, ports: [u16; 2], idle: u32) {
         serve(&pair.b, server);
         let name = format!("longlived{family}");
         for up in [true, false] {
-            let hold = Hold {
-                idle,
-                ..Hold::default()
-            };
-            transfer_holding(&pair.a, &cgroup, &script, &name, server, SIZE, up, hold);
+            let gate = (!bpf).then_some(Gate::Idle);
+            let client = Client::start(&pair.a, &cgroup, &script, &name, server, SIZE, up, gate);
+            if !bpf {
+                client.wait_listed(&daemon);
+                client.open();
+            }
+            client.finish();
         }
         // IPv6 headers are 20 bytes longer (MSS 1428).
         let wire = |payload: u64| match family {
@@ -337,7 +401,8 @@ fn long_transfers_lose_no_tail(bpf: bool, ports: [u16; 2], idle: u32) {
 }
 
 /// Bytes between two processes of this machine never cross the link: a 4 MiB transfer over
-/// loopback, its connection open across two scans, changes no process's usage, on either path.
+/// loopback, its connection held open until two scans have seen it, changes no process's usage,
+/// on either path.
 #[test]
 fn loopback_is_not_charged() {
     for bpf in [true, false] {
@@ -352,7 +417,7 @@ fn loopback_is_not_charged() {
         let remote = SocketAddr::new(NetnsPair::b_addr(4), 5905);
         serve(&pair.b, remote);
         // The same process name over the link too: its bytes there show the daemon counts it.
-        transfer_holding(
+        let held = Client::start(
             &pair.a,
             &cgroup,
             &script,
@@ -360,11 +425,12 @@ fn loopback_is_not_charged() {
             local,
             4 << 20,
             true,
-            Hold {
-                after: 11,
-                ..Hold::default()
-            },
+            Some(Gate::Hold),
         );
+        held.wait_listed(&daemon);
+        daemon.cycles_pass(1);
+        held.open();
+        held.finish();
         transfer(
             &pair.a,
             &cgroup,
