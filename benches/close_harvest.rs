@@ -60,6 +60,7 @@ fn snapshot(cookies: impl Iterator<Item = u64>, up: u64) -> Snapshot {
                     pid,
                     others: Vec::new(),
                 }),
+                remote_host: None,
             }
         })
         .collect();

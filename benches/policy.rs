@@ -131,6 +131,7 @@ fn synthetic_snapshot(n: usize) -> Snapshot {
                     pid: pids[i % pids.len()],
                     others: vec![],
                 }),
+                remote_host: None,
             }
         })
         .collect();

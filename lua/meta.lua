@@ -10,6 +10,7 @@
 ---@field local_port integer
 ---@field remote_addr string      # "0.0.0.0" / "::" for unconnected UDP
 ---@field remote_port integer     # 0 for unconnected UDP
+---@field remote_host string|nil  # the name this machine last looked up for remote_addr (from DNS answers it received), nil if none
 ---@field state string            # "established", "syn_sent", "fin_wait1", … ("close" = unconnected UDP)
 ---@field uid integer             # the socket's owner uid
 ---@field bytes_up integer|nil    # bytes sent and acknowledged (TCP)

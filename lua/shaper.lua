@@ -178,6 +178,18 @@ function Ports:contains(port)
   return false
 end
 
+-- Names -------------------------------------------------------------------------------------
+
+--- Whether a host name (`conn.remote_host`, nil when none is known) is in a domain, or in any
+--- of a list: "example.com" matches it and every name under it, "*.example.com" only the names
+--- under it; case and a final dot do not count. A name is what this machine last looked up for
+--- the address: a hint, not an identity.
+---   shaper.match_domain(conn.remote_host, { "*.googlevideo.com", "youtube.com" })
+---@param host string|nil
+---@param domain string|string[]
+---@return boolean
+function shaper.match_domain(host, domain) return native.match_domain(host, domain) end
+
 -- Processes ---------------------------------------------------------------------------------
 
 --- A glob ("*" any text, "?" one character) as an anchored Lua pattern.

@@ -15,6 +15,7 @@ pub mod classify;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod names;
 pub mod policy;
 pub mod process;
 pub mod scan;

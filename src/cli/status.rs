@@ -206,7 +206,7 @@ pub fn render(report: &StatusReport) -> String {
             .iter()
             .map(|c| {
                 [
-                    c.connection.clone(),
+                    c.described(),
                     or_dash(c.process.as_ref()),
                     c.class.clone(),
                     or_dash(c.handle.as_ref()),

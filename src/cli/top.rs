@@ -285,7 +285,7 @@ fn items(status: &StatusReport, state: &ViewState) -> Vec<Item> {
             .flatten()
             .map(|c| {
                 Item::new()
-                    .text(c.connection.clone())
+                    .text(c.described())
                     .text(c.process.clone().unwrap_or_else(|| "-".into()))
                     .text(c.class.clone())
                     .rates(c.rate_up, c.rate_down)

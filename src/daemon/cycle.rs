@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use super::flows::{Closed, FlowTable};
 use crate::account::{Accounting, LinkCounters, UsageView};
 use crate::config::Config;
+use crate::names::{NameSource, NoNames};
 use crate::policy::{self, ClassSet, Decision, Each, Engine, EngineOptions, PolicyError, Script};
 use crate::process::{Pid, ProcessTable, Snapshot};
 use crate::scan::Socket;
@@ -133,6 +134,8 @@ pub struct Cycle {
     builtin: bool,
     lookup: ProcessTable,
     flows: FlowTable,
+    /// Names for remote addresses, asked after the lookup (see [`crate::names`]).
+    names: Box<dyn NameSource>,
     /// `uplink`/`downlink` from the configuration.
     link: Capacity,
     /// The capacity in force: `link` narrowed by `--rate`.
@@ -149,6 +152,7 @@ impl Cycle {
             builtin: false,
             lookup: ProcessTable::with_proc_root(proc_root),
             flows: FlowTable::default(),
+            names: Box::new(NoNames),
             link,
             capacity: link,
             by_priority: false,
@@ -209,6 +213,11 @@ impl Cycle {
         &mut self.engine
     }
 
+    /// Where connections' remote names come from (none by default).
+    pub fn set_names(&mut self, names: Box<dyn NameSource>) {
+        self.names = names;
+    }
+
     /// Whether the built-in policy runs (nothing to reload).
     pub fn builtin(&self) -> bool {
         self.builtin
@@ -238,17 +247,22 @@ impl Cycle {
     /// to `timings`.
     pub fn run(&mut self, sockets: Sockets, input: Inputs<'_>, timings: &mut Timings) -> Outcome {
         let partial = matches!(sockets, Sockets::New(_) | Sockets::Created(_));
-        let snapshot = stage("lookup", &mut timings.lookup, || match sockets {
-            Sockets::All(sockets) => {
-                self.lookup.update(&sockets);
-                self.lookup.snapshot(sockets)
-            }
-            Sockets::New(sockets) => {
-                self.lookup.add(&sockets);
-                self.lookup.snapshot(sockets)
-            }
-            Sockets::Recorded(snapshot) => snapshot,
-            Sockets::Created(sockets) => self.lookup.snapshot_created(sockets),
+        let snapshot = stage("lookup", &mut timings.lookup, || {
+            let mut snapshot = match sockets {
+                Sockets::All(sockets) => {
+                    self.lookup.update(&sockets);
+                    self.lookup.snapshot(sockets)
+                }
+                Sockets::New(sockets) => {
+                    self.lookup.add(&sockets);
+                    self.lookup.snapshot(sockets)
+                }
+                // A recording carries its own names.
+                Sockets::Recorded(snapshot) => return snapshot,
+                Sockets::Created(sockets) => self.lookup.snapshot_created(sockets),
+            };
+            name_remotes(&mut snapshot, self.names.as_mut());
+            snapshot
         });
         let Inputs {
             now,
@@ -535,6 +549,19 @@ impl Interface {
     /// next plan reads the kernel.
     pub fn forget_installed(&mut self) {
         self.applied = None;
+    }
+}
+
+/// Gives each connection the name last looked up for its remote address. Loopback and
+/// unconnected remotes are not looked up: no answer names them.
+fn name_remotes(snapshot: &mut Snapshot, names: &mut dyn NameSource) {
+    let now = Instant::now();
+    for c in &mut snapshot.connections {
+        let ip = c.socket.remote.ip();
+        if ip.is_loopback() || ip.is_unspecified() {
+            continue;
+        }
+        c.remote_host = names.name_of(ip, now).map(|n| n.to_string());
     }
 }
 

@@ -318,6 +318,7 @@ mod tests {
                 bytes_down: Some(0),
             },
             owner: None,
+            remote_host: None,
         }
     }
 

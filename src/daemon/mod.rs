@@ -28,6 +28,8 @@ pub use cycle::{
 
 use crate::account::{Accounting, LinkCounters};
 use crate::config::{Config, RateFile};
+use crate::names::sniff::DnsSniffer;
+use crate::names::{NameSource, NoNames};
 use crate::policy::{Engine, PolicyError};
 use crate::scan::{self, Backend, SocketSource};
 use crate::shape::netlink::NetlinkBackend;
@@ -83,12 +85,14 @@ pub struct RunOptions {
 pub type Clock = Box<dyn Fn() -> jiff::Zoned + Send>;
 
 /// The daemon's edges to the machine, injected so the cycle can run on fakes: where sockets
-/// come from, the tc/link backend, the procfs tree owners are looked up in, and the clock.
+/// come from, the tc/link backend, the procfs tree owners are looked up in, the clock, and
+/// where remote addresses' names come from.
 pub struct Parts {
     pub sockets: Box<dyn SocketSource>,
     pub tc: Box<dyn TcBackend>,
     pub proc_root: PathBuf,
     pub clock: Clock,
+    pub names: Box<dyn NameSource>,
 }
 
 /// A failure kept for `status` until the operation next succeeds: a broken reload or a usage
@@ -117,6 +121,13 @@ impl Parts {
             tc: Box::new(NetlinkBackend::new()?),
             proc_root: PathBuf::from("/proc"),
             clock: Box::new(jiff::Zoned::now),
+            names: match DnsSniffer::start() {
+                Ok(sniffer) => Box::new(sniffer),
+                Err(e) => {
+                    tracing::warn!("{e}; conn.remote_host is nil and status shows addresses");
+                    Box::new(NoNames)
+                }
+            },
         })
     }
 }
@@ -223,12 +234,13 @@ impl Daemon {
 
     /// As [`Daemon::new`], on the given edges.
     pub fn with_parts(config: Config, options: RunOptions, parts: Parts) -> anyhow::Result<Daemon> {
-        let cycle = Cycle::load(
+        let mut cycle = Cycle::load(
             &config,
             options.script_named,
             options.strict_permissions,
             &parts.proc_root,
         )?;
+        cycle.set_names(parts.names);
         let now = (parts.clock)();
         let accounting = Accounting::load(&usage_path(&config), &now, config.month_start_day);
         let names = config.shaped_interfaces()?;

@@ -189,6 +189,9 @@ pub struct UserStatus {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConnectionStatus {
     pub connection: String,
+    /// The name last looked up for its remote address ([`crate::names`]), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_host: Option<String>,
     pub process: Option<String>,
     #[serde(default)]
     pub pid: Option<u32>,
@@ -206,6 +209,16 @@ pub struct ConnectionStatus {
     /// Bits/s.
     pub rate_up: u64,
     pub rate_down: u64,
+}
+
+impl ConnectionStatus {
+    /// The connection as people read it: with its remote's name when one is known.
+    pub fn described(&self) -> String {
+        match &self.remote_host {
+            Some(host) => format!("{} ({host})", self.connection),
+            None => self.connection.clone(),
+        }
+    }
 }
 
 /// The link as a whole: its configured capacity and what all connections move.
@@ -390,6 +403,7 @@ impl StatusReport {
                 if all {
                     connections.push(ConnectionStatus {
                         connection: c.socket.to_string(),
+                        remote_host: c.remote_host.clone(),
                         process: flow.process.map(|p| format!("{} ({})", p.name, p.pid)),
                         pid: flow.process.map(|p| p.pid),
                         user: flow.process.and_then(|p| p.user.clone()),

@@ -89,6 +89,7 @@ impl Rig {
             tc: Box::new(kernel.clone()),
             proc_root: dir.path().join("proc"),
             clock: Box::new(move || read_clock.lock().unwrap().clone()),
+            names: Box::new(crate::names::NoNames),
         };
         let options = RunOptions {
             script_named: true,
@@ -114,6 +115,7 @@ impl Rig {
             tc: Box::new(self.kernel.clone()),
             proc_root: self._dir.path().join("proc"),
             clock: Box::new(move || read_clock.lock().unwrap().clone()),
+            names: Box::new(crate::names::NoNames),
         };
         let options = RunOptions {
             script_named: true,

@@ -69,6 +69,9 @@ impl UserData for ConnRef {
         fields.add_field_method_get("remote_port", |lua, this| {
             conn_field(lua, this, |_, c| c.socket.remote.port())
         });
+        fields.add_field_method_get("remote_host", |lua, this| {
+            conn_field(lua, this, |_, c| c.remote_host.clone())
+        });
         fields.add_field_method_get("state", |lua, this| {
             conn_field(lua, this, |_, c| c.socket.state.as_str())
         });
@@ -398,6 +401,31 @@ fn notify(
 pub(crate) fn natives(lua: &Lua) -> mlua::Result<mlua::Table> {
     let t = lua.create_table()?;
     t.set("notify", lua.create_function(notify)?)?;
+    t.set(
+        "match_domain",
+        lua.create_function(|_, (host, patterns): (Option<String>, mlua::Value)| {
+            let Some(host) = host else {
+                return Ok(false);
+            };
+            let matches = |p: &str| crate::names::match_domain(&host, p);
+            match patterns {
+                mlua::Value::String(p) => Ok(matches(&p.to_str()?)),
+                mlua::Value::Table(list) => {
+                    for p in list.sequence_values::<String>() {
+                        if matches(&p?) {
+                            return Ok(true);
+                        }
+                    }
+                    Ok(false)
+                }
+                other => Err(mlua::Error::runtime(format!(
+                    "shaper.match_domain: the pattern is a {}, not a string such as \
+                     \"*.example.com\" or a list of them",
+                    other.type_name()
+                ))),
+            }
+        })?,
+    )?;
     t.set(
         "rate",
         lua.create_function(|_, text: String| {

@@ -408,7 +408,11 @@ impl ProcessTable {
                         }
                     }
                 }
-                Connection { socket, owner }
+                Connection {
+                    socket,
+                    owner,
+                    remote_host: None,
+                }
             })
             .collect();
         Snapshot {
@@ -423,6 +427,10 @@ impl ProcessTable {
 pub struct Connection {
     pub socket: Socket,
     pub owner: Option<Owner>,
+    /// The name this machine last looked up for the remote address ([`crate::names`]): a
+    /// hint for the policy (`conn.remote_host`) and for people (`status`, `top`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_host: Option<String>,
 }
 
 /// The live connections and every process they refer to (owners and their ancestors): the

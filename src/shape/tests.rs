@@ -32,6 +32,7 @@ fn conn(local: &str, remote: &str, cookie: u64, pid: u32) -> Connection {
             pid,
             others: vec![],
         }),
+        remote_host: None,
     }
 }
 

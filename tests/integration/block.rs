@@ -37,6 +37,7 @@ fn a_blocked_class_sends_its_connections_to_a_dropping_leaf() {
         .map(|(s, _)| Connection {
             socket: s.clone(),
             owner: None,
+            remote_host: None,
         })
         .collect();
     let decisions: Vec<Decision> = flows.iter().map(|(_, d)| d.clone()).collect();

@@ -14,6 +14,7 @@ mod evasion;
 mod examples;
 mod fastpath;
 mod metrics;
+mod names;
 mod netns_kit;
 mod notify;
 mod pidns;

@@ -90,6 +90,7 @@ impl Shaper {
             .map(|(s, _)| Connection {
                 socket: s.clone(),
                 owner: None,
+                remote_host: None,
             })
             .collect();
         let decisions: Vec<Decision> = flows.iter().map(|(_, d)| d.clone()).collect();
