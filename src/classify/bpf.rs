@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
@@ -22,6 +22,8 @@ use aya::programs::{
     RawTracePoint, SchedClassifier, SockOps, TcAttachType,
 };
 use aya::{Ebpf, EbpfError, EbpfLoader, Pod};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, fstatfs};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use super::{BpfError, ByteCounters, ClosedSocket, NewSocket, ReportStats, SocketOwner};
@@ -29,9 +31,6 @@ use crate::scan::{Proto, normalize_addr};
 
 /// The compiled programs (`bpf/build.sh` rebuilds it from `bpf/shaper.bpf.c`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!("../../bpf/shaper.bpf.o");
-
-/// `CGROUP2_SUPER_MAGIC` from statfs(2).
-const CGROUP2_MAGIC: i64 = 0x6367_7270;
 
 /// The cls_bpf filter's pref when tcx is missing (Linux < 6.6): it must come before the mirred
 /// redirect to the IFB, which therefore has to sit at a higher pref.
@@ -408,15 +407,13 @@ impl BpfClassifier {
 
     /// Waits up to `timeout` for new sockets, then returns every one waiting.
     pub fn poll_new_sockets(&mut self, timeout: Duration) -> Vec<NewSocket> {
-        let mut pfd = libc::pollfd {
-            fd: self.events.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: one valid pollfd; the fd lives as long as `self`. An error or a timeout just
-        // means nothing to read, which the drain below finds out by itself.
-        unsafe { libc::poll(&mut pfd, 1, ms) };
+        let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+        // An error or a timeout just means nothing to read, which the drain below finds out by
+        // itself.
+        let _ = nix::poll::poll(
+            &mut [PollFd::new(self.events.as_fd(), PollFlags::POLLIN)],
+            timeout,
+        );
         self.drain_new_sockets()
     }
 
@@ -573,10 +570,8 @@ fn open_cgroup(path: &Path) -> Result<File, BpfError> {
         error,
     })?;
     let is_dir = dir.metadata().map(|m| m.is_dir()).unwrap_or(false);
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid fd and a zeroed out-parameter of the right type.
-    let ok = unsafe { libc::fstatfs(dir.as_raw_fd(), &mut st) } == 0;
-    if !is_dir || !ok || st.f_type as i64 != CGROUP2_MAGIC {
+    let cgroup2 = fstatfs(&dir).is_ok_and(|st| st.filesystem_type() == CGROUP2_SUPER_MAGIC);
+    if !is_dir || !cgroup2 {
         return Err(BpfError::NotCgroup2 {
             path: path.to_owned(),
         });
