@@ -133,6 +133,17 @@ struct report_stats {
 	__u64 close_lost_down;
 };
 
+/* Puts the ring buffer's records in the object's BTF, which otherwise describes only the types
+ * that maps and programs' arguments use (a ring buffer has no value type): the daemon's copies of
+ * all the structs above are checked against this BTF field by field (src/classify/bpf/layout.rs).
+ * A variable (by value: BTF describes a struct only pointed to as a forward declaration) in a
+ * section of its own that the loader skips, like the licence: no map, no code. */
+struct {
+	struct event event;
+	struct exec_event exec_event;
+	struct close_event close_event;
+} ring_records SEC(".layout");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);

@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
@@ -22,15 +22,15 @@ use aya::programs::{
     RawTracePoint, SchedClassifier, SockOps, TcAttachType,
 };
 use aya::{Ebpf, EbpfError, EbpfLoader, Pod};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, fstatfs};
+use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use super::{BpfError, ByteCounters, ClosedSocket, NewSocket, ReportStats, SocketOwner};
 use crate::scan::{Proto, normalize_addr};
 
 /// The compiled programs (`bpf/build.sh` rebuilds it from `bpf/shaper.bpf.c`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!("../../bpf/shaper.bpf.o");
-
-/// `CGROUP2_SUPER_MAGIC` from statfs(2).
-const CGROUP2_MAGIC: i64 = 0x6367_7270;
 
 /// The cls_bpf filter's pref when tcx is missing (Linux < 6.6): it must come before the mirred
 /// redirect to the IFB, which therefore has to sit at a higher pref.
@@ -47,9 +47,13 @@ pub enum DownloadHook {
     ClsBpf,
 }
 
+// The structs below are copies of shaper.bpf.c's: `layout`'s test checks each field's name,
+// offset and size against the compiled object's BTF. Their zerocopy derives read them from the
+// ring buffer without `unsafe` and refuse to compile if one has a padding hole.
+
 /// `struct classes` in shaper.bpf.c: full classids (`major << 16 | minor`), 0 = none.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, Immutable)]
 struct RawClasses {
     up: u32,
     down: u32,
@@ -57,7 +61,7 @@ struct RawClasses {
 
 /// `struct counters` in shaper.bpf.c.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, Immutable)]
 struct RawCounters {
     up: u64,
     down: u64,
@@ -65,7 +69,7 @@ struct RawCounters {
 
 /// `struct event` in shaper.bpf.c.
 #[repr(C)]
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, Immutable)]
 struct RawEvent {
     cookie: u64,
     cgroup_id: u64,
@@ -85,7 +89,7 @@ struct RawEvent {
 /// `struct exec_event` in shaper.bpf.c: a process with a class for new connections called exec.
 /// It shares the ring buffer with [`RawEvent`] and is told from it by its size.
 #[repr(C)]
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, Immutable)]
 struct RawExec {
     ktime_ns: u64,
     tgid: u32,
@@ -95,7 +99,7 @@ struct RawExec {
 /// `struct close_event` in shaper.bpf.c: a socket's final counts. Told from the others by its
 /// size.
 #[repr(C)]
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, Immutable)]
 struct RawClose {
     cookie: u64,
     cgroup_id: u64,
@@ -112,7 +116,7 @@ struct RawClose {
 
 /// `struct report_stats` in shaper.bpf.c.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, Immutable)]
 struct RawReportStats {
     deferred: u64,
     lost: u64,
@@ -122,8 +126,9 @@ struct RawReportStats {
     close_lost_down: u64,
 }
 
-// SAFETY: plain `repr(C)` integers and byte arrays without padding holes the kernel relies on;
-// every bit pattern is a valid value.
+// SAFETY: plain `repr(C)` integers and byte arrays without padding holes (`IntoBytes` proves
+// that) and every bit pattern a valid value (`FromBytes` proves that): what aya's `Pod` asks,
+// which it has no derive for.
 unsafe impl Pod for RawClasses {}
 // SAFETY: as above.
 unsafe impl Pod for RawReportStats {}
@@ -402,15 +407,13 @@ impl BpfClassifier {
 
     /// Waits up to `timeout` for new sockets, then returns every one waiting.
     pub fn poll_new_sockets(&mut self, timeout: Duration) -> Vec<NewSocket> {
-        let mut pfd = libc::pollfd {
-            fd: self.events.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: one valid pollfd; the fd lives as long as `self`. An error or a timeout just
-        // means nothing to read, which the drain below finds out by itself.
-        unsafe { libc::poll(&mut pfd, 1, ms) };
+        let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+        // An error or a timeout just means nothing to read, which the drain below finds out by
+        // itself.
+        let _ = nix::poll::poll(
+            &mut [PollFd::new(self.events.as_fd(), PollFlags::POLLIN)],
+            timeout,
+        );
         self.drain_new_sockets()
     }
 
@@ -492,20 +495,12 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
 }
 
 fn parse_exec(bytes: &[u8]) -> Option<u32> {
-    if bytes.len() != size_of::<RawExec>() {
-        return None;
-    }
-    // SAFETY: the right length, and every bit pattern is a valid RawExec.
-    let e: RawExec = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let e = RawExec::read_from_bytes(bytes).ok()?;
     Some(e.tgid)
 }
 
 fn parse_close(bytes: &[u8]) -> Option<ClosedSocket> {
-    if bytes.len() != size_of::<RawClose>() {
-        return None;
-    }
-    // SAFETY: the right length, and every bit pattern is a valid RawClose.
-    let e: RawClose = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let e = RawClose::read_from_bytes(bytes).ok()?;
     let proto = match i32::from(e.protocol) {
         libc::IPPROTO_TCP => Proto::Tcp,
         libc::IPPROTO_UDP => Proto::Udp,
@@ -536,11 +531,7 @@ pub fn interface_index(name: &str) -> Option<u32> {
 }
 
 fn parse_event(bytes: &[u8]) -> Option<NewSocket> {
-    if bytes.len() != size_of::<RawEvent>() {
-        return None;
-    }
-    // SAFETY: long enough, and every bit pattern is a valid RawEvent.
-    let e: RawEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let e = RawEvent::read_from_bytes(bytes).ok()?;
     let proto = match i32::from(e.protocol) {
         libc::IPPROTO_TCP => Proto::Tcp,
         libc::IPPROTO_UDP => Proto::Udp,
@@ -579,10 +570,8 @@ fn open_cgroup(path: &Path) -> Result<File, BpfError> {
         error,
     })?;
     let is_dir = dir.metadata().map(|m| m.is_dir()).unwrap_or(false);
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid fd and a zeroed out-parameter of the right type.
-    let ok = unsafe { libc::fstatfs(dir.as_raw_fd(), &mut st) } == 0;
-    if !is_dir || !ok || st.f_type as i64 != CGROUP2_MAGIC {
+    let cgroup2 = fstatfs(&dir).is_ok_and(|st| st.filesystem_type() == CGROUP2_SUPER_MAGIC);
+    if !is_dir || !cgroup2 {
         return Err(BpfError::NotCgroup2 {
             path: path.to_owned(),
         });
@@ -748,19 +737,25 @@ fn ebpf_error(what: &str, e: EbpfError) -> BpfError {
 }
 
 #[cfg(test)]
+mod layout;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn event_layout_matches_the_c_struct() {
-        // struct event in shaper.bpf.c: 3 u64, 2 u32, comm[16], 2×4 u32, 3 u16, 2 u8.
-        assert_eq!(size_of::<RawEvent>(), 88);
-        // struct exec_event: u64, 2 u32 (its size is what tells it from an event).
-        assert_eq!(size_of::<RawExec>(), 16);
-        // struct report_stats: 6 u64.
-        assert_eq!(size_of::<RawReportStats>(), 48);
-        // struct close_event: 4 u64, 4 u32, comm[16], u8 + 7 padding.
-        assert_eq!(size_of::<RawClose>(), 72);
+    fn ring_records_are_told_apart_by_size() {
+        // One ring buffer carries all three; `drain_new_sockets` tells them apart by length.
+        let sizes = [
+            size_of::<RawEvent>(),
+            size_of::<RawExec>(),
+            size_of::<RawClose>(),
+        ];
+        assert!(
+            sizes
+                .iter()
+                .all(|&a| sizes.iter().filter(|&&b| b == a).count() == 1)
+        );
     }
 
     #[test]
@@ -780,11 +775,7 @@ mod tests {
             protocol: libc::IPPROTO_TCP as u8,
             ingress: 0,
         };
-        // SAFETY: reading a repr(C) value as bytes.
-        let bytes = |e: &RawEvent| unsafe {
-            std::slice::from_raw_parts((e as *const RawEvent).cast::<u8>(), size_of::<RawEvent>())
-                .to_vec()
-        };
+        let bytes = |e: &RawEvent| e.as_bytes().to_vec();
         let s = parse_event(&bytes(&e)).expect("a TCP/IPv4 event parses");
         assert_eq!(
             (s.cookie, s.tgid, s.uid, s.comm.as_str(), s.proto),

@@ -79,22 +79,13 @@ impl Daemon {
 
 /// The network interfaces of this network namespace, by name, sorted.
 pub fn existing_interfaces() -> Vec<String> {
-    let mut names = Vec::new();
-    // SAFETY: if_nameindex returns an array terminated by an entry with index 0 (or null on
-    // failure); each name is a NUL-terminated string; the array is freed once, after reading.
-    unsafe {
-        let list = libc::if_nameindex();
-        if list.is_null() {
-            return names;
-        }
-        let mut entry = list;
-        while (*entry).if_index != 0 && !(*entry).if_name.is_null() {
-            let name = std::ffi::CStr::from_ptr((*entry).if_name);
-            names.push(name.to_string_lossy().into_owned());
-            entry = entry.add(1);
-        }
-        libc::if_freenameindex(list);
-    }
+    let mut names: Vec<String> = nix::net::if_::if_nameindex()
+        .map(|list| {
+            list.iter()
+                .map(|i| i.name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
     names.sort();
     names
 }

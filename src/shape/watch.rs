@@ -17,7 +17,7 @@
 
 use std::collections::BTreeSet;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -28,6 +28,7 @@ use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::tc::{TcAttribute, TcFilterBpfOption, TcMessage, TcOption};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use super::netlink::NetlinkBackend;
 use super::reconcile::{Op, Plan};
@@ -235,14 +236,9 @@ impl Listener {
 
 /// Waits up to `timeout` for the socket to have something to read.
 fn readable(socket: &Socket, timeout: Duration) -> bool {
-    let mut fd = libc::pollfd {
-        fd: socket.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let n = unsafe { libc::poll(&mut fd, 1, timeout.as_millis() as libc::c_int) };
-    n > 0
+    let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+    let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
+    matches!(nix::poll::poll(&mut fds, timeout), Ok(n) if n > 0)
 }
 
 /// The notifications in one datagram, each with the netlink port of the request behind it.
@@ -309,14 +305,7 @@ fn link_gone(link: LinkMessage, down: bool) -> Event {
 
 /// A device's name from its index, in the calling thread's network namespace.
 fn name_of(ifindex: u32) -> Option<String> {
-    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: the buffer has IF_NAMESIZE bytes, as if_indextoname requires.
-    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
-    if p.is_null() {
-        return None;
-    }
-    // SAFETY: if_indextoname wrote a NUL-terminated name into buf.
-    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    let name = nix::net::if_::if_indextoname(ifindex).ok()?;
     Some(name.to_string_lossy().into_owned())
 }
 
