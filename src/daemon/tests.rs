@@ -3,6 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use super::classifier::U32Classifier;
 use super::{Daemon, Parts, RunOptions, ShapingState, Sockets};
 use crate::config::Config;
 use crate::scan::{Proto, ScanError, Socket, SocketSource, State};
@@ -87,6 +88,7 @@ impl Rig {
         let parts = Parts {
             sockets: Box::new(sockets.clone()),
             tc: Box::new(kernel.clone()),
+            classifier: Box::new(U32Classifier::default()),
             proc_root: dir.path().join("proc"),
             clock: Box::new(move || read_clock.lock().unwrap().clone()),
         };
@@ -112,6 +114,7 @@ impl Rig {
         let parts = Parts {
             sockets: Box::new(self.sockets.clone()),
             tc: Box::new(self.kernel.clone()),
+            classifier: Box::new(U32Classifier::default()),
             proc_root: self._dir.path().join("proc"),
             clock: Box::new(move || read_clock.lock().unwrap().clone()),
         };
@@ -317,8 +320,9 @@ fn a_partial_cycle_decides_only_the_new_connections() {
     // The plan is made from the whole table: the new connection's leaf and filters are added,
     // the old ones stay as they are.
     let iface = &mut rig.daemon.interfaces[0];
+    let facts = super::KernelFacts::read(&mut rig.kernel.clone(), iface, false).unwrap();
     let plan = cycle
-        .tc_plan(iface, &mut rig.kernel.clone(), false)
+        .tc_plan(iface, facts, false)
         .unwrap()
         .expect("something changed");
     let ops = &plan.ops.ops;
