@@ -249,6 +249,9 @@ struct Recorded {
     closed: Vec<ClosedSocket>,
     /// Each connection's leaves by cookie, as the last apply left them.
     connections: FxHashMap<u64, Leaves>,
+    /// Where each process's next connections start, by pid: its newest connection's
+    /// [`crate::shape::Target::process`] leaves.
+    processes: FxHashMap<Pid, Leaves>,
     applies: usize,
 }
 
@@ -279,6 +282,12 @@ impl RecordingClassifier {
         self.lock().connections.get(&cookie).copied()
     }
 
+    /// The leaves the last apply gave process `pid`'s next connections (`None`: it has no
+    /// entry).
+    pub fn process_leaves(&self, pid: Pid) -> Option<Leaves> {
+        self.lock().processes.get(&pid).copied()
+    }
+
     /// How many applies it was told of.
     pub fn applies(&self) -> usize {
         self.lock().applies
@@ -306,25 +315,36 @@ impl Classifier for RecordingClassifier {
         std::mem::take(&mut self.lock().closed)
     }
 
-    /// As [`BpfState::sync`] writes `conn_class`: every connection with a cookie and a target.
+    /// As [`BpfState::sync`] writes `conn_class` and `proc_class` (in the initial PID
+    /// namespace, with no process lingering): every connection with a cookie and a target, and
+    /// each owner's newest connection's process leaves.
     fn applied(
         &mut self,
         flows: &FlowTable,
         targets: &FxHashMap<SocketKey, Targets>,
         _ingress_added: bool,
     ) {
-        let full = |t: &Option<crate::shape::Target>| t.as_ref().map(|t| bpf::classid(t.leaf));
-        let connections = flows
-            .connections()
-            .iter()
-            .filter(|c| c.socket.cookie != 0)
-            .filter_map(|c| {
-                let t = targets.get(&c.socket.key())?;
-                Some((c.socket.cookie, (full(&t.up), full(&t.down))))
-            })
-            .collect();
+        let full = |t: &Targets, pick: fn(&crate::shape::Target) -> u16| -> Leaves {
+            let one = |t: &Option<crate::shape::Target>| t.as_ref().map(|t| bpf::classid(pick(t)));
+            (one(&t.up), one(&t.down))
+        };
+        let mut connections = FxHashMap::default();
+        let mut processes: FxHashMap<Pid, (u64, Leaves)> = FxHashMap::default();
+        for c in flows.connections().iter().filter(|c| c.socket.cookie != 0) {
+            let Some(t) = targets.get(&c.socket.key()) else {
+                continue;
+            };
+            connections.insert(c.socket.cookie, full(t, |t| t.leaf));
+            if let Some(owner) = &c.owner {
+                let newest = processes.entry(owner.pid).or_insert((0, (None, None)));
+                if c.socket.cookie >= newest.0 {
+                    *newest = (c.socket.cookie, full(t, |t| t.process));
+                }
+            }
+        }
         let mut recorded = self.lock();
         recorded.connections = connections;
+        recorded.processes = processes.into_iter().map(|(p, (_, l))| (p, l)).collect();
         recorded.applies += 1;
     }
 }

@@ -814,3 +814,63 @@ fn a_close_report_is_charged_to_its_owner_and_class() {
         "its record is gone"
     );
 }
+
+/// Writes what the process table reads of a process (`stat`, `status`) under the rig's procfs.
+fn fake_process(rig: &Rig, pid: u32, name: &str) {
+    let dir = rig._dir.path().join("proc").join(pid.to_string());
+    std::fs::create_dir_all(&dir).unwrap();
+    // After the name: state, ppid, 17 fields, then the start time (field 22).
+    let fields: Vec<String> = ["S", "1"]
+        .into_iter()
+        .map(str::to_string)
+        .chain(std::iter::repeat_n("0".to_string(), 17))
+        .chain(["12345".to_string(), "0".to_string()])
+        .collect();
+    std::fs::write(
+        dir.join("stat"),
+        format!("{pid} ({name}) {}\n", fields.join(" ")),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("status"),
+        format!("Name:\t{name}\nUid:\t1000\t1000\t1000\t1000\nGid:\t1000\t1000\t1000\t1000\n"),
+    )
+    .unwrap();
+}
+
+/// A connection the policy gives a limit of its own is in its own leaf once decided; until a
+/// later one of its process is decided, that one starts in a leaf made ahead with the same
+/// limit, which the classifier is told is the process's: never unlimited while deciding.
+#[test]
+fn a_process_with_limited_connections_has_its_next_connections_start_limited() {
+    let (mut rig, classifier) = started_on_the_fast_path();
+    fake_process(&rig, 4242, "curl");
+    classifier.report_new(reported(22, 2));
+    rig.daemon.fast_path(std::time::Duration::ZERO);
+    let ops = rig.kernel.take_applied();
+    let limited: Vec<u32> = ops
+        .iter()
+        .filter_map(|o| match o {
+            Op::AddClass { dev, minor, class } if dev == "eth0" && class.ceil == 1_000_000 => {
+                Some(super::bpf::classid(*minor))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(limited.len(), 2, "its own leaf and one made ahead: {ops:?}");
+    let own = classifier.leaves(2).unwrap().0.unwrap();
+    let next = classifier
+        .process_leaves(4242)
+        .expect("the process has an entry")
+        .0
+        .unwrap();
+    assert!(limited.contains(&own) && limited.contains(&next), "{ops:?}");
+    assert_ne!(own, next, "not the connection's own leaf");
+    // The next connection is decided on its report: a leaf of its own, the one made ahead
+    // kept for the connections after it.
+    classifier.report_new(reported(22, 3));
+    rig.daemon.fast_path(std::time::Duration::ZERO);
+    let third = classifier.leaves(3).unwrap().0.unwrap();
+    assert!(![own, next].contains(&third));
+    assert_eq!(classifier.process_leaves(4242).unwrap().0, Some(next));
+}

@@ -101,6 +101,9 @@ enum Slot {
     /// Flow bucket 1.. of a class.
     Bucket(Arc<str>, u8),
     Process(Arc<str>, Pid),
+    /// The leaf a process's next connections in the class start in, made ahead of them (see
+    /// [`PlanInput::by_priority`]).
+    Ahead(Arc<str>, Pid),
     Connection(SocketKey),
 }
 
@@ -211,9 +214,11 @@ impl Handles {
         self.minors
             .iter()
             .filter_map(|(slot, &m)| match slot {
-                Slot::Class(c) | Slot::Shared(c) | Slot::Bucket(c, _) | Slot::Process(c, _) => {
-                    Some((m, &**c))
-                }
+                Slot::Class(c)
+                | Slot::Shared(c)
+                | Slot::Bucket(c, _)
+                | Slot::Process(c, _)
+                | Slot::Ahead(c, _) => Some((m, &**c)),
                 Slot::Connection(_) => None,
             })
             .collect()
@@ -427,7 +432,11 @@ pub struct PlanInput<'a> {
     /// segment anything larger. [`UNKNOWN_MTU`] when it could not be read.
     pub mtu: u32,
     /// Connections are put in their leaves by the BPF classifier (`skb->priority`), which HTB
-    /// honours before any filter: no per-connection u32 filters are planned.
+    /// honours before any filter: no per-connection u32 filters are planned. The classifier
+    /// also puts a process's next connections into a leaf before they are decided
+    /// ([`Target::process`]): where its connections in a class have leaves of their own (a
+    /// limit per connection), that is a leaf made ahead, as limited as the most limited of
+    /// them, so a new one is not unlimited for as long as deciding it takes.
     pub by_priority: bool,
 }
 
@@ -705,6 +714,9 @@ fn plan_direction(
     }
     let default = input.classes.default_name();
     tree.default_minor = class_minors.get(&*default).map_or(LINK_MINOR, |m| m.1[0]);
+    // The leaves made ahead, by minor: parent, guaranteed rate, ceiling (the least of the
+    // process's connections' in the class), prio and label.
+    let mut ahead: FxHashMap<u16, (u16, u64, u64, u8, String)> = FxHashMap::default();
 
     for (conn, decision) in input.connections.iter().zip(input.decisions) {
         let Some(def) = input.classes.get(&decision.class) else {
@@ -742,7 +754,7 @@ fn plan_direction(
             }
             Each::Connection | Each::Class => {}
         }
-        let process_target = target;
+        let mut process_target = target;
         let conn_ceil = match (def.each, own_limit) {
             (Each::Connection, limit) => Some(limit.map_or(member_ceil, |l| l.min(member_ceil))),
             (Each::Process, Some(limit)) => Some(limit.min(member_ceil)),
@@ -765,6 +777,19 @@ fn plan_direction(
             tree.leaves
                 .insert(leaf, leaf_for(input.features, ceil, mtu));
             target = leaf;
+            if input.by_priority
+                && def.each != Each::Process
+                && !def.block
+                && let Some(pid) = conn.owner.as_ref().map(|o| o.pid)
+                && let Some(next) = handles.minor(Slot::Ahead(decision.class.clone(), pid))
+            {
+                let made = ahead.entry(next).or_insert_with(|| {
+                    let label = format!("{}/pid {pid} next", decision.class);
+                    (inner, guaranteed, ceil, def.prio, label)
+                });
+                made.2 = made.2.min(ceil);
+                process_target = next;
+            }
         } else if target == shared
             && bucket_minors.len() > 1
             // On the u32 path a bucket costs a filter per connection; `default`'s connections
@@ -810,6 +835,12 @@ fn plan_direction(
                 class: target,
             },
         );
+    }
+    for (minor, (parent, guaranteed, ceil, prio, label)) in ahead {
+        let class = framed(htb_class(parent, guaranteed.min(ceil), ceil, prio, label));
+        tree.classes.insert(minor, class);
+        tree.leaves
+            .insert(minor, leaf_for(input.features, ceil, mtu));
     }
     tree
 }
