@@ -15,7 +15,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::bpf::{self, BpfState, OwnPidNamespace};
 use super::flows::FlowTable;
@@ -82,15 +82,9 @@ pub trait Classifier: Send {
         let _ = (old, new);
     }
 
-    /// After a plan was applied in full: where each connection of `flows` now goes
-    /// (`targets`), and whether the plan (re-)added the ingress qdisc.
-    fn applied(
-        &mut self,
-        flows: &FlowTable,
-        targets: &FxHashMap<SocketKey, Targets>,
-        ingress_added: bool,
-    ) {
-        let _ = (flows, targets, ingress_added);
+    /// After a plan was applied in full: where each connection of `flows` now goes.
+    fn applied(&mut self, flows: &FlowTable, applied: Applied<'_>) {
+        let _ = (flows, applied);
     }
 
     /// How owners are found in a PID namespace of the daemon's own (`None` in the initial
@@ -114,6 +108,17 @@ pub trait Classifier: Send {
     fn program_ids(&mut self) -> Vec<u32> {
         Vec::new()
     }
+}
+
+/// What a plan applied in full installed, as a classifier needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Applied<'a> {
+    /// Each connection's leaves (and its owner's next connections').
+    pub targets: &'a FxHashMap<SocketKey, Targets>,
+    /// Every leaf's minor: an entry naming another is of a leaf that is gone.
+    pub leaves: &'a FxHashSet<u16>,
+    /// The plan (re-)added the ingress qdisc.
+    pub ingress_added: bool,
 }
 
 /// The classifier for `config`, for the daemon's interfaces: the BPF programs as
@@ -211,14 +216,9 @@ impl Classifier for BpfState {
         BpfState::interface_moved(self, old, new);
     }
 
-    fn applied(
-        &mut self,
-        flows: &FlowTable,
-        targets: &FxHashMap<SocketKey, Targets>,
-        ingress_added: bool,
-    ) {
-        self.ingress_applied(ingress_added);
-        self.sync(flows, targets);
+    fn applied(&mut self, flows: &FlowTable, applied: Applied<'_>) {
+        self.ingress_applied(applied.ingress_added);
+        self.sync(flows, applied.targets, applied.leaves);
     }
 
     fn own_pid_namespace(&self) -> Option<OwnPidNamespace> {
@@ -318,12 +318,8 @@ impl Classifier for RecordingClassifier {
     /// As [`BpfState::sync`] writes `conn_class` and `proc_class` (in the initial PID
     /// namespace, with no process lingering): every connection with a cookie and a target, and
     /// each owner's newest connection's process leaves.
-    fn applied(
-        &mut self,
-        flows: &FlowTable,
-        targets: &FxHashMap<SocketKey, Targets>,
-        _ingress_added: bool,
-    ) {
+    fn applied(&mut self, flows: &FlowTable, applied: Applied<'_>) {
+        let targets = applied.targets;
         let full = |t: &Targets, pick: fn(&crate::shape::Target) -> u16| -> Leaves {
             let one = |t: &Option<crate::shape::Target>| t.as_ref().map(|t| bpf::classid(pick(t)));
             (one(&t.up), one(&t.down))

@@ -449,6 +449,13 @@ impl TcPlan {
     pub fn take_targets(&mut self) -> rustc_hash::FxHashMap<crate::scan::SocketKey, Targets> {
         std::mem::take(&mut self.desired.targets)
     }
+
+    /// The minors of every leaf the plan installs, either way (one minor is one slot in both
+    /// directions), for telling a classid still in the tree from one of a deleted leaf.
+    pub fn leaf_minors(&self) -> rustc_hash::FxHashSet<u16> {
+        let (up, down) = (&self.desired.upload.leaves, &self.desired.download.leaves);
+        up.keys().chain(down.keys()).copied().collect()
+    }
 }
 
 /// Whether an interface's tree is in the kernel, and if not, why: what `status` shows in its

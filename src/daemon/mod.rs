@@ -601,6 +601,7 @@ impl Daemon {
         let failures = self.tc.apply(&plan.ops);
         if failures.is_empty() {
             let targets = plan.take_targets();
+            let leaves = plan.leaf_minors();
             let ingress_added = plan
                 .ops
                 .ops
@@ -608,8 +609,12 @@ impl Daemon {
                 .any(|op| matches!(op, crate::shape::Op::AddIngress { .. }));
             iface.installed(plan);
             iface.state = ShapingState::Shaping;
-            self.classifier
-                .applied(self.cycle.flows(), &targets, ingress_added);
+            let applied = classifier::Applied {
+                targets: &targets,
+                leaves: &leaves,
+                ingress_added,
+            };
+            self.classifier.applied(self.cycle.flows(), applied);
         } else {
             iface.failures += failures.len() as u64;
             for (op, e) in failures.iter().take(3) {
