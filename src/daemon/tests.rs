@@ -866,11 +866,20 @@ fn a_process_with_limited_connections_has_its_next_connections_start_limited() {
         .unwrap();
     assert!(limited.contains(&own) && limited.contains(&next), "{ops:?}");
     assert_ne!(own, next, "not the connection's own leaf");
-    // The next connection is decided on its report: a leaf of its own, the one made ahead
-    // kept for the connections after it.
+    // The next connection is decided on its report: the leaf made ahead, which its first
+    // packets went to, becomes its own, and another is made ahead for the connections after it.
     classifier.report_new(reported(22, 3));
     rig.daemon.fast_path(std::time::Duration::ZERO);
-    let third = classifier.leaves(3).unwrap().0.unwrap();
-    assert!(![own, next].contains(&third));
-    assert_eq!(classifier.process_leaves(4242).unwrap().0, Some(next));
+    let ops = rig.kernel.take_applied();
+    assert_eq!(classifier.leaves(3).unwrap().0, Some(next), "{ops:?}");
+    let after = classifier.process_leaves(4242).unwrap().0.unwrap();
+    assert!(![own, next].contains(&after), "{ops:?}");
+    assert_eq!(
+        count(
+            &ops,
+            |o| matches!(o, Op::AddClass { class, .. } if class.ceil == 1_000_000)
+        ),
+        2,
+        "one leaf made ahead each way: {ops:?}"
+    );
 }

@@ -322,6 +322,39 @@ fn classified_by_priority_the_plan_has_the_same_leaves_and_no_filters() {
     assert_eq!(bulk.leaf, bulk.process);
 }
 
+/// A new connection of a process with a leaf made ahead takes that leaf for its own (its first
+/// packets are in it), and the process gets another for the connections after it.
+#[test]
+fn a_new_connection_takes_the_leaf_made_ahead_for_it() {
+    let mut handles = Handles::default();
+    let mut case = Case {
+        classes: classes("50mbit", Each::Class),
+        connections: vec![conn("10.0.0.1:40001", "10.0.0.2:443", 1, 100)],
+        decisions: vec![decision("bulk", "2mbit")],
+        ..Case::basic()
+    };
+    let first = case.desired_with(&mut handles, true);
+    let (own, next) = {
+        let t = first.targets[&1].up.unwrap();
+        (t.leaf, t.process)
+    };
+    case.connections
+        .push(conn("10.0.0.1:40002", "10.0.0.2:443", 2, 100));
+    case.decisions.push(decision("bulk", "2mbit"));
+    let second = case.desired_with(&mut handles, true);
+    let (old, new) = (
+        second.targets[&1].up.unwrap(),
+        second.targets[&2].up.unwrap(),
+    );
+    assert_eq!(old.leaf, own);
+    assert_eq!(new.leaf, next, "the leaf its first packets went to");
+    assert_eq!(second.targets[&2].down.unwrap().leaf, next);
+    assert_eq!(second.upload.classes[&next].ceil, 2_000_000);
+    assert!(![own, next].contains(&new.process), "another made ahead");
+    assert_eq!(old.process, new.process);
+    assert_eq!(second.upload.classes[&new.process].ceil, 2_000_000);
+}
+
 /// The leaf made ahead for a process's next connections is as limited as the most limited of
 /// its connections in the class, and goes with the last of them.
 #[test]
