@@ -409,7 +409,7 @@ impl Daemon {
     /// shapes them at once — lookup (by the creating tgid, no descriptor walk; by the socket in
     /// a PID namespace of the daemon's own, see [`bpf::BpfState::owners_of`]) and policy for
     /// those alone, then plan, apply and map writes — instead of at the next scan. Returns
-    /// without waiting when there is no classifier.
+    /// without waiting when the classifier reports no new sockets (the u32 filters).
     pub fn fast_path(&mut self, timeout: std::time::Duration) {
         if !self.classifier.has_fast_path() {
             return;
