@@ -969,6 +969,56 @@ end
     );
 }
 
+/// Issue 21's acceptance, for a new process: on an unlimited link, a new iperf3 whose
+/// connections the policy gives a limit of their own (2 Mbit/s, in the unlimited default class),
+/// both ways, over its first second and its whole run. Not met for a process's first
+/// connections: iperf3 opens its data connection within a round trip of its control one, before
+/// the fast path has decided either (p50 3-9 ms here, debug build), so no leaf made ahead is
+/// there yet and the data runs unlimited until then. Measured, three runs: first second 19.5,
+/// 3.1, 31.7 Mbit/s up and 42.6, 18.4, 50.6 down; every later second 1.55-2.46 Mbit/s.
+#[test]
+#[ignore = "a measurement, not yet a test: a new process's first connections run unlimited for the fast path's latency"]
+fn a_new_iperf3_with_a_limit_of_its_own_is_held_from_its_first_second() {
+    let _serial = rate_lock();
+    let pair = NetnsPair::new();
+    let cgroup = TestCgroup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = r#"
+classes = { default = {} }
+function classify(conn)
+  if conn.remote_port == 5750 or conn.remote_port == 5751 then return "default", "2mbit" end
+end
+"#;
+    let daemon = DaemonProcess::start_bpf_policy(&pair.a, dir.path(), &cgroup, policy, &[]);
+    let mut seconds = Vec::new();
+    for (port, reverse) in [(5750, false), (5751, true)] {
+        let _server = Server::start(&pair.b, port);
+        let mut run = Run::tcp(NetnsPair::b_addr(4), port, port + 35_000);
+        run.reverse = reverse;
+        run.seconds = 8;
+        run.omit = 0;
+        let result = run.start_in(&pair.a, &cgroup).finish();
+        let what = if reverse { "download" } else { "upload" };
+        eprintln!(
+            "{what}: receiver's seconds {:?} Mbit/s; fast path {}",
+            result.intervals.iter().map(|b| b / 1e6).collect::<Vec<_>>(),
+            daemon.status()["fast_path"]
+        );
+        seconds.push((what, result));
+    }
+    for (what, result) in seconds {
+        let first = *result.intervals.first().expect("a first second");
+        assert_within(&format!("{what}, first second"), first, 2e6, 0.3, 1.15);
+        assert_within(
+            &format!("{what}, whole run"),
+            result.bits_per_second,
+            2e6,
+            0.5,
+            1.15,
+        );
+    }
+}
+
 /// Issue 11's acceptance: on the BPF path, a running connection whose class changes (here by a
 /// reloaded policy) moves to the new class within a cycle, without being reset: the kernel
 /// reads its class from the connection map on every packet.
