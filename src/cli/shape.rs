@@ -10,12 +10,13 @@ use clap::Args;
 
 use super::ConfigArgs;
 use crate::account::Accounting;
+use crate::daemon::cycle::KernelFacts;
 use crate::daemon::{Cycle, Inputs, Interface, RateSource, Rates, Sockets, Timings, usage_path};
 use crate::process::Snapshot;
 use crate::scan::{self, Backend};
+use crate::shape::TcBackend;
 use crate::shape::netlink::NetlinkBackend;
 use crate::shape::recording::RecordingBackend;
-use crate::shape::{ShapeError, TcBackend};
 
 #[derive(Debug, Args)]
 pub struct PlanArgs {
@@ -102,18 +103,21 @@ pub fn run_plan(cli: &super::Cli, args: &PlanArgs) -> anyhow::Result<ExitCode> {
     };
     println!("# {}", daemon_note(&config.runtime_dir, &cycle));
     for mut iface in interfaces {
-        let planned = match kernel.as_deref_mut() {
-            Some(k) => match cycle.tc_plan(&mut iface, k, args.replace) {
-                Err(e) if !matches!(e, ShapeError::Foreign { .. }) => {
+        // The classifier a running daemon may have is not asked: planned as on the u32 path.
+        let facts = match kernel.as_deref_mut() {
+            Some(k) => match KernelFacts::read(k, &iface, false) {
+                Ok(facts) => Some(facts),
+                Err(e) => {
                     eprintln!("note: {e}; planning as if nothing were installed");
                     None
                 }
-                other => Some(other?),
             },
             None => None,
         };
-        let planned = match planned {
-            Some(p) => p,
+        let planned = match facts {
+            Some(facts) => cycle
+                .tc_plan(&mut iface, facts, args.replace)
+                .map_err(|e| e.reason)?,
             None => {
                 // Nothing installed, on a kernel with the features of this one where it can be
                 // asked (fq_codel leaves or not).
@@ -122,7 +126,10 @@ pub fn run_plan(cli: &super::Cli, args: &PlanArgs) -> anyhow::Result<ExitCode> {
                     None => RecordingBackend::default(),
                 };
                 nothing.add_link(iface.name());
-                cycle.tc_plan(&mut iface, &mut nothing, args.replace)?
+                let facts = KernelFacts::read(&mut nothing, &iface, false)?;
+                cycle
+                    .tc_plan(&mut iface, facts, args.replace)
+                    .map_err(|e| e.reason)?
             }
         };
         let ops = planned.map(|p| p.ops).unwrap_or_default();

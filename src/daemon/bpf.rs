@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 
 use super::flows::FlowTable;
@@ -437,8 +437,14 @@ impl BpfState {
     /// Brings the maps to `targets` (the plan just applied) for the connections of `flows`:
     /// changed entries are written, entries of connections and processes that are gone
     /// removed. A connection without a cookie (a `/proc/net` scan) is left to the default
-    /// class, as is everything when a write fails: never a dropped packet.
-    pub fn sync(&mut self, flows: &FlowTable, targets: &FxHashMap<SocketKey, Targets>) {
+    /// class, as is everything when a write fails: never a dropped packet. `leaves`: the minor
+    /// of every leaf in the plan.
+    pub fn sync(
+        &mut self,
+        flows: &FlowTable,
+        targets: &FxHashMap<SocketKey, Targets>,
+        leaves: &FxHashSet<u16>,
+    ) {
         let classids = |t: &Targets, pick: fn(&Target) -> u16| -> Classids {
             let full = |t: &Option<Target>| t.as_ref().map(|t| classid(pick(t)));
             (full(&t.up), full(&t.down))
@@ -477,7 +483,7 @@ impl BpfState {
         // first packet, and under a flood of its sockets their reports can be deferred. Without
         // the exit hook, entries go with the process's last connection, as before.
         if self.classifier.exec_hook_error().is_none() {
-            self.linger(&mut processes);
+            self.linger(&mut processes, leaves);
         }
 
         let mut failed = 0;
@@ -507,8 +513,12 @@ impl BpfState {
     }
 
     /// Adds to `processes` the entries written earlier for processes that have no connection now
-    /// but still run (checked at most once a second: a stat of `/proc/<tgid>` each).
-    fn linger(&mut self, processes: &mut FxHashMap<u32, Classids>) {
+    /// but still run (checked at most once a second: a stat of `/proc/<tgid>` each), unless
+    /// they name a leaf the plan no longer has (`leaves`: a process leaf, or one made ahead for
+    /// its limited connections, goes with its last connection): its minor is given to another
+    /// leaf two plans later, where the process's next connections would land.
+    fn linger(&mut self, processes: &mut FxHashMap<u32, Classids>, leaves: &FxHashSet<u16>) {
+        let in_plan = |c: Option<u32>| c.is_none_or(|c| leaves.contains(&((c & 0xffff) as u16)));
         let check = self
             .lingering_checked
             .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1));
@@ -519,7 +529,7 @@ impl BpfState {
             }
         }
         for (&tgid, &classes) in &self.processes {
-            if processes.contains_key(&tgid) {
+            if processes.contains_key(&tgid) || !(in_plan(classes.0) && in_plan(classes.1)) {
                 continue;
             }
             // The entries are keyed by host tgid: in a namespace of its own, whether the

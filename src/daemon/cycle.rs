@@ -1,7 +1,9 @@
 //! The cycle as one value: [`Cycle::run`] takes one cycle's inputs — sockets (all of them, or
 //! only new ones), the clock, the usage the policy reads, the rates in force — and brings the
 //! flow table up to date (lookup → policy → account); [`Cycle::tc_plan`] then turns the table
-//! into the operations for one interface, against what that interface has installed.
+//! into the operations for one interface, against the [`KernelFacts`] read for it (what it has
+//! installed, its MTU, the kernel's features, how the classifier classifies): planning reads
+//! and changes nothing, applying is the daemon's.
 //!
 //! `shaper run` (and `--dry-run`), `shaper plan` and `shaper simulate` all go through it, so what
 //! `plan` prints is what `run` would do. The fast path (shaping a connection from its first
@@ -24,7 +26,7 @@ use crate::process::{Pid, ProcessTable, Snapshot};
 use crate::scan::Socket;
 use crate::shape::{
     Capacity, Desired, Exhausted, Features, Framing, Handles, Installed, Op, Plan, PlanInput,
-    Redirect, ShapeError, Slot, Targets, TcBackend, plan, reconcile,
+    Redirect, ShapeError, Slot, Targets, TcBackend, device_mtu, plan, reconcile,
 };
 use crate::units::{Rate, RatePair};
 
@@ -140,8 +142,6 @@ pub struct Cycle {
     link: Capacity,
     /// The capacity in force: `link` narrowed by `--rate`.
     capacity: Capacity,
-    /// The BPF classifier puts connections in their leaves: plan no per-connection filters.
-    by_priority: bool,
 }
 
 impl Cycle {
@@ -155,7 +155,6 @@ impl Cycle {
             names: Box::new(NoNames),
             link,
             capacity: link,
-            by_priority: false,
         }
     }
 
@@ -225,12 +224,6 @@ impl Cycle {
 
     pub fn flows(&self) -> &FlowTable {
         &self.flows
-    }
-
-    /// Whether the BPF classifier puts connections in their leaves (then plans have no
-    /// per-connection u32 filters; see [`PlanInput::by_priority`]).
-    pub fn set_by_priority(&mut self, by_priority: bool) {
-        self.by_priority = by_priority;
     }
 
     /// The capacity the last run put in force.
@@ -322,18 +315,23 @@ impl Cycle {
         outcome
     }
 
-    /// The operations bringing `iface` to what the flow table wants, or `None` when nothing the
-    /// plan is made from changed since the last apply. Reads the kernel (through `backend`) only
-    /// when the interface's installed state is not known.
+    /// The operations bringing `iface` to what the flow table wants, against `facts`, or
+    /// `None` when nothing the plan is made from changed since the last apply. Reads and
+    /// changes nothing in the kernel: a refusal carries the one operation that must be applied
+    /// regardless ([`PlanFailure::unblock`]).
     pub fn tc_plan(
         &self,
         iface: &mut Interface,
-        backend: &mut dyn TcBackend,
+        facts: KernelFacts,
         replace: bool,
-    ) -> Result<Option<TcPlan>, ShapeError> {
-        let features = backend.features();
-        let mtu = crate::shape::device_mtu(backend, &iface.name);
-        let inputs = self.plan_inputs_hash(features, mtu);
+    ) -> Result<Option<TcPlan>, PlanFailure> {
+        let KernelFacts {
+            features,
+            mtu,
+            installed,
+            by_priority,
+        } = facts;
+        let inputs = self.plan_inputs_hash(features, mtu, by_priority);
         if iface.applied.is_some() && iface.applied_from == Some(inputs) {
             return Ok(None);
         }
@@ -345,37 +343,34 @@ impl Cycle {
                 capacity: self.capacity,
                 features,
                 mtu,
-                by_priority: self.by_priority,
+                by_priority,
             },
             &mut iface.handles,
         );
         iface.note_exhausted(iface.handles.exhausted());
         // The tree last applied is moved into the comparison, not copied: with a leaf per
         // connection it is the daemon's largest structure.
-        let installed = match iface.applied.take() {
-            Some(applied) => Installed {
+        let installed = match (installed, iface.applied.take()) {
+            (Some(read), _) => read,
+            (None, Some(applied)) => Installed {
                 upload: Slot::Ours(applied.upload),
                 ingress: Slot::Ours(Redirect::ToIfb),
                 download: Some(Slot::Ours(applied.download)),
             },
-            None => backend.installed(&iface.name)?,
+            // `KernelFacts::read` reads the kernel whenever the interface does not know.
+            (None, None) => Installed::nothing(),
         };
         let ops = match reconcile(&iface.name, &desired, &installed, replace) {
             Ok(ops) => ops,
-            Err(refused) => {
-                if installed.ingress == Slot::Ours(Redirect::Dangling) {
-                    // Nothing else may be done here (a foreign qdisc), but shaper's own
-                    // redirect to a missing IFB drops every inbound packet: it goes regardless.
-                    let unblock = Plan {
-                        ops: vec![Op::DeleteIngress {
-                            dev: iface.name.clone(),
-                        }],
-                    };
-                    for (op, e) in backend.apply(&unblock) {
-                        tracing::error!("{}: {op}: {e}", iface.name);
-                    }
-                }
-                return Err(refused);
+            Err(reason) => {
+                // Nothing else may be done here (a foreign qdisc), but shaper's own redirect to
+                // a missing IFB drops every inbound packet: it goes regardless.
+                let unblock = (installed.ingress == Slot::Ours(Redirect::Dangling)).then(|| Plan {
+                    ops: vec![Op::DeleteIngress {
+                        dev: iface.name.clone(),
+                    }],
+                });
+                return Err(PlanFailure { reason, unblock });
             }
         };
         Ok(Some(TcPlan {
@@ -387,14 +382,14 @@ impl Cycle {
 
     /// Everything the planner reads, hashed: the classes, each connection's identity, owner and
     /// decision, the capacity and the kernel features.
-    fn plan_inputs_hash(&self, features: Features, mtu: u32) -> u64 {
+    fn plan_inputs_hash(&self, features: Features, mtu: u32, by_priority: bool) -> u64 {
         use std::hash::{Hash, Hasher};
         let mut h = rustc_hash::FxHasher::default();
         self.engine.classes().hash(&mut h);
         self.capacity.hash(&mut h);
         features.hash(&mut h);
         mtu.hash(&mut h);
-        self.by_priority.hash(&mut h);
+        by_priority.hash(&mut h);
         for (c, d) in self.flows.connections().iter().zip(self.flows.decisions()) {
             // The addresses too: an unconnected UDP socket that connects keeps its key but
             // needs another filter.
@@ -405,6 +400,53 @@ impl Cycle {
         }
         h.finish()
     }
+}
+
+/// What the kernel holds that one interface's plan is made against, read before planning so
+/// [`Cycle::tc_plan`] reads nothing itself.
+#[derive(Debug)]
+pub struct KernelFacts {
+    features: Features,
+    mtu: u32,
+    /// What is installed, read only when the interface does not know it from its last apply.
+    installed: Option<Installed>,
+    /// The classifier puts each connection into its leaf itself: plan no per-connection
+    /// filters (see [`PlanInput::by_priority`]).
+    by_priority: bool,
+}
+
+impl KernelFacts {
+    /// Reads, through `backend`, what `iface`'s plan needs: the kernel's features, the MTU,
+    /// and what is installed when the last apply does not say.
+    pub fn read(
+        backend: &mut dyn TcBackend,
+        iface: &Interface,
+        by_priority: bool,
+    ) -> Result<KernelFacts, ShapeError> {
+        let features = backend.features();
+        let mtu = device_mtu(backend, &iface.name);
+        let installed = match iface.applied {
+            Some(_) => None,
+            None => Some(backend.installed(&iface.name)?),
+        };
+        Ok(KernelFacts {
+            features,
+            mtu,
+            installed,
+            by_priority,
+        })
+    }
+}
+
+/// Why an interface's plan could not be made (its state could not be read, or another
+/// program's qdisc is in the way), and what must be applied regardless.
+#[derive(Debug, thiserror::Error)]
+#[error("{reason}")]
+pub struct PlanFailure {
+    pub reason: ShapeError,
+    /// Removes shaper's own redirect to an IFB that is gone, which would drop every inbound
+    /// packet.
+    pub unblock: Option<Plan>,
 }
 
 /// The operations for one interface, and what they install.
@@ -420,6 +462,13 @@ impl TcPlan {
     /// taken out: the installed state does not keep it.
     pub fn take_targets(&mut self) -> rustc_hash::FxHashMap<crate::scan::SocketKey, Targets> {
         std::mem::take(&mut self.desired.targets)
+    }
+
+    /// The minors of every leaf the plan installs, either way (one minor is one slot in both
+    /// directions), for telling a classid still in the tree from one of a deleted leaf.
+    pub fn leaf_minors(&self) -> rustc_hash::FxHashSet<u16> {
+        let (up, down) = (&self.desired.upload.leaves, &self.desired.download.leaves);
+        up.keys().chain(down.keys()).copied().collect()
     }
 }
 

@@ -4,6 +4,7 @@
 //! The machine is reached only through [`Parts`], so `tick` runs on fakes in the tests.
 
 pub mod bpf;
+pub mod classifier;
 pub mod cycle;
 pub mod events;
 pub mod flows;
@@ -18,7 +19,8 @@ pub mod status;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
-use cycle::stage;
+use classifier::Classifier;
+use cycle::{KernelFacts, PlanFailure, TcPlan, stage};
 use flows::Closed;
 use startup::existing_interfaces_hint;
 
@@ -84,12 +86,13 @@ pub struct RunOptions {
 /// The clock the daemon reads: the system's, or a test's stepped one.
 pub type Clock = Box<dyn Fn() -> jiff::Zoned + Send>;
 
-/// The daemon's edges to the machine, injected so the cycle can run on fakes: where sockets
-/// come from, the tc/link backend, the procfs tree owners are looked up in, the clock, and
-/// where remote addresses' names come from.
+/// The daemon's edges to the machine, injected so the cycle (and the fast path) can run on
+/// fakes: where sockets come from, the tc/link backend, the first-packet classifier, the
+/// procfs tree owners are looked up in, the clock, and where remote addresses' names come from.
 pub struct Parts {
     pub sockets: Box<dyn SocketSource>,
     pub tc: Box<dyn TcBackend>,
+    pub classifier: Box<dyn Classifier>,
     pub proc_root: PathBuf,
     pub clock: Clock,
     pub names: Box<dyn NameSource>,
@@ -114,12 +117,14 @@ impl Failure {
 }
 
 impl Parts {
-    /// The real machine, in the calling thread's network namespace.
-    pub fn system() -> anyhow::Result<Parts> {
+    /// The real machine, in the calling thread's network namespace, with the classifier
+    /// [`classifier::choose`] picks for `config` (nothing attached in a dry run).
+    pub fn system(config: &Config, dry_run: bool) -> anyhow::Result<Parts> {
         Ok(Parts {
             sockets: scan::open(Backend::Auto)?,
             tc: Box::new(NetlinkBackend::new()?),
-            proc_root: PathBuf::from("/proc"),
+            classifier: classifier::choose(config, dry_run)?,
+            proc_root: PathBuf::from(PROC),
             clock: Box::new(jiff::Zoned::now),
             names: match DnsSniffer::start() {
                 Ok(sniffer) => Box::new(sniffer),
@@ -131,6 +136,9 @@ impl Parts {
         })
     }
 }
+
+/// The machine's procfs.
+const PROC: &str = "/proc";
 
 /// Everything a running shaper holds. Read-only views for `status` are in [`status`].
 pub struct Daemon {
@@ -158,12 +166,9 @@ pub struct Daemon {
     usage_save_error: Option<Failure>,
     last_flush: Instant,
     script_mtimes: Vec<(PathBuf, Option<SystemTime>)>,
-    /// The first-packet classifier, when attached: the plans then have no per-connection
-    /// filters and its maps are written after each apply.
-    bpf: Option<bpf::BpfState>,
-    /// Without the BPF classifier: sock_diag's TCP destroy reports, the u32 path's close
-    /// harvest (`None` with the classifier, in a dry run, or when the kernel refused them).
-    destroy: Option<scan::DestroyListener>,
+    /// The first-packet classifier (or the u32 filters): how plans classify, what is
+    /// reported between cycles, and what each apply is written to.
+    classifier: Box<dyn Classifier>,
     /// What the fast path costs (for `status`).
     fast_path_stats: latency::FastPathStats,
     /// Events the policy raised (`shaper.notify`).
@@ -180,23 +185,19 @@ impl Daemon {
     /// Loads the policy (failing on a broken script), the saved usage, and opens the kernel
     /// interfaces, in the calling thread's network namespace.
     /// Unless in a dry run, attaches the BPF classifier as `classifier` says (see
-    /// [`bpf::BpfState::start`]).
+    /// [`classifier::choose`]).
     pub fn new(config: Config, options: RunOptions) -> anyhow::Result<Daemon> {
-        let mut daemon = Daemon::with_parts(config, options, Parts::system()?)?;
+        // The policy first: a broken script fails the start before anything is attached.
+        let cycle = Cycle::load(
+            &config,
+            options.script_named,
+            options.strict_permissions,
+            Path::new(PROC),
+        )?;
+        let parts = Parts::system(&config, options.dry_run)?;
+        let mut daemon = Daemon::assemble(config, options, cycle, parts)?;
         if !daemon.options.dry_run {
-            let names: Vec<String> = daemon.interfaces.iter().map(|i| i.name.clone()).collect();
-            daemon.bpf = bpf::BpfState::start(&daemon.config, &names)?;
-            daemon.cycle.set_by_priority(daemon.bpf.is_some());
             daemon.remove_stale_download_filters();
-            // aya attaches the cls_bpf download filter from a netlink socket of its own.
-            if let (Some(watch), Some(bpf)) = (&daemon.watch, &mut daemon.bpf) {
-                watch.set_own_programs(bpf.classifier_mut().program_ids());
-            }
-            if daemon.bpf.is_none() {
-                daemon.destroy = scan::DestroyListener::new()
-                    .map_err(|e| tracing::warn!("{e}"))
-                    .ok();
-            }
         }
         Ok(daemon)
     }
@@ -205,10 +206,7 @@ impl Daemon {
     /// shaper's, unless this run puts its own there (which replaces it): left in place, it
     /// would go on writing the dead run's class ids into the tree this run builds.
     fn remove_stale_download_filters(&mut self) {
-        let own = self
-            .bpf
-            .as_ref()
-            .is_some_and(|b| b.download_hook() == crate::classify::DownloadHook::ClsBpf);
+        let own = self.classifier.download_hook() == Some(crate::classify::DownloadHook::ClsBpf);
         if own {
             return;
         }
@@ -229,17 +227,26 @@ impl Daemon {
 
     /// `"bpf"` when the first-packet classifier is attached, else `"u32"`.
     pub fn classifier(&self) -> &'static str {
-        if self.bpf.is_some() { "bpf" } else { "u32" }
+        self.classifier.name()
     }
 
     /// As [`Daemon::new`], on the given edges.
     pub fn with_parts(config: Config, options: RunOptions, parts: Parts) -> anyhow::Result<Daemon> {
-        let mut cycle = Cycle::load(
+        let cycle = Cycle::load(
             &config,
             options.script_named,
             options.strict_permissions,
             &parts.proc_root,
         )?;
+        Daemon::assemble(config, options, cycle, parts)
+    }
+
+    fn assemble(
+        config: Config,
+        options: RunOptions,
+        mut cycle: Cycle,
+        mut parts: Parts,
+    ) -> anyhow::Result<Daemon> {
         cycle.set_names(parts.names);
         let now = (parts.clock)();
         let accounting = Accounting::load(&usage_path(&config), &now, config.month_start_day);
@@ -255,6 +262,13 @@ impl Daemon {
                 .ok(),
             _ => None,
         };
+        if let Some(watch) = &watch {
+            // aya attaches the cls_bpf download filter from a netlink socket of its own.
+            let ids = parts.classifier.program_ids();
+            if !ids.is_empty() {
+                watch.set_own_programs(ids);
+            }
+        }
         let interfaces = names.into_iter().map(Interface::new).collect();
         let script_mtimes = watched_files(cycle.engine());
         let events = events::Events::load(
@@ -278,6 +292,7 @@ impl Daemon {
             cycle,
             sockets: parts.sockets,
             tc: parts.tc,
+            classifier: parts.classifier,
             clock: parts.clock,
             accounting,
             watch,
@@ -290,8 +305,6 @@ impl Daemon {
             usage_save_error: None,
             last_flush: Instant::now(),
             script_mtimes,
-            bpf: None,
-            destroy: None,
             fast_path_stats: latency::FastPathStats::default(),
             events,
             trim_after_cycle: false,
@@ -334,9 +347,7 @@ impl Daemon {
                 return;
             }
         };
-        if let Some(bpf) = &self.bpf {
-            bpf.fill_counters(&mut sockets);
-        }
+        self.classifier.fill_counters(&mut sockets);
         let links = self.link_counters();
         let rates = Rates {
             rate: self.rate.current(),
@@ -388,35 +399,33 @@ impl Daemon {
         }
     }
 
-    /// Whether the BPF classifier reports new sockets, for [`Daemon::fast_path`].
+    /// Whether the classifier reports new sockets, for [`Daemon::fast_path`].
     pub fn has_fast_path(&self) -> bool {
-        self.bpf.is_some()
+        self.classifier.has_fast_path()
     }
 
     /// How the owners of new sockets are found when the daemon's `/proc` is not the initial PID
     /// namespace's (`None` there, and without the BPF classifier).
     pub fn own_pid_namespace(&self) -> Option<bpf::OwnPidNamespace> {
-        self.bpf.as_ref().and_then(bpf::BpfState::own_pid_namespace)
+        self.classifier.own_pid_namespace()
     }
 
     /// What the kernel could not report at once (a flood of new sockets), when the BPF
     /// classifier is attached.
     pub fn report_stats(&self) -> Option<crate::classify::ReportStats> {
-        self.bpf.as_ref().map(bpf::BpfState::report_stats)
+        self.classifier.report_stats()
     }
 
     /// Between cycles: waits up to `timeout` for sockets the classifier reports as new and
     /// shapes them at once — lookup (by the creating tgid, no descriptor walk; by the socket in
     /// a PID namespace of the daemon's own, see [`bpf::BpfState::owners_of`]) and policy for
     /// those alone, then plan, apply and map writes — instead of at the next scan. Returns
-    /// without waiting when there is no classifier.
+    /// without waiting when the classifier reports no new sockets (the u32 filters).
     pub fn fast_path(&mut self, timeout: std::time::Duration) {
-        let Some(bpf) = &mut self.bpf else {
+        if !self.classifier.has_fast_path() {
             return;
-        };
-        let new = bpf.classifier_mut().poll_new_sockets(timeout);
-        bpf.forget_execs();
-        bpf.warn_of_floods();
+        }
+        let new = self.classifier.poll_new_sockets(timeout);
         if new.is_empty() {
             return;
         }
@@ -424,7 +433,7 @@ impl Daemon {
         let cpu_started = latency::thread_cpu();
         let count = new.len();
         self.trim_after_cycle |= count >= 1024;
-        let sockets = bpf.owners_of(&new, self.sockets.as_mut());
+        let sockets = self.classifier.owners_of(&new, self.sockets.as_mut());
         let links = Vec::new();
         let mut fast_timings = Timings::default();
         let now = (self.clock)();
@@ -445,9 +454,7 @@ impl Daemon {
             // The status shows whole cycles' stage times.
             &mut fast_timings,
         );
-        if let Some(bpf) = &mut self.bpf {
-            bpf.learn_owners(self.cycle.flows());
-        }
+        self.classifier.learn_owners(self.cycle.flows());
         if let Some(e) = &outcome.failure {
             tracing::debug!("fast path: policy failed ({e}); the next cycle decides again");
         }
@@ -471,24 +478,11 @@ impl Daemon {
     }
 
     /// The sockets the kernel reported closed since the last cycle, each with the policy class
-    /// its last packets went to (upload's, else download's) as the last plan names it.
+    /// its last packets went to (upload's, else download's) as the last plan names it. The
+    /// u32 path's reports name no class: a known connection is charged under its record's, an
+    /// unknown one to nobody (see `FlowTable::close`).
     fn closed_sockets(&mut self) -> Vec<Closed> {
-        let Some(bpf) = &mut self.bpf else {
-            // The u32 path's reports name no class: a known connection is charged under its
-            // record's, an unknown one to nobody (see `FlowTable::close`).
-            return self
-                .destroy
-                .as_mut()
-                .map(scan::DestroyListener::drain)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|socket| Closed {
-                    socket,
-                    class: None,
-                })
-                .collect();
-        };
-        let closed = bpf.take_closed();
+        let closed = self.classifier.take_closed();
         if closed.is_empty() {
             return Vec::new();
         }
@@ -527,9 +521,7 @@ impl Daemon {
                                 iface.name
                             );
                         }
-                        if let Some(bpf) = &mut self.bpf {
-                            bpf.interface_moved(iface.ifindex, index);
-                        }
+                        self.classifier.interface_moved(iface.ifindex, index);
                         iface.ifindex = Some(index);
                         iface.forget_installed();
                     }
@@ -559,21 +551,40 @@ impl Daemon {
         out
     }
 
+    /// Plans interface `i` against what its kernel holds and applies the plan.
     fn shape_interface(&mut self, i: usize) {
         let iface = &mut self.interfaces[i];
         if iface.ifindex.is_none() {
             return;
         }
-        let mut plan = match self
-            .cycle
-            .tc_plan(iface, self.tc.as_mut(), self.options.replace)
-        {
+        let by_priority = self.classifier.by_priority();
+        let planned = KernelFacts::read(self.tc.as_mut(), iface, by_priority)
+            .map_err(|reason| PlanFailure {
+                reason,
+                unblock: None,
+            })
+            .and_then(|facts| self.cycle.tc_plan(iface, facts, self.options.replace));
+        self.apply(i, planned);
+    }
+
+    /// The one apply step of the cycle and the fast path: applies interface `i`'s plan (or,
+    /// where none could be made, the operation that must go regardless), then tells the
+    /// classifier what is installed; a failure is counted and makes the next plan read the
+    /// kernel.
+    fn apply(&mut self, i: usize, planned: Result<Option<TcPlan>, PlanFailure>) {
+        let iface = &mut self.interfaces[i];
+        let mut plan = match planned {
             Ok(Some(plan)) => plan,
             Ok(None) => {
                 iface.operations = 0;
                 return;
             }
-            Err(e) => {
+            Err(PlanFailure { reason: e, unblock }) => {
+                if let Some(unblock) = unblock {
+                    for (op, e) in self.tc.apply(&unblock) {
+                        tracing::error!("{}: {op}: {e}", iface.name);
+                    }
+                }
                 let state = match e {
                     crate::shape::ShapeError::Foreign { .. } => {
                         ShapingState::Refused(e.to_string())
@@ -602,6 +613,7 @@ impl Daemon {
         let failures = self.tc.apply(&plan.ops);
         if failures.is_empty() {
             let targets = plan.take_targets();
+            let leaves = plan.leaf_minors();
             let ingress_added = plan
                 .ops
                 .ops
@@ -609,10 +621,12 @@ impl Daemon {
                 .any(|op| matches!(op, crate::shape::Op::AddIngress { .. }));
             iface.installed(plan);
             iface.state = ShapingState::Shaping;
-            if let Some(bpf) = &mut self.bpf {
-                bpf.ingress_applied(ingress_added);
-                bpf.sync(self.cycle.flows(), &targets);
-            }
+            let applied = classifier::Applied {
+                targets: &targets,
+                leaves: &leaves,
+                ingress_added,
+            };
+            self.classifier.applied(self.cycle.flows(), applied);
         } else {
             iface.failures += failures.len() as u64;
             for (op, e) in failures.iter().take(3) {
@@ -675,7 +689,7 @@ impl Daemon {
         // Stopped first: the teardown's own deletions need no repair.
         self.watch = None;
         // Detached before the tree goes: packets are unclassified, then unshaped.
-        self.bpf = None;
+        self.classifier = Box::new(classifier::U32Classifier::default());
         self.flush(&(self.clock)());
         if self.options.dry_run {
             return;

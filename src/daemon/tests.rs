@@ -3,6 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use super::classifier::{Classifier, RecordingClassifier, U32Classifier};
 use super::{Daemon, Parts, RunOptions, ShapingState, Sockets};
 use crate::config::Config;
 use crate::scan::{Proto, ScanError, Socket, SocketSource, State};
@@ -65,8 +66,24 @@ impl Rig {
         Rig::build(POLICY, |_| {})
     }
 
-    /// A rig running `policy`, with `configure` applied to its configuration.
+    /// A rig running `policy`, with `configure` applied to its configuration, on the u32 path.
     fn build(policy: &str, configure: impl FnOnce(&mut Config)) -> Rig {
+        Rig::build_on(policy, configure, Box::new(U32Classifier::default()))
+    }
+
+    /// A rig whose classifier in the kernel is played by the test: it reports new and closed
+    /// sockets, and shows what each apply wrote.
+    fn with_fast_path() -> (Rig, RecordingClassifier) {
+        let classifier = RecordingClassifier::default();
+        let rig = Rig::build_on(POLICY, |_| {}, Box::new(classifier.clone()));
+        (rig, classifier)
+    }
+
+    fn build_on(
+        policy: &str,
+        configure: impl FnOnce(&mut Config),
+        classifier: Box<dyn Classifier>,
+    ) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let script = dir.path().join("policy.lua");
         std::fs::write(&script, policy).unwrap();
@@ -87,6 +104,7 @@ impl Rig {
         let parts = Parts {
             sockets: Box::new(sockets.clone()),
             tc: Box::new(kernel.clone()),
+            classifier,
             proc_root: dir.path().join("proc"),
             clock: Box::new(move || read_clock.lock().unwrap().clone()),
             names: Box::new(crate::names::NoNames),
@@ -113,6 +131,7 @@ impl Rig {
         let parts = Parts {
             sockets: Box::new(self.sockets.clone()),
             tc: Box::new(self.kernel.clone()),
+            classifier: Box::new(U32Classifier::default()),
             proc_root: self._dir.path().join("proc"),
             clock: Box::new(move || read_clock.lock().unwrap().clone()),
             names: Box::new(crate::names::NoNames),
@@ -319,8 +338,9 @@ fn a_partial_cycle_decides_only_the_new_connections() {
     // The plan is made from the whole table: the new connection's leaf and filters are added,
     // the old ones stay as they are.
     let iface = &mut rig.daemon.interfaces[0];
+    let facts = super::KernelFacts::read(&mut rig.kernel.clone(), iface, false).unwrap();
     let plan = cycle
-        .tc_plan(iface, &mut rig.kernel.clone(), false)
+        .tc_plan(iface, facts, false)
         .unwrap()
         .expect("something changed");
     let ops = &plan.ops.ops;
@@ -652,4 +672,216 @@ end
     rig.restart();
     rig.tick();
     assert_eq!(class(&rig), "bulk", "yesterday, from history.ron");
+}
+
+/// A socket the classifier reports as new: `curl` (tgid 4242) opening `cookie` to `remote_port`.
+fn reported(remote_port: u16, cookie: u64) -> crate::classify::NewSocket {
+    let s = socket(remote_port, cookie);
+    crate::classify::NewSocket {
+        cookie,
+        tgid: 4242,
+        uid: s.uid,
+        comm: "curl".into(),
+        cgroup_id: 1,
+        proto: s.proto,
+        local: s.local,
+        remote: s.remote,
+        first_inbound: false,
+        reported_at: std::time::Duration::ZERO,
+    }
+}
+
+/// The first cycle on the fast path: the tree, no per-connection filters (the classifier puts
+/// each connection into its leaf), and the scanned connection written to the classifier.
+fn started_on_the_fast_path() -> (Rig, RecordingClassifier) {
+    let (mut rig, classifier) = Rig::with_fast_path();
+    rig.set_sockets(vec![socket(443, 1)]);
+    let ops = rig.tick();
+    assert_eq!(*rig.state(), ShapingState::Shaping, "{ops:?}");
+    assert_eq!(
+        count(&ops, |o| matches!(o, Op::AddFilter { .. })),
+        0,
+        "{ops:?}"
+    );
+    assert_eq!(classifier.applies(), 1);
+    assert!(
+        classifier.leaves(1).is_some(),
+        "the scanned connection is written"
+    );
+    (rig, classifier)
+}
+
+/// A connection the classifier reports between cycles is decided, gets its own 1 Mbit/s leaf
+/// both ways and is written to the classifier in that leaf, before any scan has seen it.
+#[test]
+fn a_reported_connection_gets_its_leaf_from_the_fast_path() {
+    let (mut rig, classifier) = started_on_the_fast_path();
+    assert!(rig.daemon.has_fast_path());
+    classifier.report_new(reported(22, 2));
+    rig.daemon.fast_path(std::time::Duration::ZERO);
+    let ops = rig.kernel.take_applied();
+    let leaf = |dev: &str| {
+        ops.iter()
+            .find_map(|o| match o {
+                Op::AddClass {
+                    dev: d,
+                    minor,
+                    class,
+                } if d == dev && class.ceil == 1_000_000 => Some(super::bpf::classid(*minor)),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("a 1 Mbit/s leaf on {dev}: {ops:?}"))
+    };
+    let written = classifier.leaves(2).expect("the new connection is written");
+    assert_eq!(
+        written,
+        (Some(leaf("eth0")), Some(leaf(&ifb_name("eth0")))),
+        "{ops:?}"
+    );
+    assert_eq!(
+        count(&ops, |o| matches!(o, Op::AddFilter { .. })),
+        0,
+        "{ops:?}"
+    );
+    let flow = rig.daemon.cycle.flows().get(2).expect("a record for it");
+    assert_eq!(flow.decision.class.as_ref(), "bulk");
+    assert_eq!(classifier.applies(), 2);
+    assert!(
+        classifier.leaves(1).is_some(),
+        "the other connection stays written"
+    );
+    // Nothing reported: nothing planned or applied.
+    rig.daemon.fast_path(std::time::Duration::ZERO);
+    assert!(rig.kernel.take_applied().is_empty());
+    assert_eq!(classifier.applies(), 2);
+}
+
+/// Sockets that closed before any scan saw them are charged from their close reports: one the
+/// fast path decided under its record's class, one never reported under the owner and the class
+/// the kernel recorded.
+#[test]
+fn a_close_report_is_charged_to_its_owner_and_class() {
+    use crate::account::{Period, UsageKey, UsageView};
+    use crate::classify::{ByteCounters, ClosedSocket, SocketOwner};
+    let (mut rig, classifier) = started_on_the_fast_path();
+    classifier.report_new(reported(22, 2));
+    rig.daemon.fast_path(std::time::Duration::ZERO);
+    let shared = rig.daemon.interfaces[0]
+        .handles()
+        .class_minors("bulk")
+        .expect("bulk is planned")
+        .1;
+    let owner = SocketOwner {
+        tgid: 4343,
+        uid: 1000,
+        comm: "wget".into(),
+        cgroup_id: 1,
+    };
+    classifier.report_closed(ClosedSocket {
+        cookie: 2,
+        proto: Proto::Tcp,
+        owner: None,
+        bytes: ByteCounters {
+            up: 300_000,
+            down: 20_000,
+        },
+        classes: classifier.leaves(2).unwrap(),
+    });
+    classifier.report_closed(ClosedSocket {
+        cookie: 3,
+        proto: Proto::Tcp,
+        owner: Some(owner),
+        bytes: ByteCounters {
+            up: 5_000,
+            down: 70_000,
+        },
+        classes: (
+            Some(super::bpf::classid(shared)),
+            Some(super::bpf::classid(shared)),
+        ),
+    });
+    rig.set_time("2026-11-23T09:00:01");
+    rig.tick();
+    let now = at("2026-11-23T09:00:01");
+    let usage = rig.daemon.accounting.view_at(&now);
+    let day = |key: UsageKey| {
+        let u = usage.usage(Period::Day, &key);
+        (u.up.bytes(), u.down.bytes())
+    };
+    assert_eq!(day(UsageKey::Class("bulk".into())), (305_000, 90_000));
+    assert_eq!(day(UsageKey::Process("wget".into())), (5_000, 70_000));
+    assert_eq!(day(UsageKey::Class("default".into())), (0, 0));
+    assert!(
+        rig.daemon.cycle.flows().get(2).is_none(),
+        "its record is gone"
+    );
+}
+
+/// Writes what the process table reads of a process (`stat`, `status`) under the rig's procfs.
+fn fake_process(rig: &Rig, pid: u32, name: &str) {
+    let dir = rig._dir.path().join("proc").join(pid.to_string());
+    std::fs::create_dir_all(&dir).unwrap();
+    // After the name: state, ppid, 17 fields, then the start time (field 22).
+    let fields: Vec<String> = ["S", "1"]
+        .into_iter()
+        .map(str::to_string)
+        .chain(std::iter::repeat_n("0".to_string(), 17))
+        .chain(["12345".to_string(), "0".to_string()])
+        .collect();
+    std::fs::write(
+        dir.join("stat"),
+        format!("{pid} ({name}) {}\n", fields.join(" ")),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("status"),
+        format!("Name:\t{name}\nUid:\t1000\t1000\t1000\t1000\nGid:\t1000\t1000\t1000\t1000\n"),
+    )
+    .unwrap();
+}
+
+/// A connection the policy gives a limit of its own is in its own leaf once decided; until a
+/// later one of its process is decided, that one starts in a leaf made ahead with the same
+/// limit, which the classifier is told is the process's: never unlimited while deciding.
+#[test]
+fn a_process_with_limited_connections_has_its_next_connections_start_limited() {
+    let (mut rig, classifier) = started_on_the_fast_path();
+    fake_process(&rig, 4242, "curl");
+    classifier.report_new(reported(22, 2));
+    rig.daemon.fast_path(std::time::Duration::ZERO);
+    let ops = rig.kernel.take_applied();
+    let limited: Vec<u32> = ops
+        .iter()
+        .filter_map(|o| match o {
+            Op::AddClass { dev, minor, class } if dev == "eth0" && class.ceil == 1_000_000 => {
+                Some(super::bpf::classid(*minor))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(limited.len(), 2, "its own leaf and one made ahead: {ops:?}");
+    let own = classifier.leaves(2).unwrap().0.unwrap();
+    let next = classifier
+        .process_leaves(4242)
+        .expect("the process has an entry")
+        .0
+        .unwrap();
+    assert!(limited.contains(&own) && limited.contains(&next), "{ops:?}");
+    assert_ne!(own, next, "not the connection's own leaf");
+    // The next connection is decided on its report: the leaf made ahead, which its first
+    // packets went to, becomes its own, and another is made ahead for the connections after it.
+    classifier.report_new(reported(22, 3));
+    rig.daemon.fast_path(std::time::Duration::ZERO);
+    let ops = rig.kernel.take_applied();
+    assert_eq!(classifier.leaves(3).unwrap().0, Some(next), "{ops:?}");
+    let after = classifier.process_leaves(4242).unwrap().0.unwrap();
+    assert!(![own, next].contains(&after), "{ops:?}");
+    assert_eq!(
+        count(
+            &ops,
+            |o| matches!(o, Op::AddClass { class, .. } if class.ceil == 1_000_000)
+        ),
+        2,
+        "one leaf made ahead each way: {ops:?}"
+    );
 }

@@ -101,6 +101,9 @@ enum Slot {
     /// Flow bucket 1.. of a class.
     Bucket(Arc<str>, u8),
     Process(Arc<str>, Pid),
+    /// The leaf a process's next connections in the class start in, made ahead of them (see
+    /// [`PlanInput::by_priority`]).
+    Ahead(Arc<str>, Pid),
     Connection(SocketKey),
 }
 
@@ -211,9 +214,11 @@ impl Handles {
         self.minors
             .iter()
             .filter_map(|(slot, &m)| match slot {
-                Slot::Class(c) | Slot::Shared(c) | Slot::Bucket(c, _) | Slot::Process(c, _) => {
-                    Some((m, &**c))
-                }
+                Slot::Class(c)
+                | Slot::Shared(c)
+                | Slot::Bucket(c, _)
+                | Slot::Process(c, _)
+                | Slot::Ahead(c, _) => Some((m, &**c)),
                 Slot::Connection(_) => None,
             })
             .collect()
@@ -270,6 +275,26 @@ impl Handles {
         };
         self.used_minors.insert(minor);
         Some(minor)
+    }
+
+    /// Gives a new connection (one without a leaf yet) the leaf made ahead for its process's
+    /// next connections in its class, which its first packets went to: it stays in that leaf,
+    /// whose queue and tokens it already holds, rather than moving to a fresh one beside it,
+    /// where both would send at its limit until the first drained (1.46× its limit over its
+    /// first second, measured). The process's next connections get another leaf made ahead.
+    fn adopt_ahead(&mut self, key: SocketKey, class: &Arc<str>, pid: Pid) {
+        let ahead = Slot::Ahead(class.clone(), pid);
+        if self.minors.contains_key(&Slot::Connection(key))
+            || self
+                .minors
+                .get(&ahead)
+                .is_none_or(|m| self.used_minors.contains(m))
+        {
+            return;
+        }
+        if let Some(minor) = self.minors.remove(&ahead) {
+            self.minors.insert(Slot::Connection(key), minor);
+        }
     }
 
     /// The flow bucket of a connection in `class`: the one it had, or the least loaded one
@@ -427,7 +452,11 @@ pub struct PlanInput<'a> {
     /// segment anything larger. [`UNKNOWN_MTU`] when it could not be read.
     pub mtu: u32,
     /// Connections are put in their leaves by the BPF classifier (`skb->priority`), which HTB
-    /// honours before any filter: no per-connection u32 filters are planned.
+    /// honours before any filter: no per-connection u32 filters are planned. The classifier
+    /// also puts a process's next connections into a leaf before they are decided
+    /// ([`Target::process`]): where its connections in a class have leaves of their own (a
+    /// limit per connection), that is a leaf made ahead, as limited as the most limited of
+    /// them, so a new one is not unlimited for as long as deciding it takes.
     pub by_priority: bool,
 }
 
@@ -596,6 +625,22 @@ pub fn plan(input: &PlanInput, handles: &mut Handles) -> Desired {
     if !input.features.fq_codel {
         handles.forget_closed(input.connections);
     }
+    if input.by_priority {
+        for (conn, decision) in input.connections.iter().zip(input.decisions) {
+            let Some(def) = input.classes.get(&decision.class) else {
+                continue;
+            };
+            let own_leaf = def.each == Each::Connection
+                || (def.each == Each::Class
+                    && (decision.limit.up.is_some() || decision.limit.down.is_some()));
+            if own_leaf
+                && !def.block
+                && let Some(owner) = &conn.owner
+            {
+                handles.adopt_ahead(conn.socket.key(), &decision.class, owner.pid);
+            }
+        }
+    }
     let mut targets = FxHashMap::default();
     let upload = plan_direction(input, handles, Direction::Upload, &mut targets);
     let download = plan_direction(input, handles, Direction::Download, &mut targets);
@@ -705,6 +750,9 @@ fn plan_direction(
     }
     let default = input.classes.default_name();
     tree.default_minor = class_minors.get(&*default).map_or(LINK_MINOR, |m| m.1[0]);
+    // The leaves made ahead, by minor: parent, guaranteed rate, ceiling (the least of the
+    // process's connections' in the class), prio and label.
+    let mut ahead: FxHashMap<u16, (u16, u64, u64, u8, String)> = FxHashMap::default();
 
     for (conn, decision) in input.connections.iter().zip(input.decisions) {
         let Some(def) = input.classes.get(&decision.class) else {
@@ -742,7 +790,7 @@ fn plan_direction(
             }
             Each::Connection | Each::Class => {}
         }
-        let process_target = target;
+        let mut process_target = target;
         let conn_ceil = match (def.each, own_limit) {
             (Each::Connection, limit) => Some(limit.map_or(member_ceil, |l| l.min(member_ceil))),
             (Each::Process, Some(limit)) => Some(limit.min(member_ceil)),
@@ -765,6 +813,19 @@ fn plan_direction(
             tree.leaves
                 .insert(leaf, leaf_for(input.features, ceil, mtu));
             target = leaf;
+            if input.by_priority
+                && def.each != Each::Process
+                && !def.block
+                && let Some(pid) = conn.owner.as_ref().map(|o| o.pid)
+                && let Some(next) = handles.minor(Slot::Ahead(decision.class.clone(), pid))
+            {
+                let made = ahead.entry(next).or_insert_with(|| {
+                    let label = format!("{}/pid {pid} next", decision.class);
+                    (inner, guaranteed, ceil, def.prio, label)
+                });
+                made.2 = made.2.min(ceil);
+                process_target = next;
+            }
         } else if target == shared
             && bucket_minors.len() > 1
             // On the u32 path a bucket costs a filter per connection; `default`'s connections
@@ -810,6 +871,12 @@ fn plan_direction(
                 class: target,
             },
         );
+    }
+    for (minor, (parent, guaranteed, ceil, prio, label)) in ahead {
+        let class = framed(htb_class(parent, guaranteed.min(ceil), ceil, prio, label));
+        tree.classes.insert(minor, class);
+        tree.leaves
+            .insert(minor, leaf_for(input.features, ceil, mtu));
     }
     tree
 }

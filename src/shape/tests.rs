@@ -250,10 +250,33 @@ fn classified_by_priority_the_plan_has_the_same_leaves_and_no_filters() {
     let case = Case::basic();
     let by_filter = case.desired(&mut Handles::default());
     let by_priority = case.desired_with(&mut Handles::default(), true);
-    assert_eq!(by_priority.upload.classes, by_filter.upload.classes);
-    assert_eq!(by_priority.download.leaves, by_filter.download.leaves);
+    // The same leaves, and one more the classifier alone uses (see below).
+    let next = by_priority.targets[&2].up.unwrap().process;
+    let without_next = |tree: &super::DeviceTree| {
+        let (mut classes, mut leaves) = (tree.classes.clone(), tree.leaves.clone());
+        classes.remove(&next);
+        leaves.remove(&next);
+        (classes, leaves)
+    };
+    assert_eq!(
+        without_next(&by_priority.upload),
+        (
+            by_filter.upload.classes.clone(),
+            by_filter.upload.leaves.clone()
+        )
+    );
+    assert_eq!(
+        without_next(&by_priority.download),
+        (
+            by_filter.download.classes.clone(),
+            by_filter.download.leaves.clone()
+        )
+    );
     assert!(by_priority.upload.filters.is_empty() && by_priority.download.filters.is_empty());
-    assert_eq!(by_priority.targets, by_filter.targets);
+    for (key, targets) in &by_filter.targets {
+        let leaves = |t: &super::Targets| t.up.zip(t.down).map(|(u, d)| (u.leaf, d.leaf));
+        assert_eq!(leaves(&by_priority.targets[key]), leaves(targets), "{key}");
+    }
 
     // Each connection's leaf is the one its u32 filter names in the filter plan.
     for (tree, dir) in [
@@ -277,12 +300,100 @@ fn classified_by_priority_the_plan_has_the_same_leaves_and_no_filters() {
         }
     }
     // A connection with a leaf of its own (the 1mbit limit): its process's next connections
-    // start in the class's shared leaf, not in that leaf.
+    // start in a leaf made ahead with that limit, not in the connection's own leaf nor
+    // unlimited in the class's shared leaf, where they would run unlimited until decided.
     let limited = by_priority.targets[&2].up.unwrap();
     assert_ne!(limited.leaf, limited.process);
-    assert_eq!(limited.process, by_priority.upload.default_minor);
+    assert_ne!(limited.process, by_priority.upload.default_minor);
+    for tree in [&by_priority.upload, &by_priority.download] {
+        let made = &tree.classes[&next];
+        assert_eq!(
+            (made.ceil, made.label.as_str()),
+            (1_000_000, "default/pid 101 next")
+        );
+        assert_eq!(made.parent, tree.classes[&limited.leaf].parent);
+        assert!(tree.leaves.contains_key(&next));
+    }
+    let down = by_priority.targets[&2].down.unwrap();
+    assert_eq!(down.process, next, "one minor serves both directions");
+    // Filters classify only what a scan has seen: the u32 path makes nothing ahead.
+    let by_filter_limited = by_filter.targets[&2].up.unwrap();
+    assert_eq!(by_filter_limited.process, by_filter.upload.default_minor);
     let bulk = by_priority.targets[&1].up.unwrap();
     assert_eq!(bulk.leaf, bulk.process);
+}
+
+/// A new connection of a process with a leaf made ahead takes that leaf for its own (its first
+/// packets are in it), and the process gets another for the connections after it.
+#[test]
+fn a_new_connection_takes_the_leaf_made_ahead_for_it() {
+    let mut handles = Handles::default();
+    let mut case = Case {
+        classes: classes("50mbit", Each::Class),
+        connections: vec![conn("10.0.0.1:40001", "10.0.0.2:443", 1, 100)],
+        decisions: vec![decision("bulk", "2mbit")],
+        ..Case::basic()
+    };
+    let first = case.desired_with(&mut handles, true);
+    let (own, next) = {
+        let t = first.targets[&1].up.unwrap();
+        (t.leaf, t.process)
+    };
+    case.connections
+        .push(conn("10.0.0.1:40002", "10.0.0.2:443", 2, 100));
+    case.decisions.push(decision("bulk", "2mbit"));
+    let second = case.desired_with(&mut handles, true);
+    let (old, new) = (
+        second.targets[&1].up.unwrap(),
+        second.targets[&2].up.unwrap(),
+    );
+    assert_eq!(old.leaf, own);
+    assert_eq!(new.leaf, next, "the leaf its first packets went to");
+    assert_eq!(second.targets[&2].down.unwrap().leaf, next);
+    assert_eq!(second.upload.classes[&next].ceil, 2_000_000);
+    assert!(![own, next].contains(&new.process), "another made ahead");
+    assert_eq!(old.process, new.process);
+    assert_eq!(second.upload.classes[&new.process].ceil, 2_000_000);
+}
+
+/// The leaf made ahead for a process's next connections is as limited as the most limited of
+/// its connections in the class, and goes with the last of them.
+#[test]
+fn the_leaf_made_ahead_takes_the_least_limit_and_goes_with_its_connections() {
+    let mut handles = Handles::default();
+    let mut case = Case {
+        classes: classes("50mbit", Each::Class),
+        connections: vec![
+            conn("10.0.0.1:40001", "10.0.0.2:443", 1, 100),
+            conn("10.0.0.1:40002", "10.0.0.2:443", 2, 100),
+            conn("10.0.0.1:40003", "10.0.0.2:443", 3, 200),
+        ],
+        decisions: vec![
+            decision("bulk", "3mbit"),
+            decision("bulk", "2mbit"),
+            decision("bulk", ""),
+        ],
+        ..Case::basic()
+    };
+    let desired = case.desired_with(&mut handles, true);
+    let next = desired.targets[&1].up.unwrap().process;
+    assert_eq!(desired.targets[&2].up.unwrap().process, next);
+    assert_eq!(desired.upload.classes[&next].ceil, 2_000_000);
+    let unlimited = desired.targets[&3].up.unwrap();
+    assert_eq!(
+        unlimited.process, unlimited.leaf,
+        "a process without a limit per connection starts in its class's leaves"
+    );
+    case.connections.truncate(1);
+    case.decisions.truncate(1);
+    let desired = case.desired_with(&mut handles, true);
+    assert_eq!(desired.upload.classes[&next].ceil, 3_000_000);
+    case.decisions = vec![decision("bulk", "")];
+    let desired = case.desired_with(&mut handles, true);
+    assert!(
+        !desired.upload.classes.contains_key(&next),
+        "gone with its last"
+    );
 }
 
 #[test]

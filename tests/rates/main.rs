@@ -867,6 +867,158 @@ fn a_udp_flood_of_a_new_process_is_held_from_its_first_second() {
     }
 }
 
+/// Opens a connection to ADDR:PORT (argv 1, 2) and sends a byte, waits a second (the daemon
+/// decides it), then opens a second one and sends on it as fast as it can for argv 3 seconds.
+const SECOND_CONNECTION: &str = r#"
+import socket, sys, time
+addr, secs = (sys.argv[1], int(sys.argv[2])), float(sys.argv[3])
+first = socket.create_connection(addr)
+first.sendall(b"x")
+time.sleep(1.0)
+second = socket.create_connection(addr)
+second.settimeout(0.2)
+buf, end = b"y" * 65536, time.time() + secs
+while time.time() < end:
+    try:
+        second.send(buf)
+    except socket.timeout:
+        pass
+second.close()
+first.close()
+"#;
+
+/// Issue 21's acceptance, for a process's next connection: on an unlimited link, a process
+/// whose connection the policy gave a limit of its own (2 Mbit/s, in the unlimited default
+/// class) opens another, which is held to that limit from its first packet: it starts in the
+/// leaf made ahead for the process's next connections, not unlimited in the class's shared leaf
+/// until the fast path has decided it (measured so: 3.4 and 9.9 MB in its first second), and
+/// keeps that leaf once decided (moved to a fresh leaf of its own, both sent at its limit until
+/// the first drained: 365 KB). Its first second may hold the leaf's burst besides the limit (a
+/// class's cburst is at least 64 KiB, sent at once on a full bucket): 303,008 bytes measured,
+/// three runs alike.
+#[test]
+fn a_processs_next_connection_with_a_limit_of_its_own_is_held_from_its_first_packet() {
+    let _serial = rate_lock();
+    let pair = NetnsPair::new();
+    let cgroup = TestCgroup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = r#"
+classes = { default = {} }
+function classify(conn)
+  if conn.remote_port == 5752 then return "default", "2mbit" end
+end
+"#;
+    let _daemon = DaemonProcess::start_bpf_policy(&pair.a, dir.path(), &cgroup, policy, &[]);
+    let listener = pair
+        .b
+        .run(|| std::net::TcpListener::bind((NetnsPair::B_V4, 5752)).unwrap());
+    // The second connection's bytes in the first second after its first byte, and in all, with
+    // the seconds they spanned.
+    let receiver = std::thread::spawn(move || {
+        let (mut first, _) = listener.accept().unwrap();
+        let (mut second, _) = listener.accept().unwrap();
+        let mut buf = vec![0_u8; 65536];
+        let (mut first_second, mut total) = (0_u64, 0_u64);
+        let mut start = None;
+        let mut last = std::time::Instant::now();
+        while let Ok(n) = second.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let now = std::time::Instant::now();
+            if now.duration_since(*start.get_or_insert(now)) < Duration::from_secs(1) {
+                first_second += n as u64;
+            }
+            total += n as u64;
+            last = now;
+        }
+        let _ = first.read(&mut buf);
+        let spanned = start.map_or(0.0, |s| last.duration_since(s).as_secs_f64());
+        (first_second, total, spanned)
+    });
+    let mut cmd = pair.a.command("python3");
+    cmd.args([
+        "-c",
+        SECOND_CONNECTION,
+        &NetnsPair::B_V4.to_string(),
+        "5752",
+        "4",
+    ]);
+    let procs = cgroup.enter(&mut cmd);
+    let status = cmd.status().expect("run python3");
+    drop(procs);
+    assert!(status.success());
+    let (first_second, total, spanned) = receiver.join().unwrap();
+    eprintln!(
+        "the second connection: {first_second} bytes in its first second, {total} in {spanned:.2} s"
+    );
+    let burst = 65_536.0 * 8.0;
+    assert_within(
+        "a process's next connection, first second (limit and burst)",
+        (first_second * 8) as f64,
+        2e6 + burst,
+        0.3,
+        1.1,
+    );
+    assert_within(
+        "a process's next connection, whole run",
+        (total * 8) as f64 / spanned,
+        2e6,
+        0.5,
+        1.15,
+    );
+}
+
+/// Issue 21's acceptance, for a new process: on an unlimited link, a new iperf3 whose
+/// connections the policy gives a limit of their own (2 Mbit/s, in the unlimited default class),
+/// both ways, over its first second and its whole run. Not met for a process's first
+/// connections: iperf3 opens its data connection within a round trip of its control one, before
+/// the fast path has decided either (p50 3-9 ms here, debug build), so no leaf made ahead is
+/// there yet and the data runs unlimited until then. Measured, three runs: first second 19.5,
+/// 3.1, 31.7 Mbit/s up and 42.6, 18.4, 50.6 down; every later second 1.55-2.46 Mbit/s.
+#[test]
+#[ignore = "a measurement, not yet a test: a new process's first connections run unlimited for the fast path's latency"]
+fn a_new_iperf3_with_a_limit_of_its_own_is_held_from_its_first_second() {
+    let _serial = rate_lock();
+    let pair = NetnsPair::new();
+    let cgroup = TestCgroup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = r#"
+classes = { default = {} }
+function classify(conn)
+  if conn.remote_port == 5750 or conn.remote_port == 5751 then return "default", "2mbit" end
+end
+"#;
+    let daemon = DaemonProcess::start_bpf_policy(&pair.a, dir.path(), &cgroup, policy, &[]);
+    let mut seconds = Vec::new();
+    for (port, reverse) in [(5750, false), (5751, true)] {
+        let _server = Server::start(&pair.b, port);
+        let mut run = Run::tcp(NetnsPair::b_addr(4), port, port + 35_000);
+        run.reverse = reverse;
+        run.seconds = 8;
+        run.omit = 0;
+        let result = run.start_in(&pair.a, &cgroup).finish();
+        let what = if reverse { "download" } else { "upload" };
+        eprintln!(
+            "{what}: receiver's seconds {:?} Mbit/s; fast path {}",
+            result.intervals.iter().map(|b| b / 1e6).collect::<Vec<_>>(),
+            daemon.status()["fast_path"]
+        );
+        seconds.push((what, result));
+    }
+    for (what, result) in seconds {
+        let first = *result.intervals.first().expect("a first second");
+        assert_within(&format!("{what}, first second"), first, 2e6, 0.3, 1.15);
+        assert_within(
+            &format!("{what}, whole run"),
+            result.bits_per_second,
+            2e6,
+            0.5,
+            1.15,
+        );
+    }
+}
+
 /// Issue 11's acceptance: on the BPF path, a running connection whose class changes (here by a
 /// reloaded policy) moves to the new class within a cycle, without being reset: the kernel
 /// reads its class from the connection map on every packet.
