@@ -129,9 +129,25 @@ fn fast_path(daemon: &DaemonProcess) -> (u64, u64, u64, f64) {
     )
 }
 
+/// Runs and run time so far of each program attached to `cgroup`, by hook (the kernel's own
+/// statistics, on while [`main`] holds its `enable_stats` descriptor).
+fn program_stats(cgroup: &TestCgroup) -> Vec<(&'static str, u64, Duration)> {
+    let ids = cgroup.attached_programs();
+    let loaded: Vec<_> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .collect();
+    ids.into_iter()
+        .filter_map(|(hook, id)| {
+            let p = loaded.iter().find(|p| p.id() == id)?;
+            Some((hook, p.run_count(), p.run_time()))
+        })
+        .collect()
+}
+
 fn phase(pair: &NetnsPair, cgroup: &TestCgroup, daemon: &DaemonProcess, rate: u64) {
     let pid = daemon.child.as_ref().unwrap().id();
     let (s0, _, _, c0) = fast_path(daemon);
+    let programs0 = program_stats(cgroup);
     let ticks0 = support::daemon::cpu_ticks(pid);
     let mut cmd = pair.a.command(std::env::current_exe().unwrap());
     cmd.args(["--connect", &format!("{}:{PORT}", NetnsPair::B_V4)])
@@ -146,6 +162,7 @@ fn phase(pair: &NetnsPair, cgroup: &TestCgroup, daemon: &DaemonProcess, rate: u6
     std::thread::sleep(Duration::from_millis(500));
     let (s1, p50, p99, c1) = fast_path(daemon);
     let ticks1 = support::daemon::cpu_ticks(pid);
+    let programs1 = program_stats(cgroup);
     let sockets = s1 - s0;
     let cpu_us = if sockets > 0 {
         (c1 * s1 as f64 - c0 * s0 as f64) / sockets as f64
@@ -160,6 +177,26 @@ fn phase(pair: &NetnsPair, cgroup: &TestCgroup, daemon: &DaemonProcess, rate: u6
          (whole daemon {process_us:.0} µs/connection)",
         p50 as f64 / 1000.0,
         p99 as f64 / 1000.0,
+    );
+    // The kernel's side, per connection: every program run its packets and state changes cost
+    // (sock_ops runs at each state change, the close report among them; sock_release at the
+    // socket's end).
+    let per = |d: Duration| d.as_nanos() as f64 / 1000.0 / sockets.max(1) as f64;
+    let mut total = Duration::ZERO;
+    let mut parts = Vec::new();
+    for ((hook, runs1, time1), (_, runs0, time0)) in programs1.iter().zip(&programs0) {
+        let (runs, time) = (runs1 - runs0, *time1 - *time0);
+        total += time;
+        parts.push(format!(
+            "{hook} {:.1} runs {:.2} µs",
+            runs as f64 / sockets.max(1) as f64,
+            per(time)
+        ));
+    }
+    println!(
+        "    kernel: {:.2} µs of BPF per connection ({})",
+        per(total),
+        parts.join(", ")
     );
 }
 
@@ -212,6 +249,10 @@ fn main() {
     if connect_if_requested() || crowd::serve_if_requested() {
         return;
     }
+    // The kernel counts programs' runs and run time while this descriptor is open (Linux 5.8).
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .map_err(|e| eprintln!("no BPF run-time statistics ({e}): the kernel figures read 0"))
+        .ok();
     let pair = NetnsPair::new();
     let cgroup = TestCgroup::new();
     let dir = tempfile::tempdir().unwrap();

@@ -45,15 +45,16 @@ impl TestCgroup {
     }
 
     /// The ids of the programs attached to this cgroup at each hook shaper uses (cgroup_skb
-    /// ingress and egress, sock_create, sock_ops), from the kernel (BPF_PROG_QUERY), with the
-    /// hook's name.
+    /// ingress and egress, sock_create, sock_ops, sock_release), from the kernel
+    /// (BPF_PROG_QUERY), with the hook's name.
     pub fn attached_programs(&self) -> Vec<(&'static str, u32)> {
         // enum bpf_attach_type and enum bpf_cmd (linux/bpf.h; not in the libc crate).
-        const HOOKS: [(&str, u32); 4] = [
+        const HOOKS: [(&str, u32); 5] = [
             ("ingress", 0),
             ("egress", 1),
             ("sock_create", 2),
             ("sock_ops", 3),
+            ("sock_release", 34),
         ];
         const BPF_PROG_QUERY: libc::c_long = 16;
         let dir = std::fs::File::open(&self.dir).expect("open the cgroup");
