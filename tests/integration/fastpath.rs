@@ -455,8 +455,8 @@ fn a_killed_bpf_daemon_leaves_nothing_attached_and_a_restart_shapes_again() {
         daemon.wait_for(10, "shaping", |s| s["interfaces"][0]["state"] == "shaping");
         assert_eq!(daemon.status()["classifier"], "bpf");
         let now = footprint(&pair.a, &cgroup);
-        // One program at each of the four cgroup hooks and one on the ingress: no more.
-        assert_eq!(counts(&now), (4, on_tcx, on_cls_bpf), "{now:?}");
+        // One program at each of the five cgroup hooks and one on the ingress: no more.
+        assert_eq!(counts(&now), (5, on_tcx, on_cls_bpf), "{now:?}");
         assert_eq!(now.pinned, before.pinned, "nothing is pinned");
     };
 
