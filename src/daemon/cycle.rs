@@ -464,6 +464,11 @@ impl TcPlan {
         std::mem::take(&mut self.desired.targets)
     }
 
+    /// The holding leaf's minor, upload and download (see [`Desired::hold`]).
+    pub fn hold(&self) -> (Option<u16>, Option<u16>) {
+        self.desired.hold
+    }
+
     /// The minors of every leaf the plan installs, either way (one minor is one slot in both
     /// directions), for telling a classid still in the tree from one of a deleted leaf.
     pub fn leaf_minors(&self) -> rustc_hash::FxHashSet<u16> {
