@@ -428,8 +428,8 @@ pub struct Desired {
     /// the default class): what the BPF classifier's maps are filled from.
     pub targets: FxHashMap<SocketKey, Targets>,
     /// The holding leaf's minor, upload and download (`None`: no holding that way). On the BPF
-    /// path, once the policy has given a connection a limit of its own, a leaf as limited as
-    /// the least such limit seen, where the kernel holds a socket whose process has no class
+    /// path, once the policy has given a connection a limit of its own (or has a class with
+    /// `each = "connection"` and a ceiling), a leaf as limited as the least such limit seen, where the kernel holds a socket whose process has no class
     /// yet for at most its first 100 ms: a new process's first connections are not unlimited
     /// while the fast path decides them. Its burst is two packets, not [`htb_class`]'s 64 KiB,
     /// so what it lets through before its connections move to their own leaves is small.
@@ -769,8 +769,15 @@ fn plan_direction(
     // The leaves made ahead, by minor: parent, guaranteed rate, ceiling (the least of the
     // process's connections' in the class), prio and label.
     let mut ahead: FxHashMap<u16, (u16, u64, u64, u8, String)> = FxHashMap::default();
-    // The least ceiling of a connection's own leaf in this plan, for the holding leaf.
-    let mut least_ceil: Option<u64> = None;
+    // The least ceiling of a connection's own leaf in this plan, for the holding leaf; a class
+    // whose every connection gets a leaf of its own says its ceiling before any connects.
+    let mut least_ceil: Option<u64> = input
+        .classes
+        .classes
+        .values()
+        .filter(|def| def.each == Each::Connection && !def.block)
+        .filter_map(|def| dir_rate(&def.ceil, dir).filter(|&c| c < link))
+        .min();
 
     for (conn, decision) in input.connections.iter().zip(input.decisions) {
         let Some(def) = input.classes.get(&decision.class) else {

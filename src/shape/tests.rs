@@ -407,7 +407,8 @@ fn the_leaf_made_ahead_takes_the_least_limit_and_goes_with_its_connections() {
 /// for their first 100 ms, is made once a connection has a limit of its own, as limited as the
 /// least of them per direction, under the link, with a burst of two packets (not a class's
 /// 64 KiB, which a held flow would send at once); it stays at the least limit seen once they are
-/// gone, for the next new process; the u32 path has none; a limit the link already sets holds
+/// gone, for the next new process; a class with `each = "connection"` and a ceiling says its
+/// limit before any connection; the u32 path has none; a limit the link already sets holds
 /// nothing.
 #[test]
 fn the_holding_leaf_takes_the_least_limit_per_connection_seen_on_the_bpf_path_only() {
@@ -461,8 +462,19 @@ fn the_holding_leaf_takes_the_least_limit_per_connection_seen_on_the_bpf_path_on
     assert_eq!(desired.hold, (Some(up), Some(up)), "kept for the next");
     assert_eq!(desired.download.classes[&up].ceil, 2_000_000);
 
+    // A class whose connections each get a leaf of their own holds from the first plan.
+    let mut fresh = Handles::default();
+    case.classes = classes("1mbit", Each::Connection);
+    case.connections.clear();
+    case.decisions.clear();
+    let desired = case.desired_with(&mut fresh, true);
+    let hold = desired.hold.0.expect("a hold before any connection");
+    assert_eq!(desired.upload.classes[&hold].ceil, 1_000_000);
+
     let mut u32_path = Handles::default();
-    case.decisions = vec![decision("bulk", "1mbit"), decision("bulk", "")];
+    case.classes = classes("50mbit", Each::Class);
+    case.connections = vec![conn("10.0.0.1:40001", "10.0.0.2:443", 1, 100)];
+    case.decisions = vec![decision("bulk", "1mbit")];
     let desired = case.desired_with(&mut u32_path, false);
     assert_eq!(desired.hold, (None, None), "the u32 path holds nothing");
 }
