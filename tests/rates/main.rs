@@ -893,9 +893,9 @@ first.close()
 /// leaf made ahead for the process's next connections, not unlimited in the class's shared leaf
 /// until the fast path has decided it (measured so: 3.4 and 9.9 MB in its first second), and
 /// keeps that leaf once decided (moved to a fresh leaf of its own, both sent at its limit until
-/// the first drained: 365 KB). Its first second may hold the leaf's burst besides the limit (a
-/// class's cburst is at least 64 KiB, sent at once on a full bucket): 303,008 bytes measured,
-/// three runs alike.
+/// the first drained: 365 KB). The leaf made ahead has a burst of a few packets (with a class's
+/// 64 KiB cburst, sent at once on a full bucket, its first second held 303,008 bytes, three
+/// runs alike; with a few packets 243,264, twice).
 #[test]
 fn a_processs_next_connection_with_a_limit_of_its_own_is_held_from_its_first_packet() {
     let _serial = rate_lock();
@@ -952,13 +952,12 @@ end
     eprintln!(
         "the second connection: {first_second} bytes in its first second, {total} in {spanned:.2} s"
     );
-    let burst = 65_536.0 * 8.0;
     assert_within(
-        "a process's next connection, first second (limit and burst)",
+        "a process's next connection, first second",
         (first_second * 8) as f64,
-        2e6 + burst,
+        2e6,
         0.3,
-        1.1,
+        1.15,
     );
     assert_within(
         "a process's next connection, whole run",
