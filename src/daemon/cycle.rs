@@ -593,6 +593,13 @@ impl Interface {
         &self.handles
     }
 
+    /// The policy was reloaded: the holding leaf no longer keeps the limits the old one gave
+    /// connections, and the next cycle plans even if its inputs look the same.
+    pub fn policy_reloaded(&mut self) {
+        self.handles.forget_hold();
+        self.applied_from = None;
+    }
+
     /// `plan` is installed (or, in a dry run, taken as installed).
     pub fn installed(&mut self, plan: TcPlan) {
         self.applied = Some(plan.desired);

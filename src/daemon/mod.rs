@@ -663,6 +663,9 @@ impl Daemon {
         match &result {
             Ok(()) => {
                 tracing::info!("policy reloaded from {}", self.config.script.display());
+                for iface in &mut self.interfaces {
+                    iface.policy_reloaded();
+                }
                 if let Some(w) = self.capacity_warning() {
                     tracing::warn!("{w}");
                 }

@@ -932,3 +932,22 @@ fn the_classifier_is_told_of_the_holding_leaf_once_a_connection_is_limited() {
     assert_eq!(classifier.leaves(2), None);
     assert_eq!(classifier.hold(), (Some(up.0), Some(down.0)));
 }
+
+/// A reloaded policy that no longer limits connections of their own takes the holding leaf
+/// away: the least limit the old one gave is not kept for it.
+#[test]
+fn a_reloaded_policy_without_limits_per_connection_holds_nothing() {
+    let (mut rig, classifier) = started_on_the_fast_path();
+    classifier.report_new(reported(22, 2));
+    rig.daemon.fast_path(std::time::Duration::ZERO);
+    assert!(classifier.hold().0.is_some());
+    std::fs::write(
+        rig._dir.path().join("policy.lua"),
+        "classes = { bulk = { prio = 7 } }\nfunction classify(conn) return \"bulk\" end\n",
+    )
+    .unwrap();
+    rig.daemon.reload().unwrap();
+    rig.set_sockets(vec![socket(443, 1), socket(22, 2)]);
+    rig.tick();
+    assert_eq!(classifier.hold(), (None, None));
+}

@@ -135,7 +135,7 @@ pub struct Handles {
     /// Whether running out is logged already (once, until a plan fits again).
     warned: bool,
     /// The least per-connection ceiling any plan has had, per direction (upload, download):
-    /// the holding leaf's, kept once its connections are gone, so the next new process whose
+    /// the holding leaf's, kept once its connections are gone (until a policy reload), so the next new process whose
     /// connections the policy limits is held too.
     hold_ceil: FxHashMap<Direction, u64>,
 }
@@ -214,6 +214,12 @@ impl Handles {
     /// What the last plan could not get: nothing unless a handle space ran out.
     pub fn exhausted(&self) -> Exhausted {
         self.exhausted
+    }
+
+    /// Forgets the per-connection limits earlier plans had, which the holding leaf keeps (see
+    /// [`Desired::hold`]): a reloaded policy may no longer give them.
+    pub fn forget_hold(&mut self) {
+        self.hold_ceil.clear();
     }
 
     /// The policy class of each minor in the last plan (its class, shared leaf, flow buckets
