@@ -135,8 +135,8 @@ pub struct Handles {
     /// Whether running out is logged already (once, until a plan fits again).
     warned: bool,
     /// The least per-connection ceiling any plan has had, per direction (upload, download):
-    /// the holding leaf's, kept once its connections are gone (until a policy reload), so the next new process whose
-    /// connections the policy limits is held too.
+    /// the holding leaf's, kept once its connections are gone (until a policy reload), so the
+    /// next new process whose connections the policy limits is held too.
     hold_ceil: FxHashMap<Direction, u64>,
 }
 
