@@ -11,6 +11,13 @@
 // The class comes from conn_class[cookie], else proc_class[owner tgid], else stays untouched
 // (the HTB's default class). No program here ever drops a packet.
 //
+// A socket neither has yet (its process never decided: a new process's first connections) is
+// held for at most HOLD_NS after its creation in the holding leaf the daemon names in
+// `hold_class` (0: none), limited like the policy's most limited connection, so it does not run
+// unlimited while the daemon decides it (a few ms). After the window, decided or not, the lookup
+// above applies alone: if the daemon stops deciding, new sockets are held for the window and then
+// go unshaped, never dropped.
+//
 // Owners are recorded at socket creation (cgroup/sock_create runs in the creating process) in
 // socket storage cloned to accepted sockets; each new socket is reported once, on its first
 // packet either way, through the `events` ring buffer. Bytes are counted per socket cookie.
@@ -62,6 +69,11 @@
  * (1/16 of the buffer: about 700 events, so a new process's report waits behind at most those). */
 #define DEFER_ABOVE (64 * 1024)
 
+/* How long after its creation an undecided socket is held in the holding leaf: 20-30 times the
+ * fast path's median decision (3-9 ms), short enough that a daemon that no longer decides costs a
+ * new connection no more than that. */
+#define HOLD_NS (100ULL * 1000 * 1000)
+
 /* A connection's (or a process's) classes; 0 = no class, leave skb->priority alone. */
 struct classes {
 	__u32 up;
@@ -77,6 +89,7 @@ struct owner {
 	__u32 flags; /* OWNER_* */
 	__u32 _pad;
 	char comm[16];
+	__u64 created_ns; /* CLOCK_MONOTONIC at creation (an accepted socket: when established) */
 };
 
 struct counters {
@@ -165,6 +178,14 @@ struct {
 	__type(value, struct owner);
 } owners SEC(".maps");
 
+/* The holding leaf's classes, per direction (0: no holding). Written by the daemon. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct classes);
+} hold_class SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 131072);
@@ -220,6 +241,24 @@ static __always_inline __u32 class_of(__u64 cookie, struct owner *o, int down)
 		if (c)
 			id = down ? c->down : c->up;
 	}
+	return id;
+}
+
+/* The holding leaf for a socket without a class (class_of gave 0): while it is younger than
+ * HOLD_NS and neither it nor its process has an entry, else 0. */
+static __always_inline __u32 hold_of(__u64 cookie, struct owner *o, int down)
+{
+	__u32 zero = 0;
+
+	if (!o || !(o->flags & OWNER_KNOWN) || bpf_ktime_get_ns() - o->created_ns > HOLD_NS)
+		return 0;
+	struct classes *h = bpf_map_lookup_elem(&hold_class, &zero);
+	__u32 id = h ? (down ? h->down : h->up) : 0;
+	__u32 tgid = o->tgid;
+
+	if (!id || bpf_map_lookup_elem(&conn_class, &cookie) ||
+	    bpf_map_lookup_elem(&proc_class, &tgid))
+		return 0;
 	return id;
 }
 
@@ -356,6 +395,7 @@ int sock_create(struct bpf_sock *sk)
 	o->uid = (__u32)bpf_get_current_uid_gid();
 	o->flags = OWNER_KNOWN;
 	bpf_get_current_comm(o->comm, sizeof(o->comm));
+	o->created_ns = bpf_ktime_get_ns();
 	return ALLOW;
 }
 
@@ -382,6 +422,8 @@ static __always_inline int on_skb(struct __sk_buff *skb, int down)
 	if (!down) {
 		__u32 id = class_of(cookie, o, 0);
 
+		if (!id)
+			id = hold_of(cookie, o, 0);
 		if (id)
 			skb->priority = id;
 	}
@@ -468,8 +510,11 @@ int sock_ops(struct bpf_sock_ops *skops)
 		o = bpf_sk_storage_get(&owners, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 		if (!o)
 			return 1;
-		if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+		/* An accepted socket is new now, not when its listener was created. */
+		if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
 			o->cookie = bpf_get_socket_cookie(skops);
+			o->created_ns = bpf_ktime_get_ns();
+		}
 		if (!bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
 						   BPF_SOCK_OPS_STATE_CB_FLAG))
 			__sync_fetch_and_or(&o->flags, OWNER_STATE_CB);
@@ -562,8 +607,11 @@ int tc_ingress(struct __sk_buff *skb)
 	struct owner *o = bpf_sk_storage_get(&owners, sk, 0, 0);
 	__u32 id = 0;
 
-	if (o)
+	if (o) {
 		id = class_of(o->cookie, o, 1);
+		if (!id)
+			id = hold_of(o->cookie, o, 1);
+	}
 	bpf_sk_release(sk);
 	if (id)
 		skb->priority = id;

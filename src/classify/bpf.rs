@@ -151,6 +151,7 @@ pub struct BpfClassifier {
     proc_class: HashMap<MapData, u32, RawClasses>,
     sock_bytes: HashMap<MapData, u64, RawCounters>,
     shaped_ifaces: HashMap<MapData, u32, u8>,
+    hold_class: Array<MapData, RawClasses>,
     events: RingBuf<MapData>,
     report_stats: Array<MapData, RawReportStats>,
     download: DownloadHook,
@@ -270,6 +271,11 @@ impl BpfClassifier {
             proc_class: take_map(&mut ebpf, "proc_class")?,
             sock_bytes: take_map(&mut ebpf, "sock_bytes")?,
             shaped_ifaces: take_map(&mut ebpf, "shaped_ifaces")?,
+            hold_class: Array::try_from(
+                ebpf.take_map("hold_class")
+                    .ok_or_else(|| missing("map", "hold_class"))?,
+            )
+            .map_err(|e| map_error("hold_class", e))?,
             events: RingBuf::try_from(
                 ebpf.take_map("events")
                     .ok_or_else(|| missing("map", "events"))?,
@@ -398,6 +404,15 @@ impl BpfClassifier {
         self.proc_class
             .insert(tgid, value, 0)
             .map_err(|e| map_error("proc_class", e))
+    }
+
+    /// Names the holding leaf per direction (full classids; `None`: no holding that way): where
+    /// a new socket whose process has no classes yet goes for at most its first 100 ms, until
+    /// the daemon decides it (see shaper.bpf.c's `hold_of`).
+    pub fn set_hold(&mut self, up: Option<u32>, down: Option<u32>) -> Result<(), BpfError> {
+        self.hold_class
+            .set(0, raw_classes(up, down), 0)
+            .map_err(|e| map_error("hold_class", e))
     }
 
     /// Forgets a process's classes for new connections (e.g. when it exits).

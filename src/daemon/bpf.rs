@@ -91,6 +91,10 @@ pub struct BpfState {
     connections: FxHashMap<u64, Classids>,
     /// By tgid, as written to `proc_class`.
     processes: FxHashMap<u32, Classids>,
+    /// The holding leaf as written to `hold_class` (`None`: not written, or the write failed).
+    hold: Option<Classids>,
+    /// The last write to `hold_class` failed (logged once until one succeeds).
+    hold_failed: bool,
     /// Map writes that failed since the last report (logged once per sync).
     failed: usize,
     /// The kernel's report figures as last logged, and when (one line a minute at most).
@@ -206,6 +210,8 @@ impl BpfState {
             connections: FxHashMap::default(),
             processes: FxHashMap::default(),
             failed: 0,
+            hold: None,
+            hold_failed: false,
             warned_reports: (ReportStats::default(), None),
             lingering_checked: None,
             download_error: None,
@@ -510,6 +516,33 @@ impl BpfState {
             );
         }
         self.failed = failed;
+    }
+
+    /// Names the holding leaf (`minors`: upload, download; see [`crate::shape::Desired::hold`])
+    /// to the kernel when it changed. A failed write is logged and tried again after the next
+    /// apply; until then the kernel holds by what it had (at most 100 ms per new socket, in a
+    /// leaf that may be gone: its packets then go to the default class), never drops.
+    pub fn hold(&mut self, minors: (Option<u16>, Option<u16>)) {
+        let classids = (minors.0.map(classid), minors.1.map(classid));
+        if self.hold == Some(classids) {
+            return;
+        }
+        match self.classifier.set_hold(classids.0, classids.1) {
+            Ok(()) => {
+                self.hold = Some(classids);
+                self.hold_failed = false;
+            }
+            Err(e) => {
+                if !self.hold_failed {
+                    tracing::warn!(
+                        "classifier: cannot name the holding leaf ({e}); a new process's first \
+                         connections may run unlimited until decided"
+                    );
+                }
+                self.hold_failed = true;
+                self.hold = None;
+            }
+        }
     }
 
     /// Adds to `processes` the entries written earlier for processes that have no connection now

@@ -117,6 +117,9 @@ pub struct Applied<'a> {
     pub targets: &'a FxHashMap<SocketKey, Targets>,
     /// Every leaf's minor: an entry naming another is of a leaf that is gone.
     pub leaves: &'a FxHashSet<u16>,
+    /// The holding leaf's minor, upload and download (see [`crate::shape::Desired::hold`]):
+    /// where a new process's sockets wait for their decision, for at most their first 100 ms.
+    pub hold: (Option<u16>, Option<u16>),
     /// The plan (re-)added the ingress qdisc.
     pub ingress_added: bool,
 }
@@ -219,6 +222,7 @@ impl Classifier for BpfState {
     fn applied(&mut self, flows: &FlowTable, applied: Applied<'_>) {
         self.ingress_applied(applied.ingress_added);
         self.sync(flows, applied.targets, applied.leaves);
+        self.hold(applied.hold);
     }
 
     fn own_pid_namespace(&self) -> Option<OwnPidNamespace> {
@@ -252,6 +256,8 @@ struct Recorded {
     /// Where each process's next connections start, by pid: its newest connection's
     /// [`crate::shape::Target::process`] leaves.
     processes: FxHashMap<Pid, Leaves>,
+    /// The holding leaf, as the last apply named it.
+    hold: Leaves,
     applies: usize,
 }
 
@@ -286,6 +292,11 @@ impl RecordingClassifier {
     /// entry).
     pub fn process_leaves(&self, pid: Pid) -> Option<Leaves> {
         self.lock().processes.get(&pid).copied()
+    }
+
+    /// The holding leaf the last apply named (full classids; `(None, None)`: no holding).
+    pub fn hold(&self) -> Leaves {
+        self.lock().hold
     }
 
     /// How many applies it was told of.
@@ -341,6 +352,10 @@ impl Classifier for RecordingClassifier {
         let mut recorded = self.lock();
         recorded.connections = connections;
         recorded.processes = processes.into_iter().map(|(p, (_, l))| (p, l)).collect();
+        recorded.hold = (
+            applied.hold.0.map(bpf::classid),
+            applied.hold.1.map(bpf::classid),
+        );
         recorded.applies += 1;
     }
 }

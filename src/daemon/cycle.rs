@@ -464,6 +464,11 @@ impl TcPlan {
         std::mem::take(&mut self.desired.targets)
     }
 
+    /// The holding leaf's minor, upload and download (see [`Desired::hold`]).
+    pub fn hold(&self) -> (Option<u16>, Option<u16>) {
+        self.desired.hold
+    }
+
     /// The minors of every leaf the plan installs, either way (one minor is one slot in both
     /// directions), for telling a classid still in the tree from one of a deleted leaf.
     pub fn leaf_minors(&self) -> rustc_hash::FxHashSet<u16> {
@@ -586,6 +591,13 @@ impl Interface {
     /// The tc handles the last plan gave classes, leaves and connections (for `status`).
     pub fn handles(&self) -> &Handles {
         &self.handles
+    }
+
+    /// The policy was reloaded: the holding leaf no longer keeps the limits the old one gave
+    /// connections, and the next cycle plans even if its inputs look the same.
+    pub fn policy_reloaded(&mut self) {
+        self.handles.forget_hold();
+        self.applied_from = None;
     }
 
     /// `plan` is installed (or, in a dry run, taken as installed).

@@ -614,6 +614,7 @@ impl Daemon {
         if failures.is_empty() {
             let targets = plan.take_targets();
             let leaves = plan.leaf_minors();
+            let hold = plan.hold();
             let ingress_added = plan
                 .ops
                 .ops
@@ -624,6 +625,7 @@ impl Daemon {
             let applied = classifier::Applied {
                 targets: &targets,
                 leaves: &leaves,
+                hold,
                 ingress_added,
             };
             self.classifier.applied(self.cycle.flows(), applied);
@@ -661,6 +663,9 @@ impl Daemon {
         match &result {
             Ok(()) => {
                 tracing::info!("policy reloaded from {}", self.config.script.display());
+                for iface in &mut self.interfaces {
+                    iface.policy_reloaded();
+                }
                 if let Some(w) = self.capacity_warning() {
                     tracing::warn!("{w}");
                 }

@@ -727,7 +727,9 @@ fn a_reported_connection_gets_its_leaf_from_the_fast_path() {
                     dev: d,
                     minor,
                     class,
-                } if d == dev && class.ceil == 1_000_000 => Some(super::bpf::classid(*minor)),
+                } if d == dev && class.ceil == 1_000_000 && class.label != "hold" => {
+                    Some(super::bpf::classid(*minor))
+                }
                 _ => None,
             })
             .unwrap_or_else(|| panic!("a 1 Mbit/s leaf on {dev}: {ops:?}"))
@@ -853,7 +855,9 @@ fn a_process_with_limited_connections_has_its_next_connections_start_limited() {
     let limited: Vec<u32> = ops
         .iter()
         .filter_map(|o| match o {
-            Op::AddClass { dev, minor, class } if dev == "eth0" && class.ceil == 1_000_000 => {
+            Op::AddClass { dev, minor, class }
+                if dev == "eth0" && class.ceil == 1_000_000 && class.label != "hold" =>
+            {
                 Some(super::bpf::classid(*minor))
             }
             _ => None,
@@ -884,4 +888,66 @@ fn a_process_with_limited_connections_has_its_next_connections_start_limited() {
         2,
         "one leaf made ahead each way: {ops:?}"
     );
+}
+
+/// The classifier is told of the holding leaf, where the kernel keeps a new process's sockets
+/// for their first 100 ms until the fast path decides them: none while no connection has a limit
+/// of its own (the scanned one, to port 443, has none), then, from the fast path that decided
+/// the first limited one, a leaf as limited as it both ways, kept once it has closed, for the
+/// next new process.
+#[test]
+fn the_classifier_is_told_of_the_holding_leaf_once_a_connection_is_limited() {
+    let (mut rig, classifier) = started_on_the_fast_path();
+    assert_eq!(
+        classifier.hold(),
+        (None, None),
+        "nothing limited, nothing held"
+    );
+    classifier.report_new(reported(22, 2));
+    rig.daemon.fast_path(std::time::Duration::ZERO);
+    let ops = rig.kernel.take_applied();
+    let hold = |dev: &str| {
+        ops.iter()
+            .find_map(|o| match o {
+                Op::AddClass {
+                    dev: d,
+                    minor,
+                    class,
+                } if d == dev && class.label == "hold" => {
+                    Some((super::bpf::classid(*minor), class.ceil))
+                }
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("a holding leaf on {dev}: {ops:?}"))
+    };
+    let (up, down) = (hold("eth0"), hold(&ifb_name("eth0")));
+    assert_eq!((up.1, down.1), (1_000_000, 1_000_000), "{ops:?}");
+    assert_eq!(classifier.hold(), (Some(up.0), Some(down.0)));
+    let own = classifier.leaves(2).unwrap();
+    assert_ne!(own.0, Some(up.0), "a decided connection is in its own leaf");
+
+    // The limited connection is gone by the next scan: the hold stays.
+    rig.set_sockets(vec![socket(443, 1)]);
+    rig.tick();
+    assert_eq!(classifier.leaves(2), None);
+    assert_eq!(classifier.hold(), (Some(up.0), Some(down.0)));
+}
+
+/// A reloaded policy that no longer limits connections of their own takes the holding leaf
+/// away: the least limit the old one gave is not kept for it.
+#[test]
+fn a_reloaded_policy_without_limits_per_connection_holds_nothing() {
+    let (mut rig, classifier) = started_on_the_fast_path();
+    classifier.report_new(reported(22, 2));
+    rig.daemon.fast_path(std::time::Duration::ZERO);
+    assert!(classifier.hold().0.is_some());
+    std::fs::write(
+        rig._dir.path().join("policy.lua"),
+        "classes = { bulk = { prio = 7 } }\nfunction classify(conn) return \"bulk\" end\n",
+    )
+    .unwrap();
+    rig.daemon.reload().unwrap();
+    rig.set_sockets(vec![socket(443, 1), socket(22, 2)]);
+    rig.tick();
+    assert_eq!(classifier.hold(), (None, None));
 }

@@ -104,6 +104,9 @@ enum Slot {
     /// The leaf a process's next connections in the class start in, made ahead of them (see
     /// [`PlanInput::by_priority`]).
     Ahead(Arc<str>, Pid),
+    /// The holding leaf: where the BPF classifier holds a new process's first connections
+    /// until they are decided (see [`Desired::hold`]).
+    Hold,
     Connection(SocketKey),
 }
 
@@ -131,6 +134,10 @@ pub struct Handles {
     exhausted: Exhausted,
     /// Whether running out is logged already (once, until a plan fits again).
     warned: bool,
+    /// The least per-connection ceiling any plan has had, per direction (upload, download):
+    /// the holding leaf's, kept once its connections are gone (until a policy reload), so the
+    /// next new process whose connections the policy limits is held too.
+    hold_ceil: FxHashMap<Direction, u64>,
 }
 
 /// Handles a plan needed and could not get, counted per space. What did not get one goes
@@ -184,6 +191,7 @@ impl Default for Handles {
             used_buckets: FxHashSet::default(),
             exhausted: Exhausted::default(),
             warned: false,
+            hold_ceil: FxHashMap::default(),
         }
     }
 }
@@ -208,6 +216,12 @@ impl Handles {
         self.exhausted
     }
 
+    /// Forgets the per-connection limits earlier plans had, which the holding leaf keeps (see
+    /// [`Desired::hold`]): a reloaded policy may no longer give them.
+    pub fn forget_hold(&mut self) {
+        self.hold_ceil.clear();
+    }
+
     /// The policy class of each minor in the last plan (its class, shared leaf, flow buckets
     /// and process leaves; a connection's own leaf names none), for reading many classids.
     pub fn classes_by_minor(&self) -> FxHashMap<u16, &str> {
@@ -219,7 +233,7 @@ impl Handles {
                 | Slot::Bucket(c, _)
                 | Slot::Process(c, _)
                 | Slot::Ahead(c, _) => Some((m, &**c)),
-                Slot::Connection(_) => None,
+                Slot::Connection(_) | Slot::Hold => None,
             })
             .collect()
     }
@@ -419,6 +433,13 @@ pub struct Desired {
     /// Where each connection's packets go, per direction (`None`: its class got no minor, so
     /// the default class): what the BPF classifier's maps are filled from.
     pub targets: FxHashMap<SocketKey, Targets>,
+    /// The holding leaf's minor, upload and download (`None`: no holding that way). On the BPF
+    /// path, once the policy has given a connection a limit of its own (or has a class with
+    /// `each = "connection"` and a ceiling), a leaf as limited as the least such limit seen, where the kernel holds a socket whose process has no class
+    /// yet for at most its first 100 ms: a new process's first connections are not unlimited
+    /// while the fast path decides them. Its burst is two packets, not [`htb_class`]'s 64 KiB,
+    /// so what it lets through before its connections move to their own leaves is small.
+    pub hold: (Option<u16>, Option<u16>),
 }
 
 /// One direction's leaves for a connection: its own leaf, and the leaf its owner's next
@@ -642,13 +663,14 @@ pub fn plan(input: &PlanInput, handles: &mut Handles) -> Desired {
         }
     }
     let mut targets = FxHashMap::default();
-    let upload = plan_direction(input, handles, Direction::Upload, &mut targets);
-    let download = plan_direction(input, handles, Direction::Download, &mut targets);
+    let (upload, hold_up) = plan_direction(input, handles, Direction::Upload, &mut targets);
+    let (download, hold_down) = plan_direction(input, handles, Direction::Download, &mut targets);
     handles.end();
     Desired {
         upload,
         download,
         targets,
+        hold: (hold_up, hold_down),
     }
 }
 
@@ -657,7 +679,7 @@ fn plan_direction(
     handles: &mut Handles,
     dir: Direction,
     targets: &mut FxHashMap<SocketKey, Targets>,
-) -> DeviceTree {
+) -> (DeviceTree, Option<u16>) {
     let link = match dir {
         Direction::Upload => input.capacity.up,
         Direction::Download => input.capacity.down,
@@ -753,6 +775,15 @@ fn plan_direction(
     // The leaves made ahead, by minor: parent, guaranteed rate, ceiling (the least of the
     // process's connections' in the class), prio and label.
     let mut ahead: FxHashMap<u16, (u16, u64, u64, u8, String)> = FxHashMap::default();
+    // The least ceiling of a connection's own leaf in this plan, for the holding leaf; a class
+    // whose every connection gets a leaf of its own says its ceiling before any connects.
+    let mut least_ceil: Option<u64> = input
+        .classes
+        .classes
+        .values()
+        .filter(|def| def.each == Each::Connection && !def.block)
+        .filter_map(|def| dir_rate(&def.ceil, dir).filter(|&c| c < link))
+        .min();
 
     for (conn, decision) in input.connections.iter().zip(input.decisions) {
         let Some(def) = input.classes.get(&decision.class) else {
@@ -797,6 +828,9 @@ fn plan_direction(
             (Each::Class, Some(limit)) => Some(limit.min(link)),
             (_, None) => None,
         };
+        if let Some(ceil) = conn_ceil.filter(|&c| c < link && !def.block) {
+            least_ceil = Some(least_ceil.map_or(ceil, |l| l.min(ceil)));
+        }
         if let Some(ceil) = conn_ceil
             && let Some(leaf) = handles.minor(Slot::Connection(key))
         {
@@ -873,10 +907,42 @@ fn plan_direction(
         );
     }
     for (minor, (parent, guaranteed, ceil, prio, label)) in ahead {
-        let class = framed(htb_class(parent, guaranteed.min(ceil), ceil, prio, label));
-        tree.classes.insert(minor, class);
+        // A new connection's first packets fill it from a full bucket, and it keeps the leaf
+        // once decided: with a class's 64 KiB burst a 2 Mbit/s iperf3 sent 1.22x its limit in
+        // its first second. Where the leaf segments GSO packets (a token bucket), a burst of a
+        // few packets is enough, as for the flow buckets.
+        let guaranteed = guaranteed.min(ceil);
+        let class = match leaf_for(input.features, ceil, mtu) {
+            Leaf::Tbf { .. } => bucket_class(parent, guaranteed, ceil, prio, mtu, label),
+            _ => htb_class(parent, guaranteed, ceil, prio, label),
+        };
+        tree.classes.insert(minor, framed(class));
         tree.leaves
             .insert(minor, leaf_for(input.features, ceil, mtu));
     }
-    tree
+    let hold = input
+        .by_priority
+        .then(|| hold_leaf(handles, dir, least_ceil))
+        .flatten()
+        .map(|(minor, ceil)| {
+            // Under the link, beside the classes: which class a held socket will be in is not
+            // known yet. The lowest priority, so it borrows last.
+            let class = bucket_class(LINK_MINOR, share.min(ceil), ceil, 7, mtu, "hold".into());
+            tree.classes.insert(minor, framed(class));
+            tree.leaves
+                .insert(minor, leaf_for(input.features, ceil, mtu));
+            minor
+        });
+    (tree, hold)
+}
+
+/// The holding leaf's minor and ceiling in direction `dir` (see [`Desired::hold`]): the least
+/// of `least` (this plan's least per-connection ceiling) and the least of earlier plans'.
+fn hold_leaf(handles: &mut Handles, dir: Direction, least: Option<u64>) -> Option<(u16, u64)> {
+    let ceil = match (handles.hold_ceil.get(&dir).copied(), least) {
+        (Some(a), Some(b)) => a.min(b),
+        (a, b) => a.or(b)?,
+    };
+    handles.hold_ceil.insert(dir, ceil);
+    Some((handles.minor(Slot::Hold)?, ceil))
 }

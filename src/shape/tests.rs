@@ -250,12 +250,19 @@ fn classified_by_priority_the_plan_has_the_same_leaves_and_no_filters() {
     let case = Case::basic();
     let by_filter = case.desired(&mut Handles::default());
     let by_priority = case.desired_with(&mut Handles::default(), true);
-    // The same leaves, and one more the classifier alone uses (see below).
+    // The same leaves, and two more the classifier alone uses: the one made ahead for a
+    // process's next connections (see below) and the holding leaf.
     let next = by_priority.targets[&2].up.unwrap().process;
+    let hold = by_priority
+        .hold
+        .0
+        .expect("a holding leaf: a connection has a limit");
     let without_next = |tree: &super::DeviceTree| {
         let (mut classes, mut leaves) = (tree.classes.clone(), tree.leaves.clone());
-        classes.remove(&next);
-        leaves.remove(&next);
+        for minor in [next, hold] {
+            classes.remove(&minor);
+            leaves.remove(&minor);
+        }
         (classes, leaves)
     };
     assert_eq!(
@@ -394,6 +401,82 @@ fn the_leaf_made_ahead_takes_the_least_limit_and_goes_with_its_connections() {
         !desired.upload.classes.contains_key(&next),
         "gone with its last"
     );
+}
+
+/// On the BPF path the holding leaf, where the kernel keeps a new process's undecided sockets
+/// for their first 100 ms, is made once a connection has a limit of its own, as limited as the
+/// least of them per direction, under the link, with a burst of two packets (not a class's
+/// 64 KiB, which a held flow would send at once); it stays at the least limit seen once they are
+/// gone, for the next new process; a class with `each = "connection"` and a ceiling says its
+/// limit before any connection; the u32 path has none; a limit the link already sets holds
+/// nothing.
+#[test]
+fn the_holding_leaf_takes_the_least_limit_per_connection_seen_on_the_bpf_path_only() {
+    let mut handles = Handles::default();
+    let mut case = Case {
+        classes: classes("50mbit", Each::Class),
+        connections: vec![
+            conn("10.0.0.1:40001", "10.0.0.2:443", 1, 100),
+            conn("10.0.0.1:40002", "10.0.0.2:443", 2, 200),
+        ],
+        decisions: vec![decision("bulk", ""), decision("bulk", "")],
+        ..Case::basic()
+    };
+    let desired = case.desired_with(&mut handles, true);
+    assert_eq!(
+        desired.hold,
+        (None, None),
+        "no limit per connection: no hold"
+    );
+
+    // Up: 3 and 30 Mbit/s, the link 20; down: 4 and 2, the link unlimited.
+    case.decisions = vec![
+        decision("bulk", "3mbit:4mbit"),
+        decision("bulk", "30mbit:2mbit"),
+    ];
+    let desired = case.desired_with(&mut handles, true);
+    let (Some(up), Some(down)) = desired.hold else {
+        panic!("a hold each way: {:?}", desired.hold);
+    };
+    assert_eq!(up, down, "one minor, both ways");
+    let held = |tree: &super::model::DeviceTree| tree.classes[&up].clone();
+    assert_eq!(held(&desired.upload).ceil, 3_000_000);
+    assert_eq!(held(&desired.download).ceil, 2_000_000);
+    assert_eq!(held(&desired.upload).parent, super::model::LINK_MINOR);
+    assert!(
+        held(&desired.upload).cburst < 65_536 && held(&desired.download).burst < 65_536,
+        "a burst of a few packets: {:?}",
+        held(&desired.upload)
+    );
+    assert!(desired.upload.leaves.contains_key(&up));
+    assert!(desired.download.leaves.contains_key(&up));
+    assert!(
+        desired.targets.values().all(|t| {
+            t.up.is_some_and(|t| t.leaf != up) && t.down.is_some_and(|t| t.leaf != up)
+        }),
+        "no decided connection is put there"
+    );
+
+    case.decisions = vec![decision("bulk", ""), decision("bulk", "")];
+    let desired = case.desired_with(&mut handles, true);
+    assert_eq!(desired.hold, (Some(up), Some(up)), "kept for the next");
+    assert_eq!(desired.download.classes[&up].ceil, 2_000_000);
+
+    // A class whose connections each get a leaf of their own holds from the first plan.
+    let mut fresh = Handles::default();
+    case.classes = classes("1mbit", Each::Connection);
+    case.connections.clear();
+    case.decisions.clear();
+    let desired = case.desired_with(&mut fresh, true);
+    let hold = desired.hold.0.expect("a hold before any connection");
+    assert_eq!(desired.upload.classes[&hold].ceil, 1_000_000);
+
+    let mut u32_path = Handles::default();
+    case.classes = classes("50mbit", Each::Class);
+    case.connections = vec![conn("10.0.0.1:40001", "10.0.0.2:443", 1, 100)];
+    case.decisions = vec![decision("bulk", "1mbit")];
+    let desired = case.desired_with(&mut u32_path, false);
+    assert_eq!(desired.hold, (None, None), "the u32 path holds nothing");
 }
 
 #[test]

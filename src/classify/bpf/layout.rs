@@ -281,7 +281,7 @@ fn the_check_reads_every_field_of_the_c_structs() {
     // on a struct no Rust copy was written from.
     let c = c_layouts(elf_section(OBJECT, ".BTF"));
     let owner = Layout {
-        size: 48,
+        size: 56,
         fields: [
             ("cookie", 0, 8),
             ("cgroup_id", 8, 8),
@@ -290,6 +290,7 @@ fn the_check_reads_every_field_of_the_c_structs() {
             ("flags", 24, 4),
             ("_pad", 28, 4),
             ("comm", 32, 16),
+            ("created_ns", 48, 8),
         ]
         .map(|(n, o, s)| (n.to_owned(), o, s))
         .to_vec(),
