@@ -212,6 +212,20 @@ impl Cycle {
         &mut self.engine
     }
 
+    /// The least per-connection limit, per direction (bits/s), that `classify` returns as a
+    /// literal (`return "bulk", "2mbit"`): what the BPF classifier holds a new process's first
+    /// connections at before any connection has been given a limit.
+    pub fn literal_limits(&self) -> (Option<u64>, Option<u64>) {
+        let engine = &self.engine;
+        let limits = engine.classify_span().map_or_else(Vec::new, |span| {
+            crate::policy::lint::returned_limits(&engine.script().source, span)
+        });
+        let least = |side: fn(&RatePair) -> Option<Rate>| {
+            limits.iter().filter_map(side).map(Rate::bits_per_sec).min()
+        };
+        (least(|p| p.up), least(|p| p.down))
+    }
+
     /// Where connections' remote names come from (none by default).
     pub fn set_names(&mut self, names: Box<dyn NameSource>) {
         self.names = names;
@@ -594,10 +608,17 @@ impl Interface {
     }
 
     /// The policy was reloaded: the holding leaf no longer keeps the limits the old one gave
-    /// connections, and the next cycle plans even if its inputs look the same.
-    pub fn policy_reloaded(&mut self) {
+    /// connections but starts at those the new one returns as literals (`literal`, see
+    /// [`Cycle::literal_limits`]), and the next cycle plans even if its inputs look the same.
+    pub fn policy_reloaded(&mut self, literal: (Option<u64>, Option<u64>)) {
         self.handles.forget_hold();
+        self.policy_loaded(literal);
         self.applied_from = None;
+    }
+
+    /// The holding leaf starts at the limits the policy returns as literals.
+    pub fn policy_loaded(&mut self, literal: (Option<u64>, Option<u64>)) {
+        self.handles.seed_hold(literal.0, literal.1);
     }
 
     /// `plan` is installed (or, in a dry run, taken as installed).

@@ -269,7 +269,15 @@ impl Daemon {
                 watch.set_own_programs(ids);
             }
         }
-        let interfaces = names.into_iter().map(Interface::new).collect();
+        let literal = cycle.literal_limits();
+        let interfaces = names
+            .into_iter()
+            .map(|name| {
+                let mut iface = Interface::new(name);
+                iface.policy_loaded(literal);
+                iface
+            })
+            .collect();
         let script_mtimes = watched_files(cycle.engine());
         let events = events::Events::load(
             events::events_path(&config.state_dir),
@@ -663,8 +671,9 @@ impl Daemon {
         match &result {
             Ok(()) => {
                 tracing::info!("policy reloaded from {}", self.config.script.display());
+                let literal = self.cycle.literal_limits();
                 for iface in &mut self.interfaces {
-                    iface.policy_reloaded();
+                    iface.policy_reloaded(literal);
                 }
                 if let Some(w) = self.capacity_warning() {
                     tracing::warn!("{w}");

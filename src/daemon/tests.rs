@@ -951,3 +951,33 @@ fn a_reloaded_policy_without_limits_per_connection_holds_nothing() {
     rig.tick();
     assert_eq!(classifier.hold(), (None, None));
 }
+
+/// A policy that returns a limit per connection as a literal is held at it from its first
+/// plan: its first limited connection after a start is held too, not only those after one was
+/// seen limited.
+#[test]
+fn a_literal_limit_per_connection_holds_from_the_first_plan() {
+    let classifier = RecordingClassifier::default();
+    let policy = "classes = { bulk = {} }\n\
+        function classify(conn)\n\
+        \x20 if conn.remote_port == 22 then return \"bulk\", { up = \"3mbit\", down = \"5mbit\" } end\n\
+        end\n";
+    let mut rig = Rig::build_on(policy, |_| {}, Box::new(classifier.clone()));
+    rig.set_sockets(vec![socket(443, 1)]);
+    let ops = rig.tick();
+    let hold = |dev: &str| {
+        ops.iter()
+            .find_map(|o| match o {
+                Op::AddClass { dev: d, class, .. } if d == dev && class.label == "hold" => {
+                    Some(class.ceil)
+                }
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("a holding leaf on {dev}: {ops:?}"))
+    };
+    assert_eq!(
+        (hold("eth0"), hold(&ifb_name("eth0"))),
+        (3_000_000, 5_000_000)
+    );
+    assert!(classifier.hold().0.is_some() && classifier.hold().1.is_some());
+}

@@ -13,6 +13,7 @@ use std::collections::BTreeSet;
 
 use super::Script;
 use super::decide::{ClassSet, DEFAULT_CLASS, did_you_mean};
+use crate::units::{Rate, RatePair};
 
 /// A string literal `classify` returns as its class, and the line of that `return`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,6 +156,60 @@ pub fn returned_names(source: &str, span: (usize, usize)) -> Vec<ReturnedName> {
     found
 }
 
+/// The per-connection limits `classify` returns as literals (lines `span` of `source`): the
+/// second value of a `return "class", "2mbit"` or `return "class", { up = "1mbit", down =
+/// "4mbit" }`. The BPF classifier holds a new process's first connections at the least of them
+/// before any connection has been given one (see [`crate::shape::Desired::hold`]); limits
+/// computed at run time are learnt when returned.
+pub fn returned_limits(source: &str, span: (usize, usize)) -> Vec<RatePair> {
+    let (first, last) = span;
+    let text: String = source
+        .lines()
+        .skip(first.saturating_sub(1))
+        .take(last + 1 - first.max(1))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let tokens = tokens(&text, first.max(1));
+    let at = |i: usize| tokens.get(i).map(|(_, t)| t);
+    let mut found = Vec::new();
+    for k in 0..tokens.len() {
+        if at(k) != Some(&Token::Word("return".into()))
+            || !matches!(at(k + 1), Some(Token::Str(_)))
+            || at(k + 2) != Some(&Token::Punct(','))
+        {
+            continue;
+        }
+        match at(k + 3) {
+            Some(Token::Str(limit)) => found.extend(limit.parse::<RatePair>().ok()),
+            Some(Token::Punct('{')) => {
+                let mut pair = RatePair::default();
+                let mut i = k + 4;
+                while let (Some(Token::Word(side)), Some(Token::Punct('=')), Some(Token::Str(v))) =
+                    (at(i), at(i + 1), at(i + 2))
+                {
+                    let Ok(rate) = v.parse::<Rate>() else {
+                        break;
+                    };
+                    match side.as_str() {
+                        "up" => pair.up = Some(rate),
+                        "down" => pair.down = Some(rate),
+                        _ => break,
+                    }
+                    i += 3;
+                    if at(i) == Some(&Token::Punct(',')) {
+                        i += 1;
+                    }
+                }
+                if at(i) == Some(&Token::Punct('}')) && pair != RatePair::default() {
+                    found.push(pair);
+                }
+            }
+            _ => {}
+        }
+    }
+    found
+}
+
 /// One finding about a class name: the name, and the message that says it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Finding {
@@ -262,6 +317,38 @@ mod tests {
                 (2, "vidoe".to_string()),
                 (3, "bulk".to_string()),
                 (3, "calls".to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn literal_limits_are_read_from_classify_returns() {
+        let source = r#"function classify(conn)
+  if conn.remote_port == 1 then return "bulk", "2mbit" end
+  if conn.remote_port == 2 then return "bulk", { up = "1mbit", down = "8mbit" } end
+  if conn.remote_port == 3 then return "bulk", "512kbit:unlimited" end
+  if conn.remote_port == 4 then return "bulk", limit_for(conn) end
+  if conn.remote_port == 5 then return "bulk", { up = computed } end
+  -- return "bulk", "1kbit"
+  return "default"
+end"#;
+        let limits = returned_limits(source, (1, 9));
+        let rate = |t: &str| Some(t.parse::<Rate>().unwrap());
+        assert_eq!(
+            limits,
+            vec![
+                RatePair {
+                    up: rate("2mbit"),
+                    down: rate("2mbit")
+                },
+                RatePair {
+                    up: rate("1mbit"),
+                    down: rate("8mbit")
+                },
+                RatePair {
+                    up: rate("512kbit"),
+                    down: None
+                },
             ]
         );
     }

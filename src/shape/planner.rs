@@ -222,6 +222,18 @@ impl Handles {
         self.hold_ceil.clear();
     }
 
+    /// Starts the holding leaf's ceilings at `limits` (bits/s, per direction; the least of them
+    /// and what is kept), before any connection was given a limit: the limits a policy returns
+    /// as literals, so its first limited connection is held too.
+    pub fn seed_hold(&mut self, up: Option<u64>, down: Option<u64>) {
+        for (dir, limit) in [(Direction::Upload, up), (Direction::Download, down)] {
+            if let Some(limit) = limit {
+                let ceil = self.hold_ceil.entry(dir).or_insert(limit);
+                *ceil = (*ceil).min(limit);
+            }
+        }
+    }
+
     /// The policy class of each minor in the last plan (its class, shared leaf, flow buckets
     /// and process leaves; a connection's own leaf names none), for reading many classids.
     pub fn classes_by_minor(&self) -> FxHashMap<u16, &str> {
