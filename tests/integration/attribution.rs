@@ -697,3 +697,93 @@ fn by_direction(
         .zip(resent)
         .map(|((d, m), r)| (d, m, r))
 }
+
+/// One process named `argv[1]` uploads `argv[5]` bytes on each of `argv[4]` connections to
+/// `argv[2]`:`argv[3]`, all at once (`parallel`, a thread each) or one after another
+/// (`serial`), and exits once the server has taken every byte.
+const MANY: &str = r#"
+import ctypes, socket, sys, threading
+ctypes.CDLL(None).prctl(15, sys.argv[1].encode(), 0, 0, 0)
+host, port, count, size, mode = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+def upload():
+    s = socket.create_connection((host, port))
+    s.sendall(b"u%d\n" % size + b"x" * size)
+    s.shutdown(socket.SHUT_WR)
+    s.recv(1)
+    s.close()
+if mode == "parallel":
+    threads = [threading.Thread(target=upload) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+else:
+    for _ in range(count):
+        upload()
+"#;
+
+/// 30 concurrent 256 KiB uploads from one process, then 60 short connections one after another
+/// (64 KiB each), all between two scans: on the BPF path ≥ 95 % of each run is charged to the
+/// process by the close reports.
+#[test]
+fn many_connections_of_one_process_are_charged_with_bpf() {
+    many_connections_of_one_process(true);
+}
+
+/// The same on u32 filters: what no owner could be found for is `unattributed`, not lost.
+#[test]
+fn many_connections_of_one_process_are_unattributed_not_lost_on_u32() {
+    many_connections_of_one_process(false);
+}
+
+fn many_connections_of_one_process(bpf: bool) {
+    let pair = NetnsPair::new();
+    let cgroup = TestCgroup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("many.py");
+    std::fs::write(&script, MANY).unwrap();
+    let daemon = daemon(&pair, dir.path(), &cgroup, bpf);
+    let server = SocketAddr::new(NetnsPair::b_addr(4), 5913);
+    serve(&pair.b, server);
+    let up = [("direction", "up")];
+    let charged = |m: &str| {
+        let process = counter(
+            m,
+            "shaper_process_bytes_total",
+            &[("direction", "up"), ("process", "shortlived")],
+        );
+        let rest = counter(m, "shaper_unattributed_bytes_total", &up);
+        if bpf { process } else { process + rest }
+    };
+    let mut moved = 0;
+    for (mode, count, size) in [("parallel", 30u64, 256 << 10), ("serial", 60, 64 << 10)] {
+        let mut cmd: Command = pair.a.command("python3");
+        cmd.arg(&script).args([
+            "shortlived",
+            &server.ip().to_string(),
+            &server.port().to_string(),
+            &count.to_string(),
+            &size.to_string(),
+            mode,
+        ]);
+        let _procs = cgroup.enter(&mut cmd);
+        let out = cmd.output().expect("python3 runs");
+        assert!(out.status.success(), "{mode}: {out:?}");
+        moved += count * on_the_wire(size);
+        wait_until(15, &format!("the {mode} uploads charged"), || {
+            let c = charged(&metrics(&daemon));
+            if c >= moved * 95 / 100 {
+                eprintln!("{mode}: {c} bytes charged of {moved} moved so far (bpf {bpf})");
+                Ok(())
+            } else {
+                Err(format!(
+                    "{c} bytes charged of {moved} moved so far (bpf {bpf})"
+                ))
+            }
+        });
+    }
+    if bpf {
+        let c = charged(&metrics(&daemon));
+        assert!(c <= moved * 105 / 100, "{c} charged for {moved} moved");
+    }
+}
