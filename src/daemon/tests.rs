@@ -906,21 +906,10 @@ fn the_classifier_is_told_of_the_holding_leaf_once_a_connection_is_limited() {
     classifier.report_new(reported(22, 2));
     rig.daemon.fast_path(std::time::Duration::ZERO);
     let ops = rig.kernel.take_applied();
-    let hold = |dev: &str| {
-        ops.iter()
-            .find_map(|o| match o {
-                Op::AddClass {
-                    dev: d,
-                    minor,
-                    class,
-                } if d == dev && class.label == "hold" => {
-                    Some((super::bpf::classid(*minor), class.ceil))
-                }
-                _ => None,
-            })
-            .unwrap_or_else(|| panic!("a holding leaf on {dev}: {ops:?}"))
-    };
-    let (up, down) = (hold("eth0"), hold(&ifb_name("eth0")));
+    let (up, down) = (
+        added_hold(&ops, "eth0"),
+        added_hold(&ops, &ifb_name("eth0")),
+    );
     assert_eq!((up.1, down.1), (1_000_000, 1_000_000), "{ops:?}");
     assert_eq!(classifier.hold(), (Some(up.0), Some(down.0)));
     let own = classifier.leaves(2).unwrap();
@@ -965,19 +954,28 @@ fn a_literal_limit_per_connection_holds_from_the_first_plan() {
     let mut rig = Rig::build_on(policy, |_| {}, Box::new(classifier.clone()));
     rig.set_sockets(vec![socket(443, 1)]);
     let ops = rig.tick();
-    let hold = |dev: &str| {
-        ops.iter()
-            .find_map(|o| match o {
-                Op::AddClass { dev: d, class, .. } if d == dev && class.label == "hold" => {
-                    Some(class.ceil)
-                }
-                _ => None,
-            })
-            .unwrap_or_else(|| panic!("a holding leaf on {dev}: {ops:?}"))
-    };
     assert_eq!(
-        (hold("eth0"), hold(&ifb_name("eth0"))),
+        (
+            added_hold(&ops, "eth0").1,
+            added_hold(&ops, &ifb_name("eth0")).1
+        ),
         (3_000_000, 5_000_000)
     );
     assert!(classifier.hold().0.is_some() && classifier.hold().1.is_some());
+}
+
+/// The holding leaf `ops` added on `dev`: its full classid and its ceiling.
+fn added_hold(ops: &[Op], dev: &str) -> (u32, u64) {
+    ops.iter()
+        .find_map(|o| match o {
+            Op::AddClass {
+                dev: d,
+                minor,
+                class,
+            } if d == dev && class.label == "hold" => {
+                Some((super::bpf::classid(*minor), class.ceil))
+            }
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("a holding leaf on {dev}: {ops:?}"))
 }

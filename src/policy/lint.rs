@@ -109,9 +109,8 @@ fn tokens(text: &str, first_line: usize) -> Vec<(usize, Token)> {
     out
 }
 
-/// The string literals `classify` returns as its class, in lines `span` (first and last, from
-/// 1) of `source`.
-pub fn returned_names(source: &str, span: (usize, usize)) -> Vec<ReturnedName> {
+/// The tokens of lines `span` (first and last, from 1) of `source`: `classify`'s own.
+fn span_tokens(source: &str, span: (usize, usize)) -> Vec<(usize, Token)> {
     let (first, last) = span;
     let text: String = source
         .lines()
@@ -119,7 +118,13 @@ pub fn returned_names(source: &str, span: (usize, usize)) -> Vec<ReturnedName> {
         .take(last + 1 - first.max(1))
         .collect::<Vec<_>>()
         .join("\n");
-    let tokens = tokens(&text, first.max(1));
+    tokens(&text, first.max(1))
+}
+
+/// The string literals `classify` returns as its class, in lines `span` (first and last, from
+/// 1) of `source`.
+pub fn returned_names(source: &str, span: (usize, usize)) -> Vec<ReturnedName> {
+    let tokens = span_tokens(source, span);
     let mut found = Vec::new();
     for (k, (line, token)) in tokens.iter().enumerate() {
         if *token != Token::Word("return".into()) {
@@ -162,14 +167,7 @@ pub fn returned_names(source: &str, span: (usize, usize)) -> Vec<ReturnedName> {
 /// before any connection has been given one (see [`crate::shape::Desired::hold`]); limits
 /// computed at run time are learnt when returned.
 pub fn returned_limits(source: &str, span: (usize, usize)) -> Vec<RatePair> {
-    let (first, last) = span;
-    let text: String = source
-        .lines()
-        .skip(first.saturating_sub(1))
-        .take(last + 1 - first.max(1))
-        .collect::<Vec<_>>()
-        .join("\n");
-    let tokens = tokens(&text, first.max(1));
+    let tokens = span_tokens(source, span);
     let at = |i: usize| tokens.get(i).map(|(_, t)| t);
     let mut found = Vec::new();
     for k in 0..tokens.len() {

@@ -867,14 +867,16 @@ fn a_udp_flood_of_a_new_process_is_held_from_its_first_second() {
     }
 }
 
-/// Opens a connection to ADDR:PORT (argv 1, 2) and sends a byte, waits a second (the daemon
-/// decides it), then opens a second one and sends on it as fast as it can for argv 3 seconds.
+/// Opens a connection to ADDR:PORT (argv 1, 2) and sends a byte, waits for the file argv 4 (the
+/// test makes it once the daemon has decided that connection), then opens a second one and
+/// sends on it as fast as it can for argv 3 seconds.
 const SECOND_CONNECTION: &str = r#"
-import socket, sys, time
-addr, secs = (sys.argv[1], int(sys.argv[2])), float(sys.argv[3])
+import os, socket, sys, time
+addr, secs, gate = (sys.argv[1], int(sys.argv[2])), float(sys.argv[3]), sys.argv[4]
 first = socket.create_connection(addr)
 first.sendall(b"x")
-time.sleep(1.0)
+while not os.path.exists(gate):
+    time.sleep(0.02)
 second = socket.create_connection(addr)
 second.settimeout(0.2)
 buf, end = b"y" * 65536, time.time() + secs
@@ -908,10 +910,11 @@ function classify(conn)
   if conn.remote_port == 5752 then return "default", "2mbit" end
 end
 "#;
-    let _daemon = DaemonProcess::start_bpf_policy(&pair.a, dir.path(), &cgroup, policy, &[]);
+    let daemon = DaemonProcess::start_bpf_policy(&pair.a, dir.path(), &cgroup, policy, &[]);
     let listener = pair
         .b
         .run(|| std::net::TcpListener::bind((NetnsPair::B_V4, 5752)).unwrap());
+    let gate = dir.path().join("second");
     // The second connection's bytes in the first second after its first byte, and in all, with
     // the seconds they spanned.
     let receiver = std::thread::spawn(move || {
@@ -943,11 +946,24 @@ end
         &NetnsPair::B_V4.to_string(),
         "5752",
         "4",
+        gate.to_str().unwrap(),
     ]);
     let procs = cgroup.enter(&mut cmd);
-    let status = cmd.status().expect("run python3");
+    let mut client = cmd.spawn().expect("run python3");
     drop(procs);
-    assert!(status.success());
+    // Decided: the status lists it (answered between the fast path's applies, so the leaf made
+    // ahead for the process's next connection is in the kernel by then).
+    daemon.wait_for_all(10, "the first connection decided", |s| {
+        s["connections"].as_array().is_some_and(|c| {
+            c.iter().any(|c| {
+                c["connection"]
+                    .as_str()
+                    .is_some_and(|t| t.contains(":5752 "))
+            })
+        })
+    });
+    std::fs::write(&gate, "").unwrap();
+    assert!(client.wait().expect("python3 ran").success());
     let (first_second, total, spanned) = receiver.join().unwrap();
     eprintln!(
         "the second connection: {first_second} bytes in its first second, {total} in {spanned:.2} s"
